@@ -1,0 +1,39 @@
+# One entry point. Every target works from a fresh clone: the virtual environment lives at .venv.
+#   make install   the package, its dev extras and .venv/bin/strokes
+#   make test      install, make sure redis-server exists, run the whole suite
+#   make lint      ruff
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU machines get the CPU build of torch (on local disk here); a CUDA machine gets the normal build.
+TORCH ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo 'torch>=2.5,<3'; else echo 'torch==2.13.0'; fi)
+
+.PHONY: install test lint redis-server clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet '$(TORCH)'
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "redis-server not found: installing it"; \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq redis-server) || sudo apt-get install -y -qq redis-server; \
+	  elif command -v brew >/dev/null 2>&1; then brew install redis; \
+	  else echo "please install redis-server" >&2; exit 1; fi; }
+
+test: install redis-server
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,28 @@
+"""The test harness itself: private redis-server, clean database per test, CLI entry point."""
+
+import subprocess
+import sys
+
+import redis
+
+
+def test_private_redis_server_answers(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    assert client.ping()
+    client.set("k", "v")
+    assert client.get("k") == b"v"
+
+
+def test_each_test_gets_a_clean_database(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    assert client.get("k") is None
+
+
+def test_private_redis_is_not_the_system_one(redis_server):
+    assert redis_server.port != 6379
+
+
+def test_strokes_command_prints_its_version():
+    out = subprocess.run([sys.executable, "-m", "service.cli", "--version"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("strokes ")
