@@ -1,0 +1,142 @@
+"""Image preprocessing and latent packing rules of the official BAGEL code, as pure functions.
+
+Contract (all reproduce the reference bit for bit in float32):
+- `resize_size`: the size rule of `MaxLongEdgeMinShortEdgeResize` (data/transforms.py), with Python's
+  half-to-even `round` and the reference's quirk of using an area ratio as a linear scale in the
+  max_pixels clamp.
+- `ImageTransform(max_size, min_size, stride, max_pixels)`: resize (PIL bicubic, which is what
+  torchvision's functional resize does to a PIL image) then ToTensor + Normalize(0.5, 0.5), giving
+  (3, H, W) float32 in [-1, 1]. Real instances: `VAE_TRANSFORM` and `VIT_TRANSFORM`; the reference
+  applies the ViT one to the image already resized by the VAE one (two resizes in a row).
+- `to_rgb`: the reference's `pil_img2rgb` (transparency composited on white).
+- `patchify_vit` / `pack_latent`: einsum "chpwq->hwpqc", so a patch vector is ordered (py, px, c) and
+  patches go row-major; `unpack_latent` inverts `pack_latent` with a batch axis of 1.
+- `vit_position_ids` / `latent_position_ids`: row * max_per_side + col over the patch grid.
+- `to_uint8`: `(x * 0.5 + 0.5).clamp(0, 1) * 255`, then a TRUNCATING cast to uint8, as the reference.
+
+Shape letters: H W image size in pixels, h w patch-grid size, p patch side, C channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+# The official ImageTransform's default max_pixels, used by both the VAE and the ViT transform.
+DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
+
+
+def resize_size(
+    width: int, height: int, max_size: int, min_size: int, stride: int, max_pixels: int | None = None
+) -> tuple[int, int]:
+    """The (width, height) MaxLongEdgeMinShortEdgeResize gives an image of this size (no clamp if None)."""
+
+    def apply(w: int, h: int, scale: float) -> tuple[int, int]:
+        def divisible(v: int) -> int:
+            return max(stride, int(round(v / stride) * stride))
+
+        return divisible(round(w * scale)), divisible(round(h * scale))
+
+    scale = max(min(max_size / max(width, height), 1.0), min_size / min(width, height))
+    w, h = apply(width, height, scale)
+    if max_pixels is not None and w * h > max_pixels:
+        w, h = apply(w, h, max_pixels / (w * h))  # an area ratio used as a linear scale: the quirk
+    if max(w, h) > max_size:
+        w, h = apply(w, h, max_size / max(w, h))  # may push the short side below min_size
+    return w, h
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    max_size: int
+    min_size: int
+    stride: int
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        return resize_size(width, height, self.max_size, self.min_size, self.stride, self.max_pixels)
+
+    def resize(self, img: Image.Image) -> Image.Image:
+        w, h = self.size(*img.size)
+        if (w, h) == img.size:
+            return img  # torchvision returns the image untouched when the size already matches
+        return img.resize((w, h), resample=Image.Resampling.BICUBIC)
+
+    @staticmethod
+    def to_tensor(img: Image.Image) -> Tensor:
+        """RGB PIL image -> (3, H, W) float32 in [-1, 1] (ToTensor, then Normalize(0.5, 0.5))."""
+        a = np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)  # (H, W, 3)
+        x = torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+        return x.to(torch.float32).div(255).sub_(0.5).div_(0.5)
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        return self.to_tensor(self.resize(img))
+
+
+VAE_TRANSFORM = ImageTransform(1024, 512, 16, max_pixels=DEFAULT_MAX_PIXELS)
+VIT_TRANSFORM = ImageTransform(980, 224, 14, max_pixels=DEFAULT_MAX_PIXELS)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB copy of img; RGBA or palette/grey transparency is composited on white."""
+    if img.mode == "RGBA" or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.split()[3])
+        return white
+    return img.convert("RGB")
+
+
+def _patchify(x: Tensor, p: int) -> Tensor:
+    C, H, W = x.shape
+    if H % p or W % p:
+        raise ValueError(f"size {H}x{W} is not a multiple of the patch size {p}")
+    x = x.reshape(C, H // p, p, W // p, p)  # (C, h, p, w, p)
+    x = torch.einsum("chpwq->hwpqc", x)  # (h, w, p, p, C)
+    return x.reshape(-1, p * p * C)  # (h*w, p*p*C)
+
+
+def _grid_position_ids(h: int, w: int, max_per_side: int) -> Tensor:
+    rows = torch.arange(h, dtype=torch.long)
+    cols = torch.arange(w, dtype=torch.long)
+    return (rows[:, None] * max_per_side + cols).flatten()  # (h*w,)
+
+
+def patchify_vit(x: Tensor, patch: int) -> Tensor:
+    """Image (3, H, W) -> ViT patches (h*w, patch*patch*3), each ordered (py, px, c)."""
+    return _patchify(x, patch)
+
+
+def vit_position_ids(h: int, w: int, max_per_side: int) -> Tensor:
+    """Patch grid h x w -> LongTensor (h*w,) of row * max_per_side + col."""
+    return _grid_position_ids(h, w, max_per_side)
+
+
+def pack_latent(z: Tensor, p: int = 2) -> Tensor:
+    """Latent (C, H8, W8) -> tokens (h*w, p*p*C), h = H8/p, w = W8/p; index (py*p + px)*C + c."""
+    return _patchify(z, p)
+
+
+def unpack_latent(tokens: Tensor, h: int, w: int, p: int = 2, channels: int = 16) -> Tensor:
+    """Tokens (h*w, p*p*C) -> latent (1, C, h*p, w*p), the inverse of pack_latent."""
+    x = tokens.reshape(1, h, w, p, p, channels)  # (1, h, w, p, p, C)
+    x = torch.einsum("nhwpqc->nchpwq", x)  # (1, C, h, p, w, p)
+    return x.reshape(1, channels, h * p, w * p)  # (1, C, h*p, w*p)
+
+
+def latent_position_ids(h: int, w: int, max_latent_size: int) -> Tensor:
+    """Latent token grid h x w -> LongTensor (h*w,) of row * max_latent_size + col."""
+    return _grid_position_ids(h, w, max_latent_size)
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """Decoded image (1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8, truncating as the reference does.
+
+    The arithmetic runs in x's dtype, as in the reference (pass x.float() for float32 arithmetic).
+    """
+    img = (x * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255  # (H, W, 3)
+    return img.to(torch.uint8).cpu().numpy()
