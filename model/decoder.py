@@ -1,0 +1,193 @@
+"""The BAGEL language model: a Qwen2 decoder whose every layer holds two experts (Mixture of
+Transformers) that share one attention.
+
+Shapes: B=batch (one row per guidance branch), T=tokens of the block being run, E=hidden size,
+H=query heads, G=kv heads, D=head_dim, L=layers.
+
+Routing is data, not dispatch: a block's tokens use the understanding expert (text, ViT tokens,
+every image marker) except a contiguous run `gen` (VAE latent tokens) that uses the generation
+expert (`*_moe_gen` weights). One softmax covers every key of the branch: its cached context plus
+the block. q/k RMSNorm is applied per head before RoPE; positions are 1-D (an image block shares
+one position). Parameter names are exactly the checkpoint's (`language_model.model.layers.N...`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import IMPLEMENTATIONS
+from model.config import LLMConfig
+from model.kv_cache import Context, KVCache
+
+Gen = slice | None  # the block's tokens that use the generation expert; None: all understanding
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def route(x: torch.Tensor, gen: Gen, und_fn: Callable, gen_fn: Callable) -> torch.Tensor:
+    """Apply the understanding function to every token but x[:, gen], which gets the generation one."""
+    if gen is None:
+        return und_fn(x)
+    und_in = torch.cat([x[:, : gen.start], x[:, gen.stop :]], dim=1)  # (B, T - n_gen, ...)
+    und_out = und_fn(und_in)
+    gen_out = gen_fn(x[:, gen])  # (B, n_gen, ...)
+    if gen_out.dtype != und_out.dtype:
+        gen_out = gen_out.to(und_out.dtype)
+    return torch.cat([und_out[:, : gen.start], gen_out, und_out[:, gen.start :]], dim=1)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape (B, 1, T, D) for integer positions (B, T); computed in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# attend(q (B, H, T, D), k (B, G, T, D), v (B, G, T, D)) -> (B, H, T, D): the cache-aware part.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class MoTAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        e, h, g, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, g, d
+        for suffix in ("", "_moe_gen"):
+            setattr(self, f"q_proj{suffix}", nn.Linear(e, h * d, bias=True))
+            setattr(self, f"k_proj{suffix}", nn.Linear(e, g * d, bias=True))
+            setattr(self, f"v_proj{suffix}", nn.Linear(e, g * d, bias=True))
+            setattr(self, f"o_proj{suffix}", nn.Linear(h * d, e, bias=False))
+            setattr(self, f"q_norm{suffix}", RMSNorm(d, cfg.rms_norm_eps))
+            setattr(self, f"k_norm{suffix}", RMSNorm(d, cfg.rms_norm_eps))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gen: Gen,
+                attend: Attend) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = route(x, gen, self.q_proj, self.q_proj_moe_gen).view(b, t, h, d)  # (B, T, H, D)
+        k = route(x, gen, self.k_proj, self.k_proj_moe_gen).view(b, t, g, d)  # (B, T, G, D)
+        v = route(x, gen, self.v_proj, self.v_proj_moe_gen).view(b, t, g, d)  # (B, T, G, D)
+        if gen is not None:  # the reference normalises and rotates q, k in float32 for image blocks
+            q, k = q.float(), k.float()
+        q = route(q, gen, self.q_norm, self.q_norm_moe_gen).transpose(1, 2)  # (B, H, T, D)
+        k = route(k, gen, self.k_norm, self.k_norm_moe_gen).transpose(1, 2)  # (B, G, T, D)
+        q = apply_rope(q, cos, sin).to(x.dtype)
+        k = apply_rope(k, cos, sin).to(x.dtype)
+        out = attend(q, k, v.transpose(1, 2))  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(b, t, h * d)  # (B, T, H*D)
+        return route(out, gen, self.o_proj, self.o_proj_moe_gen)
+
+
+class MoTLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.self_attn = MoTAttention(cfg)
+        self.mlp = MLP(cfg)
+        self.mlp_moe_gen = MLP(cfg)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+            setattr(self, f"{name}_moe_gen", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+
+    def forward(self, x, cos, sin, gen: Gen, attend: Attend) -> torch.Tensor:
+        a = route(x, gen, self.input_layernorm, self.input_layernorm_moe_gen)
+        x = x + self.self_attn(a, cos, sin, gen, attend)
+        m = route(x, gen, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
+        return x + route(m, gen, self.mlp, self.mlp_moe_gen)
+
+
+class MoTDecoder(nn.Module):
+    """`language_model.model`: embeddings, layers, and the two final norms."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([MoTLayer(cfg) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    """`language_model`: the decoder, its untied lm_head, and the block forward over KV caches."""
+
+    def __init__(self, cfg: LLMConfig, attn_impl: str = "sdpa"):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_impl = attn_impl
+        self.model = MoTDecoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward_block(self, x: torch.Tensor, contexts: list[Context], *, gen: Gen = None,
+                      causal: bool = False, write: bool = False) -> torch.Tensor:
+        """Run one block of embeddings x (B, T, E) after each branch's context; final-normed (B, T, E).
+
+        Row b of x attends to contexts[b] (its keys and values are read from the cache) plus the
+        block itself. Positions: text blocks (causal) take consecutive positions from the context's
+        rope; image blocks (non-causal) put every token at the context's rope. With `write`
+        (one branch, a KVCache), the block's keys and values are stored after the cache's
+        committed tokens and the caller commits them with `advance`.
+        """
+        b, t, _ = x.shape
+        assert len(contexts) == b, "one context per batch row"
+        for ctx in contexts:
+            assert ctx.length <= ctx.cache.length, "a prefix outlived a truncation of its cache"
+        offsets = torch.arange(t, device=x.device) if causal else torch.zeros(t, dtype=torch.long, device=x.device)
+        ropes = torch.tensor([ctx.rope for ctx in contexts], device=x.device)
+        positions = ropes[:, None] + offsets[None, :]  # (B, T)
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        if write:
+            assert b == 1 and isinstance(contexts[0], KVCache), "only a single KVCache can be written"
+            contexts[0].reserve(t)
+        kernel = IMPLEMENTATIONS[self.attn_impl]
+
+        for index, layer in enumerate(self.model.layers):
+
+            def attend(q, k, v, index=index):
+                outs = []
+                for row, ctx in enumerate(contexts):
+                    cache, n = ctx.cache, ctx.length
+                    if write:
+                        cache.write(index, n, k[row], v[row])
+                        keys, values = cache.keys(index, n + t), cache.values(index, n + t)  # (G, n+T, D)
+                    elif n == 0:
+                        keys, values = k[row], v[row]  # (G, T, D)
+                    else:
+                        keys = torch.cat([cache.keys(index, n), k[row]], dim=1)  # (G, n+T, D)
+                        values = torch.cat([cache.values(index, n), v[row]], dim=1)
+                    outs.append(kernel(q[row : row + 1], keys[None], values[None], causal))
+                return torch.cat(outs, dim=0)  # (B, H, T, D)
+
+            x = layer(x, cos, sin, gen, attend)
+        return route(x, gen, self.model.norm, self.model.norm_moe_gen)
