@@ -26,7 +26,7 @@ def causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     """Plain softmax attention in float32. q (B, H, Tq, D), k and v (B, G, Tk, D) -> (B, H, Tq, D)."""
-    b, h, tq, d = q.shape
+    _, h, tq, d = q.shape
     g, tk = k.shape[1], k.shape[2]
     k = k.float().repeat_interleave(h // g, dim=1)  # (B, H, Tk, D)
     v = v.float().repeat_interleave(h // g, dim=1)  # (B, H, Tk, D)

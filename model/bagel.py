@@ -98,7 +98,9 @@ class Bagel(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.model.embed_tokens(ids)  # (T,) -> (T, E)
 
-    def vit_features(self, patches: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def vit_features(
+        self, patches: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """patches (N, 14*14*3) -> (SigLIP output (N, C), connector output (N, E))."""
         vit_out = self.vit_model(patches, position_ids)
         return vit_out, self.connector(vit_out)

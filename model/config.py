@@ -43,7 +43,9 @@ class LLMConfig:
         if self.hidden_size % self.num_heads:
             raise CheckpointError("llm_config.json: hidden_size must be divisible by num_attention_heads")
         if self.num_heads % self.num_kv_heads:
-            raise CheckpointError("llm_config.json: num_attention_heads must be divisible by num_key_value_heads")
+            raise CheckpointError(
+                "llm_config.json: num_attention_heads must be divisible by num_key_value_heads"
+            )
         object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
 
 
@@ -73,7 +75,7 @@ class ViTConfig:
 class BagelConfig:
     llm: LLMConfig
     vit: ViTConfig
-    vae: VAEConfig = VAEConfig()
+    vae: VAEConfig = field(default_factory=VAEConfig)
     vae_transform: ImageTransform = VAE_TRANSFORM
     vit_transform: ImageTransform = VIT_TRANSFORM
     latent_patch_size: int = 2
@@ -149,7 +151,9 @@ def load_config(folder: str | Path) -> BagelConfig:
     if not sidecar.is_file():
         return BagelConfig(llm=llm, vit=vit)
     info = _read_json(sidecar)
-    vae = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info.get("vae_params", {}).items()})
+    vae = VAEConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in info.get("vae_params", {}).items()}
+    )
     bagel = info.get("bagel_config", {})
     vae_t = info.get("vae_transform")
     vit_t = info.get("vit_transform")

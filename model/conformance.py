@@ -149,12 +149,17 @@ class Replay:
                 layer += 1
 
     # ---- stages --------------------------------------------------------------------------------
-    def decode(self, prefix: str, max_new_tokens: int, call: dict, recorded_contexts: dict,
-               commit: bool) -> str:
+    def decode(
+        self, prefix: str, max_new_tokens: int, call: dict, recorded_contexts: dict, commit: bool
+    ) -> str:
         self.compare_contexts(prefix, recorded_contexts)
-        dec = self.engine.decode_text(self.gen, max_tokens=max_new_tokens, do_sample=call.get("do_sample", False),
-                                      temperature=call.get("temperature", call.get("text_temperature", 1.0)),
-                                      commit=False)
+        dec = self.engine.decode_text(
+            self.gen,
+            max_tokens=max_new_tokens,
+            do_sample=call.get("do_sample", False),
+            temperature=call.get("temperature", call.get("text_temperature", 1.0)),
+            commit=False,
+        )
         steps = [s for s in dec if s.token >= 0]
         ref_logits = self.t.get(f"{prefix}text.0.step_logits")
         if ref_logits is not None:
@@ -171,23 +176,44 @@ class Replay:
         self.compare_contexts(prefix, recorded_contexts)
         h, w = call.get("image_shape") or call.get("image_shapes") or self.image_shape or (1024, 1024)
         settings = ImageSettings(
-            steps=call["num_timesteps"], cfg_text_scale=call["cfg_text_scale"], cfg_img_scale=call["cfg_img_scale"],
-            cfg_interval=tuple(call["cfg_interval"]), cfg_renorm_type=call["cfg_renorm_type"],
-            cfg_renorm_min=call["cfg_renorm_min"], timestep_shift=call["timestep_shift"])
+            steps=call["num_timesteps"],
+            cfg_text_scale=call["cfg_text_scale"],
+            cfg_img_scale=call["cfg_img_scale"],
+            cfg_interval=tuple(call["cfg_interval"]),
+            cfg_renorm_type=call["cfg_renorm_type"],
+            cfg_renorm_min=call["cfg_renorm_min"],
+            timestep_shift=call["timestep_shift"],
+        )
         # A cfg_img context that never diverged from cond is cond itself (plain text-to-image).
         img_uncond = self.cfg_img
-        gen = self.engine.generate_image(self.gen, self.cfg_text, img_uncond, height=h, width=w, settings=settings,
-                                         noise=self.next_noise(), trace=True)
+        gen = self.engine.generate_image(
+            self.gen,
+            self.cfg_text,
+            img_uncond,
+            height=h,
+            width=w,
+            settings=settings,
+            noise=self.next_noise(),
+            trace=True,
+        )
         for step in gen:
             key = f"{prefix}flow.{step.index}"
-            for name, value in (("x_t", step.x_t), ("v_cond", step.v_cond), ("v_uncond_text", step.v_text_uncond),
-                                ("v_uncond_img", step.v_img_uncond), ("v_t", step.v)):
+            for name, value in (
+                ("x_t", step.x_t),
+                ("v_cond", step.v_cond),
+                ("v_uncond_text", step.v_text_uncond),
+                ("v_uncond_img", step.v_img_uncond),
+                ("v_t", step.v),
+            ):
                 self.check(f"{key}.{name}", "flow", value)
         self.check(f"{prefix}gen.final_latent_packed.0", "latent", gen.latent)
         decode_in = [k for k in self.t if k.startswith(f"{prefix}vae.") and k.endswith(".decode_in")]
         for key in decode_in:
-            self.check(key.replace("decode_in", "decode_out"), "vae",
-                       self.engine.vae.decode(self.t[key].to(self.engine.vae_device)))
+            self.check(
+                key.replace("decode_in", "decode_out"),
+                "vae",
+                self.engine.vae.decode(self.t[key].to(self.engine.vae_device)),
+            )
         if f"{prefix}output.image_uint8" in self.t:
             self.diffs.image(f"{prefix}output.image_uint8", gen.pixels, self.t[f"{prefix}output.image_uint8"])
         return gen.pixels
@@ -254,8 +280,10 @@ def replay_stages(engine: Engine, case: dict, tensors: dict[str, torch.Tensor]) 
             for name, ctx in (("gen", r.gen), ("cfg_text", r.cfg_text), ("cfg_img", r.cfg_img)):
                 want = info["contexts_after_stage"].get(name)
                 if want and (want["cache_len"], want["ropes"][0]) != (ctx.length, ctx.rope):
-                    r.diffs.failures.append(f"{stage}: context {name} is {ctx.length}/{ctx.rope} tokens/rope, "
-                                            f"reference {want['cache_len']}/{want['ropes'][0]}")
+                    r.diffs.failures.append(
+                        f"{stage}: context {name} is {ctx.length}/{ctx.rope} tokens/rope, "
+                        f"reference {want['cache_len']}/{want['ropes'][0]}"
+                    )
     return r.diffs
 
 
@@ -288,7 +316,7 @@ def format_line(name: str, diffs: Diffs) -> str:
     return line
 
 
-def run_golden(folder: str | Path, device: str = "cpu") -> tuple[list[str], bool]:
+def run_golden(folder: str | Path, device: str = "cpu", attn_impl: str = "sdpa") -> tuple[list[str], bool]:
     """Load folder/tiny_ckpt in float32 and replay every case; returns (lines, all passed)."""
     from model.loading import load_engine
 
@@ -296,8 +324,7 @@ def run_golden(folder: str | Path, device: str = "cpu") -> tuple[list[str], bool
     cases = sorted((folder / "cases").glob("*.json"))
     if not cases:
         raise FileNotFoundError(f"{folder}/cases: no golden cases (*.json) found")
-    torch.manual_seed(0)
-    engine = load_engine(folder / "tiny_ckpt", device=device, dtype=torch.float32, attn_impl="reference")
+    engine = load_engine(folder / "tiny_ckpt", device=device, dtype=torch.float32, attn_impl=attn_impl)
     lines, ok = [], True
     for path in cases:
         diffs = run_case(engine, path)

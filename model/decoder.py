@@ -93,8 +93,9 @@ class MoTAttention(nn.Module):
             setattr(self, f"q_norm{suffix}", RMSNorm(d, cfg.rms_norm_eps))
             setattr(self, f"k_norm{suffix}", RMSNorm(d, cfg.rms_norm_eps))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gen: Gen,
-                attend: Attend) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gen: Gen, attend: Attend
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
         q = route(x, gen, self.q_proj, self.q_proj_moe_gen).view(b, t, h, d)  # (B, T, H, D)
@@ -149,8 +150,15 @@ class LanguageModel(nn.Module):
         self.model = MoTDecoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward_block(self, x: torch.Tensor, contexts: list[Context], *, gen: Gen = None,
-                      causal: bool = False, write: bool = False) -> torch.Tensor:
+    def forward_block(
+        self,
+        x: torch.Tensor,
+        contexts: list[Context],
+        *,
+        gen: Gen = None,
+        causal: bool = False,
+        write: bool = False,
+    ) -> torch.Tensor:
         """Run one block of embeddings x (B, T, E) after each branch's context; final-normed (B, T, E).
 
         Row b of x attends to contexts[b] (its keys and values are read from the cache) plus the
@@ -163,7 +171,9 @@ class LanguageModel(nn.Module):
         assert len(contexts) == b, "one context per batch row"
         for ctx in contexts:
             assert ctx.length <= ctx.cache.length, "a prefix outlived a truncation of its cache"
-        offsets = torch.arange(t, device=x.device) if causal else torch.zeros(t, dtype=torch.long, device=x.device)
+        offsets = (
+            torch.arange(t, device=x.device) if causal else torch.zeros(t, dtype=torch.long, device=x.device)
+        )
         ropes = torch.tensor([ctx.rope for ctx in contexts], device=x.device)
         positions = ropes[:, None] + offsets[None, :]  # (B, T)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)

@@ -43,7 +43,7 @@ from model.transforms import (
 from model.vae import AutoEncoder
 
 
-class Cancelled(Exception):  # noqa: N818 - it names what happened, not an error
+class Cancelled(Exception):
     """The caller's cancellation check returned True between two tokens or denoising steps."""
 
 
@@ -59,6 +59,7 @@ class VaeAppend:
     tokens: int
     image: torch.Tensor  # (3, H, W) in [-1, 1], the VAE input
     latent: torch.Tensor  # (N, P) packed clean latent
+    noise: torch.Tensor  # (1, 16, H/8, W/8) the posterior draw used (replay it to rebuild the context)
 
 
 @dataclass
@@ -88,11 +89,19 @@ class FlowStep:
     v_text_uncond: torch.Tensor | None = field(default=None, repr=False)
     v_img_uncond: torch.Tensor | None = field(default=None, repr=False)
     v: torch.Tensor | None = field(default=None, repr=False)  # combined velocity
+    preview: np.ndarray | None = field(default=None, repr=False)  # small uint8 image of the predicted x0
 
 
 class Engine:
-    def __init__(self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, *,
-                 batch_branches: bool = True, vae_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        model: Bagel,
+        vae: AutoEncoder,
+        tokenizer: BagelTokenizer,
+        *,
+        batch_branches: bool = True,
+        vae_dtype: torch.dtype = torch.float32,
+    ):
         self.model = model.eval()
         self.vae = vae.eval()
         self.tokenizer = tokenizer
@@ -110,8 +119,14 @@ class Engine:
 
     def new_cache(self, capacity: int = 1024) -> KVCache:
         llm = self.cfg.llm
-        return KVCache(llm.num_layers, llm.num_kv_heads, llm.head_dim, capacity=capacity,
-                       dtype=self.dtype, device=self.device)
+        return KVCache(
+            llm.num_layers,
+            llm.num_kv_heads,
+            llm.head_dim,
+            capacity=capacity,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     # ---- context appends ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -144,29 +159,46 @@ class Engine:
     def _image_block(self, inner: torch.Tensor) -> torch.Tensor:
         """inner (N, E) -> (1, N + 2, E) with the <|vision_start|> / <|vision_end|> embeddings."""
         tok = self.tokenizer
-        markers = self.model.embed_tokens(torch.tensor([tok.start_of_image, tok.end_of_image], device=self.device))
+        markers = self.model.embed_tokens(
+            torch.tensor([tok.start_of_image, tok.end_of_image], device=self.device)
+        )
         return torch.cat([markers[:1], inner.to(markers.dtype), markers[1:]])[None]
 
     @torch.inference_mode()
-    def append_vae_image(self, cache: KVCache, image: Image.Image, noise: torch.Tensor | None = None,
-                         generator: torch.Generator | None = None) -> VaeAppend:
+    def append_vae_image(
+        self,
+        cache: KVCache,
+        image: Image.Image,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        resize: bool = True,
+    ) -> VaeAppend:
         """Append an image as clean VAE latents (t = 0). The posterior is sampled as in the reference:
-        `noise` (1, 16, H/8, W/8), or drawn from `generator` on the CPU."""
+        `noise` (1, 16, H/8, W/8), or drawn from `generator` on the CPU. `resize=False` keeps an image
+        that is already a valid generation size (a generated one) as it is."""
         cfg = self.cfg
-        x = cfg.vae_transform(image)  # (3, H, W)
+        x = cfg.vae_transform(image) if resize else cfg.vae_transform.to_tensor(image)  # (3, H, W)
         h, w = x.shape[1] // cfg.latent_downsample, x.shape[2] // cfg.latent_downsample
         if noise is None:
-            shape = (1, cfg.latent_channels, x.shape[1] // cfg.vae.downsample, x.shape[2] // cfg.vae.downsample)
+            shape = (
+                1,
+                cfg.latent_channels,
+                x.shape[1] // cfg.vae.downsample,
+                x.shape[2] // cfg.vae.downsample,
+            )
             noise = torch.randn(shape, generator=generator)
         dev = self.vae_device
-        z = self.vae.encode(x[None].to(dev, self.vae_dtype), noise.to(dev, self.vae_dtype))  # (1, 16, H/8, W/8)
-        latent = pack_latent(z[0, :, : h * cfg.latent_patch_size, : w * cfg.latent_patch_size],
-                             cfg.latent_patch_size).to(self.device)  # (N, P)
+        z = self.vae.encode(
+            x[None].to(dev, self.vae_dtype), noise.to(dev, self.vae_dtype)
+        )  # (1, 16, H/8, W/8)
+        latent = pack_latent(
+            z[0, :, : h * cfg.latent_patch_size, : w * cfg.latent_patch_size], cfg.latent_patch_size
+        ).to(self.device)  # (N, P)
         pos = latent_position_ids(h, w, cfg.max_latent_size).to(self.device)
         block = self._image_block(self.model.embed_latents(latent, 0.0, pos))  # (1, N+2, E)
         self.model.language_model.forward_block(block, [cache], gen=slice(1, block.shape[1] - 1), write=True)
         cache.advance(block.shape[1], 1)
-        return VaeAppend(block.shape[1], x, latent)
+        return VaeAppend(block.shape[1], x, latent, noise)
 
     @torch.inference_mode()
     def append_vit_image(self, cache: KVCache, image: Image.Image) -> VitAppend:
@@ -175,7 +207,9 @@ class Engine:
         x = cfg.vit_transform(image)  # (3, H, W)
         patch = cfg.vit.patch_size
         patches = patchify_vit(x, patch).to(self.device)  # (M, 14*14*3)
-        pos = vit_position_ids(x.shape[1] // patch, x.shape[2] // patch, cfg.vit_max_num_patch_per_side).to(self.device)
+        pos = vit_position_ids(x.shape[1] // patch, x.shape[2] // patch, cfg.vit_max_num_patch_per_side).to(
+            self.device
+        )
         vit_out, connected = self.model.vit_features(patches, pos)
         inner = connected + self.model.vit_pos_embed(pos).to(connected.dtype)  # (M, E)
         block = self._image_block(inner)
@@ -183,43 +217,76 @@ class Engine:
         cache.advance(block.shape[1], 1)
         return VitAppend(block.shape[1], patches, vit_out, connected)
 
-    def append_image(self, cache: KVCache, image: Image.Image, *, vae: bool = True, vit: bool = True,
-                     noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> int:
-        """Append a prepared image: VAE part then ViT part (the order of update_context_image)."""
-        tokens = 0
-        if vae:
-            tokens += self.append_vae_image(cache, image, noise, generator).tokens
-        if vit:
-            tokens += self.append_vit_image(cache, image).tokens
-        return tokens
-
     @property
     def vae_device(self) -> torch.device:
         return next(self.vae.parameters()).device
 
     # ---- text decoding ------------------------------------------------------------------------
-    def decode_text(self, cache: KVCache, *, max_tokens: int, do_sample: bool = False,
-                    temperature: float = 0.3, generator: torch.Generator | None = None,
-                    stop_ids: tuple[int, ...] | None = None, should_cancel: ShouldCancel = _never,
-                    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
-                    commit: bool = True) -> TextDecoding:
-        return TextDecoding(self, cache, max_tokens, do_sample, temperature, generator,
-                            stop_ids or (self.tokenizer.eos_id,), should_cancel, logits_processor, commit)
+    def decode_text(
+        self,
+        cache: KVCache,
+        *,
+        max_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 0.3,
+        generator: torch.Generator | None = None,
+        stop_ids: tuple[int, ...] | None = None,
+        should_cancel: ShouldCancel = _never,
+        logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
+        commit: bool = True,
+    ) -> TextDecoding:
+        return TextDecoding(
+            self,
+            cache,
+            max_tokens,
+            do_sample,
+            temperature,
+            generator,
+            stop_ids or (self.tokenizer.eos_id,),
+            should_cancel,
+            logits_processor,
+            commit,
+        )
 
     # ---- image generation ---------------------------------------------------------------------
-    def generate_image(self, cond: Context, text_uncond: Context, img_uncond: Context, *, height: int,
-                       width: int, settings: ImageSettings, noise: torch.Tensor | None = None,
-                       generator: torch.Generator | None = None, should_cancel: ShouldCancel = _never,
-                       trace: bool = False) -> ImageGeneration:
-        return ImageGeneration(self, cond, text_uncond, img_uncond, height, width, settings, noise,
-                               generator, should_cancel, trace)
+    def generate_image(
+        self,
+        cond: Context,
+        text_uncond: Context,
+        img_uncond: Context,
+        *,
+        height: int,
+        width: int,
+        settings: ImageSettings,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        should_cancel: ShouldCancel = _never,
+        trace: bool = False,
+        preview_every: int = 0,
+    ) -> ImageGeneration:
+        return ImageGeneration(
+            self,
+            cond,
+            text_uncond,
+            img_uncond,
+            height,
+            width,
+            settings,
+            noise,
+            generator,
+            should_cancel,
+            trace,
+            preview_every,
+        )
 
     @torch.inference_mode()
     def decode_latent(self, latent: torch.Tensor, height: int, width: int) -> np.ndarray:
         """Packed latent (N, P) -> uint8 image (H, W, 3), truncating like the reference."""
         cfg = self.cfg
         h, w = height // cfg.latent_downsample, width // cfg.latent_downsample
-        z = unpack_latent(latent.float(), h, w, cfg.latent_patch_size, cfg.latent_channels)  # (1, 16, H/8, W/8)
+        z = unpack_latent(
+            latent.float(), h, w, cfg.latent_patch_size, cfg.latent_channels
+        )  # (1, 16, H/8, W/8)
         pixels = self.vae.decode(z.to(self.vae_device, self.vae_dtype))  # (1, 3, H, W)
         return to_uint8(pixels.float())
 
@@ -235,8 +302,19 @@ class TextDecoding:
     limit), `prefilled` tokens and `next_logits` (what the model predicts after the committed text).
     """
 
-    def __init__(self, engine: Engine, cache: KVCache, max_tokens, do_sample, temperature, generator,
-                 stop_ids, should_cancel, logits_processor, commit):
+    def __init__(
+        self,
+        engine: Engine,
+        cache: KVCache,
+        max_tokens,
+        do_sample,
+        temperature,
+        generator,
+        stop_ids,
+        should_cancel,
+        logits_processor,
+        commit,
+    ):
         self.engine, self.cache = engine, cache
         self.max_tokens, self.do_sample, self.temperature = max_tokens, do_sample, temperature
         self.generator, self.stop_ids, self.should_cancel = generator, stop_ids, should_cancel
@@ -287,8 +365,21 @@ class ImageGeneration:
     recomputed.
     """
 
-    def __init__(self, engine: Engine, cond, text_uncond, img_uncond, height, width,
-                 settings: ImageSettings, noise, generator, should_cancel, trace):
+    def __init__(
+        self,
+        engine: Engine,
+        cond,
+        text_uncond,
+        img_uncond,
+        height,
+        width,
+        settings: ImageSettings,
+        noise,
+        generator,
+        should_cancel,
+        trace,
+        preview_every=0,
+    ):
         cfg = engine.cfg
         ds = cfg.latent_downsample
         if height % ds or width % ds:
@@ -304,7 +395,7 @@ class ImageGeneration:
         if tuple(noise.shape) != (n, cfg.patch_latent_dim):
             raise ValueError(f"noise must have shape {(n, cfg.patch_latent_dim)}, got {tuple(noise.shape)}")
         self.noise = noise
-        self.should_cancel, self.trace = should_cancel, trace
+        self.should_cancel, self.trace, self.preview_every = should_cancel, trace, preview_every
         self.latent: torch.Tensor | None = None
         self.pixels: np.ndarray | None = None
         self.forwards = 0  # branch forwards run
@@ -347,7 +438,15 @@ class ImageGeneration:
             step = FlowStep(i, len(ts), float(t))
             if self.trace:
                 step.x_t, step.v_cond, step.v_text_uncond, step.v_img_uncond, step.v = x, c, ut, ui, v
+            if self.preview_every and (i + 1) % self.preview_every == 0 and i + 1 < len(ts):
+                step.preview = self._preview(x - t.to(device) * v)  # x0 = x_t - t v
             x = euler_step(x, v, dts[i].to(device))
             yield step
         self.latent = x
         self.pixels = engine.decode_latent(x, self.height, self.width)
+
+    def _preview(self, x0: torch.Tensor, side: int = 256) -> np.ndarray:
+        """The current estimate of the clean image, at most `side` pixels on its long edge."""
+        pixels = Image.fromarray(self.engine.decode_latent(x0, self.height, self.width))
+        pixels.thumbnail((side, side), Image.Resampling.BICUBIC)
+        return np.asarray(pixels)

@@ -71,8 +71,12 @@ class ImageProgress(Event):
     preview: np.ndarray | None = field(default=None, repr=False)
 
     def payload(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "stage": self.stage.value, "step": self.step,
-                "steps": self.steps}
+        return {
+            "iteration": self.iteration,
+            "stage": self.stage.value,
+            "step": self.step,
+            "steps": self.steps,
+        }
 
 
 @dataclass
@@ -95,8 +99,14 @@ class ImageCompleted(Event):
         return int(self.pixels.shape[1])
 
     def payload(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "stage": self.stage.value, "image_id": self.image_id,
-                "width": self.width, "height": self.height, "settings": self.settings}
+        return {
+            "iteration": self.iteration,
+            "stage": self.stage.value,
+            "image_id": self.image_id,
+            "width": self.width,
+            "height": self.height,
+            "settings": self.settings,
+        }
 
 
 @dataclass

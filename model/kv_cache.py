@@ -19,9 +19,19 @@ import torch
 
 
 class KVCache:
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, *, capacity: int = 256,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.k = torch.empty(num_layers, kv_heads, capacity, head_dim, dtype=dtype, device=device)  # (L, G, C, D)
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        capacity: int = 256,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        self.k = torch.empty(
+            num_layers, kv_heads, capacity, head_dim, dtype=dtype, device=device
+        )  # (L, G, C, D)
         self.v = torch.empty_like(self.k)  # (L, G, C, D)
         self.length = 0  # tokens written and committed
         self.rope = 0  # RoPE position of the next token

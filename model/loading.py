@@ -24,8 +24,14 @@ from model.vae import AutoEncoder
 
 REQUIRED_FILES = ("ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt"]
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_checkpoint(checkpoint: str | Path) -> Path:
@@ -44,8 +50,9 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise CheckpointError(f"{checkpoint}: no such folder; to download it as a Hugging Face repo id, "
-                              "install strokes[hub]") from e
+        raise CheckpointError(
+            f"{checkpoint}: no such folder; to download it as a Hugging Face repo id, install strokes[hub]"
+        ) from e
     return resolve_checkpoint(snapshot_download(repo_id=str(checkpoint), allow_patterns=HUB_PATTERNS))
 
 
@@ -54,7 +61,9 @@ def expected_tensors(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in module.state_dict(keep_vars=True).items()}
 
 
-def load_safetensors_into(module: nn.Module, path: Path, device: torch.device | str, dtype: torch.dtype) -> None:
+def load_safetensors_into(
+    module: nn.Module, path: Path, device: torch.device | str, dtype: torch.dtype
+) -> None:
     """Assign every tensor of `path` to `module` (which may live on the meta device), after checking
     that the file has exactly the module's keys with exactly its shapes."""
     expected = expected_tensors(module)
@@ -71,8 +80,10 @@ def load_safetensors_into(module: nn.Module, path: Path, device: torch.device | 
         extra = sorted(keys - set(expected))
         if extra:
             more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
-            raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(extra[:5])}{more}: "
-                                  "the configuration files do not match the weights")
+            raise CheckpointError(
+                f"{path}: unexpected tensor(s) {', '.join(extra[:5])}{more}: "
+                "the configuration files do not match the weights"
+            )
         for key, shape in expected.items():
             found = tuple(f.get_slice(key).get_shape())
             if found != shape:
@@ -92,8 +103,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_engine(checkpoint: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, *,
-                attn_impl: str = "sdpa", batch_branches: bool = True) -> Engine:
+def load_engine(
+    checkpoint: str | Path,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    *,
+    attn_impl: str = "sdpa",
+    batch_branches: bool = True,
+) -> Engine:
     """Load the checkpoint folder (or hub repo id) onto `device`. dtype defaults to bf16 on CUDA,
     float32 on CPU; the VAE always runs in float32 (as the reference runs it)."""
     folder = resolve_checkpoint(checkpoint)
@@ -105,8 +122,10 @@ def load_engine(checkpoint: str | Path, device: str = "cpu", dtype: str | torch.
     cfg = load_config(folder)
     tokenizer = BagelTokenizer.from_folder(folder)
     if len(tokenizer) > cfg.llm.vocab_size:
-        raise CheckpointError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but llm_config.json's "
-                              f"vocab_size is {cfg.llm.vocab_size}")
+        raise CheckpointError(
+            f"{folder}: the tokenizer has {len(tokenizer)} tokens but llm_config.json's "
+            f"vocab_size is {cfg.llm.vocab_size}"
+        )
     model, vae = build_model(cfg, attn_impl)
     load_safetensors_into(model, folder / "ema.safetensors", dev, torch_dtype)
     load_safetensors_into(vae, folder / "ae.safetensors", dev, torch.float32)

@@ -110,7 +110,8 @@ class GenerationParams:
             value = getattr(self, name)
             if value % SIZE_MULTIPLE or not MIN_SIDE <= value <= max_side:
                 raise InvalidParams(
-                    name, f"must be a multiple of {SIZE_MULTIPLE} between {MIN_SIDE} and {max_side}")
+                    name, f"must be a multiple of {SIZE_MULTIPLE} between {MIN_SIDE} and {max_side}"
+                )
         if not 1 <= self.max_iterations <= 8:
             raise InvalidParams("max_iterations", "must be between 1 and 8")
         self.draft.validate("draft")

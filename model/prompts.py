@@ -42,7 +42,7 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     ),
     # After each draft: the model inspects its own image against the prompt and the plan.
     "reflect": (
-        "Inspect the image you just drew against the request \"{prompt}\" and your plan. If it is "
+        'Inspect the image you just drew against the request "{prompt}" and your plan. If it is '
         "right, reply: The intermediate step is correct. followed by a short reason. If it is not, "
         "reply: The intermediate step is wrong. followed by what is wrong, then: The corrective "
         "instruction is: <refine>the instruction that fixes the image</refine>"

@@ -23,8 +23,9 @@ def timestep_schedule(steps: int, shift: float, device: torch.device | str = "cp
     return t[:-1], t[:-1] - t[1:]
 
 
-def guidance_scales(t: torch.Tensor, cfg_text_scale: float, cfg_img_scale: float,
-                    cfg_interval: tuple[float, float]) -> tuple[float, float]:
+def guidance_scales(
+    t: torch.Tensor, cfg_text_scale: float, cfg_img_scale: float, cfg_interval: tuple[float, float]
+) -> tuple[float, float]:
     """Guidance applies only while lo < t <= hi (strict lower bound, on the shifted t); else (1, 1)."""
     lo, hi = cfg_interval
     if bool(t > lo) and bool(t <= hi):
@@ -42,8 +43,15 @@ def _renorm(reference: torch.Tensor, guided: torch.Tensor, per_token: bool, mini
     return guided * (ref_norm / (norm + 1e-8)).clamp(min=minimum, max=1.0)
 
 
-def combine_guidance(c: torch.Tensor, ut: torch.Tensor | None, ui: torch.Tensor | None,
-                     text_scale: float, img_scale: float, renorm_type: str, renorm_min: float) -> torch.Tensor:
+def combine_guidance(
+    c: torch.Tensor,
+    ut: torch.Tensor | None,
+    ui: torch.Tensor | None,
+    text_scale: float,
+    img_scale: float,
+    renorm_type: str,
+    renorm_min: float,
+) -> torch.Tensor:
     """Guided velocity (N, P) from the branch predictions, exactly as BAGEL's _forward_flow.
 
     Guidance happens only when text_scale > 1 (otherwise v = c, even if img_scale > 1); the
@@ -66,8 +74,9 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tens
     return x - v.float() * dt
 
 
-def sample_token(logits: torch.Tensor, do_sample: bool, temperature: float,
-                 generator: torch.Generator | None = None) -> int:
+def sample_token(
+    logits: torch.Tensor, do_sample: bool, temperature: float, generator: torch.Generator | None = None
+) -> int:
     """logits (V,) -> a token id: argmax when not sampling (temperature ignored), else
     multinomial(softmax(logits / temperature)) drawn on the CPU generator (same draw on any device)."""
     if not do_sample:

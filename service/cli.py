@@ -12,7 +12,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 # (module, attribute) pairs; each `register(subparsers)` adds one or more subcommands.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["model.commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,57 @@
+"""The trajectory: a JSON record of every stage of one generation, usable as a dataset sample.
+
+One record per stage, in order: the instruction the pipeline added (if any), the text the model
+wrote (plans, reflections) with its verdict, or the image it drew (by file name `{image_id}.png`,
+with the exact settings), plus timings and token counts. `strokes generate` writes it as
+trajectory.json beside the images; the service stores it with the job.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.params import GenerationParams, settings_dict
+
+VERSION = 1
+
+
+@dataclass
+class Trajectory:
+    params: GenerationParams
+    seed: int
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, **record: Any) -> dict[str, Any]:
+        record = {k: v for k, v in record.items() if v is not None}
+        self.stages.append(record)
+        return record
+
+    def to_dict(self, final_image_id: str | None, iterations: int, usage: dict[str, int]) -> dict[str, Any]:
+        p = self.params
+        return {
+            "version": VERSION,
+            "method": "Think in Strokes, Not Pixels (arXiv 2604.04746): plan, draft, reflect, refine",
+            "prompt": p.prompt,
+            "protocol": p.protocol,
+            "seed": self.seed,
+            "width": p.width,
+            "height": p.height,
+            "settings": {
+                "max_iterations": p.max_iterations,
+                "think": p.think,
+                "draft": settings_dict(p.draft),
+                "refine": settings_dict(p.refine),
+                "plan": settings_dict(p.plan),
+                "reflect": settings_dict(p.reflect),
+                "templates": dict(p.templates),
+                "starting_image": p.input_image is not None,
+            },
+            "stages": self.stages,
+            "iterations": iterations,
+            "final_image": f"{final_image_id}.png" if final_image_id else None,
+            "seconds": round(time.perf_counter() - self.started, 4),
+            "usage": usage,
+        }
