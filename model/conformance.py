@@ -324,6 +324,9 @@ def run_golden(folder: str | Path, device: str = "cpu", attn_impl: str = "sdpa")
     cases = sorted((folder / "cases").glob("*.json"))
     if not cases:
         raise FileNotFoundError(f"{folder}/cases: no golden cases (*.json) found")
+    if torch.device(device).type == "cuda":  # float32 conformance: no TF32 shortcuts in matmuls or convs
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     engine = load_engine(folder / "tiny_ckpt", device=device, dtype=torch.float32, attn_impl=attn_impl)
     lines, ok = [], True
     for path in cases:
