@@ -41,15 +41,19 @@ class RMSNorm(nn.Module):
 
 
 def route(x: torch.Tensor, gen: Gen, und_fn: Callable, gen_fn: Callable) -> torch.Tensor:
-    """Apply the understanding function to every token but x[:, gen], which gets the generation one."""
+    """Apply the understanding function to every token but x[:, gen], which gets the generation one.
+
+    Every op routed here works token by token, so an image block (two markers around N latent
+    tokens) runs the generation expert on the whole block, then overwrites the marker rows with the
+    understanding expert's output: no copy of the large latent part.
+    """
     if gen is None:
         return und_fn(x)
-    und_in = torch.cat([x[:, : gen.start], x[:, gen.stop :]], dim=1)  # (B, T - n_gen, ...)
-    und_out = und_fn(und_in)
-    gen_out = gen_fn(x[:, gen])  # (B, n_gen, ...)
-    if gen_out.dtype != und_out.dtype:
-        gen_out = gen_out.to(und_out.dtype)
-    return torch.cat([und_out[:, : gen.start], gen_out, und_out[:, gen.start :]], dim=1)
+    out = gen_fn(x)  # (B, T, ...)
+    und_out = und_fn(torch.cat([x[:, : gen.start], x[:, gen.stop :]], dim=1)).to(out.dtype)  # (B, T - n_gen, ...)
+    out[:, : gen.start] = und_out[:, : gen.start]
+    out[:, gen.stop :] = und_out[:, gen.start :]
+    return out
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
