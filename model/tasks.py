@@ -1,0 +1,134 @@
+"""BAGEL's one-shot tasks on the engine: text to image, image editing, understanding, each with
+optional think mode; the sequences of the official InterleaveInferencer (BAGEL.md 2.5 a-f).
+
+Each call builds fresh contexts with the pipeline's `Contexts` (the same discipline), so these are
+the building blocks of the process loop run once, not a second implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.engine import Engine
+from model.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, ImageSettings, TextSettings
+from model.pipeline import Contexts, _Item
+from model.prompts import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
+
+
+@dataclass
+class TaskResult:
+    image: np.ndarray | None = None  # (H, W, 3) uint8
+    text: str | None = None  # the thinking (generation) or the answer (understanding)
+
+
+def _think(engine: Engine, ctx: Contexts, settings: TextSettings, generator: torch.Generator) -> str:
+    dec = engine.decode_text(
+        ctx.cond,
+        max_tokens=settings.max_tokens,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature,
+        generator=generator,
+        commit=False,
+    )
+    for _ in dec:
+        pass
+    ctx.add(_Item("generated", dec.text))  # thinking goes to cond only
+    return dec.text
+
+
+def text_to_image(
+    engine: Engine,
+    prompt: str,
+    *,
+    height: int = 1024,
+    width: int = 1024,
+    settings: ImageSettings = DRAFT_DEFAULTS,
+    think: bool = False,
+    think_settings: TextSettings = TextSettings(max_tokens=1000),
+    seed: int = 0,
+) -> TaskResult:
+    generator = torch.Generator().manual_seed(seed)
+    ctx = Contexts(engine)
+    if think:
+        ctx.add(_Item("system", GEN_THINK_SYSTEM_PROMPT))
+    ctx.add(_Item("user", prompt))
+    thought = _think(engine, ctx, think_settings, generator) if think else None
+    gen = engine.generate_image(
+        ctx.cond,
+        ctx.text_uncond,
+        ctx.img_uncond,
+        height=height,
+        width=width,
+        settings=settings,
+        generator=generator,
+    )
+    for _ in gen:
+        pass
+    return TaskResult(gen.pixels, thought)
+
+
+def edit_image(
+    engine: Engine,
+    image: Image.Image | np.ndarray,
+    instruction: str,
+    *,
+    settings: ImageSettings = REFINE_DEFAULTS,
+    think: bool = False,
+    think_settings: TextSettings = TextSettings(max_tokens=1000),
+    seed: int = 0,
+) -> TaskResult:
+    """The output has the input's size after BAGEL's VAE resize."""
+    generator = torch.Generator().manual_seed(seed)
+    ctx = Contexts(engine)
+    if think:
+        ctx.add(_Item("system", GEN_THINK_SYSTEM_PROMPT))
+    prepared = engine.prepare_image(image)
+    ctx.add(_Item("image", image=prepared), generator)  # posterior draw first, as the reference
+    ctx.add(_Item("user", instruction))
+    thought = _think(engine, ctx, think_settings, generator) if think else None
+    gen = engine.generate_image(
+        ctx.cond,
+        ctx.text_uncond,
+        ctx.img_uncond,
+        height=prepared.height,
+        width=prepared.width,
+        settings=settings,
+        generator=generator,
+    )
+    for _ in gen:
+        pass
+    return TaskResult(gen.pixels, thought)
+
+
+def understand(
+    engine: Engine,
+    image: Image.Image | np.ndarray,
+    question: str,
+    *,
+    think: bool = False,
+    settings: TextSettings = TextSettings(max_tokens=512),
+    seed: int = 0,
+) -> TaskResult:
+    """Answer a question about an image (ViT tokens only, no VAE, as the reference)."""
+    generator = torch.Generator().manual_seed(seed)
+    ctx = Contexts(engine)
+    if think:
+        ctx.add(_Item("system", VLM_THINK_SYSTEM_PROMPT))
+    prepared = engine.prepare_image(image)
+    engine.append_vit_image(ctx.cond, prepared)
+    ctx.add(_Item("user", question))
+    dec = engine.decode_text(
+        ctx.cond,
+        max_tokens=settings.max_tokens,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature,
+        generator=generator,
+        commit=False,
+    )
+    for _ in dec:
+        pass
+    return TaskResult(text=dec.text)
