@@ -251,17 +251,18 @@ class _Run:
             verdict=done.verdict.value if done.verdict else None,
             refine_instruction=done.refine_instruction,
             tokens=len(dec.ids),
-            stop="eos"
-            if dec.stop_token == self.engine.tokenizer.eos_id
-            else "image"
-            if dec.stop_token is not None
-            else "max_tokens",
+            stop=self._stop_reason(dec.stop_token),
             seconds=done.seconds,
             prefilled_tokens=done.prefilled_tokens,
             cached_tokens=cached,
         )
         yield done
         return dec
+
+    def _stop_reason(self, token: int | None) -> str:
+        if token is None:
+            return "max_tokens"
+        return "eos" if token == self.engine.tokenizer.eos_id else "image"
 
     def _image_stage(self, it: int, stage: Stage, settings: ImageSettings, append: bool) -> Iterator[Event]:
         """Denoise an image on the three contexts; append it to the context if more stages follow."""

@@ -25,7 +25,7 @@ class TaskResult:
     text: str | None = None  # the thinking (generation) or the answer (understanding)
 
 
-def _think(engine: Engine, ctx: Contexts, settings: TextSettings, generator: torch.Generator) -> str:
+def _decode(engine: Engine, ctx: Contexts, settings: TextSettings, generator: torch.Generator) -> str:
     dec = engine.decode_text(
         ctx.cond,
         max_tokens=settings.max_tokens,
@@ -36,8 +36,35 @@ def _think(engine: Engine, ctx: Contexts, settings: TextSettings, generator: tor
     )
     for _ in dec:
         pass
-    ctx.add(_Item("generated", dec.text))  # thinking goes to cond only
     return dec.text
+
+
+def _think(engine: Engine, ctx: Contexts, settings: TextSettings, generator: torch.Generator) -> str:
+    text = _decode(engine, ctx, settings, generator)
+    ctx.add(_Item("generated", text))  # thinking goes to cond only
+    return text
+
+
+def _draw(
+    engine: Engine,
+    ctx: Contexts,
+    height: int,
+    width: int,
+    settings: ImageSettings,
+    generator: torch.Generator,
+) -> np.ndarray:
+    gen = engine.generate_image(
+        ctx.cond,
+        ctx.text_uncond,
+        ctx.img_uncond,
+        height=height,
+        width=width,
+        settings=settings,
+        generator=generator,
+    )
+    for _ in gen:
+        pass
+    return gen.pixels
 
 
 def text_to_image(
@@ -57,18 +84,7 @@ def text_to_image(
         ctx.add(_Item("system", GEN_THINK_SYSTEM_PROMPT))
     ctx.add(_Item("user", prompt))
     thought = _think(engine, ctx, think_settings, generator) if think else None
-    gen = engine.generate_image(
-        ctx.cond,
-        ctx.text_uncond,
-        ctx.img_uncond,
-        height=height,
-        width=width,
-        settings=settings,
-        generator=generator,
-    )
-    for _ in gen:
-        pass
-    return TaskResult(gen.pixels, thought)
+    return TaskResult(_draw(engine, ctx, height, width, settings, generator), thought)
 
 
 def edit_image(
@@ -90,18 +106,7 @@ def edit_image(
     ctx.add(_Item("image", image=prepared), generator)  # posterior draw first, as the reference
     ctx.add(_Item("user", instruction))
     thought = _think(engine, ctx, think_settings, generator) if think else None
-    gen = engine.generate_image(
-        ctx.cond,
-        ctx.text_uncond,
-        ctx.img_uncond,
-        height=prepared.height,
-        width=prepared.width,
-        settings=settings,
-        generator=generator,
-    )
-    for _ in gen:
-        pass
-    return TaskResult(gen.pixels, thought)
+    return TaskResult(_draw(engine, ctx, prepared.height, prepared.width, settings, generator), thought)
 
 
 def understand(
@@ -121,14 +126,4 @@ def understand(
     prepared = engine.prepare_image(image)
     engine.append_vit_image(ctx.cond, prepared)
     ctx.add(_Item("user", question))
-    dec = engine.decode_text(
-        ctx.cond,
-        max_tokens=settings.max_tokens,
-        do_sample=settings.do_sample,
-        temperature=settings.temperature,
-        generator=generator,
-        commit=False,
-    )
-    for _ in dec:
-        pass
-    return TaskResult(text=dec.text)
+    return TaskResult(text=_decode(engine, ctx, settings, generator))
