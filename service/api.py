@@ -1,0 +1,446 @@
+"""The HTTP API: app factory, middleware and thin routes.
+
+The API holds no model and never imports torch: it validates, admits and enqueues jobs, and
+serves their status, events, images and trajectories from Redis. Handlers only translate between
+HTTP and jobs.py / sse.py; errors become responses in errors.py alone. Every Redis round trip of a
+request is bounded (socket timeouts, plus a deadline), so a Redis outage answers 503 within 2 s.
+
+`strokes api --host H --port P --redis-url URL` runs it under uvicorn;
+`strokes openapi [--check]` writes (or checks) openapi.yaml from this app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import errors, jobs, sse
+from service import images as imagelib
+from service.auth import OwnerDep
+from service.errors import InvalidRequest, NotAcceptable, NotFound, ServiceError, Unavailable
+from service.keys import JobStatus
+from service.metrics import ApiMetrics
+from service.schemas import ErrorResponse, GenerationRequest, Health, Job, Readiness
+from service.settings import Settings, SettingsDep, get_settings
+from service.store import Store, connect
+from service.wire import IMAGE_FIELD_PREFIX, IMAGE_ID
+
+log = logging.getLogger("strokes.api")
+T = TypeVar("T")
+
+OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
+
+
+# ---- dependencies -------------------------------------------------------------------------------
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_metrics(request: Request) -> ApiMetrics:
+    return request.app.state.metrics
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
+
+
+async def bounded(settings: Settings, work: Awaitable[T]) -> T:
+    """Redis work of one request, cut off at the deadline (TimeoutError -> 503)."""
+    return await asyncio.wait_for(work, settings.redis_deadline_s)
+
+
+# ---- middleware ---------------------------------------------------------------------------------
+
+class BodyLimit:
+    """413 for bodies over the limit: by Content-Length before reading, or while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await errors.error_response(400, "bad_request", "invalid Content-Length")(
+                    scope, receive, send)
+            if int(length) > self.max_bytes:
+                return await errors.error_response(
+                    413, "payload_too_large", f"the body is larger than {self.max_bytes} bytes",
+                    headers={"Connection": "close"})(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise StarletteHTTPException(413, f"the body is larger than {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class RequestMetrics:
+    """Requests by route template and status, and time to the first byte of the response."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        begin = time.perf_counter()
+        status = 500
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                route = scope.get("route")
+                self.metrics.latency.labels(scope["method"], getattr(route, "path", "unmatched")).observe(
+                    time.perf_counter() - begin)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+
+
+# ---- routes -------------------------------------------------------------------------------------
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+COMMON = (401, 404, 422, 503)
+router = APIRouter()
+
+
+@router.post("/v1/generations", status_code=202, response_model=Job,
+             responses=_errors(401, 413, 422, 429, 503), summary="Start a generation")
+async def create_generation(body: GenerationRequest, response: Response, store: StoreDep,
+                            settings: SettingsDep, owner: OwnerDep, metrics: MetricsDep,
+                            idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Job:
+    try:
+        job, replayed = await jobs.submit(store, settings, owner, body, idempotency_key,
+                                          deadline_s=settings.redis_deadline_s)
+    except errors.QueueFull:
+        metrics.rejections.labels("queue_full").inc()
+        raise
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        metrics.submitted.inc()
+    response.headers["Location"] = job.links.self
+    return job
+
+
+@router.get("/v1/generations/{job_id}", response_model=Job, responses=_errors(*COMMON),
+            summary="A generation's status and results")
+async def get_generation(job_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Job:
+    async def work() -> Job:
+        await jobs.find(store, job_id, owner)
+        return await jobs.current_view(store, job_id)
+
+    return await bounded(settings, work())
+
+
+@router.delete("/v1/generations/{job_id}", response_model=Job, responses={
+    202: {"model": Job, "description": "cancel requested; the job stops at its next step"},
+    **_errors(*COMMON)}, summary="Cancel a generation (idempotent)")
+async def cancel_generation(job_id: str, response: Response, store: StoreDep, settings: SettingsDep,
+                            owner: OwnerDep) -> Job:
+    async def work() -> Job:
+        await jobs.find(store, job_id, owner)
+        outcome, _ = await store.cancel(job_id)
+        if outcome == "missing":
+            raise NotFound("no such generation")
+        response.status_code = 202 if outcome == "canceling" else 200
+        return await jobs.current_view(store, job_id)
+
+    return await bounded(settings, work())
+
+
+@router.get("/v1/generations/{job_id}/events", response_class=EventSourceResponse, responses={
+    200: {"description": "Server-Sent Events: id = event id, event = name, data = JSON",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    204: {"description": "the job has finished and no events remain after the given id"},
+    **_errors(*COMMON)}, summary="The generation's events (SSE)")
+async def generation_events(
+    job_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep, metrics: MetricsDep,
+    request: Request,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+    after: Annotated[str | None, Query(max_length=64, description="resume after this event id")] = None,
+):
+    cursor = last_event_id or after or "0"
+    if not sse.CURSOR.match(cursor):
+        raise InvalidRequest("the event id must look like 1700000000000-0", param="Last-Event-ID")
+
+    async def check() -> bool:
+        job = await jobs.find(store, job_id, owner)
+        if JobStatus(job["status"]).terminal:
+            return bool(await store.read_events(job_id, cursor, count=1))
+        return True
+
+    if not await bounded(settings, check()):
+        return Response(status_code=204)
+    if request.app.state.open_streams >= settings.sse_max_streams:
+        raise Unavailable("too many open event streams; retry shortly")
+    return EventSourceResponse(
+        _counted(request, sse.events(store, job_id, cursor, settings, metrics)),
+        ping=settings.sse_ping_s, send_timeout=settings.sse_send_timeout_s)
+
+
+async def _counted(request: Request, stream):
+    request.app.state.open_streams += 1
+    try:
+        async for item in stream:
+            yield item
+    finally:
+        request.app.state.open_streams -= 1
+
+
+def _choose_format(fmt: str | None, accept: str | None) -> str:
+    if fmt is not None:
+        return fmt
+    if not accept:
+        return "png"
+    best, best_q = None, 0.0
+    for part in accept.split(","):
+        media, _, params = part.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media = media.strip().lower()
+        candidates = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp",
+                      "image/*": "png", "*/*": "png"}
+        if media in candidates and q > best_q:
+            best, best_q = candidates[media], q
+    if best is None:
+        raise NotAcceptable("images are served as image/png, image/jpeg or image/webp")
+    return best
+
+
+@router.get("/v1/generations/{job_id}/images/{image_id}", response_class=Response, responses={
+    200: {"description": "the image", "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+    **_errors(*COMMON, 406)}, summary="An image of the generation (png, jpeg or webp)")
+async def generation_image(
+    job_id: str, image_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep,
+    format: Annotated[str | None, Query(pattern="^(png|jpeg|webp)$")] = None,
+    accept: Annotated[str | None, Header()] = None,
+) -> Response:
+    fmt = _choose_format(format, accept)
+
+    async def work() -> bytes:
+        job = await jobs.find(store, job_id, owner)
+        raw = job.get(IMAGE_FIELD_PREFIX + image_id) if IMAGE_ID.match(image_id) else None
+        if raw is None:
+            raise NotFound("no such image")
+        attempt = int(json.loads(raw).get("attempt", 0))
+        png = await imagelib.RedisImageStore(store.r).get(imagelib.storage_key(job_id, attempt, image_id))
+        if png is None:
+            raise NotFound("the image has expired")
+        return png
+
+    png = await bounded(settings, work())
+    body = await run_in_threadpool(imagelib.transcode, png, fmt)
+    return Response(body, media_type=imagelib.OUTPUT_FORMATS[fmt],
+                    headers={"Cache-Control": "private, max-age=3600", "Vary": "Accept"})
+
+
+@router.get("/v1/generations/{job_id}/trajectory", responses={
+    200: {"description": "the trajectory: every stage of every iteration (JSON)",
+          "content": {"application/json": {"schema": {"type": "object"}}}},
+    409: {"model": ErrorResponse, "description": "the job has not succeeded (yet)"},
+    **_errors(*COMMON)}, summary="The finished generation's trajectory")
+async def generation_trajectory(job_id: str, store: StoreDep, settings: SettingsDep,
+                                owner: OwnerDep) -> Response:
+    async def work() -> Response:
+        job = await jobs.find(store, job_id, owner)
+        trajectory = await store.get_trajectory(job_id)
+        if trajectory is None:
+            if job["status"] == JobStatus.succeeded.value:
+                raise NotFound("the trajectory has expired")
+            raise errors.NotReady(f"the job is {job['status']}; the trajectory comes with success")
+        return Response(trajectory, media_type="application/json")
+
+    return await bounded(settings, work())
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
+            summary="Readiness: Redis reachable and (by default) a live worker")
+async def readyz(store: StoreDep, settings: SettingsDep):
+    try:
+        workers = await bounded(settings, _ready_probe(store))
+        redis_ok = True
+    except (RedisError, OSError, TimeoutError):
+        workers, redis_ok = 0, False
+    reason = None
+    if not redis_ok:
+        reason = "redis unreachable"
+    elif settings.ready_requires_worker and workers == 0:
+        reason = "no live worker"
+    body = Readiness(status="ready" if reason is None else "not_ready", redis=redis_ok, workers=workers,
+                     reason=reason)
+    return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
+
+
+async def _ready_probe(store: Store) -> int:
+    await store.r.ping()
+    return await store.live_workers()
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+async def metrics_endpoint(store: StoreDep, settings: SettingsDep, metrics: MetricsDep) -> Response:
+    try:
+        stats = await bounded(settings, store.queue_stats())
+        metrics.queue_depth.set(stats.depth)
+        metrics.queue_pending.set(stats.pending)
+        metrics.workers_alive.set(stats.workers)
+        if stats.lag is not None:
+            metrics.queue_lag.set(stats.lag)
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("queue metrics unavailable: %s", exc)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+# ---- app ----------------------------------------------------------------------------------------
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API app. `settings` (tests, `strokes api` flags) overrides the environment's."""
+    settings = settings or get_settings()
+    metrics = ApiMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = connect(settings.redis_url, timeout_s=settings.redis_timeout_s,
+                         connect_timeout_s=settings.redis_connect_timeout_s)
+        blocking = connect(settings.redis_url, timeout_s=settings.sse_block_ms / 1000 + 5,
+                           connect_timeout_s=settings.redis_connect_timeout_s,
+                           max_connections=settings.sse_max_streams + 64)
+        app.state.store = Store(client, settings, blocking=blocking)
+        try:
+            await bounded(settings, app.state.store.ensure_group())
+        except (RedisError, OSError, TimeoutError) as exc:  # not fatal: Redis may come up later
+            log.warning("redis not reachable at startup: %s", exc)
+        try:
+            yield
+        finally:
+            await app.state.store.close()
+
+    app = FastAPI(
+        title="strokes",
+        version=_version(),
+        summary="Process-driven image generation (plan, draft, reflect, refine) on BAGEL-7B-MoT",
+        description="Submit a generation, follow its events over SSE, fetch its images and trajectory.",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.state.open_streams = 0
+    app.dependency_overrides[get_settings] = lambda: settings
+    errors.install(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("strokes")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def openapi_yaml(app: FastAPI | None = None) -> str:
+    import yaml
+
+    app = app or create_app(Settings())
+    return yaml.safe_dump(app.openapi(), sort_keys=False, allow_unicode=True, width=100)
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+def settings_from_args(args, **extra: Any) -> Settings:
+    overrides = {k: v for k, v in extra.items() if v is not None}
+    if getattr(args, "redis_url", None):
+        overrides["redis_url"] = args.redis_url
+    return Settings(**overrides)
+
+
+def run_api(args) -> int:
+    import uvicorn
+
+    from service import logging as slog
+
+    settings = settings_from_args(args)
+    slog.setup(settings.log_level, "api")
+    app = create_app(settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=slog.uvicorn_log_config(),
+                timeout_graceful_shutdown=5, limit_concurrency=settings.sse_max_streams + 256)
+    return 0
+
+
+def run_openapi(args) -> int:
+    text = openapi_yaml()
+    path = Path(args.output)
+    if args.check:
+        current = path.read_text() if path.exists() else ""
+        if current != text:
+            print(f"{path} is out of date: run `strokes openapi`")
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("api", help="run the HTTP API (no model; needs Redis)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--redis-url", default=None, help="default: $STROKES_REDIS_URL")
+    p.set_defaults(func=run_api)
+
+    p = subparsers.add_parser("openapi", help="write openapi.yaml from the app")
+    p.add_argument("--output", "-o", default=str(OPENAPI_PATH))
+    p.add_argument("--check", action="store_true", help="fail if the file differs")
+    p.set_defaults(func=run_openapi)
+
+
+__all__ = ["ServiceError", "create_app", "register"]

@@ -1,0 +1,82 @@
+"""Every Redis key the service uses, and the job states.
+
+One module so the data layout can be read in one place (arq's constants.py). All keys share the
+`strokes:` prefix; point several deployments at one Redis with different database numbers.
+
+| key                         | type   | what                                                        |
+|-----------------------------|--------|-------------------------------------------------------------|
+| strokes:jobs                | stream | the queue: one entry `{job_id}` per job, consumer group GROUP |
+| strokes:queued              | string | jobs accepted and not yet started (the admission counter)   |
+| strokes:dead                | stream | dead letters: jobs that failed for good, with their error    |
+| strokes:workers             | zset   | worker name -> last heartbeat (ms), for /readyz and metrics |
+| strokes:stats               | hash   | run_seconds_ewma: mean job run time, for Retry-After         |
+| strokes:job:{id}            | hash   | the job: status, attempt, owner, request, results           |
+| strokes:events:{id}         | stream | the job's events; entry ids are the SSE ids                 |
+| strokes:trajectory:{id}     | string | the finished job's trajectory (JSON)                        |
+| strokes:image:{key}         | string | image bytes (PNG), behind images.ImageStore                 |
+| strokes:hb:{worker}         | string | a worker's lease: exists while the worker is alive (PX TTL) |
+| strokes:idem:{owner}:{hash} | hash   | Idempotency-Key -> job id and body hash                      |
+"""
+
+from __future__ import annotations
+
+import hashlib
+from enum import Enum
+
+PREFIX = "strokes:"
+
+JOBS = PREFIX + "jobs"
+GROUP = "workers"
+QUEUED = PREFIX + "queued"
+DEAD_LETTERS = PREFIX + "dead"
+WORKERS = PREFIX + "workers"
+STATS = PREFIX + "stats"
+HEARTBEAT_PREFIX = PREFIX + "hb:"
+
+# A consumer name no worker ever uses and that never heartbeats: entries handed back (SIGTERM,
+# retry after a failure) are moved to it, so every worker's reclaim step sees them at once and
+# they keep their place at the head of the queue.
+HANDBACK_CONSUMER = PREFIX + "handback"
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def events(job_id: str) -> str:
+    return f"{PREFIX}events:{job_id}"
+
+
+def trajectory(job_id: str) -> str:
+    return f"{PREFIX}trajectory:{job_id}"
+
+
+def image(storage_key: str) -> str:
+    return f"{PREFIX}image:{storage_key}"
+
+
+def heartbeat(worker: str) -> str:
+    return HEARTBEAT_PREFIX + worker
+
+
+def idempotency(owner: str, key: str) -> str:
+    # Hashed: the client's key is arbitrary text and must not shape our key space.
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return f"{PREFIX}idem:{owner or '-'}:{digest}"
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life. Only the Lua scripts in store.py move a job between states."""
+
+    queued = "queued"  # accepted, durable, waiting for a worker (or handed back by one)
+    running = "running"  # a worker holds it under the attempt number in the job hash
+    succeeded = "succeeded"  # terminal: job.completed was emitted
+    failed = "failed"  # terminal: job.failed was emitted, and the job is in the dead letters
+    canceled = "canceled"  # terminal: job.canceled was emitted
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})

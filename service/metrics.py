@@ -1,0 +1,144 @@
+"""Prometheus metrics of the API and the workers, safe across processes.
+
+API (served at /metrics):
+    strokes_api_requests_total{method,route,status}     requests answered
+    strokes_api_request_seconds{method,route}           time to the response's first byte
+    strokes_api_jobs_submitted_total                     jobs accepted (202)
+    strokes_api_rejections_total{reason}                 requests refused for load (queue_full: 429s)
+    strokes_api_sse_streams                              SSE streams open now
+    strokes_queue_depth                                  jobs accepted and not started
+    strokes_queue_lag                                    queue entries not yet delivered to a worker
+    strokes_queue_pending                                entries delivered and not acknowledged
+    strokes_workers_alive                                workers with a live heartbeat
+
+Worker (its own port, `strokes worker --metrics-port`):
+    strokes_worker_jobs_total{outcome}                   succeeded|failed|canceled|retried|handed_back|lost
+    strokes_worker_attempts_total                        attempts started here
+    strokes_worker_takeovers_total                       attempts that took a job over from a dead worker
+    strokes_worker_busy                                  1 while a job runs
+    strokes_worker_stage_seconds{stage}                  seconds per stage
+    strokes_worker_denoise_steps_total                   denoising steps run
+    strokes_worker_denoise_steps_per_second{stage}       per image stage
+    strokes_worker_decoded_tokens_total                  text tokens decoded
+    strokes_worker_decode_tokens_per_second{stage}       per text stage
+    strokes_worker_prefilled_tokens_total                tokens computed into the KV cache
+    strokes_worker_cached_tokens_total                   tokens served from the reused KV cache
+    strokes_worker_events_total                          events published
+    strokes_worker_model_load_seconds                    checkpoint load time
+    strokes_worker_gpu_memory_bytes                      torch.cuda.memory_allocated (0 on CPU)
+    strokes_worker_gpu_memory_peak_bytes                 torch.cuda.max_memory_allocated (0 on CPU)
+
+Several API processes (uvicorn --workers N): set PROMETHEUS_MULTIPROC_DIR and every process
+writes its values to files there; /metrics then aggregates them (prometheus_client multiprocess
+mode). Each worker process serves its own registry on its own port.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+RATE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        # In multiprocess mode values live in files and the registry is only for exposition.
+        self.registry = None if multiprocess() else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("strokes_api_requests", "HTTP requests answered",
+                                ["method", "route", "status"], registry=r)
+        self.latency = Histogram("strokes_api_request_seconds", "time to the response's first byte",
+                                 ["method", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.submitted = Counter("strokes_api_jobs_submitted", "jobs accepted", registry=r)
+        self.rejections = Counter("strokes_api_rejections", "requests refused for load", ["reason"],
+                                  registry=r)
+        self.sse_streams = Gauge("strokes_api_sse_streams", "SSE streams open", registry=r,
+                                 multiprocess_mode="livesum")
+        self.queue_depth = Gauge("strokes_queue_depth", "jobs accepted and not started", registry=r,
+                                 multiprocess_mode="mostrecent")
+        self.queue_lag = Gauge("strokes_queue_lag", "queue entries not yet delivered", registry=r,
+                               multiprocess_mode="mostrecent")
+        self.queue_pending = Gauge("strokes_queue_pending", "entries delivered, not acknowledged",
+                                   registry=r, multiprocess_mode="mostrecent")
+        self.workers_alive = Gauge("strokes_workers_alive", "workers with a live heartbeat", registry=r,
+                                   multiprocess_mode="mostrecent")
+
+    def exposition(self) -> bytes:
+        if self.registry is not None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.jobs = Counter("strokes_worker_jobs", "jobs ended here, by outcome", ["outcome"], registry=r)
+        self.attempts = Counter("strokes_worker_attempts", "attempts started here", registry=r)
+        self.takeovers = Counter("strokes_worker_takeovers", "attempts taking over from a dead worker",
+                                 registry=r)
+        self.busy = Gauge("strokes_worker_busy", "1 while a job runs", registry=r)
+        self.stage_seconds = Histogram("strokes_worker_stage_seconds", "seconds per stage", ["stage"],
+                                       buckets=STAGE_BUCKETS, registry=r)
+        self.denoise_steps = Counter("strokes_worker_denoise_steps", "denoising steps run", registry=r)
+        self.denoise_rate = Histogram("strokes_worker_denoise_steps_per_second",
+                                      "denoising steps per second of an image stage", ["stage"],
+                                      buckets=RATE_BUCKETS, registry=r)
+        self.decoded_tokens = Counter("strokes_worker_decoded_tokens", "text tokens decoded", registry=r)
+        self.decode_rate = Histogram("strokes_worker_decode_tokens_per_second",
+                                     "decoded tokens per second of a text stage", ["stage"],
+                                     buckets=RATE_BUCKETS, registry=r)
+        self.prefilled_tokens = Counter("strokes_worker_prefilled_tokens",
+                                        "tokens computed into the KV cache", registry=r)
+        self.cached_tokens = Counter("strokes_worker_cached_tokens",
+                                     "tokens served from the reused KV cache", registry=r)
+        self.events = Counter("strokes_worker_events", "events published", registry=r)
+        self.model_load_seconds = Gauge("strokes_worker_model_load_seconds", "checkpoint load time",
+                                        registry=r)
+        self.gpu_memory = Gauge("strokes_worker_gpu_memory_bytes", "GPU memory allocated", registry=r)
+        self.gpu_memory_peak = Gauge("strokes_worker_gpu_memory_peak_bytes", "peak GPU memory allocated",
+                                     registry=r)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def observe_stage(self, stage: str, seconds: float, *, steps: int | None, generated_tokens: int,
+                      prefilled_tokens: int, cached_tokens: int) -> None:
+        self.stage_seconds.labels(stage).observe(seconds)
+        self.prefilled_tokens.inc(max(0, prefilled_tokens))
+        self.cached_tokens.inc(max(0, cached_tokens))
+        if steps:
+            self.denoise_steps.inc(steps)
+            if seconds > 0:
+                self.denoise_rate.labels(stage).observe(steps / seconds)
+        if generated_tokens:
+            self.decoded_tokens.inc(generated_tokens)
+            if seconds > 0:
+                self.decode_rate.labels(stage).observe(generated_tokens / seconds)
+
+    def observe_gpu(self) -> None:
+        """GPU memory from torch, if torch is loaded and sees a GPU (never imports it)."""
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return
+        self.gpu_memory.set(torch.cuda.memory_allocated())
+        self.gpu_memory_peak.set(torch.cuda.max_memory_allocated())

@@ -1,0 +1,252 @@
+"""Request and response bodies of the HTTP API (pydantic), and the request -> GenerationParams step.
+
+The request mirrors model.params.GenerationParams field for field, with the same ranges, so the
+OpenAPI document tells clients the real limits; `to_params` then runs GenerationParams.validate()
+as the final word. Unknown fields are rejected (`extra="forbid"`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from model.params import (
+    DRAFT_DEFAULTS,
+    MAX_SIDE,
+    MIN_SIDE,
+    REFINE_DEFAULTS,
+    SIZE_MULTIPLE,
+    GenerationParams,
+    ImageSettings,
+    TextSettings,
+)
+from model.prompts import TEMPLATE_NAMES
+
+MAX_PROMPT_CHARS = 4000
+MAX_TEMPLATE_CHARS = 4000
+# Chat-template control tokens (`<|im_end|>`, `<|vision_start|>`, ...). Typed by a user they must
+# never reach the tokenizer as control tokens; we refuse them outright with a clear 422.
+_CONTROL_TOKEN = re.compile(r"<\|[^<>|\s]{1,64}\|>")
+
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _reject_control_tokens(text: str, what: str) -> str:
+    match = _CONTROL_TOKEN.search(text)
+    if match:
+        raise ValueError(f"{what} contains the reserved token string {match.group(0)!r}")
+    return text
+
+
+class _ImageSettingsBase(BaseModel):
+    model_config = _STRICT
+
+    steps: int = Field(50, ge=2, le=200, description="denoising timesteps of this image")
+    cfg_text_scale: float = Field(4.0, ge=0.0, le=20.0)
+    cfg_img_scale: float = Field(1.0, ge=0.0, le=20.0)
+    cfg_interval: tuple[float, float] = Field((0.4, 1.0), description="[lo, hi], 0 <= lo <= hi <= 1")
+    cfg_renorm_type: Literal["global", "channel", "text_channel"] = "global"
+    cfg_renorm_min: float = Field(0.0, ge=0.0, le=1.0)
+    timestep_shift: float = Field(3.0, ge=0.1, le=10.0)
+
+    @field_validator("cfg_interval")
+    @classmethod
+    def _interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError("must be [lo, hi] with 0 <= lo <= hi <= 1")
+        return value
+
+    def to_settings(self) -> ImageSettings:
+        return ImageSettings(**self.model_dump())
+
+
+class DraftSettings(_ImageSettingsBase):
+    """Denoising settings of drafts (BAGEL's text-to-image defaults)."""
+
+
+class RefineSettings(_ImageSettingsBase):
+    """Denoising settings of refinements (BAGEL's edit defaults)."""
+
+    cfg_img_scale: float = Field(REFINE_DEFAULTS.cfg_img_scale, ge=0.0, le=20.0)
+    cfg_interval: tuple[float, float] = Field(REFINE_DEFAULTS.cfg_interval,
+                                              description="[lo, hi], 0 <= lo <= hi <= 1")
+    cfg_renorm_type: Literal["global", "channel", "text_channel"] = REFINE_DEFAULTS.cfg_renorm_type
+
+
+assert DraftSettings().to_settings() == DRAFT_DEFAULTS
+assert RefineSettings().to_settings() == REFINE_DEFAULTS
+
+
+class _TextSettingsBase(BaseModel):
+    model_config = _STRICT
+
+    max_tokens: int = Field(512, ge=1, le=4096)
+    do_sample: bool = False
+    temperature: float = Field(0.3, gt=0.0, le=2.0)
+
+    def to_settings(self) -> TextSettings:
+        return TextSettings(**self.model_dump())
+
+
+class PlanSettings(_TextSettingsBase):
+    """Decoding of plans."""
+
+
+class ReflectSettings(_TextSettingsBase):
+    """Decoding of reflections."""
+
+    max_tokens: int = Field(256, ge=1, le=4096)
+
+
+TemplateName = Literal[tuple(sorted(TEMPLATE_NAMES))]  # type: ignore[valid-type]
+
+
+class GenerationRequest(BaseModel):
+    """POST /v1/generations: one process-driven generation."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={
+        "examples": [{"prompt": "a red cube on a blue sphere", "width": 512, "height": 512,
+                      "max_iterations": 2, "draft": {"steps": 30}}]})
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    protocol: Literal["guided", "interleaved"] = "guided"
+    width: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+    height: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+    max_iterations: int = Field(3, ge=1, le=8)
+    draft: DraftSettings = Field(default_factory=DraftSettings)
+    refine: RefineSettings = Field(default_factory=RefineSettings)
+    plan: PlanSettings = Field(default_factory=PlanSettings)
+    reflect: ReflectSettings = Field(default_factory=ReflectSettings)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    think: bool = True
+    templates: dict[TemplateName, str] = Field(
+        default_factory=dict, description="stage instruction overrides; `{prompt}` is replaced")
+    preview_every: int = Field(0, ge=0, le=200, description="a preview image every k steps (0: none)")
+    input_image: str | None = Field(
+        None, max_length=24 * 1024 * 1024,
+        description="start image (edit): base64 or a data: URL of a PNG, JPEG or WebP")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return _reject_control_tokens(value, "prompt")
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if len(text) > MAX_TEMPLATE_CHARS:
+                raise ValueError(f"template {name} is longer than {MAX_TEMPLATE_CHARS} characters")
+            _reject_control_tokens(text, f"template {name}")
+        return value
+
+    def job_record(self) -> dict[str, Any]:
+        """What the job hash keeps of the request: everything but the image bytes."""
+        record = self.model_dump(mode="json", exclude={"input_image"})
+        record["input_image"] = self.input_image is not None
+        return record
+
+    def fingerprint(self) -> str:
+        """A hash of the whole request, to tell a retried POST from a different one."""
+        body = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+def params_from_record(record: dict[str, Any], input_image=None, max_side: int = MAX_SIDE) -> GenerationParams:
+    """The validated GenerationParams of a stored request (the worker's side of the contract)."""
+    params = GenerationParams(
+        prompt=record["prompt"],
+        protocol=record.get("protocol", "guided"),
+        width=int(record.get("width", 1024)),
+        height=int(record.get("height", 1024)),
+        max_iterations=int(record.get("max_iterations", 3)),
+        draft=DraftSettings(**record.get("draft", {})).to_settings(),
+        refine=RefineSettings(**record.get("refine", {})).to_settings(),
+        plan=PlanSettings(**record.get("plan", {})).to_settings(),
+        reflect=ReflectSettings(**record.get("reflect", {})).to_settings(),
+        seed=record.get("seed"),
+        think=bool(record.get("think", True)),
+        input_image=input_image,
+        templates=dict(record.get("templates", {})),
+        preview_every=int(record.get("preview_every", 0)),
+    )
+    return params.validate(max_side=max_side)
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ImageRef(BaseModel):
+    id: str
+    url: str
+    width: int
+    height: int
+    iteration: int | None = None
+    stage: str | None = None
+
+
+class StageSummary(BaseModel):
+    iteration: int
+    stage: str
+    seconds: float
+    text: str | None = None
+    verdict: str | None = None
+    image: ImageRef | None = None
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    trajectory: str
+
+
+class Job(BaseModel):
+    """A generation job as GET /v1/generations/{id} shows it."""
+
+    id: str
+    object: Literal["generation"] = "generation"
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempt: int
+    queue_position: int | None = None
+    cancel_requested: bool = False
+    request: dict[str, Any]
+    stages: list[StageSummary] = []
+    images: list[ImageRef] = []
+    final_image: ImageRef | None = None
+    iterations: int | None = None
+    timings: dict[str, float] | None = None
+    usage: dict[str, int] | None = None
+    error: ErrorDetail | None = None
+    links: JobLinks
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    redis: bool
+    workers: int
+    reason: str | None = None

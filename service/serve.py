@@ -1,0 +1,162 @@
+"""`strokes serve`: the whole service on one machine: the API, one worker, and (when no Redis URL
+is given) a private redis-server with AOF on, in a temporary folder.
+
+The worker runs as a child process (it holds the model; the API process must not import torch);
+the API runs in this process under uvicorn. Ctrl-C or SIGTERM stops all three: the worker hands
+back its running job first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server child on a free loopback port, AOF every second, no eviction."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("redis-server is not installed (apt-get install redis-server), "
+                             "or pass --redis-url")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "everysec", "--dir", str(self.folder), "--maxmemory-policy", "noeviction"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+
+def stop_child(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _exit_now(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if `strokes serve` dies without cleaning up (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _exit_with(worker: subprocess.Popen) -> None:
+    """The worker is half of the service: if it dies, stop the API too (SIGTERM to ourselves)."""
+    code = worker.wait()
+    if code != 0:
+        print(f"strokes serve: the worker exited with {code}; stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_serve(args) -> int:
+    from service import logging as slog
+    from service.api import create_app
+    from service.settings import Settings
+
+    tmp = None
+    redis = None
+    worker = None
+    redis_url = args.redis_url or os.environ.get("STROKES_REDIS_URL")
+    try:
+        if not redis_url:
+            tmp = tempfile.mkdtemp(prefix="strokes-redis-")
+            redis = PrivateRedis(Path(tmp))
+            redis.start()
+            redis_url = redis.url
+        env = {**os.environ, "STROKES_REDIS_URL": redis_url}
+        cmd = [sys.executable, "-m", "service.cli", "worker", "--checkpoint", str(args.checkpoint),
+               "--device", args.device, "--redis-url", redis_url]
+        if args.worker_metrics_port:
+            cmd += ["--metrics-port", str(args.worker_metrics_port)]
+        if args.pipeline:
+            cmd += ["--pipeline", args.pipeline]
+        worker = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+        threading.Thread(target=_exit_with, args=(worker,), daemon=True).start()
+
+        import uvicorn
+
+        settings = Settings(redis_url=redis_url)
+        slog.setup(settings.log_level, "api")
+        print(f"strokes serve: API on http://{args.host}:{args.port}  redis {redis_url}", file=sys.stderr,
+              flush=True)
+        # uvicorn re-raises SIGTERM/SIGINT after its shutdown, with the handlers it found: make
+        # that a SystemExit so the cleanup below runs (the default handler would kill us first).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _exit_now)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port,
+                    log_config=slog.uvicorn_log_config(), timeout_graceful_shutdown=5)
+        return 0
+    finally:
+        stop_child(worker)
+        if redis is not None:
+            redis.stop()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="API + one worker (+ a private redis-server) on this machine")
+    p.add_argument("--checkpoint", type=Path, default=os.environ.get("STROKES_CHECKPOINT"),
+                   required=not os.environ.get("STROKES_CHECKPOINT"),
+                   help="model folder; default $STROKES_CHECKPOINT")
+    p.add_argument("--device", default=os.environ.get("STROKES_DEVICE", "cuda:0"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of a private one")
+    p.add_argument("--worker-metrics-port", type=int, default=None)
+    p.add_argument("--pipeline", default=None,
+                   help="module:callable building another pipeline for the worker (tests, plugins)")
+    p.set_defaults(func=run_serve)

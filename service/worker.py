@@ -1,0 +1,457 @@
+"""The GPU worker: loads the model once, then takes jobs from the queue and runs them.
+
+`strokes worker --checkpoint DIR --device cuda:0|cpu --redis-url URL [--metrics-port P]`
+
+The loop is a chain of small named steps (arq's worker): reclaim (take over a job whose worker's
+heartbeat expired), poll (own pending entries first, then a new one), start (the `start` script
+fences a new attempt), run (the pipeline in a thread; every event is published under the attempt's
+fence), finish (terminal state, hand-back or retry). A heartbeat task keeps the lease and checks
+that the attempt still holds the job. The pipeline asks `should_cancel()` between tokens and
+denoising steps; it turns true on cancel, on lease loss and on SIGTERM, which hands the job back
+at once and exits 0. The worker reconnects to Redis by itself, keeping a job through an outage of
+up to `redis_outage_grace_s`.
+
+torch and the model are imported only when the pipeline is built, so importing this module (the
+`strokes` CLI does) stays light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
+import gc
+import importlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from redis.exceptions import RedisError
+
+from model.events import Done, StageCompleted, StageStarted
+from model.events import Event as PipelineEvent
+from model.params import GenerationParams, InvalidParams
+from service import images as imagelib
+from service import logging as slog
+from service.keys import JobStatus
+from service.metrics import WorkerMetrics
+from service.schemas import params_from_record
+from service.settings import Settings
+from service.store import Store, connect
+from service.wire import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, Translator, Wire
+
+log = logging.getLogger("strokes.worker")
+T = TypeVar("T")
+TRANSIENT = (RedisError, OSError, TimeoutError)
+
+
+class Pipeline(Protocol):
+    def run(self, params: GenerationParams, should_cancel: Callable[[], bool]) -> Iterator[PipelineEvent]: ...
+
+
+PipelineFactory = Callable[[str, str, "str | None"], Pipeline]
+
+
+class LeaseLost(Exception):
+    """This attempt no longer holds the job (it was taken over): stop, write nothing more."""
+
+
+class PermanentError(Exception):
+    """The job cannot succeed on any attempt (bad parameters, its input image expired)."""
+
+
+@dataclass
+class ActiveJob:
+    job_id: str
+    entry_id: str
+    attempt: int
+    takeover: bool
+    record: dict[str, Any]
+    translator: Translator
+    began: float = field(default_factory=time.time)
+    stop: threading.Event = field(default_factory=threading.Event)
+    reason: str | None = None  # why stop was set: cancel | lease_lost | shutdown
+
+    def interrupt(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.stop.set()
+
+
+def load_pipeline(checkpoint: str, device: str, dtype: str | None = None) -> Pipeline:
+    """The real pipeline: BAGEL loaded once onto `device`."""
+    from model.loading import load_engine
+    from model.pipeline import Pipeline as ModelPipeline
+
+    return ModelPipeline(load_engine(checkpoint, device=device, dtype=dtype))
+
+
+def factory_from_path(path: str) -> PipelineFactory:
+    """`module:callable` -> the callable (an alternative pipeline for tests or plugins)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name or "load_pipeline")
+
+
+def release_accelerator_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Worker:
+    def __init__(self, store: Store, pipeline: Pipeline, settings: Settings, name: str,
+                 metrics: WorkerMetrics | None = None, images: imagelib.ImageStore | None = None):
+        self.store = store
+        self.pipeline = pipeline
+        self.settings = settings
+        self.name = name
+        self.metrics = metrics or WorkerMetrics()
+        self.images = images or imagelib.RedisImageStore(store.r)
+        self.job: ActiveJob | None = None
+        self.stopping = asyncio.Event()
+        self._last_reclaim = 0.0
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """SIGTERM/SIGINT: take no new job; hand the running one back at its next step."""
+        if not self.stopping.is_set():
+            log.info("stop requested", extra={"worker": self.name})
+        self.stopping.set()
+        if self.job is not None:
+            self.job.interrupt("shutdown")
+
+    async def run(self) -> None:
+        await self._until_redis(self.store.ensure_group)
+        await self._until_redis(lambda: self.store.heartbeat(self.name))
+        beat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        log.info("worker ready", extra={"worker": self.name})
+        backoff = 0.1
+        try:
+            while not self.stopping.is_set():
+                try:
+                    await self.step()
+                    backoff = 0.1
+                except TRANSIENT as exc:
+                    log.warning("redis unavailable, retrying: %s", exc)
+                    await self._sleep(backoff)
+                    backoff = min(2.0, backoff * 2)
+        finally:
+            beat.cancel()
+            try:
+                await asyncio.wait_for(self.store.drop_heartbeat(self.name), 2)
+            except (*TRANSIENT, asyncio.TimeoutError):
+                pass
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            log.info("worker stopped", extra={"worker": self.name})
+
+    async def step(self) -> bool:
+        """One turn of the loop; True when a job ran."""
+        await self.reclaim()
+        polled = await self.poll()
+        if polled is None:
+            return False
+        entry_id, job_id = polled
+        if self.stopping.is_set():
+            return False  # not started: it stays pending here and is reclaimed once we are gone
+        job = await self.start(entry_id, job_id)
+        if job is None:
+            return False
+        self.job = job
+        self.metrics.busy.set(1)
+        try:
+            with slog.job_context(job.job_id, job.attempt):
+                outcome, payload = await self.run_job(job)
+                await self.finish(job, outcome, payload)
+        finally:
+            self.job = None
+            self.metrics.busy.set(0)
+            release_accelerator_memory()
+            self.metrics.observe_gpu()
+        return True
+
+    # -- steps ----------------------------------------------------------------------------------------
+
+    async def reclaim(self) -> None:
+        """Claim one entry whose owner's heartbeat has expired (dead worker, or handed back)."""
+        now = time.monotonic()
+        if now - self._last_reclaim < self.settings.reclaim_interval_s:
+            return
+        self._last_reclaim = now
+        claimed = await self.store.reclaim(self.name)
+        if claimed:
+            log.info("claimed a pending job", extra={"entry_id": claimed[0], "from_worker": claimed[1]})
+
+    async def poll(self) -> tuple[str, str] | None:
+        polled = await self.store.poll(self.name, self.settings.poll_block_ms)
+        if polled is None:
+            return None
+        entry_id, job_id = polled
+        if job_id is None:  # the entry was trimmed away: nothing to run
+            await self.store.ack(entry_id)
+            return None
+        return entry_id, job_id
+
+    async def start(self, entry_id: str, job_id: str) -> ActiveJob | None:
+        started = await self.store.start(job_id, entry_id, self.name)
+        if started.outcome != "run":
+            log.info("entry not run: %s", started.outcome, extra={"job_id": job_id, "entry_id": entry_id})
+            if started.outcome == "dead":
+                self.metrics.jobs.labels("failed").inc()
+            return None
+        raw = await self.store.get_job(job_id)
+        record = json.loads(raw["request"]) if raw else {}
+        self.metrics.attempts.inc()
+        if started.takeover:
+            self.metrics.takeovers.inc()
+        with slog.job_context(job_id, started.attempt):
+            log.info("job started", extra={"takeover": started.takeover, "worker": self.name,
+                                           **slog.prompt_for_log(record.get("prompt", ""),
+                                                                 self.settings.log_prompts)})
+        return ActiveJob(job_id, entry_id, started.attempt, started.takeover, record,
+                         Translator(job_id, started.attempt))
+
+    async def run_job(self, job: ActiveJob) -> tuple[str, Any]:
+        """Run the pipeline; returns (outcome, payload): succeeded (Done) | canceled | handback |
+        lost | retry (error) | failed (error)."""
+        try:
+            params = await self._params(job)
+        except PermanentError as exc:
+            return "failed", {"type": "invalid_job", "message": str(exc)}
+        loop = asyncio.get_running_loop()
+
+        def should_cancel() -> bool:
+            return job.stop.is_set()
+
+        def produce() -> Done | None:
+            events = self.pipeline.run(params, should_cancel)
+            try:
+                return consume(events)
+            finally:
+                close = getattr(events, "close", None)
+                if close is not None:
+                    close()  # unwinds the pipeline (its finally blocks free its buffers)
+
+        def consume(events: Iterator[PipelineEvent]) -> Done | None:
+            for event in events:
+                if isinstance(event, StageStarted):
+                    slog.set_stage(event.stage.value)
+                wire = job.translator.translate(event)
+                png = None
+                if wire is not None and wire.image is not None:
+                    png = imagelib.encode_png(wire.image[1])  # encoded here, off the event loop
+                if wire is not None:
+                    asyncio.run_coroutine_threadsafe(self.publish(job, wire, png), loop).result()
+                if isinstance(event, StageCompleted):
+                    self.metrics.observe_stage(
+                        event.stage.value, event.seconds, steps=event.steps,
+                        generated_tokens=event.generated_tokens,
+                        prefilled_tokens=event.prefilled_tokens, cached_tokens=event.cached_tokens)
+                if isinstance(event, Done):
+                    return event
+            return None
+
+        try:
+            done = await loop.run_in_executor(self._executor, contextvars.copy_context().run, produce)
+        except LeaseLost:
+            return "lost", None
+        except Exception as exc:
+            if job.reason is not None:  # we asked it to stop, and it stopped
+                return self._interrupted(job), None
+            log.exception("pipeline failed")
+            return "retry", {"type": "generation_failed", "message": f"{type(exc).__name__}: {exc}"[:500]}
+        if done is None:
+            if job.reason is not None:
+                return self._interrupted(job), None
+            return "retry", {"type": "generation_failed", "message": "the pipeline ended without a result"}
+        return "succeeded", done
+
+    @staticmethod
+    def _interrupted(job: ActiveJob) -> str:
+        return {"cancel": "canceled", "shutdown": "handback", "lease_lost": "lost"}[job.reason or "cancel"]
+
+    async def publish(self, job: ActiveJob, wire: Wire, png: bytes | None) -> None:
+        """Store the event's image (under this attempt's keys) and emit it, fenced by the attempt."""
+        if png is not None and wire.image is not None:
+            key = imagelib.storage_key(job.job_id, job.attempt, wire.image[0])
+            await self._through_outage(job, lambda: self.images.put(key, png, self.settings.result_ttl_s))
+        if not wire.name and not wire.fields:
+            return
+        emitted = await self._through_outage(
+            job, lambda: self.store.emit(job.job_id, job.attempt, wire.name, wire.data, wire.fields))
+        if not emitted.ok:
+            job.interrupt("lease_lost")
+            raise LeaseLost(job.job_id)
+        self.metrics.events.inc()
+        if emitted.cancel:
+            job.interrupt("cancel")
+
+    async def finish(self, job: ActiveJob, outcome: str, payload: Any) -> None:
+        s = self.store
+        if outcome == "succeeded":
+            done: Done = payload
+            data, fields = job.translator.completed(done, self._timings(job))
+            ok = await self._through_outage(job, lambda: s.finish(
+                job.job_id, job.attempt, JobStatus.succeeded, JOB_COMPLETED, data,
+                trajectory=json.dumps(done.trajectory, default=str), fields=fields))
+            result = "succeeded" if ok else "lost"
+        elif outcome == "canceled":
+            ok = await self._through_outage(job, lambda: s.finish(
+                job.job_id, job.attempt, JobStatus.canceled, JOB_CANCELED,
+                {"job_id": job.job_id, "attempt": job.attempt}))
+            result = "canceled" if ok else "lost"
+        elif outcome == "failed":
+            ok = await self._through_outage(job, lambda: s.finish(
+                job.job_id, job.attempt, JobStatus.failed, JOB_FAILED,
+                {"job_id": job.job_id, "attempt": job.attempt, "error": payload},
+                fields={"error": payload}))
+            result = "failed" if ok else "lost"
+        elif outcome in ("handback", "retry"):
+            state = await self._through_outage(
+                job, lambda: s.requeue(job.job_id, job.attempt, outcome, payload))
+            result = {"queued": "handed_back" if outcome == "handback" else "retried",
+                      "dead": "failed", "canceled": "canceled"}.get(state, "lost")
+        else:
+            result = "lost"
+        self.metrics.jobs.labels(result).inc()
+        log.info("job ended: %s", result, extra={"outcome": result})
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    async def _params(self, job: ActiveJob) -> GenerationParams:
+        image = None
+        if job.record.get("input_image"):
+            from service.jobs import INPUT_IMAGE_ID
+
+            png = await self.images.get(imagelib.storage_key(job.job_id, 0, INPUT_IMAGE_ID))
+            if png is None:
+                raise PermanentError("the input image has expired")
+            image = await asyncio.to_thread(imagelib.decode_png, png)
+        try:
+            return params_from_record(job.record, image, self.settings.max_side)
+        except (InvalidParams, ValueError, KeyError, TypeError) as exc:
+            raise PermanentError(f"invalid parameters: {exc}") from exc
+
+    def _timings(self, job: ActiveJob) -> dict[str, float]:
+        return {"attempt_run_s": round(time.time() - job.began, 4)}
+
+    async def _through_outage(self, job: ActiveJob, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a Redis operation of a running job, retrying through an outage of up to
+        redis_outage_grace_s; after that the job is lost here (reclaim recovers it)."""
+        deadline = time.monotonic() + self.settings.redis_outage_grace_s
+        delay = 0.05
+        while True:
+            try:
+                return await op()
+            except TRANSIENT as exc:
+                if time.monotonic() > deadline:
+                    job.interrupt("lease_lost")
+                    raise LeaseLost(job.job_id) from exc
+                log.warning("redis unavailable during a job, retrying: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+
+    async def _until_redis(self, op: Callable[[], Awaitable[Any]]) -> None:
+        delay = 0.1
+        while not self.stopping.is_set():
+            try:
+                await op()
+                return
+            except TRANSIENT as exc:
+                log.warning("waiting for redis: %s", exc)
+                await self._sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def _heartbeat_loop(self) -> None:
+        """Keep the lease alive, and notice cancel requests and lost leases between events."""
+        last_trim = time.monotonic()
+        while True:
+            job = self.job
+            try:
+                await self.store.heartbeat(self.name, job.job_id if job else "")
+                if job is not None:
+                    held, cancel = await self.store.lease(job.job_id, job.attempt)
+                    if not held:
+                        job.interrupt("lease_lost")
+                    elif cancel:
+                        job.interrupt("cancel")
+                if time.monotonic() - last_trim > 60:
+                    last_trim = time.monotonic()
+                    await self.store.trim_queue()
+            except TRANSIENT as exc:
+                log.warning("heartbeat failed: %s", exc)
+            except Exception:
+                log.exception("heartbeat error")
+            await asyncio.sleep(min(self.settings.heartbeat_interval_s, 0.5) if job else
+                                self.settings.heartbeat_interval_s)
+
+
+# ---- command ------------------------------------------------------------------------------------
+
+def default_name(device: str) -> str:
+    return f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
+
+
+async def serve_worker(settings: Settings, pipeline: Pipeline, name: str, metrics: WorkerMetrics) -> None:
+    client = connect(settings.redis_url, timeout_s=max(5.0, settings.poll_block_ms / 1000 + 3),
+                     connect_timeout_s=2.0, max_connections=32)
+    store = Store(client, settings)
+    worker = Worker(store, pipeline, settings, name, metrics)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    try:
+        await worker.run()
+    finally:
+        await store.close()
+
+
+def run_worker(args) -> int:
+    overrides = {"redis_url": args.redis_url} if args.redis_url else {}
+    settings = Settings(**overrides)
+    slog.setup(settings.log_level, "worker")
+    metrics = WorkerMetrics()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, args.metrics_host)
+    name = args.name or default_name(args.device)
+    factory = factory_from_path(args.pipeline) if args.pipeline else load_pipeline
+    began = time.perf_counter()
+    log.info("loading the model", extra={"checkpoint": str(args.checkpoint), "device": args.device})
+    pipeline = factory(str(args.checkpoint), args.device, args.dtype)
+    metrics.model_load_seconds.set(time.perf_counter() - began)
+    metrics.observe_gpu()
+    log.info("model loaded", extra={"seconds": round(time.perf_counter() - began, 3)})
+    asyncio.run(serve_worker(settings, pipeline, name, metrics))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("worker", help="run a GPU worker: load the model, take jobs from Redis")
+    p.add_argument("--checkpoint", type=Path, default=os.environ.get("STROKES_CHECKPOINT"),
+                   required=not os.environ.get("STROKES_CHECKPOINT"),
+                   help="model folder (official BAGEL-7B-MoT layout); default $STROKES_CHECKPOINT")
+    p.add_argument("--device", default=os.environ.get("STROKES_DEVICE", "cuda:0"), help="cuda:N or cpu")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: per device)")
+    p.add_argument("--redis-url", default=None, help="default: $STROKES_REDIS_URL")
+    p.add_argument("--name", default=None, help="consumer name, unique per worker (default host-device-pid)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-host", default="0.0.0.0")
+    p.add_argument("--pipeline", default=None,
+                   help="module:callable(checkpoint, device, dtype) building another pipeline (tests, plugins)")
+    p.set_defaults(func=run_worker)
