@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import errors, jobs, sse
 from service import images as imagelib
 from service.auth import OwnerDep
-from service.errors import InvalidRequest, NotAcceptable, NotFound, ServiceError, Unavailable
+from service.errors import NotFound, ServiceError, Unavailable
 from service.keys import JobStatus
 from service.metrics import ApiMetrics
 from service.schemas import ErrorResponse, GenerationRequest, Health, Job, Readiness
@@ -56,6 +56,9 @@ def get_metrics(request: Request) -> ApiMetrics:
     return request.app.state.metrics
 
 
+# Optional header and query values: typed `str` (with a None default) so the document says
+# "string" rather than "string or null"; a header cannot carry a JSON null anyway.
+OptionalStr = str
 StoreDep = Annotated[Store, Depends(get_store)]
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
 
@@ -138,10 +141,13 @@ router = APIRouter()
 
 
 @router.post("/v1/generations", status_code=202, response_model=Job,
-             responses=_errors(401, 413, 422, 429, 503), summary="Start a generation")
+             responses=_errors(400, 401, 413, 422, 429, 503), summary="Start a generation")
 async def create_generation(body: GenerationRequest, response: Response, store: StoreDep,
                             settings: SettingsDep, owner: OwnerDep, metrics: MetricsDep,
-                            idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Job:
+                            idempotency_key: Annotated[OptionalStr, Header(
+                                pattern=jobs.IDEMPOTENCY_KEY.pattern,
+                                description="retrying with the same key and body returns the same job")] = None,
+                            ) -> Job:
     try:
         job, replayed = await jobs.submit(store, settings, owner, body, idempotency_key,
                                           deadline_s=settings.redis_deadline_s)
@@ -190,12 +196,12 @@ async def cancel_generation(job_id: str, response: Response, store: StoreDep, se
 async def generation_events(
     job_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep, metrics: MetricsDep,
     request: Request,
-    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
-    after: Annotated[str | None, Query(max_length=64, description="resume after this event id")] = None,
+    last_event_id: Annotated[OptionalStr, Header(pattern=sse.CURSOR.pattern,
+                                                description="resume after this event id")] = None,
+    after: Annotated[OptionalStr, Query(pattern=sse.CURSOR.pattern,
+                                       description="resume after this event id")] = None,
 ):
     cursor = last_event_id or after or "0"
-    if not sse.CURSOR.match(cursor):
-        raise InvalidRequest("the event id must look like 1700000000000-0", param="Last-Event-ID")
 
     async def check() -> bool:
         job = await jobs.find(store, job_id, owner)
@@ -222,38 +228,37 @@ async def _counted(request: Request, stream):
 
 
 def _choose_format(fmt: str | None, accept: str | None) -> str:
+    """?format= wins; else the best-rated supported type in Accept; else PNG (an Accept we cannot
+    satisfy is disregarded rather than answered 406, as RFC 9110 12.5.1 allows)."""
     if fmt is not None:
         return fmt
-    if not accept:
-        return "png"
-    best, best_q = None, 0.0
-    for part in accept.split(","):
+    best, best_q = "png", 0.0
+    for part in (accept or "").split(","):
         media, _, params = part.strip().partition(";")
         q = 1.0
         for param in params.split(";"):
             name, _, value = param.strip().partition("=")
-            if name == "q":
+            if name.strip() == "q":
                 try:
                     q = float(value)
                 except ValueError:
                     q = 0.0
-        media = media.strip().lower()
-        candidates = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp",
-                      "image/*": "png", "*/*": "png"}
-        if media in candidates and q > best_q:
-            best, best_q = candidates[media], q
-    if best is None:
-        raise NotAcceptable("images are served as image/png, image/jpeg or image/webp")
+        chosen = OUTPUT_MEDIA.get(media.strip().lower())
+        if chosen is not None and q > best_q:
+            best, best_q = chosen, q
     return best
+
+
+OUTPUT_MEDIA = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "image/*": "png", "*/*": "png"}
 
 
 @router.get("/v1/generations/{job_id}/images/{image_id}", response_class=Response, responses={
     200: {"description": "the image", "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
-    **_errors(*COMMON, 406)}, summary="An image of the generation (png, jpeg or webp)")
+    **_errors(*COMMON)}, summary="An image of the generation (png, jpeg or webp)")
 async def generation_image(
     job_id: str, image_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep,
-    format: Annotated[str | None, Query(pattern="^(png|jpeg|webp)$")] = None,
-    accept: Annotated[str | None, Header()] = None,
+    format: Annotated[OptionalStr, Query(pattern="^(png|jpeg|webp)$")] = None,
+    accept: Annotated[OptionalStr, Header()] = None,
 ) -> Response:
     fmt = _choose_format(format, accept)
 

@@ -13,6 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 
 from service.errors import Unauthorized
 from service.settings import Settings, SettingsDep
@@ -33,7 +34,8 @@ def authenticate(settings: Settings, credentials: HTTPAuthorizationCredentials |
     presented = owner_of(credentials.credentials)
     match = False
     for key in settings.api_keys:  # constant time per key, and every key is checked
-        match |= hmac.compare_digest(presented, owner_of(key.get_secret_value()))
+        secret = key.get_secret_value() if isinstance(key, SecretStr) else str(key)
+        match |= hmac.compare_digest(presented, owner_of(secret))
     if not match:
         raise Unauthorized("the API key is not valid")
     return presented

@@ -1,0 +1,61 @@
+"""Fixtures of the service tests: settings and a store on the session's redis-server, a tiny
+checkpoint, private redis-servers for tests that stop Redis, and process cleanup."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from svc_testkit import Proc
+
+from service.settings import Settings
+from service.store import Store, connect
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url, queue_cap=50, mean_job_seconds=7.0)
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    client = connect(settings.redis_url, timeout_s=5, connect_timeout_s=1)
+    store = Store(client, settings)
+    await store.ensure_group()
+    yield store
+    await store.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from model.tiny import make_tiny
+
+    folder = tmp_path_factory.mktemp("tiny") / "ckpt"
+    make_tiny(folder, seed=0)
+    return folder
+
+
+@pytest.fixture
+def private_redis(redis_server, tmp_path):
+    """A redis-server of this test alone (same class as the session's), for tests that stop it."""
+    server = type(redis_server)(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def procs(tmp_path) -> Iterator[list[Proc]]:
+    """Processes a test started; stopped (and their logs shown on failure) at teardown."""
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def logdir(tmp_path) -> Path:
+    path = tmp_path / "logs"
+    path.mkdir()
+    return path

@@ -1,0 +1,167 @@
+"""The job store against a real redis-server: admission, idempotency, fencing, leases, cancel,
+dead letters and trimming, each a property of one Lua script."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from service import keys
+from service.keys import JobStatus
+from service.store import Store
+
+
+async def _enqueue(store: Store, job_id: str, **kw):
+    return await store.enqueue(job_id, owner=kw.pop("owner", ""), request={"prompt": "x"},
+                               body_hash=kw.pop("body_hash", "h"), idempotency_key=kw.pop("key", None))
+
+
+async def _take(store: Store, worker: str):
+    await store.heartbeat(worker)
+    entry_id, job_id = await store.poll(worker, 100)
+    return job_id, entry_id, await store.start(job_id, entry_id, worker)
+
+
+async def _events(store: Store, job_id: str) -> list[str]:
+    return [e.name for e in await store.read_events(job_id)]
+
+
+async def test_admission_never_accepts_beyond_the_cap_under_concurrency(store: Store):
+    store.settings.queue_cap = 10
+    results = await asyncio.gather(*[_enqueue(store, f"j{i}") for i in range(60)])
+    assert sum(r.outcome == "ok" for r in results) == 10
+    assert sum(r.outcome == "full" for r in results) == 50
+    assert int(await store.r.get(keys.QUEUED)) == 10
+    assert await store.r.xlen(keys.JOBS) == 10
+
+
+async def test_started_jobs_free_their_place_in_the_queue(store: Store):
+    store.settings.queue_cap = 1
+    assert (await _enqueue(store, "a")).outcome == "ok"
+    assert (await _enqueue(store, "b")).outcome == "full"
+    await _take(store, "w1")
+    assert (await _enqueue(store, "b")).outcome == "ok"
+
+
+async def test_idempotency_key_gives_the_same_job_and_refuses_another_body(store: Store):
+    first = await _enqueue(store, "j1", key="k-1")
+    again = await asyncio.gather(*[_enqueue(store, f"x{i}", key="k-1") for i in range(10)])
+    other = await _enqueue(store, "j2", key="k-1", body_hash="different")
+    assert first.outcome == "ok"
+    assert {(r.outcome, r.job_id) for r in again} == {("duplicate", "j1")}
+    assert (other.outcome, other.job_id) == ("conflict", "j1")
+    assert await store.r.xlen(keys.JOBS) == 1
+    # keys are per owner: another caller's identical key is a new job
+    assert (await _enqueue(store, "j3", key="k-1", owner="someone-else")).outcome == "ok"
+
+
+async def test_a_stale_attempt_cannot_emit_or_finish_after_a_takeover(store: Store):
+    await _enqueue(store, "j1")
+    _, _, first = await _take(store, "w1")
+    assert (first.outcome, first.attempt) == ("run", 1)
+    assert (await store.emit("j1", 1, "stage.started", {"n": 1})).ok
+    await store.r.delete(keys.heartbeat("w1"))  # w1 stops heartbeating (kill -9)
+    assert await store.reclaim("w2") is not None
+    entry_id, _ = await store.poll("w2", 100)
+    second = await store.start("j1", entry_id, "w2")
+    assert (second.outcome, second.attempt, second.takeover) == ("run", 2, True)
+    assert not (await store.emit("j1", 1, "stage.started", {"n": 2})).ok
+    assert not await store.finish("j1", 1, JobStatus.succeeded, "job.completed", {})
+    assert await store.requeue("j1", 1, "handback") == "fenced"
+    assert await store.finish("j1", 2, JobStatus.succeeded, "job.completed", {"ok": True})
+    events = await store.read_events("j1")
+    names = [e.name for e in events]
+    assert names == ["job.queued", "job.started", "stage.started", "job.started", "job.completed"]
+    assert [e.attempt for e in events] == [0, 1, 1, 2, 2]
+    pending = await store.r.xpending(keys.JOBS, keys.GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_reclaim_leaves_jobs_of_live_workers_however_long_they_run(store: Store):
+    await _enqueue(store, "j1")
+    await _take(store, "w1")
+    await asyncio.sleep(0.3)  # the entry is idle; the lease (heartbeat key) is what counts
+    assert await store.reclaim("w2") is None
+    await store.r.pexpire(keys.heartbeat("w1"), 1)
+    await asyncio.sleep(0.05)
+    job = await store.get_job("j1")
+    assert await store.reclaim("w2") == (job["entry_id"], "w1")
+
+
+async def test_cancel_of_a_queued_job_ends_it_and_the_job_never_starts(store: Store):
+    await _enqueue(store, "j1")
+    assert await store.cancel("j1") == ("canceled", None)
+    assert await store.cancel("j1") == ("terminal", "canceled")  # idempotent
+    assert int(await store.r.get(keys.QUEUED)) == 0
+    await store.heartbeat("w1")
+    entry_id, job_id = await store.poll("w1", 100)
+    assert (await store.start(job_id, entry_id, "w1")).outcome == "skip"
+    assert await _events(store, "j1") == ["job.queued", "job.canceled"]
+    assert (await store.r.xpending(keys.JOBS, keys.GROUP))["pending"] == 0
+
+
+async def test_cancel_of_a_running_job_is_seen_by_its_next_emit(store: Store):
+    await _enqueue(store, "j1")
+    await _take(store, "w1")
+    assert (await store.cancel("j1"))[0] == "canceling"
+    emitted = await store.emit("j1", 1, "image.progress", {"step": 1})
+    assert emitted.ok and emitted.cancel
+    assert await store.lease("j1", 1) == (True, True)
+
+
+async def test_a_job_failing_on_every_attempt_goes_to_the_dead_letters(store: Store):
+    store.settings.max_attempts = 3
+    await _enqueue(store, "j1")
+    outcomes = []
+    for attempt in (1, 2, 3):
+        await store.heartbeat("w1")
+        await store.reclaim("w1")  # handed-back entries sit with the never-alive consumer
+        entry_id, job_id = await store.poll("w1", 100)
+        started = await store.start(job_id, entry_id, "w1")
+        assert started.attempt == attempt
+        outcomes.append(await store.requeue("j1", attempt, "retry", {"type": "boom", "message": "x"}))
+    assert outcomes == ["queued", "queued", "dead"]
+    job = await store.get_job("j1")
+    assert job["status"] == "failed"
+    assert json.loads(job["error"]) == {"type": "boom", "message": "x"}
+    dead = await store.dead_letters()
+    assert [d["job_id"] for d in dead] == ["j1"]
+    assert (await _events(store, "j1")).count("job.failed") == 1
+
+
+async def test_a_job_whose_workers_keep_dying_ends_failed_not_in_a_loop(store: Store):
+    store.settings.max_attempts = 2
+    await _enqueue(store, "j1")
+    await _take(store, "w1")
+    await store.r.delete(keys.heartbeat("w1"))
+    await store.heartbeat("w2")
+    await store.reclaim("w2")
+    entry_id, _ = await store.poll("w2", 100)
+    assert (await store.start("j1", entry_id, "w2")).outcome == "run"  # failures 1 < 2
+    await store.r.delete(keys.heartbeat("w2"))
+    await store.heartbeat("w3")
+    await store.reclaim("w3")
+    entry_id, _ = await store.poll("w3", 100)
+    assert (await store.start("j1", entry_id, "w3")).outcome == "dead"
+    assert (await store.get_job("j1"))["status"] == "failed"
+    assert len(await store.dead_letters()) == 1
+
+
+async def test_trim_keeps_every_pending_and_undelivered_entry(store: Store):
+    for i in range(6):
+        await _enqueue(store, f"j{i}")
+    # j0, j1 done; j2 running; j3..j5 undelivered
+    for _ in range(3):
+        job_id, _, started = await _take(store, "w1")
+        if job_id != "j2":
+            await store.finish(job_id, started.attempt, JobStatus.succeeded, "job.completed", {})
+    assert await store.trim_queue() == 2
+    remaining = [f[b"job_id"].decode() for _, f in await store.r.xrange(keys.JOBS)]
+    assert remaining == ["j2", "j3", "j4", "j5"]
+
+
+async def test_waitaof_is_used_only_where_the_server_has_it(store: Store):
+    info = await store.r.info("server")
+    major, minor = (int(p) for p in info["redis_version"].split(".")[:2])
+    assert await store.supports_waitaof() == ((major, minor) >= (7, 2))
+    assert (await _enqueue(store, "j1")).outcome == "ok"  # either way the accept path works
