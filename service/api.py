@@ -48,6 +48,7 @@ OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
 
 # ---- dependencies -------------------------------------------------------------------------------
 
+
 def get_store(request: Request) -> Store:
     return request.app.state.store
 
@@ -70,6 +71,7 @@ async def bounded(settings: Settings, work: Awaitable[T]) -> T:
 
 # ---- middleware ---------------------------------------------------------------------------------
 
+
 class BodyLimit:
     """413 for bodies over the limit: by Content-Length before reading, or while streaming."""
 
@@ -83,11 +85,15 @@ class BodyLimit:
         if length is not None:
             if not length.isdigit():
                 return await errors.error_response(400, "bad_request", "invalid Content-Length")(
-                    scope, receive, send)
+                    scope, receive, send
+                )
             if int(length) > self.max_bytes:
                 return await errors.error_response(
-                    413, "payload_too_large", f"the body is larger than {self.max_bytes} bytes",
-                    headers={"Connection": "close"})(scope, receive, send)
+                    413,
+                    "payload_too_large",
+                    f"the body is larger than {self.max_bytes} bytes",
+                    headers={"Connection": "close"},
+                )(scope, receive, send)
         seen = 0
 
         async def limited() -> Message:
@@ -120,7 +126,8 @@ class RequestMetrics:
                 status = message["status"]
                 route = scope.get("route")
                 self.metrics.latency.labels(scope["method"], getattr(route, "path", "unmatched")).observe(
-                    time.perf_counter() - begin)
+                    time.perf_counter() - begin
+                )
             await send(message)
 
         try:
@@ -132,6 +139,7 @@ class RequestMetrics:
 
 # ---- routes -------------------------------------------------------------------------------------
 
+
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in codes}
 
@@ -140,17 +148,32 @@ COMMON = (401, 404, 422, 503)
 router = APIRouter()
 
 
-@router.post("/v1/generations", status_code=202, response_model=Job,
-             responses=_errors(400, 401, 413, 422, 429, 503), summary="Start a generation")
-async def create_generation(body: GenerationRequest, response: Response, store: StoreDep,
-                            settings: SettingsDep, owner: OwnerDep, metrics: MetricsDep,
-                            idempotency_key: Annotated[OptionalStr, Header(
-                                pattern=jobs.IDEMPOTENCY_KEY.pattern,
-                                description="retrying with the same key and body returns the same job")] = None,
-                            ) -> Job:
+@router.post(
+    "/v1/generations",
+    status_code=202,
+    response_model=Job,
+    responses=_errors(400, 401, 413, 422, 429, 503),
+    summary="Start a generation",
+)
+async def create_generation(
+    body: GenerationRequest,
+    response: Response,
+    store: StoreDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    metrics: MetricsDep,
+    idempotency_key: Annotated[
+        OptionalStr,
+        Header(
+            pattern=jobs.IDEMPOTENCY_KEY.pattern,
+            description="retrying with the same key and body returns the same job",
+        ),
+    ] = None,
+) -> Job:
     try:
-        job, replayed = await jobs.submit(store, settings, owner, body, idempotency_key,
-                                          deadline_s=settings.redis_deadline_s)
+        job, replayed = await jobs.submit(
+            store, settings, owner, body, idempotency_key, deadline_s=settings.redis_deadline_s
+        )
     except errors.QueueFull:
         metrics.rejections.labels("queue_full").inc()
         raise
@@ -162,8 +185,12 @@ async def create_generation(body: GenerationRequest, response: Response, store: 
     return job
 
 
-@router.get("/v1/generations/{job_id}", response_model=Job, responses=_errors(*COMMON),
-            summary="A generation's status and results")
+@router.get(
+    "/v1/generations/{job_id}",
+    response_model=Job,
+    responses=_errors(*COMMON),
+    summary="A generation's status and results",
+)
 async def get_generation(job_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Job:
     async def work() -> Job:
         await jobs.find(store, job_id, owner)
@@ -172,11 +199,18 @@ async def get_generation(job_id: str, store: StoreDep, settings: SettingsDep, ow
     return await bounded(settings, work())
 
 
-@router.delete("/v1/generations/{job_id}", response_model=Job, responses={
-    202: {"model": Job, "description": "cancel requested; the job stops at its next step"},
-    **_errors(*COMMON)}, summary="Cancel a generation (idempotent)")
-async def cancel_generation(job_id: str, response: Response, store: StoreDep, settings: SettingsDep,
-                            owner: OwnerDep) -> Job:
+@router.delete(
+    "/v1/generations/{job_id}",
+    response_model=Job,
+    responses={
+        202: {"model": Job, "description": "cancel requested; the job stops at its next step"},
+        **_errors(*COMMON),
+    },
+    summary="Cancel a generation (idempotent)",
+)
+async def cancel_generation(
+    job_id: str, response: Response, store: StoreDep, settings: SettingsDep, owner: OwnerDep
+) -> Job:
     async def work() -> Job:
         await jobs.find(store, job_id, owner)
         outcome, _ = await store.cancel(job_id)
@@ -188,18 +222,32 @@ async def cancel_generation(job_id: str, response: Response, store: StoreDep, se
     return await bounded(settings, work())
 
 
-@router.get("/v1/generations/{job_id}/events", response_class=EventSourceResponse, responses={
-    200: {"description": "Server-Sent Events: id = event id, event = name, data = JSON",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-    204: {"description": "the job has finished and no events remain after the given id"},
-    **_errors(*COMMON)}, summary="The generation's events (SSE)")
+@router.get(
+    "/v1/generations/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: id = event id, event = name, data = JSON",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        204: {"description": "the job has finished and no events remain after the given id"},
+        **_errors(*COMMON),
+    },
+    summary="The generation's events (SSE)",
+)
 async def generation_events(
-    job_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep, metrics: MetricsDep,
+    job_id: str,
+    store: StoreDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    metrics: MetricsDep,
     request: Request,
-    last_event_id: Annotated[OptionalStr, Header(pattern=sse.CURSOR.pattern,
-                                                description="resume after this event id")] = None,
-    after: Annotated[OptionalStr, Query(pattern=sse.CURSOR.pattern,
-                                       description="resume after this event id")] = None,
+    last_event_id: Annotated[
+        OptionalStr, Header(pattern=sse.CURSOR.pattern, description="resume after this event id")
+    ] = None,
+    after: Annotated[
+        OptionalStr, Query(pattern=sse.CURSOR.pattern, description="resume after this event id")
+    ] = None,
 ):
     cursor = last_event_id or after or "0"
 
@@ -215,7 +263,9 @@ async def generation_events(
         raise Unavailable("too many open event streams; retry shortly")
     return EventSourceResponse(
         _counted(request, sse.events(store, job_id, cursor, settings, metrics)),
-        ping=settings.sse_ping_s, send_timeout=settings.sse_send_timeout_s)
+        ping=settings.sse_ping_s,
+        send_timeout=settings.sse_send_timeout_s,
+    )
 
 
 async def _counted(request: Request, stream):
@@ -249,14 +299,30 @@ def _choose_format(fmt: str | None, accept: str | None) -> str:
     return best
 
 
-OUTPUT_MEDIA = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "image/*": "png", "*/*": "png"}
+OUTPUT_MEDIA = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/webp": "webp",
+    "image/*": "png",
+    "*/*": "png",
+}
 
 
-@router.get("/v1/generations/{job_id}/images/{image_id}", response_class=Response, responses={
-    200: {"description": "the image", "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
-    **_errors(*COMMON)}, summary="An image of the generation (png, jpeg or webp)")
+@router.get(
+    "/v1/generations/{job_id}/images/{image_id}",
+    response_class=Response,
+    responses={
+        200: {"description": "the image", "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        **_errors(*COMMON),
+    },
+    summary="An image of the generation (png, jpeg or webp)",
+)
 async def generation_image(
-    job_id: str, image_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep,
+    job_id: str,
+    image_id: str,
+    store: StoreDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
     format: Annotated[OptionalStr, Query(pattern="^(png|jpeg|webp)$")] = None,
     accept: Annotated[OptionalStr, Header()] = None,
 ) -> Response:
@@ -275,17 +341,28 @@ async def generation_image(
 
     png = await bounded(settings, work())
     body = await run_in_threadpool(imagelib.transcode, png, fmt)
-    return Response(body, media_type=imagelib.OUTPUT_FORMATS[fmt],
-                    headers={"Cache-Control": "private, max-age=3600", "Vary": "Accept"})
+    return Response(
+        body,
+        media_type=imagelib.OUTPUT_FORMATS[fmt],
+        headers={"Cache-Control": "private, max-age=3600", "Vary": "Accept"},
+    )
 
 
-@router.get("/v1/generations/{job_id}/trajectory", responses={
-    200: {"description": "the trajectory: every stage of every iteration (JSON)",
-          "content": {"application/json": {"schema": {"type": "object"}}}},
-    409: {"model": ErrorResponse, "description": "the job has not succeeded (yet)"},
-    **_errors(*COMMON)}, summary="The finished generation's trajectory")
-async def generation_trajectory(job_id: str, store: StoreDep, settings: SettingsDep,
-                                owner: OwnerDep) -> Response:
+@router.get(
+    "/v1/generations/{job_id}/trajectory",
+    responses={
+        200: {
+            "description": "the trajectory: every stage of every iteration (JSON)",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        409: {"model": ErrorResponse, "description": "the job has not succeeded (yet)"},
+        **_errors(*COMMON),
+    },
+    summary="The finished generation's trajectory",
+)
+async def generation_trajectory(
+    job_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep
+) -> Response:
     async def work() -> Response:
         job = await jobs.find(store, job_id, owner)
         trajectory = await store.get_trajectory(job_id)
@@ -303,8 +380,12 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
-            summary="Readiness: Redis reachable and (by default) a live worker")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness}},
+    summary="Readiness: Redis reachable and (by default) a live worker",
+)
 async def readyz(store: StoreDep, settings: SettingsDep):
     try:
         workers = await bounded(settings, _ready_probe(store))
@@ -316,8 +397,9 @@ async def readyz(store: StoreDep, settings: SettingsDep):
         reason = "redis unreachable"
     elif settings.ready_requires_worker and workers == 0:
         reason = "no live worker"
-    body = Readiness(status="ready" if reason is None else "not_ready", redis=redis_ok, workers=workers,
-                     reason=reason)
+    body = Readiness(
+        status="ready" if reason is None else "not_ready", redis=redis_ok, workers=workers, reason=reason
+    )
     return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
 
 
@@ -326,8 +408,12 @@ async def _ready_probe(store: Store) -> int:
     return await store.live_workers()
 
 
-@router.get("/metrics", response_class=Response, summary="Prometheus metrics",
-            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    summary="Prometheus metrics",
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics_endpoint(store: StoreDep, settings: SettingsDep, metrics: MetricsDep) -> Response:
     try:
         stats = await bounded(settings, store.queue_stats())
@@ -343,6 +429,7 @@ async def metrics_endpoint(store: StoreDep, settings: SettingsDep, metrics: Metr
 
 # ---- app ----------------------------------------------------------------------------------------
 
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API app. `settings` (tests, `strokes api` flags) overrides the environment's."""
     settings = settings or get_settings()
@@ -350,11 +437,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = connect(settings.redis_url, timeout_s=settings.redis_timeout_s,
-                         connect_timeout_s=settings.redis_connect_timeout_s)
-        blocking = connect(settings.redis_url, timeout_s=settings.sse_block_ms / 1000 + 5,
-                           connect_timeout_s=settings.redis_connect_timeout_s,
-                           max_connections=settings.sse_max_streams + 64)
+        client = connect(
+            settings.redis_url,
+            timeout_s=settings.redis_timeout_s,
+            connect_timeout_s=settings.redis_connect_timeout_s,
+        )
+        blocking = connect(
+            settings.redis_url,
+            timeout_s=settings.sse_block_ms / 1000 + 5,
+            connect_timeout_s=settings.redis_connect_timeout_s,
+            max_connections=settings.sse_max_streams + 64,
+        )
         app.state.store = Store(client, settings, blocking=blocking)
         try:
             await bounded(settings, app.state.store.ensure_group())
@@ -400,6 +493,7 @@ def openapi_yaml(app: FastAPI | None = None) -> str:
 
 # ---- commands -----------------------------------------------------------------------------------
 
+
 def settings_from_args(args, **extra: Any) -> Settings:
     overrides = {k: v for k, v in extra.items() if v is not None}
     if getattr(args, "redis_url", None):
@@ -415,8 +509,14 @@ def run_api(args) -> int:
     settings = settings_from_args(args)
     slog.setup(settings.log_level, "api")
     app = create_app(settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=slog.uvicorn_log_config(),
-                timeout_graceful_shutdown=5, limit_concurrency=settings.sse_max_streams + 256)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=slog.uvicorn_log_config(),
+        timeout_graceful_shutdown=5,
+        limit_concurrency=settings.sse_max_streams + 256,
+    )
     return 0
 
 

@@ -41,8 +41,11 @@ def authenticate(settings: Settings, credentials: HTTPAuthorizationCredentials |
     return presented
 
 
-async def get_owner(request: Request, settings: SettingsDep,
-                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+async def get_owner(
+    request: Request,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
     return authenticate(settings, credentials)
 
 

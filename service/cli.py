@@ -12,7 +12,13 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 # (module, attribute) pairs; each `register(subparsers)` adds one or more subcommands.
-COMMAND_MODULES: list[str] = ["model.commands", "service.api", "service.worker", "service.serve", "service.demo"]
+COMMAND_MODULES: list[str] = [
+    "model.commands",
+    "service.api",
+    "service.worker",
+    "service.serve",
+    "service.demo",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,11 +51,26 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float = 300) -> Non
 
 def demo_request(tiny: bool, prompt: str) -> dict:
     if tiny:  # small and quick on a CPU
-        return {"prompt": prompt, "width": 128, "height": 128, "max_iterations": 2, "seed": 7,
-                "draft": {"steps": 10}, "refine": {"steps": 10},
-                "plan": {"max_tokens": 24}, "reflect": {"max_tokens": 24}}
-    return {"prompt": prompt, "width": 512, "height": 512, "max_iterations": 2, "seed": 7,
-            "draft": {"steps": 30}, "refine": {"steps": 30}}
+        return {
+            "prompt": prompt,
+            "width": 128,
+            "height": 128,
+            "max_iterations": 2,
+            "seed": 7,
+            "draft": {"steps": 10},
+            "refine": {"steps": 10},
+            "plan": {"max_tokens": 24},
+            "reflect": {"max_tokens": 24},
+        }
+    return {
+        "prompt": prompt,
+        "width": 512,
+        "height": 512,
+        "max_iterations": 2,
+        "seed": 7,
+        "draft": {"steps": 30},
+        "refine": {"steps": 30},
+    }
 
 
 def show(event: str, data: dict) -> None:
@@ -79,8 +94,21 @@ def run_demo(args) -> int:
     base = f"http://127.0.0.1:{port}"
     device = os.environ.get("STROKES_DEVICE") or ("cuda:0" if shutil.which("nvidia-smi") else "cpu")
     env = {**os.environ, "STROKES_LOG_LEVEL": os.environ.get("STROKES_LOG_LEVEL", "WARNING")}
-    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--checkpoint", str(checkpoint),
-                              "--device", device, "--port", str(port)], env=env)
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--checkpoint",
+            str(checkpoint),
+            "--device",
+            device,
+            "--port",
+            str(port),
+        ],
+        env=env,
+    )
     try:
         print(f"starting strokes serve on {base} (checkpoint {checkpoint}, device {device})")
         wait_ready(base, serve)
@@ -106,7 +134,8 @@ def run_demo(args) -> int:
             final_image = status["final_image"]
             (out / "final.png").write_bytes(client.get(final_image["url"]).content)
             (out / "trajectory.json").write_text(
-                json.dumps(client.get(f"/v1/generations/{job['id']}/trajectory").json(), indent=2))
+                json.dumps(client.get(f"/v1/generations/{job['id']}/trajectory").json(), indent=2)
+            )
             (out / "job.json").write_text(json.dumps(status, indent=2))
             print(f"\nsaved {len(status['images'])} images, final.png and trajectory.json to {out}/")
         return 0

@@ -73,8 +73,9 @@ class QueueFull(ServiceError):
     status, type = 429, "queue_full"
 
     def __init__(self, retry_after: int):
-        super().__init__(f"the queue is full; retry in {retry_after} s",
-                         headers={"Retry-After": str(retry_after)})
+        super().__init__(
+            f"the queue is full; retry in {retry_after} s", headers={"Retry-After": str(retry_after)}
+        )
         self.retry_after = retry_after
 
 
@@ -92,14 +93,24 @@ def error_body(type_: str, message: str, param: str | None = None) -> dict[str, 
     return {"error": error}
 
 
-def error_response(status: int, type_: str, message: str, *, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, type_: str, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(type_, message, param), status_code=status, headers=headers)
 
 
-_HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
-               415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited"}
+_HTTP_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+}
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -143,8 +154,9 @@ def install(app: FastAPI) -> None:
 
     async def _redis_down(request: Request, exc: Exception):
         log.warning("redis unreachable: %s", exc)
-        return error_response(503, Unavailable.type, "the job store is unreachable; retry shortly",
-                              headers={"Retry-After": "1"})
+        return error_response(
+            503, Unavailable.type, "the job store is unreachable; retry shortly", headers={"Retry-After": "1"}
+        )
 
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)

@@ -123,7 +123,8 @@ def decode_upload(text: str, max_pixels: int) -> tuple[bytes, int, int]:
                     raise InvalidUpload("input_image has no pixels")
                 if width * height > max_pixels:
                     raise UploadTooLarge(
-                        f"input_image is {width}x{height}; at most {max_pixels} pixels are allowed")
+                        f"input_image is {width}x{height}; at most {max_pixels} pixels are allowed"
+                    )
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)
                 rgb = im.convert("RGB")  # decodes; metadata and alpha are dropped here

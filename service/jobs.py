@@ -91,15 +91,22 @@ def view(job: dict[str, str], position: int | None = None) -> Job:
         timings.setdefault("total_s", round(finished - created, 4))
     status = job["status"]
     return Job(
-        id=job["id"], status=status, created_at=created, started_at=started, finished_at=finished,
+        id=job["id"],
+        status=status,
+        created_at=created,
+        started_at=started,
+        finished_at=finished,
         attempt=int(job.get("attempt", 0)),
         queue_position=position if status == JobStatus.queued.value else None,
         cancel_requested=job.get("cancel") == "1",
         request=_json(job, "request") or {},
-        stages=_json(job, "stages") or [], images=image_refs(job),
+        stages=_json(job, "stages") or [],
+        images=image_refs(job),
         final_image=_json(job, "final_image"),
         iterations=int(job["iterations"]) if job.get("iterations") else None,
-        timings=timings or None, usage=_json(job, "usage"), error=_json(job, "error"),
+        timings=timings or None,
+        usage=_json(job, "usage"),
+        error=_json(job, "error"),
         links=links(job["id"]),
     )
 
@@ -114,31 +121,46 @@ async def current_view(store: Store, job_id: str) -> Job:
     return view(job, position)
 
 
-async def submit(store: Store, settings: Settings, owner: str, request: GenerationRequest,
-                 idempotency_key: str | None, deadline_s: float) -> tuple[Job, bool]:
+async def submit(
+    store: Store,
+    settings: Settings,
+    owner: str,
+    request: GenerationRequest,
+    idempotency_key: str | None,
+    deadline_s: float,
+) -> tuple[Job, bool]:
     """Admit and enqueue one generation. Returns (job, replayed). The Redis part is bounded by
     `deadline_s` (TimeoutError); decoding an input image is not."""
     if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
-        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters",
-                             param="Idempotency-Key")
+        raise InvalidRequest(
+            "Idempotency-Key must be 1-255 printable ASCII characters", param="Idempotency-Key"
+        )
     record = request.job_record()
     params_from_record(record, None, settings.max_side)  # GenerationParams.validate() has the last word
     upload = None
     if request.input_image is not None:
         try:
             upload = await run_in_threadpool(
-                imagelib.decode_upload, request.input_image, settings.max_input_pixels)
+                imagelib.decode_upload, request.input_image, settings.max_input_pixels
+            )
         except imagelib.UploadTooLarge as exc:
             raise PayloadTooLarge(str(exc), param="input_image") from exc
         except imagelib.InvalidUpload as exc:
             raise InvalidImage(str(exc), param="input_image") from exc
     return await asyncio.wait_for(
-        _enqueue(store, settings, owner, request, record, idempotency_key, upload), deadline_s)
+        _enqueue(store, settings, owner, request, record, idempotency_key, upload), deadline_s
+    )
 
 
-async def _enqueue(store: Store, settings: Settings, owner: str, request: GenerationRequest,
-                   record: dict[str, Any], idempotency_key: str | None,
-                   upload: tuple[bytes, int, int] | None) -> tuple[Job, bool]:
+async def _enqueue(
+    store: Store,
+    settings: Settings,
+    owner: str,
+    request: GenerationRequest,
+    record: dict[str, Any],
+    idempotency_key: str | None,
+    upload: tuple[bytes, int, int] | None,
+) -> tuple[Job, bool]:
     job_id = new_job_id()
     fields: dict[str, Any] = {}
     stored_input = None
@@ -150,13 +172,20 @@ async def _enqueue(store: Store, settings: Settings, owner: str, request: Genera
         await images.put(stored_input, png, settings.result_ttl_s * 2)
         ref = image_ref(job_id, INPUT_IMAGE_ID, width, height, stage="input")
         fields[IMAGE_FIELD_PREFIX + INPUT_IMAGE_ID] = {**ref, "attempt": 0}
-    result = await store.enqueue(job_id, owner=owner, request=record, body_hash=request.fingerprint(),
-                                 idempotency_key=idempotency_key, fields=fields)
+    result = await store.enqueue(
+        job_id,
+        owner=owner,
+        request=record,
+        body_hash=request.fingerprint(),
+        idempotency_key=idempotency_key,
+        fields=fields,
+    )
     if result.outcome != "ok" and stored_input is not None:
         await images.delete(stored_input)
     if result.outcome == "full":
         raise QueueFull(await store.retry_after())
     if result.outcome == "conflict":
-        raise IdempotencyKeyReused("this Idempotency-Key was used with a different request body",
-                                   param="Idempotency-Key")
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was used with a different request body", param="Idempotency-Key"
+        )
     return await current_view(store, result.job_id), result.outcome == "duplicate"

@@ -20,7 +20,10 @@ from typing import Any
 _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("strokes_log", default=None)
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
-    "message", "asctime", "color_message"}
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -85,8 +88,10 @@ def set_stage(stage: str | None) -> None:
 
 
 def prompt_for_log(prompt: str, include_text: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"prompt_chars": len(prompt),
-                           "prompt_sha": hashlib.sha256(prompt.encode()).hexdigest()[:12]}
+    out: dict[str, Any] = {
+        "prompt_chars": len(prompt),
+        "prompt_sha": hashlib.sha256(prompt.encode()).hexdigest()[:12],
+    }
     if include_text:
         out["prompt"] = prompt
     return out

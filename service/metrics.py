@@ -61,23 +61,41 @@ class ApiMetrics:
         # In multiprocess mode values live in files and the registry is only for exposition.
         self.registry = None if multiprocess() else CollectorRegistry()
         r = self.registry
-        self.requests = Counter("strokes_api_requests", "HTTP requests answered",
-                                ["method", "route", "status"], registry=r)
-        self.latency = Histogram("strokes_api_request_seconds", "time to the response's first byte",
-                                 ["method", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "strokes_api_requests", "HTTP requests answered", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "strokes_api_request_seconds",
+            "time to the response's first byte",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.submitted = Counter("strokes_api_jobs_submitted", "jobs accepted", registry=r)
-        self.rejections = Counter("strokes_api_rejections", "requests refused for load", ["reason"],
-                                  registry=r)
-        self.sse_streams = Gauge("strokes_api_sse_streams", "SSE streams open", registry=r,
-                                 multiprocess_mode="livesum")
-        self.queue_depth = Gauge("strokes_queue_depth", "jobs accepted and not started", registry=r,
-                                 multiprocess_mode="mostrecent")
-        self.queue_lag = Gauge("strokes_queue_lag", "queue entries not yet delivered", registry=r,
-                               multiprocess_mode="mostrecent")
-        self.queue_pending = Gauge("strokes_queue_pending", "entries delivered, not acknowledged",
-                                   registry=r, multiprocess_mode="mostrecent")
-        self.workers_alive = Gauge("strokes_workers_alive", "workers with a live heartbeat", registry=r,
-                                   multiprocess_mode="mostrecent")
+        self.rejections = Counter(
+            "strokes_api_rejections", "requests refused for load", ["reason"], registry=r
+        )
+        self.sse_streams = Gauge(
+            "strokes_api_sse_streams", "SSE streams open", registry=r, multiprocess_mode="livesum"
+        )
+        self.queue_depth = Gauge(
+            "strokes_queue_depth", "jobs accepted and not started", registry=r, multiprocess_mode="mostrecent"
+        )
+        self.queue_lag = Gauge(
+            "strokes_queue_lag", "queue entries not yet delivered", registry=r, multiprocess_mode="mostrecent"
+        )
+        self.queue_pending = Gauge(
+            "strokes_queue_pending",
+            "entries delivered, not acknowledged",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.workers_alive = Gauge(
+            "strokes_workers_alive",
+            "workers with a live heartbeat",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
 
     def exposition(self) -> bytes:
         if self.registry is not None:
@@ -92,35 +110,57 @@ class WorkerMetrics:
         self.registry = r = registry or CollectorRegistry()
         self.jobs = Counter("strokes_worker_jobs", "jobs ended here, by outcome", ["outcome"], registry=r)
         self.attempts = Counter("strokes_worker_attempts", "attempts started here", registry=r)
-        self.takeovers = Counter("strokes_worker_takeovers", "attempts taking over from a dead worker",
-                                 registry=r)
+        self.takeovers = Counter(
+            "strokes_worker_takeovers", "attempts taking over from a dead worker", registry=r
+        )
         self.busy = Gauge("strokes_worker_busy", "1 while a job runs", registry=r)
-        self.stage_seconds = Histogram("strokes_worker_stage_seconds", "seconds per stage", ["stage"],
-                                       buckets=STAGE_BUCKETS, registry=r)
+        self.stage_seconds = Histogram(
+            "strokes_worker_stage_seconds", "seconds per stage", ["stage"], buckets=STAGE_BUCKETS, registry=r
+        )
         self.denoise_steps = Counter("strokes_worker_denoise_steps", "denoising steps run", registry=r)
-        self.denoise_rate = Histogram("strokes_worker_denoise_steps_per_second",
-                                      "denoising steps per second of an image stage", ["stage"],
-                                      buckets=RATE_BUCKETS, registry=r)
+        self.denoise_rate = Histogram(
+            "strokes_worker_denoise_steps_per_second",
+            "denoising steps per second of an image stage",
+            ["stage"],
+            buckets=RATE_BUCKETS,
+            registry=r,
+        )
         self.decoded_tokens = Counter("strokes_worker_decoded_tokens", "text tokens decoded", registry=r)
-        self.decode_rate = Histogram("strokes_worker_decode_tokens_per_second",
-                                     "decoded tokens per second of a text stage", ["stage"],
-                                     buckets=RATE_BUCKETS, registry=r)
-        self.prefilled_tokens = Counter("strokes_worker_prefilled_tokens",
-                                        "tokens computed into the KV cache", registry=r)
-        self.cached_tokens = Counter("strokes_worker_cached_tokens",
-                                     "tokens served from the reused KV cache", registry=r)
+        self.decode_rate = Histogram(
+            "strokes_worker_decode_tokens_per_second",
+            "decoded tokens per second of a text stage",
+            ["stage"],
+            buckets=RATE_BUCKETS,
+            registry=r,
+        )
+        self.prefilled_tokens = Counter(
+            "strokes_worker_prefilled_tokens", "tokens computed into the KV cache", registry=r
+        )
+        self.cached_tokens = Counter(
+            "strokes_worker_cached_tokens", "tokens served from the reused KV cache", registry=r
+        )
         self.events = Counter("strokes_worker_events", "events published", registry=r)
-        self.model_load_seconds = Gauge("strokes_worker_model_load_seconds", "checkpoint load time",
-                                        registry=r)
+        self.model_load_seconds = Gauge(
+            "strokes_worker_model_load_seconds", "checkpoint load time", registry=r
+        )
         self.gpu_memory = Gauge("strokes_worker_gpu_memory_bytes", "GPU memory allocated", registry=r)
-        self.gpu_memory_peak = Gauge("strokes_worker_gpu_memory_peak_bytes", "peak GPU memory allocated",
-                                     registry=r)
+        self.gpu_memory_peak = Gauge(
+            "strokes_worker_gpu_memory_peak_bytes", "peak GPU memory allocated", registry=r
+        )
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
-    def observe_stage(self, stage: str, seconds: float, *, steps: int | None, generated_tokens: int,
-                      prefilled_tokens: int, cached_tokens: int) -> None:
+    def observe_stage(
+        self,
+        stage: str,
+        seconds: float,
+        *,
+        steps: int | None,
+        generated_tokens: int,
+        prefilled_tokens: int,
+        cached_tokens: int,
+    ) -> None:
         self.stage_seconds.labels(stage).observe(seconds)
         self.prefilled_tokens.inc(max(0, prefilled_tokens))
         self.cached_tokens.inc(max(0, cached_tokens))

@@ -73,8 +73,9 @@ class RefineSettings(_ImageSettingsBase):
     """Denoising settings of refinements (BAGEL's edit defaults)."""
 
     cfg_img_scale: float = Field(REFINE_DEFAULTS.cfg_img_scale, ge=0.0, le=20.0)
-    cfg_interval: tuple[float, float] = Field(REFINE_DEFAULTS.cfg_interval,
-                                              description="[lo, hi], 0 <= lo <= hi <= 1")
+    cfg_interval: tuple[float, float] = Field(
+        REFINE_DEFAULTS.cfg_interval, description="[lo, hi], 0 <= lo <= hi <= 1"
+    )
     cfg_renorm_type: Literal["global", "channel", "text_channel"] = REFINE_DEFAULTS.cfg_renorm_type
 
 
@@ -109,9 +110,21 @@ TemplateName = Literal[tuple(sorted(TEMPLATE_NAMES))]  # type: ignore[valid-type
 class GenerationRequest(BaseModel):
     """POST /v1/generations: one process-driven generation."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={
-        "examples": [{"prompt": "a red cube on a blue sphere", "width": 512, "height": 512,
-                      "max_iterations": 2, "draft": {"steps": 30}}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a red cube on a blue sphere",
+                    "width": 512,
+                    "height": 512,
+                    "max_iterations": 2,
+                    "draft": {"steps": 30},
+                }
+            ]
+        },
+    )
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     protocol: Literal["guided", "interleaved"] = "guided"
@@ -125,11 +138,14 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     think: bool = True
     templates: dict[TemplateName, str] = Field(
-        default_factory=dict, description="stage instruction overrides; `{prompt}` is replaced")
+        default_factory=dict, description="stage instruction overrides; `{prompt}` is replaced"
+    )
     preview_every: int = Field(0, ge=0, le=200, description="a preview image every k steps (0: none)")
     input_image: str | None = Field(
-        None, max_length=24 * 1024 * 1024,
-        description="start image (edit): base64 or a data: URL of a PNG, JPEG or WebP")
+        None,
+        max_length=24 * 1024 * 1024,
+        description="start image (edit): base64 or a data: URL of a PNG, JPEG or WebP",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -161,7 +177,9 @@ class GenerationRequest(BaseModel):
         return hashlib.sha256(body.encode()).hexdigest()
 
 
-def params_from_record(record: dict[str, Any], input_image=None, max_side: int = MAX_SIDE) -> GenerationParams:
+def params_from_record(
+    record: dict[str, Any], input_image=None, max_side: int = MAX_SIDE
+) -> GenerationParams:
     """The validated GenerationParams of a stored request (the worker's side of the contract)."""
     params = GenerationParams(
         prompt=record["prompt"],
@@ -183,6 +201,7 @@ def params_from_record(record: dict[str, Any], input_image=None, max_side: int =
 
 
 # ---- responses ----------------------------------------------------------------------------------
+
 
 class ErrorDetail(BaseModel):
     type: str

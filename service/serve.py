@@ -41,13 +41,31 @@ class PrivateRedis:
     def start(self, timeout_s: float = 10.0) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
-            raise SystemExit("redis-server is not installed (apt-get install redis-server), "
-                             "or pass --redis-url")
+            raise SystemExit(
+                "redis-server is not installed (apt-get install redis-server), or pass --redis-url"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "everysec", "--dir", str(self.folder), "--maxmemory-policy", "noeviction"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--dir",
+                str(self.folder),
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -117,8 +135,18 @@ def run_serve(args) -> int:
             redis.start()
             redis_url = redis.url
         env = {**os.environ, "STROKES_REDIS_URL": redis_url}
-        cmd = [sys.executable, "-m", "service.cli", "worker", "--checkpoint", str(args.checkpoint),
-               "--device", args.device, "--redis-url", redis_url]
+        cmd = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "worker",
+            "--checkpoint",
+            str(args.checkpoint),
+            "--device",
+            args.device,
+            "--redis-url",
+            redis_url,
+        ]
         if args.worker_metrics_port:
             cmd += ["--metrics-port", str(args.worker_metrics_port)]
         if args.pipeline:
@@ -130,14 +158,22 @@ def run_serve(args) -> int:
 
         settings = Settings(redis_url=redis_url)
         slog.setup(settings.log_level, "api")
-        print(f"strokes serve: API on http://{args.host}:{args.port}  redis {redis_url}", file=sys.stderr,
-              flush=True)
+        print(
+            f"strokes serve: API on http://{args.host}:{args.port}  redis {redis_url}",
+            file=sys.stderr,
+            flush=True,
+        )
         # uvicorn re-raises SIGTERM/SIGINT after its shutdown, with the handlers it found: make
         # that a SystemExit so the cleanup below runs (the default handler would kill us first).
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _exit_now)
-        uvicorn.run(create_app(settings), host=args.host, port=args.port,
-                    log_config=slog.uvicorn_log_config(), timeout_graceful_shutdown=5)
+        uvicorn.run(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            log_config=slog.uvicorn_log_config(),
+            timeout_graceful_shutdown=5,
+        )
         return 0
     finally:
         stop_child(worker)
@@ -149,14 +185,21 @@ def run_serve(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="API + one worker (+ a private redis-server) on this machine")
-    p.add_argument("--checkpoint", type=Path, default=os.environ.get("STROKES_CHECKPOINT"),
-                   required=not os.environ.get("STROKES_CHECKPOINT"),
-                   help="model folder; default $STROKES_CHECKPOINT")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=os.environ.get("STROKES_CHECKPOINT"),
+        required=not os.environ.get("STROKES_CHECKPOINT"),
+        help="model folder; default $STROKES_CHECKPOINT",
+    )
     p.add_argument("--device", default=os.environ.get("STROKES_DEVICE", "cuda:0"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--redis-url", default=None, help="use this Redis instead of a private one")
     p.add_argument("--worker-metrics-port", type=int, default=None)
-    p.add_argument("--pipeline", default=None,
-                   help="module:callable building another pipeline for the worker (tests, plugins)")
+    p.add_argument(
+        "--pipeline",
+        default=None,
+        help="module:callable building another pipeline for the worker (tests, plugins)",
+    )
     p.set_defaults(func=run_serve)

@@ -30,8 +30,9 @@ log = logging.getLogger("strokes.sse")
 CURSOR = re.compile(r"^(0|\d{1,20}-\d{1,20})$")
 
 
-async def events(store: Store, job_id: str, cursor: str, settings: Settings,
-                 metrics: ApiMetrics) -> AsyncIterator[ServerSentEvent]:
+async def events(
+    store: Store, job_id: str, cursor: str, settings: Settings, metrics: ApiMetrics
+) -> AsyncIterator[ServerSentEvent]:
     metrics.sse_streams.inc()
     try:
         yield ServerSentEvent(comment="stream open", retry=settings.sse_retry_ms)
@@ -49,8 +50,10 @@ async def events(store: Store, job_id: str, cursor: str, settings: Settings,
                         return
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("event stream of %s interrupted: %s", job_id, exc)
-                body = error_body("service_unavailable", "the event store is unreachable; reconnect "
-                                  "with Last-Event-ID to resume")
+                body = error_body(
+                    "service_unavailable",
+                    "the event store is unreachable; reconnect with Last-Event-ID to resume",
+                )
                 yield ServerSentEvent(data=json.dumps(body), event="error")
                 return
             for event in batch:

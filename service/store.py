@@ -64,7 +64,9 @@ end
 
 # KEYS: job, jobs, queued, events, idem
 # ARGV: job_id, cap, request, owner, body_hash, has_idem, idem_ttl, maxlen, [field, value]...
-_ENQUEUE = _PRELUDE + r"""
+_ENQUEUE = (
+    _PRELUDE
+    + r"""
 if ARGV[6] == '1' then
   local seen = redis.call('HMGET', KEYS[5], 'job_id', 'body_hash')
   if seen[1] then
@@ -89,10 +91,13 @@ if ARGV[6] == '1' then
 end
 return {'ok', entry, tostring(depth + 1)}
 """
+)
 
 # KEYS: job, jobs, queued, events, dead
 # ARGV: entry_id, group, worker, max_attempts, maxlen, events_ttl, result_ttl
-_START = _PRELUDE + r"""
+_START = (
+    _PRELUDE
+    + r"""
 local C = {job = KEYS[1], jobs = KEYS[2], events = KEYS[4], dead = KEYS[5], group = ARGV[2],
            maxlen = ARGV[5], events_ttl = ARGV[6], result_ttl = ARGV[7]}
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -134,6 +139,7 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', 'job.started',
            'data', cjson.encode({job_id = j[5], attempt = attempt, worker = ARGV[3], takeover = takeover}))
 return {'run', tostring(attempt), takeover and '1' or '0'}
 """
+)
 
 # KEYS: job, events     ARGV: attempt, event ('' for none), data, maxlen, [field, value]...
 _EMIT = r"""
@@ -150,7 +156,9 @@ return {'ok', id, j[3] or '0'}
 
 # KEYS: job, events, jobs, dead, trajectory, stats
 # ARGV: attempt, status, event, data, group, maxlen, events_ttl, result_ttl, trajectory, [field, value]...
-_FINISH = _PRELUDE + r"""
+_FINISH = (
+    _PRELUDE
+    + r"""
 local C = {job = KEYS[1], events = KEYS[2], jobs = KEYS[3], dead = KEYS[4], group = ARGV[5],
            maxlen = ARGV[6], events_ttl = ARGV[7], result_ttl = ARGV[8]}
 local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'attempt_started_at')
@@ -166,11 +174,14 @@ end
 finalize(C, ARGV[2], ARGV[3], ARGV[4], ARGV[1], now)
 return {'ok'}
 """
+)
 
 # KEYS: job, events, jobs, queued, dead
 # ARGV: attempt, reason (handback|retry), group, handback consumer, max_attempts, error json or '',
 #       maxlen, events_ttl, result_ttl
-_REQUEUE = _PRELUDE + r"""
+_REQUEUE = (
+    _PRELUDE
+    + r"""
 local C = {job = KEYS[1], events = KEYS[2], jobs = KEYS[3], dead = KEYS[5], group = ARGV[3],
            maxlen = ARGV[7], events_ttl = ARGV[8], result_ttl = ARGV[9]}
 local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'entry_id', 'cancel', 'id')
@@ -199,9 +210,12 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'event', 'job.queued', 
            'data', cjson.encode({job_id = j[5], attempt = attempt, reason = ARGV[2], error = err}))
 return {'queued'}
 """
+)
 
 # KEYS: job, events, jobs, queued, dead     ARGV: group, maxlen, events_ttl, result_ttl
-_CANCEL = _PRELUDE + r"""
+_CANCEL = (
+    _PRELUDE
+    + r"""
 local C = {job = KEYS[1], events = KEYS[2], jobs = KEYS[3], dead = KEYS[5], group = ARGV[1],
            maxlen = ARGV[2], events_ttl = ARGV[3], result_ttl = ARGV[4]}
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
@@ -216,6 +230,7 @@ if j[1] == 'queued' then
 end
 return {'canceling'}
 """
+)
 
 # KEYS: jobs     ARGV: group, worker, heartbeat prefix
 _RECLAIM = r"""
@@ -268,12 +283,21 @@ local ahead = redis.call('XRANGE', KEYS[1], '(' .. last, ARGV[2], 'COUNT', ARGV[
 return math.max(1, #ahead)
 """
 
-SCRIPTS = {"enqueue": _ENQUEUE, "start": _START, "emit": _EMIT, "finish": _FINISH,
-           "requeue": _REQUEUE, "cancel": _CANCEL, "reclaim": _RECLAIM, "trim": _TRIM,
-           "position": _POSITION}
+SCRIPTS = {
+    "enqueue": _ENQUEUE,
+    "start": _START,
+    "emit": _EMIT,
+    "finish": _FINISH,
+    "requeue": _REQUEUE,
+    "cancel": _CANCEL,
+    "reclaim": _RECLAIM,
+    "trim": _TRIM,
+    "position": _POSITION,
+}
 
 
 # ---- results ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Enqueued:
@@ -324,17 +348,22 @@ def _pairs(fields: dict[str, Any] | None) -> list[str]:
     return out
 
 
-def connect(url: str, *, timeout_s: float, connect_timeout_s: float, max_connections: int = 1000,
-            retries: int = 1) -> aioredis.Redis:
+def connect(
+    url: str, *, timeout_s: float, connect_timeout_s: float, max_connections: int = 1000, retries: int = 1
+) -> aioredis.Redis:
     """A client that fails fast: short socket timeouts, one quick retry, health checks.
 
     It reconnects by itself: each command takes a connection from the pool and opens a new one
     after a failure, so nothing has to be restarted when Redis comes back.
     """
     return aioredis.Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s,
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=connect_timeout_s,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries),
-        health_check_interval=15, max_connections=max_connections, decode_responses=False,
+        health_check_interval=15,
+        max_connections=max_connections,
+        decode_responses=False,
     )
 
 
@@ -374,12 +403,29 @@ class Store:
 
     # -- API side -------------------------------------------------------------------------------
 
-    async def enqueue(self, job_id: str, *, owner: str, request: dict[str, Any], body_hash: str,
-                      idempotency_key: str | None, fields: dict[str, Any] | None = None) -> Enqueued:
+    async def enqueue(
+        self,
+        job_id: str,
+        *,
+        owner: str,
+        request: dict[str, Any],
+        body_hash: str,
+        idempotency_key: str | None,
+        fields: dict[str, Any] | None = None,
+    ) -> Enqueued:
         s = self.settings
         idem = keys.idempotency(owner, idempotency_key) if idempotency_key else keys.idempotency(owner, "")
-        args = [job_id, s.queue_cap, json.dumps(request, separators=(",", ":")), owner, body_hash,
-                "1" if idempotency_key else "0", s.idempotency_ttl_s, s.events_maxlen, *_pairs(fields)]
+        args = [
+            job_id,
+            s.queue_cap,
+            json.dumps(request, separators=(",", ":")),
+            owner,
+            body_hash,
+            "1" if idempotency_key else "0",
+            s.idempotency_ttl_s,
+            s.events_maxlen,
+            *_pairs(fields),
+        ]
         script_keys = [keys.job(job_id), keys.JOBS, keys.QUEUED, keys.events(job_id), idem]
         if await self.supports_waitaof():
             # Same connection, no MULTI (WAITAOF does not block inside one): the 202 is only sent
@@ -406,26 +452,33 @@ class Store:
         return {_s(k): _s(v) for k, v in raw.items()}
 
     async def queue_position(self, entry_id: str) -> int:
-        return int(await self.scripts["position"](keys=[keys.JOBS],
-                                                  args=[keys.GROUP, entry_id, 1000]))
+        return int(await self.scripts["position"](keys=[keys.JOBS], args=[keys.GROUP, entry_id, 1000]))
 
     async def cancel(self, job_id: str) -> tuple[str, str | None]:
         s = self.settings
         result = await self.scripts["cancel"](
             keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.DEAD_LETTERS],
-            args=[keys.GROUP, s.events_maxlen, s.events_ttl_s, s.result_ttl_s])
+            args=[keys.GROUP, s.events_maxlen, s.events_ttl_s, s.result_ttl_s],
+        )
         return _s(result[0]), (_s(result[1]) if len(result) > 1 else None)
 
-    async def read_events(self, job_id: str, after: str = "0", *, count: int = 500,
-                          block_ms: int | None = None) -> list[Event]:
+    async def read_events(
+        self, job_id: str, after: str = "0", *, count: int = 500, block_ms: int | None = None
+    ) -> list[Event]:
         """Events with ids greater than `after`, oldest first; waits up to block_ms for the first."""
         client = self.blocking if block_ms else self.r
         reply = await client.xread({keys.events(job_id): after}, count=count, block=block_ms)
         out: list[Event] = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                out.append(Event(_s(entry_id), _s(fields[b"event"]), _s(fields[b"data"]),
-                                 int(fields.get(b"attempt", b"0"))))
+                out.append(
+                    Event(
+                        _s(entry_id),
+                        _s(fields[b"event"]),
+                        _s(fields[b"data"]),
+                        int(fields.get(b"attempt", b"0")),
+                    )
+                )
         return out
 
     async def get_trajectory(self, job_id: str) -> str | None:
@@ -473,8 +526,9 @@ class Store:
 
     async def reclaim(self, worker: str) -> tuple[str, str] | None:
         """Take one pending entry whose owner's lease expired; returns (entry_id, old_owner)."""
-        result = await self.scripts["reclaim"](keys=[keys.JOBS],
-                                               args=[keys.GROUP, worker, keys.HEARTBEAT_PREFIX])
+        result = await self.scripts["reclaim"](
+            keys=[keys.JOBS], args=[keys.GROUP, worker, keys.HEARTBEAT_PREFIX]
+        )
         return (_s(result[0]), _s(result[1])) if result else None
 
     async def poll(self, worker: str, block_ms: int) -> tuple[str, str | None] | None:
@@ -483,8 +537,9 @@ class Store:
         for start_id, block in (("0", None), (">", block_ms)):
             client = self.blocking if block else self.r
             try:
-                reply = await client.xreadgroup(keys.GROUP, worker, {keys.JOBS: start_id}, count=1,
-                                                block=block)
+                reply = await client.xreadgroup(
+                    keys.GROUP, worker, {keys.JOBS: start_id}, count=1, block=block
+                )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -503,42 +558,93 @@ class Store:
         s = self.settings
         result = await self.scripts["start"](
             keys=[keys.job(job_id), keys.JOBS, keys.QUEUED, keys.events(job_id), keys.DEAD_LETTERS],
-            args=[entry_id, keys.GROUP, worker, s.max_attempts, s.events_maxlen, s.events_ttl_s,
-                  s.result_ttl_s])
+            args=[
+                entry_id,
+                keys.GROUP,
+                worker,
+                s.max_attempts,
+                s.events_maxlen,
+                s.events_ttl_s,
+                s.result_ttl_s,
+            ],
+        )
         outcome = _s(result[0])
         attempt = int(result[1]) if len(result) > 1 and outcome != "skip" else 0
         return Started(outcome, attempt, outcome == "run" and _s(result[2]) == "1")
 
-    async def emit(self, job_id: str, attempt: int, event: str, data: dict[str, Any] | str,
-                   fields: dict[str, Any] | None = None) -> Emitted:
+    async def emit(
+        self,
+        job_id: str,
+        attempt: int,
+        event: str,
+        data: dict[str, Any] | str,
+        fields: dict[str, Any] | None = None,
+    ) -> Emitted:
         payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
         result = await self.scripts["emit"](
             keys=[keys.job(job_id), keys.events(job_id)],
-            args=[attempt, event, payload, self.settings.events_maxlen, *_pairs(fields)])
+            args=[attempt, event, payload, self.settings.events_maxlen, *_pairs(fields)],
+        )
         if _s(result[0]) != "ok":
             return Emitted(False)
         return Emitted(True, _s(result[1]), _s(result[2]) == "1")
 
-    async def finish(self, job_id: str, attempt: int, status: JobStatus, event: str,
-                     data: dict[str, Any], *, trajectory: str = "",
-                     fields: dict[str, Any] | None = None) -> bool:
+    async def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        status: JobStatus,
+        event: str,
+        data: dict[str, Any],
+        *,
+        trajectory: str = "",
+        fields: dict[str, Any] | None = None,
+    ) -> bool:
         s = self.settings
         result = await self.scripts["finish"](
-            keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.DEAD_LETTERS,
-                  keys.trajectory(job_id), keys.STATS],
-            args=[attempt, status.value, event, json.dumps(data, separators=(",", ":")), keys.GROUP,
-                  s.events_maxlen, s.events_ttl_s, s.result_ttl_s, trajectory, *_pairs(fields)])
+            keys=[
+                keys.job(job_id),
+                keys.events(job_id),
+                keys.JOBS,
+                keys.DEAD_LETTERS,
+                keys.trajectory(job_id),
+                keys.STATS,
+            ],
+            args=[
+                attempt,
+                status.value,
+                event,
+                json.dumps(data, separators=(",", ":")),
+                keys.GROUP,
+                s.events_maxlen,
+                s.events_ttl_s,
+                s.result_ttl_s,
+                trajectory,
+                *_pairs(fields),
+            ],
+        )
         return _s(result[0]) == "ok"
 
-    async def requeue(self, job_id: str, attempt: int, reason: str,
-                      error: dict[str, str] | None = None) -> str:
+    async def requeue(
+        self, job_id: str, attempt: int, reason: str, error: dict[str, str] | None = None
+    ) -> str:
         """Hand the job back ('handback') or retry it after an error ('retry'). Returns
         queued | dead (attempts exhausted: failed + dead letter) | canceled | fenced."""
         s = self.settings
         result = await self.scripts["requeue"](
             keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.DEAD_LETTERS],
-            args=[attempt, reason, keys.GROUP, keys.HANDBACK_CONSUMER, s.max_attempts,
-                  json.dumps(error) if error else "", s.events_maxlen, s.events_ttl_s, s.result_ttl_s])
+            args=[
+                attempt,
+                reason,
+                keys.GROUP,
+                keys.HANDBACK_CONSUMER,
+                s.max_attempts,
+                json.dumps(error) if error else "",
+                s.events_maxlen,
+                s.events_ttl_s,
+                s.result_ttl_s,
+            ],
+        )
         return _s(result[0])
 
     async def lease(self, job_id: str, attempt: int) -> tuple[bool, bool]:

@@ -36,8 +36,18 @@ JOB_COMPLETED = "job.completed"
 JOB_FAILED = "job.failed"
 JOB_CANCELED = "job.canceled"
 TERMINAL_EVENTS = frozenset({JOB_COMPLETED, JOB_FAILED, JOB_CANCELED})
-EVENT_NAMES = (JOB_QUEUED, JOB_STARTED, STAGE_STARTED, TEXT_DELTA, IMAGE_PROGRESS, STAGE_COMPLETED,
-               ITERATION_COMPLETED, JOB_COMPLETED, JOB_FAILED, JOB_CANCELED)
+EVENT_NAMES = (
+    JOB_QUEUED,
+    JOB_STARTED,
+    STAGE_STARTED,
+    TEXT_DELTA,
+    IMAGE_PROGRESS,
+    STAGE_COMPLETED,
+    ITERATION_COMPLETED,
+    JOB_COMPLETED,
+    JOB_FAILED,
+    JOB_CANCELED,
+)
 
 IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 IMAGE_FIELD_PREFIX = "img:"  # job-hash field per image id -> {attempt, width, height, ...}
@@ -80,8 +90,11 @@ class Translator:
     stages: list[dict[str, Any]] = field(default_factory=list)
 
     def _data(self, **values: Any) -> dict[str, Any]:
-        return {"job_id": self.job_id, "attempt": self.attempt,
-                **{k: v for k, v in values.items() if v is not None}}
+        return {
+            "job_id": self.job_id,
+            "attempt": self.attempt,
+            **{k: v for k, v in values.items() if v is not None},
+        }
 
     def _remember(self, image_id: str, width: int, height: int, iteration: int, stage: str) -> dict:
         ref = image_ref(self.job_id, image_id, width, height, iteration=iteration, stage=stage)
@@ -95,11 +108,13 @@ class Translator:
         if isinstance(event, StageStarted):
             return Wire(STAGE_STARTED, self._data(iteration=event.iteration, stage=event.stage.value))
         if isinstance(event, TextDelta):
-            return Wire(TEXT_DELTA, self._data(iteration=event.iteration, stage=event.stage.value,
-                                               delta=event.delta))
+            return Wire(
+                TEXT_DELTA, self._data(iteration=event.iteration, stage=event.stage.value, delta=event.delta)
+            )
         if isinstance(event, ImageProgress):
-            data = self._data(iteration=event.iteration, stage=event.stage.value, step=event.step,
-                              steps=event.steps)
+            data = self._data(
+                iteration=event.iteration, stage=event.stage.value, step=event.step, steps=event.steps
+            )
             if event.preview is None:
                 return Wire(IMAGE_PROGRESS, data)
             preview_id = f"preview-{event.iteration}-{event.stage.value}-{event.step}"
@@ -115,8 +130,10 @@ class Translator:
             return self._stage_completed(event)
         if isinstance(event, IterationCompleted):
             image = self.images.get(safe_image_id(event.image_id))
-            return Wire(ITERATION_COMPLETED, self._data(iteration=event.iteration,
-                                                        verdict=event.verdict.value, image=image))
+            return Wire(
+                ITERATION_COMPLETED,
+                self._data(iteration=event.iteration, verdict=event.verdict.value, image=image),
+            )
         return None  # Done is the worker's to finish with; unknown events are not ours to send
 
     def _stage_completed(self, event: StageCompleted) -> Wire:
@@ -124,17 +141,35 @@ class Translator:
         if event.image_id is not None:
             image_id = safe_image_id(event.image_id)
             image = self.images.get(image_id) or image_ref(
-                self.job_id, image_id, event.width or 0, event.height or 0,
-                iteration=event.iteration, stage=event.stage.value)
+                self.job_id,
+                image_id,
+                event.width or 0,
+                event.height or 0,
+                iteration=event.iteration,
+                stage=event.stage.value,
+            )
         verdict = event.verdict.value if event.verdict is not None else None
         data = self._data(
-            iteration=event.iteration, stage=event.stage.value, seconds=round(event.seconds, 4),
-            text=event.text, verdict=verdict, refine_instruction=event.refine_instruction,
-            image=image, steps=event.steps, prefilled_tokens=event.prefilled_tokens,
-            cached_tokens=event.cached_tokens, generated_tokens=event.generated_tokens)
-        summary = {"iteration": event.iteration, "stage": event.stage.value,
-                   "seconds": round(event.seconds, 4), "text": event.text, "verdict": verdict,
-                   "image": image}
+            iteration=event.iteration,
+            stage=event.stage.value,
+            seconds=round(event.seconds, 4),
+            text=event.text,
+            verdict=verdict,
+            refine_instruction=event.refine_instruction,
+            image=image,
+            steps=event.steps,
+            prefilled_tokens=event.prefilled_tokens,
+            cached_tokens=event.cached_tokens,
+            generated_tokens=event.generated_tokens,
+        )
+        summary = {
+            "iteration": event.iteration,
+            "stage": event.stage.value,
+            "seconds": round(event.seconds, 4),
+            "text": event.text,
+            "verdict": verdict,
+            "image": image,
+        }
         self.stages.append({k: v for k, v in summary.items() if v is not None})
         return Wire(STAGE_COMPLETED, data, {"stages": self.stages})
 
@@ -142,8 +177,14 @@ class Translator:
         """(job.completed data, job-hash fields) for the pipeline's Done event."""
         final = self.images.get(safe_image_id(done.final_image_id))
         timings = {**timings, "pipeline_s": round(done.seconds, 4)}
-        data = self._data(final_image=final, iterations=done.iterations, timings=timings,
-                          usage=dict(done.usage))
-        fields = {"final_image": final, "iterations": str(done.iterations), "usage": dict(done.usage),
-                  "timings": timings, "stages": self.stages}
+        data = self._data(
+            final_image=final, iterations=done.iterations, timings=timings, usage=dict(done.usage)
+        )
+        fields = {
+            "final_image": final,
+            "iterations": str(done.iterations),
+            "usage": dict(done.usage),
+            "timings": timings,
+            "stages": self.stages,
+        }
         return data, fields

@@ -110,8 +110,15 @@ def release_accelerator_memory() -> None:
 
 
 class Worker:
-    def __init__(self, store: Store, pipeline: Pipeline, settings: Settings, name: str,
-                 metrics: WorkerMetrics | None = None, images: imagelib.ImageStore | None = None):
+    def __init__(
+        self,
+        store: Store,
+        pipeline: Pipeline,
+        settings: Settings,
+        name: str,
+        metrics: WorkerMetrics | None = None,
+        images: imagelib.ImageStore | None = None,
+    ):
         self.store = store
         self.pipeline = pipeline
         self.settings = settings
@@ -217,11 +224,17 @@ class Worker:
         if started.takeover:
             self.metrics.takeovers.inc()
         with slog.job_context(job_id, started.attempt):
-            log.info("job started", extra={"takeover": started.takeover, "worker": self.name,
-                                           **slog.prompt_for_log(record.get("prompt", ""),
-                                                                 self.settings.log_prompts)})
-        return ActiveJob(job_id, entry_id, started.attempt, started.takeover, record,
-                         Translator(job_id, started.attempt))
+            log.info(
+                "job started",
+                extra={
+                    "takeover": started.takeover,
+                    "worker": self.name,
+                    **slog.prompt_for_log(record.get("prompt", ""), self.settings.log_prompts),
+                },
+            )
+        return ActiveJob(
+            job_id, entry_id, started.attempt, started.takeover, record, Translator(job_id, started.attempt)
+        )
 
     async def run_job(self, job: ActiveJob) -> tuple[str, Any]:
         """Run the pipeline; returns (outcome, payload): succeeded (Done) | canceled | handback |
@@ -256,9 +269,13 @@ class Worker:
                     asyncio.run_coroutine_threadsafe(self.publish(job, wire, png), loop).result()
                 if isinstance(event, StageCompleted):
                     self.metrics.observe_stage(
-                        event.stage.value, event.seconds, steps=event.steps,
+                        event.stage.value,
+                        event.seconds,
+                        steps=event.steps,
                         generated_tokens=event.generated_tokens,
-                        prefilled_tokens=event.prefilled_tokens, cached_tokens=event.cached_tokens)
+                        prefilled_tokens=event.prefilled_tokens,
+                        cached_tokens=event.cached_tokens,
+                    )
                 if isinstance(event, Done):
                     return event
             return None
@@ -290,7 +307,8 @@ class Worker:
         if not wire.name and not wire.fields:
             return
         emitted = await self._through_outage(
-            job, lambda: self.store.emit(job.job_id, job.attempt, wire.name, wire.data, wire.fields))
+            job, lambda: self.store.emit(job.job_id, job.attempt, wire.name, wire.data, wire.fields)
+        )
         if not emitted.ok:
             job.interrupt("lease_lost")
             raise LeaseLost(job.job_id)
@@ -303,26 +321,53 @@ class Worker:
         if outcome == "succeeded":
             done: Done = payload
             data, fields = job.translator.completed(done, self._timings(job))
-            ok = await self._through_outage(job, lambda: s.finish(
-                job.job_id, job.attempt, JobStatus.succeeded, JOB_COMPLETED, data,
-                trajectory=json.dumps(done.trajectory, default=str), fields=fields))
+            ok = await self._through_outage(
+                job,
+                lambda: s.finish(
+                    job.job_id,
+                    job.attempt,
+                    JobStatus.succeeded,
+                    JOB_COMPLETED,
+                    data,
+                    trajectory=json.dumps(done.trajectory, default=str),
+                    fields=fields,
+                ),
+            )
             result = "succeeded" if ok else "lost"
         elif outcome == "canceled":
-            ok = await self._through_outage(job, lambda: s.finish(
-                job.job_id, job.attempt, JobStatus.canceled, JOB_CANCELED,
-                {"job_id": job.job_id, "attempt": job.attempt}))
+            ok = await self._through_outage(
+                job,
+                lambda: s.finish(
+                    job.job_id,
+                    job.attempt,
+                    JobStatus.canceled,
+                    JOB_CANCELED,
+                    {"job_id": job.job_id, "attempt": job.attempt},
+                ),
+            )
             result = "canceled" if ok else "lost"
         elif outcome == "failed":
-            ok = await self._through_outage(job, lambda: s.finish(
-                job.job_id, job.attempt, JobStatus.failed, JOB_FAILED,
-                {"job_id": job.job_id, "attempt": job.attempt, "error": payload},
-                fields={"error": payload}))
+            ok = await self._through_outage(
+                job,
+                lambda: s.finish(
+                    job.job_id,
+                    job.attempt,
+                    JobStatus.failed,
+                    JOB_FAILED,
+                    {"job_id": job.job_id, "attempt": job.attempt, "error": payload},
+                    fields={"error": payload},
+                ),
+            )
             result = "failed" if ok else "lost"
         elif outcome in ("handback", "retry"):
             state = await self._through_outage(
-                job, lambda: s.requeue(job.job_id, job.attempt, outcome, payload))
-            result = {"queued": "handed_back" if outcome == "handback" else "retried",
-                      "dead": "failed", "canceled": "canceled"}.get(state, "lost")
+                job, lambda: s.requeue(job.job_id, job.attempt, outcome, payload)
+            )
+            result = {
+                "queued": "handed_back" if outcome == "handback" else "retried",
+                "dead": "failed",
+                "canceled": "canceled",
+            }.get(state, "lost")
         else:
             result = "lost"
         self.metrics.jobs.labels(result).inc()
@@ -398,19 +443,25 @@ class Worker:
                 log.warning("heartbeat failed: %s", exc)
             except Exception:
                 log.exception("heartbeat error")
-            await asyncio.sleep(min(self.settings.heartbeat_interval_s, 0.5) if job else
-                                self.settings.heartbeat_interval_s)
+            await asyncio.sleep(
+                min(self.settings.heartbeat_interval_s, 0.5) if job else self.settings.heartbeat_interval_s
+            )
 
 
 # ---- command ------------------------------------------------------------------------------------
+
 
 def default_name(device: str) -> str:
     return f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
 
 
 async def serve_worker(settings: Settings, pipeline: Pipeline, name: str, metrics: WorkerMetrics) -> None:
-    client = connect(settings.redis_url, timeout_s=max(5.0, settings.poll_block_ms / 1000 + 3),
-                     connect_timeout_s=2.0, max_connections=32)
+    client = connect(
+        settings.redis_url,
+        timeout_s=max(5.0, settings.poll_block_ms / 1000 + 3),
+        connect_timeout_s=2.0,
+        max_connections=32,
+    )
     store = Store(client, settings)
     worker = Worker(store, pipeline, settings, name, metrics)
     loop = asyncio.get_running_loop()
@@ -443,15 +494,22 @@ def run_worker(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("worker", help="run a GPU worker: load the model, take jobs from Redis")
-    p.add_argument("--checkpoint", type=Path, default=os.environ.get("STROKES_CHECKPOINT"),
-                   required=not os.environ.get("STROKES_CHECKPOINT"),
-                   help="model folder (official BAGEL-7B-MoT layout); default $STROKES_CHECKPOINT")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=os.environ.get("STROKES_CHECKPOINT"),
+        required=not os.environ.get("STROKES_CHECKPOINT"),
+        help="model folder (official BAGEL-7B-MoT layout); default $STROKES_CHECKPOINT",
+    )
     p.add_argument("--device", default=os.environ.get("STROKES_DEVICE", "cuda:0"), help="cuda:N or cpu")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: per device)")
     p.add_argument("--redis-url", default=None, help="default: $STROKES_REDIS_URL")
     p.add_argument("--name", default=None, help="consumer name, unique per worker (default host-device-pid)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="0.0.0.0")
-    p.add_argument("--pipeline", default=None,
-                   help="module:callable(checkpoint, device, dtype) building another pipeline (tests, plugins)")
+    p.add_argument(
+        "--pipeline",
+        default=None,
+        help="module:callable(checkpoint, device, dtype) building another pipeline (tests, plugins)",
+    )
     p.set_defaults(func=run_worker)

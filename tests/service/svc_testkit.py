@@ -36,13 +36,29 @@ ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = ("job.completed", "job.failed", "job.canceled")
 
 # A job of the tiny model that takes ~0.5 s: guided, one iteration, every stage.
-QUICK = {"prompt": "a red cube on a blue sphere", "width": 64, "height": 64, "max_iterations": 1,
-         "seed": 3, "draft": {"steps": 4}, "refine": {"steps": 4},
-         "plan": {"max_tokens": 8}, "reflect": {"max_tokens": 8}}
+QUICK = {
+    "prompt": "a red cube on a blue sphere",
+    "width": 64,
+    "height": 64,
+    "max_iterations": 1,
+    "seed": 3,
+    "draft": {"steps": 4},
+    "refine": {"steps": 4},
+    "plan": {"max_tokens": 8},
+    "reflect": {"max_tokens": 8},
+}
 # A job that takes several seconds (made slow by its parameters: size, steps, iterations).
-SLOW = {"prompt": "a red cube on a blue sphere", "width": 256, "height": 256, "max_iterations": 3,
-        "seed": 3, "draft": {"steps": 60}, "refine": {"steps": 60},
-        "plan": {"max_tokens": 8}, "reflect": {"max_tokens": 8}}
+SLOW = {
+    "prompt": "a red cube on a blue sphere",
+    "width": 256,
+    "height": 256,
+    "max_iterations": 3,
+    "seed": 3,
+    "draft": {"steps": 60},
+    "refine": {"steps": 60},
+    "plan": {"max_tokens": 8},
+    "reflect": {"max_tokens": 8},
+}
 
 
 def free_port() -> int:
@@ -57,8 +73,13 @@ class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log: Path):
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=ROOT,
-                                     env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     @property
     def pid(self) -> int:
@@ -112,8 +133,15 @@ def start_api(redis_url: str, logdir: Path, **settings: object) -> tuple[Proc, s
     raise RuntimeError("the API did not start:\n" + proc.output())
 
 
-def start_worker(redis_url: str, checkpoint: Path, logdir: Path, name: str, *,
-                 metrics_port: int | None = None, **settings: object) -> Proc:
+def start_worker(
+    redis_url: str,
+    checkpoint: Path,
+    logdir: Path,
+    name: str,
+    *,
+    metrics_port: int | None = None,
+    **settings: object,
+) -> Proc:
     args = ["worker", "--checkpoint", str(checkpoint), "--device", "cpu", "--name", name]
     if metrics_port:
         args += ["--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"]
@@ -138,17 +166,29 @@ def submit(base: str, body: dict, headers: dict[str, str] | None = None) -> dict
     return reply.json()
 
 
-def stream_events(base: str, job_id: str, *, last_event_id: str | None = None, after: str | None = None,
-                  stop: Callable[[SSE], bool] | None = None, timeout: float = 120,
-                  headers: dict[str, str] | None = None) -> list[SSE]:
+def stream_events(
+    base: str,
+    job_id: str,
+    *,
+    last_event_id: str | None = None,
+    after: str | None = None,
+    stop: Callable[[SSE], bool] | None = None,
+    timeout: float = 120,
+    headers: dict[str, str] | None = None,
+) -> list[SSE]:
     """Consume the job's SSE stream until it ends (or `stop` says so); returns the events."""
     hdrs = dict(headers or {})
     if last_event_id:
         hdrs["Last-Event-ID"] = last_event_id
     params = {"after": after} if after else None
     out: list[SSE] = []
-    with httpx.stream("GET", f"{base}/v1/generations/{job_id}/events", headers=hdrs, params=params,
-                      timeout=httpx.Timeout(10, read=timeout)) as reply:
+    with httpx.stream(
+        "GET",
+        f"{base}/v1/generations/{job_id}/events",
+        headers=hdrs,
+        params=params,
+        timeout=httpx.Timeout(10, read=timeout),
+    ) as reply:
         assert reply.status_code == 200, reply.read()
         assert reply.headers["content-type"].startswith("text/event-stream")
         for sse in iter_sse(reply.iter_lines()):
@@ -158,7 +198,9 @@ def stream_events(base: str, job_id: str, *, last_event_id: str | None = None, a
     return out
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "") -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float, interval: float = 0.05, what: str = ""
+) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -169,6 +211,7 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
 
 
 # ---- a scripted pipeline for in-process worker tests --------------------------------------------
+
 
 class ScriptedCancel(Exception):
     """What the scripted pipeline raises when should_cancel() turns true (like model's Cancelled)."""
@@ -201,8 +244,9 @@ class ScriptedPipeline:
                             raise ScriptedCancel()
                         yield TextDelta(it, stage, token)
                     verdict = Verdict.wrong if stage == Stage.reflect else None
-                    yield StageCompleted(it, stage, 0.01, 5, 3, text="step one", verdict=verdict,
-                                         generated_tokens=2)
+                    yield StageCompleted(
+                        it, stage, 0.01, 5, 3, text="step one", verdict=verdict, generated_tokens=2
+                    )
                     continue
                 for step in range(1, self.steps + 1):
                     if should_cancel():
@@ -216,8 +260,22 @@ class ScriptedPipeline:
                         self.steps_after_cancel[-1] = after
                 image_id = f"it{it}-{stage.value}"
                 yield ImageCompleted(it, stage, image_id, np.full((h, w, 3), 40 * it, np.uint8))
-                yield StageCompleted(it, stage, self.steps * self.step_s, 4, 8, image_id=image_id,
-                                     width=w, height=h, steps=self.steps)
+                yield StageCompleted(
+                    it,
+                    stage,
+                    self.steps * self.step_s,
+                    4,
+                    8,
+                    image_id=image_id,
+                    width=w,
+                    height=h,
+                    steps=self.steps,
+                )
             yield IterationCompleted(it, Verdict.wrong, f"it{it}-refine")
-        yield Done(f"it{self.iterations}-refine", self.iterations, 0.1,
-                   {"generated_tokens": 4 * self.iterations}, {"version": 1, "prompt": params.prompt})
+        yield Done(
+            f"it{self.iterations}-refine",
+            self.iterations,
+            0.1,
+            {"generated_tokens": 4 * self.iterations},
+            {"version": 1, "prompt": params.prompt},
+        )

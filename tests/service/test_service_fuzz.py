@@ -29,8 +29,9 @@ def live_api(redis_server, tmp_path_factory):
     client = redis.Redis.from_url(redis_server.url)
     client.zadd(keys.WORKERS, {"fuzz-worker": time.time() * 1000 + 86_400_000})  # "alive": /readyz is 200
     client.close()
-    proc, base = start_api(redis_server.url, tmp_path_factory.mktemp("fuzz"), queue_cap=20,
-                           max_body_bytes=200_000, api_keys=KEY)
+    proc, base = start_api(
+        redis_server.url, tmp_path_factory.mktemp("fuzz"), queue_cap=20, max_body_bytes=200_000, api_keys=KEY
+    )
     yield base
     proc.stop()
 
@@ -40,11 +41,20 @@ def live_api(redis_server, tmp_path_factory):
 @pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: f"{op.method.upper()} {op.path}")
 def test_no_generated_request_gets_a_5xx_or_breaks_the_schema(live_api, operation, mode):
     @given(case=operation.as_strategy(generation_mode=mode))
-    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                         suppress_health_check=list(HealthCheck))
+    @hypothesis.settings(
+        max_examples=40,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def check(case):
-        case.call_and_validate(base_url=live_api, timeout=10, headers={"Authorization": f"Bearer {KEY}"},
-                               excluded_checks=excluded)
+        case.call_and_validate(
+            base_url=live_api,
+            timeout=10,
+            headers={"Authorization": f"Bearer {KEY}"},
+            excluded_checks=excluded,
+        )
 
     # A job request also has rules no JSON schema states (input_image must decode to an allowed
     # image; a prompt must not be blank or hold control-token strings): a schema-valid POST may

@@ -12,8 +12,13 @@ from service.store import Store
 
 
 async def _enqueue(store: Store, job_id: str, **kw):
-    return await store.enqueue(job_id, owner=kw.pop("owner", ""), request={"prompt": "x"},
-                               body_hash=kw.pop("body_hash", "h"), idempotency_key=kw.pop("key", None))
+    return await store.enqueue(
+        job_id,
+        owner=kw.pop("owner", ""),
+        request={"prompt": "x"},
+        body_hash=kw.pop("body_hash", "h"),
+        idempotency_key=kw.pop("key", None),
+    )
 
 
 async def _take(store: Store, worker: str):

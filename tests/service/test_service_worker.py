@@ -20,13 +20,20 @@ REQUEST = {"prompt": "a cube", "width": 32, "height": 32, "max_iterations": 1}
 
 @pytest.fixture
 def fast(settings: Settings) -> Settings:
-    return settings.model_copy(update={"heartbeat_interval_s": 0.2, "lease_ttl_s": 1.0,
-                                       "reclaim_interval_s": 0.1, "poll_block_ms": 100})
+    return settings.model_copy(
+        update={
+            "heartbeat_interval_s": 0.2,
+            "lease_ttl_s": 1.0,
+            "reclaim_interval_s": 0.1,
+            "poll_block_ms": 100,
+        }
+    )
 
 
 async def _submit(store: Store, job_id: str, request: dict | None = None) -> None:
-    result = await store.enqueue(job_id, owner="", request=request or REQUEST, body_hash="h",
-                                 idempotency_key=None)
+    result = await store.enqueue(
+        job_id, owner="", request=request or REQUEST, body_hash="h", idempotency_key=None
+    )
     assert result.outcome == "ok"
 
 
