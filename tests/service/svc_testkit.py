@@ -133,7 +133,7 @@ def start_api(redis_url: str, logdir: Path, **settings: object) -> tuple[Proc, s
     raise RuntimeError("the API did not start:\n" + proc.output())
 
 
-def start_worker(
+def launch_worker(
     redis_url: str,
     checkpoint: Path,
     logdir: Path,
@@ -145,19 +145,38 @@ def start_worker(
     args = ["worker", "--checkpoint", str(checkpoint), "--device", "cpu", "--name", name]
     if metrics_port:
         args += ["--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"]
-    proc = Proc(args, env_with(redis_url, **settings), logdir / f"worker-{name}.log")
+    return Proc(args, env_with(redis_url, **settings), logdir / f"worker-{name}.log")
+
+
+def wait_workers(redis_url: str, workers: dict[str, Proc], timeout: float = 60) -> None:
+    """Until every worker heartbeats (the model is loaded and the loop runs)."""
     client = redis.Redis.from_url(redis_url)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            if not proc.alive():
-                raise RuntimeError(f"worker {name} exited:\n" + proc.output())
-            if client.exists(keys.heartbeat(name)):
-                return proc
+            for name, proc in workers.items():
+                if not proc.alive():
+                    raise RuntimeError(f"worker {name} exited:\n" + proc.output())
+            if all(client.exists(keys.heartbeat(name)) for name in workers):
+                return
             time.sleep(0.1)
     finally:
         client.close()
-    raise RuntimeError(f"worker {name} did not start:\n" + proc.output())
+    raise RuntimeError("workers did not start:\n" + "\n".join(p.output() for p in workers.values()))
+
+
+def start_worker(
+    redis_url: str,
+    checkpoint: Path,
+    logdir: Path,
+    name: str,
+    *,
+    metrics_port: int | None = None,
+    **settings: object,
+) -> Proc:
+    proc = launch_worker(redis_url, checkpoint, logdir, name, metrics_port=metrics_port, **settings)
+    wait_workers(redis_url, {name: proc})
+    return proc
 
 
 def submit(base: str, body: dict, headers: dict[str, str] | None = None) -> dict:
