@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     lease_ttl_s: float = 10.0  # a worker whose heartbeat is older than this has lost its jobs
     reclaim_interval_s: float = 1.0
     poll_block_ms: int = 1000
+    cancel_poll_s: float = 0.05  # the pipeline thread reads the cancel flag at most this often
     redis_outage_grace_s: float = 30.0  # a worker keeps a job this long while Redis is unreachable
     events_maxlen: int = 20000  # cap on events kept per job (MAXLEN ~)
     events_ttl_s: int = 3600  # the event log is kept this long after the terminal event

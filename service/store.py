@@ -132,7 +132,7 @@ if failures >= tonumber(ARGV[4]) then
            attempt, now)
   return {'dead', tostring(attempt)}
 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3], 'attempt_started_at', now)
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3], 'attempt_started_at', now, 'seq', '0')
 redis.call('HSETNX', KEYS[1], 'started_at', now)
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', 'job.started',
            'attempt', tostring(attempt),
@@ -142,15 +142,19 @@ return {'run', tostring(attempt), takeover and '1' or '0'}
 )
 
 # KEYS: job, events     ARGV: attempt, event ('' for none), data, maxlen, [field, value]...
+# KEYS: job, events     ARGV: attempt, seq, event ('' for none), data, maxlen, [field, value]...
+# `seq` numbers an attempt's emits from 1: a retried emit whose reply was lost is not applied twice.
 _EMIT = r"""
-local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'cancel')
+local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'cancel', 'seq')
 if j[1] ~= 'running' or j[2] ~= ARGV[1] then return {'fenced'} end
+if tonumber(ARGV[2]) <= tonumber(j[4] or '0') then return {'ok', '', j[3] or '0'} end
+redis.call('HSET', KEYS[1], 'seq', ARGV[2])
 local id = ''
-if ARGV[2] ~= '' then
-  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
-                  'event', ARGV[2], 'attempt', ARGV[1], 'data', ARGV[3])
+if ARGV[3] ~= '' then
+  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+                  'event', ARGV[3], 'attempt', ARGV[1], 'data', ARGV[4])
 end
-if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
 return {'ok', id, j[3] or '0'}
 """
 
@@ -162,6 +166,7 @@ _FINISH = (
 local C = {job = KEYS[1], events = KEYS[2], jobs = KEYS[3], dead = KEYS[4], group = ARGV[5],
            maxlen = ARGV[6], events_ttl = ARGV[7], result_ttl = ARGV[8]}
 local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'attempt_started_at')
+if j[1] == ARGV[2] and j[2] == ARGV[1] then return {'ok'} end  -- a retry whose reply was lost
 if j[1] ~= 'running' or j[2] ~= ARGV[1] then return {'fenced'} end
 if #ARGV > 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
 if ARGV[9] ~= '' then redis.call('SET', KEYS[5], ARGV[9], 'EX', ARGV[8]) end
@@ -185,6 +190,7 @@ _REQUEUE = (
 local C = {job = KEYS[1], events = KEYS[2], jobs = KEYS[3], dead = KEYS[5], group = ARGV[3],
            maxlen = ARGV[7], events_ttl = ARGV[8], result_ttl = ARGV[9]}
 local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'entry_id', 'cancel', 'id')
+if j[1] == 'queued' and j[2] == ARGV[1] then return {'queued'} end  -- a retry whose reply was lost
 if j[1] ~= 'running' or j[2] ~= ARGV[1] then return {'fenced'} end
 local now = clock()
 local attempt = tonumber(ARGV[1])
@@ -576,18 +582,37 @@ class Store:
         self,
         job_id: str,
         attempt: int,
+        seq: int,
         event: str,
         data: dict[str, Any] | str,
         fields: dict[str, Any] | None = None,
     ) -> Emitted:
-        payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-        result = await self.scripts["emit"](
-            keys=[keys.job(job_id), keys.events(job_id)],
-            args=[attempt, event, payload, self.settings.events_maxlen, *_pairs(fields)],
-        )
-        if _s(result[0]) != "ok":
-            return Emitted(False)
-        return Emitted(True, _s(result[1]), _s(result[2]) == "1")
+        return (await self.emit_many(job_id, attempt, [(seq, event, data, fields)]))[0]
+
+    async def emit_many(
+        self,
+        job_id: str,
+        attempt: int,
+        items: list[tuple[int, str, dict[str, Any] | str, dict[str, Any] | None]],
+    ) -> list[Emitted]:
+        """Emit several events in order, in one round trip; each is fenced on its own. Items are
+        (seq, event name or '', data, job-hash fields)."""
+        keys_ = [keys.job(job_id), keys.events(job_id)]
+        maxlen = self.settings.events_maxlen
+        async with self.r.pipeline(transaction=False) as pipe:
+            for seq, event, data, fields in items:
+                payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+                await self.scripts["emit"](
+                    keys=keys_, args=[attempt, seq, event, payload, maxlen, *_pairs(fields)], client=pipe
+                )
+            replies = await pipe.execute()
+        out = []
+        for reply in replies:
+            if _s(reply[0]) != "ok":
+                out.append(Emitted(False))
+            else:
+                out.append(Emitted(True, _s(reply[1]), _s(reply[2]) == "1"))
+        return out
 
     async def finish(
         self,

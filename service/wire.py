@@ -9,6 +9,7 @@ summary that the job hash shows (stages so far, image links).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +91,11 @@ class Translator:
     stages: list[dict[str, Any]] = field(default_factory=list)
 
     def _data(self, **values: Any) -> dict[str, Any]:
+        # ts: when the pipeline produced the event (worker clock), for latency measurements
         return {
             "job_id": self.job_id,
             "attempt": self.attempt,
+            "ts": round(time.time(), 6),
             **{k: v for k, v in values.items() if v is not None},
         }
 

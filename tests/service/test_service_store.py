@@ -64,13 +64,13 @@ async def test_a_stale_attempt_cannot_emit_or_finish_after_a_takeover(store: Sto
     await _enqueue(store, "j1")
     _, _, first = await _take(store, "w1")
     assert (first.outcome, first.attempt) == ("run", 1)
-    assert (await store.emit("j1", 1, "stage.started", {"n": 1})).ok
+    assert (await store.emit("j1", 1, 1, "stage.started", {"n": 1})).ok
     await store.r.delete(keys.heartbeat("w1"))  # w1 stops heartbeating (kill -9)
     assert await store.reclaim("w2") is not None
     entry_id, _ = await store.poll("w2", 100)
     second = await store.start("j1", entry_id, "w2")
     assert (second.outcome, second.attempt, second.takeover) == ("run", 2, True)
-    assert not (await store.emit("j1", 1, "stage.started", {"n": 2})).ok
+    assert not (await store.emit("j1", 1, 2, "stage.started", {"n": 2})).ok
     assert not await store.finish("j1", 1, JobStatus.succeeded, "job.completed", {})
     assert await store.requeue("j1", 1, "handback") == "fenced"
     assert await store.finish("j1", 2, JobStatus.succeeded, "job.completed", {"ok": True})
@@ -80,6 +80,18 @@ async def test_a_stale_attempt_cannot_emit_or_finish_after_a_takeover(store: Sto
     assert [e.attempt for e in events] == [0, 1, 1, 2, 2]
     pending = await store.r.xpending(keys.JOBS, keys.GROUP)
     assert pending["pending"] == 0
+
+
+async def test_a_retried_emit_is_applied_once_and_a_retried_finish_is_not_refused(store: Store):
+    await _enqueue(store, "j1")
+    await _take(store, "w1")
+    batch = [(1, "stage.started", {"n": 1}, None), (2, "text.delta", {"n": 2}, {"stages": []})]
+    assert all(e.ok for e in await store.emit_many("j1", 1, batch))
+    assert all(e.ok for e in await store.emit_many("j1", 1, batch))  # the reply was lost: sent again
+    assert await _events(store, "j1") == ["job.queued", "job.started", "stage.started", "text.delta"]
+    assert await store.finish("j1", 1, JobStatus.succeeded, "job.completed", {})
+    assert await store.finish("j1", 1, JobStatus.succeeded, "job.completed", {})
+    assert (await _events(store, "j1")).count("job.completed") == 1
 
 
 async def test_reclaim_leaves_jobs_of_live_workers_however_long_they_run(store: Store):
@@ -109,7 +121,7 @@ async def test_cancel_of_a_running_job_is_seen_by_its_next_emit(store: Store):
     await _enqueue(store, "j1")
     await _take(store, "w1")
     assert (await store.cancel("j1"))[0] == "canceling"
-    emitted = await store.emit("j1", 1, "image.progress", {"step": 1})
+    emitted = await store.emit("j1", 1, 1, "image.progress", {"step": 1})
     assert emitted.ok and emitted.cancel
     assert await store.lease("j1", 1) == (True, True)
 
