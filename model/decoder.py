@@ -50,7 +50,9 @@ def route(x: torch.Tensor, gen: Gen, und_fn: Callable, gen_fn: Callable) -> torc
     if gen is None:
         return und_fn(x)
     out = gen_fn(x)  # (B, T, ...)
-    und_out = und_fn(torch.cat([x[:, : gen.start], x[:, gen.stop :]], dim=1)).to(out.dtype)  # (B, T - n_gen, ...)
+    und_out = und_fn(torch.cat([x[:, : gen.start], x[:, gen.stop :]], dim=1)).to(
+        out.dtype
+    )  # (B, T - n_gen, ...)
     out[:, : gen.start] = und_out[:, : gen.start]
     out[:, gen.stop :] = und_out[:, gen.start :]
     return out

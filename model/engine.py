@@ -30,6 +30,7 @@ from model.config import BagelConfig
 from model.kv_cache import Context, KVCache
 from model.params import ImageSettings
 from model.sampler import combine_guidance, euler_step, guidance_scales, sample_token, timestep_schedule
+from model.static_decode import StaticDecoder
 from model.tokenizer import BagelTokenizer
 from model.transforms import (
     latent_position_ids,
@@ -108,6 +109,8 @@ class Engine:
         self.cfg: BagelConfig = model.cfg
         self.batch_branches = batch_branches
         self.vae_dtype = vae_dtype
+        # Decode with static shapes (a CUDA graph per text stage) on GPU; eager elsewhere.
+        self.static_decode = model.device.type == "cuda"
 
     @property
     def device(self) -> torch.device:
@@ -222,6 +225,14 @@ class Engine:
         return next(self.vae.parameters()).device
 
     # ---- text decoding ------------------------------------------------------------------------
+    def decode_stepper(self, cache: KVCache, tokens: int) -> Callable[[int], torch.Tensor]:
+        """A function feeding one token at the cache's end and returning the next logits (V,);
+        room for `tokens` steps is reserved first so the static decoder's storage stays put."""
+        cache.reserve(tokens)
+        if self.static_decode:
+            return StaticDecoder(self.model, cache, use_graph=True).step
+        return lambda token: self.append_ids(cache, [token])
+
     def decode_text(
         self,
         cache: KVCache,
@@ -330,11 +341,12 @@ class TextDecoding:
         start = (cache.length, cache.rope)
         stream = tok.stream_decoder()
         token = tok.bos_id
+        step = engine.decode_stepper(cache, self.max_tokens)
         try:
             for _ in range(self.max_tokens):
                 if self.should_cancel():
                     raise Cancelled
-                logits = engine.append_ids(cache, [token])  # (V,)
+                logits = step(token)  # (V,)
                 if self.logits_processor is not None:
                     logits = self.logits_processor(self.ids, logits)
                 token = sample_token(logits, self.do_sample, self.temperature, self.generator)

@@ -29,10 +29,12 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        self.k = torch.empty(
+        # Zero-filled, so a step that attends over the whole capacity behind a mask (the static
+        # decode of static_decode.py) never meets non-finite garbage in the unused part.
+        self.k = torch.zeros(
             num_layers, kv_heads, capacity, head_dim, dtype=dtype, device=device
         )  # (L, G, C, D)
-        self.v = torch.empty_like(self.k)  # (L, G, C, D)
+        self.v = torch.zeros_like(self.k)  # (L, G, C, D)
         self.length = 0  # tokens written and committed
         self.rope = 0  # RoPE position of the next token
 
@@ -50,8 +52,8 @@ class KVCache:
         if need <= self.capacity:
             return
         new_cap = max(need, 2 * self.capacity)
-        grown_k = self.k.new_empty(*self.k.shape[:2], new_cap, self.k.shape[3])  # (L, G, C', D)
-        grown_v = torch.empty_like(grown_k)
+        grown_k = self.k.new_zeros(*self.k.shape[:2], new_cap, self.k.shape[3])  # (L, G, C', D)
+        grown_v = torch.zeros_like(grown_k)
         grown_k[:, :, : self.length] = self.k[:, :, : self.length]
         grown_v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = grown_k, grown_v

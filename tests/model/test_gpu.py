@@ -19,8 +19,16 @@ def _run(engine, noise):
     engine.append_text(img, "a red cube on top of a blue sphere")
     dec = engine.decode_text(cond, max_tokens=6, commit=False)
     logits = [s.logits.float().cpu() for s in dec if s.token >= 0]
-    gen = engine.generate_image(cond, text_uncond, img, height=64, width=64, noise=noise, trace=True,
-                                settings=ImageSettings(steps=6, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0)))
+    gen = engine.generate_image(
+        cond,
+        text_uncond,
+        img,
+        height=64,
+        width=64,
+        noise=noise,
+        trace=True,
+        settings=ImageSettings(steps=6, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0)),
+    )
     velocities = [s.v_cond.float().cpu() for s in gen]
     return logits, velocities, gen.pixels
 
@@ -43,3 +51,16 @@ def test_float32_cuda_matches_the_golden_cases():
 
     lines, ok = run_golden(GOLDEN, device="cuda:0")
     assert ok, "\n".join(lines)
+
+
+def test_cuda_graph_decode_matches_eager_decode():
+    engine = load_engine(TINY, device="cuda:0", dtype="float32")
+    results = []
+    for static in (False, True):
+        engine.static_decode = static
+        cache = engine.new_cache()
+        engine.append_text(cache, "Once upon a time there was a little robot who")
+        dec = engine.decode_text(cache, max_tokens=16, commit=False)
+        results.append((dec.ids, torch.stack([s.logits.float().cpu() for s in dec if s.token >= 0])))
+    assert results[0][0] == results[1][0]
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-3)

@@ -192,3 +192,18 @@ def test_generation_rejects_sizes_off_the_latent_grid(engine):
         engine.generate_image(
             cond, cond.snapshot(), cond, height=1040, width=64, settings=ImageSettings(steps=2)
         )
+
+
+def test_static_shape_decode_matches_the_eager_decode(engine):
+    """The CUDA-graph decode path (here without the graph) attends over the whole capacity behind a
+    mask; it must pick the same tokens with the same logits as the eager path."""
+    results = []
+    for static in (False, True):
+        engine.static_decode = static
+        cache = engine.new_cache(capacity=24)  # small: the decode must grow the cache first
+        engine.append_text(cache, "Once upon a time there was a little robot who")
+        dec = engine.decode_text(cache, max_tokens=16, commit=False)
+        results.append((dec.ids, torch.stack([s.logits for s in dec if s.token >= 0])))
+    engine.static_decode = False
+    assert results[0][0] == results[1][0]
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-4)
