@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 # CPU machines get the CPU build of torch (on local disk here); a CUDA machine gets the normal build.
 TORCH ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo 'torch>=2.5,<3'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: install test lint redis-server clean
+.PHONY: install test lint redis-server clean demo
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: install redis-server
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# One generation end to end: a tiny random checkpoint unless STROKES_CHECKPOINT is set, `strokes serve`
+# (API + worker + a private redis-server), the events as they stream, images and trajectory in ./demo-out.
+demo: install redis-server
+	$(PY) -m service.cli demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -203,6 +203,7 @@ class Worker:
         name: str,
         metrics: WorkerMetrics | None = None,
         images: imagelib.ImageStore | None = None,
+        executor: concurrent.futures.ThreadPoolExecutor | None = None,
     ):
         self.store = store
         self.pipeline = pipeline
@@ -213,7 +214,8 @@ class Worker:
         self.job: ActiveJob | None = None
         self.stopping = asyncio.Event()
         self._last_reclaim = 0.0
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        # The one thread that runs torch: pass the executor the model was loaded on (see torch_thread).
+        self._executor = executor or torch_thread()
         self._probe: redis.Redis | None = None  # sync client of the pipeline thread (cancel checks)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -557,11 +559,27 @@ class Worker:
 # ---- command ------------------------------------------------------------------------------------
 
 
+def torch_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """A single thread for all torch work of the process: loading the model and running it.
+
+    Each OS thread that runs torch CPU ops gets its own OpenMP team; two teams on the same cores
+    fight (measured here: a tiny-model job took 0.11 s with loading and running on one thread and
+    0.20 s when they ran on two). The event loop's thread never touches tensors.
+    """
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+
+
 def default_name(device: str) -> str:
     return f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
 
 
-async def serve_worker(settings: Settings, pipeline: Pipeline, name: str, metrics: WorkerMetrics) -> None:
+async def serve_worker(
+    settings: Settings,
+    pipeline: Pipeline,
+    name: str,
+    metrics: WorkerMetrics,
+    executor: concurrent.futures.ThreadPoolExecutor | None = None,
+) -> None:
     client = connect(
         settings.redis_url,
         timeout_s=max(5.0, settings.poll_block_ms / 1000 + 3),
@@ -569,7 +587,7 @@ async def serve_worker(settings: Settings, pipeline: Pipeline, name: str, metric
         max_connections=32,
     )
     store = Store(client, settings)
-    worker = Worker(store, pipeline, settings, name, metrics)
+    worker = Worker(store, pipeline, settings, name, metrics, executor=executor)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
@@ -590,11 +608,12 @@ def run_worker(args) -> int:
     factory = factory_from_path(args.pipeline) if args.pipeline else load_pipeline
     began = time.perf_counter()
     log.info("loading the model", extra={"checkpoint": str(args.checkpoint), "device": args.device})
-    pipeline = factory(str(args.checkpoint), args.device, args.dtype)
+    executor = torch_thread()
+    pipeline = executor.submit(factory, str(args.checkpoint), args.device, args.dtype).result()
     metrics.model_load_seconds.set(time.perf_counter() - began)
     metrics.observe_gpu()
     log.info("model loaded", extra={"seconds": round(time.perf_counter() - began, 3)})
-    asyncio.run(serve_worker(settings, pipeline, name, metrics))
+    asyncio.run(serve_worker(settings, pipeline, name, metrics, executor))
     return 0
 
 

@@ -4,7 +4,9 @@ size, denoising steps, iterations), never by sleeps in the product."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import signal
 import threading
@@ -239,6 +241,34 @@ def test_client_disconnect_does_not_cancel_the_job(service: Service):
     assert _wait_status(service.base, job["id"], ("succeeded", "failed", "canceled"))["status"] == "succeeded"
 
 
+def test_edit_job_with_an_input_image_runs_from_that_image(service: Service):
+    png = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(png, format="PNG")
+    upload = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    job = submit(service.base, {**QUICK, "input_image": upload})
+    events = stream_events(service.base, job["id"])
+    assert events[-1].event == "job.completed"
+    status = _status(service.base, job["id"])
+    assert "input" in {image["id"] for image in status["images"]}
+    draft = next(s for s in status["stages"] if s["stage"] == "draft")
+    assert draft["image"]["width"] > draft["image"]["height"]  # follows the landscape input, not 64x64
+
+
+def test_worker_logs_are_json_lines_with_job_fields_and_no_prompt_text(service: Service):
+    prompt = "a secret prompt about a lighthouse"
+    job = submit(service.base, {**QUICK, "prompt": prompt})
+    stream_events(service.base, job["id"])
+    text = service.worker.output()
+    text = text[: text.rfind("\n") + 1]  # complete lines only: the worker may be mid-write
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert lines and all({"ts", "level", "msg", "job_id", "attempt", "stage"} <= set(r) for r in lines)
+    mine = [r for r in lines if r["job_id"] == job["id"]]
+    assert {r["attempt"] for r in mine} == {1}
+    assert any(r["msg"] == "job started" and r["prompt_chars"] == len(prompt) for r in mine)
+    assert any(r["stage"] in ("refine", "reflect") for r in mine)
+    assert prompt not in service.worker.output()
+
+
 def _metrics(text: str) -> dict[tuple[str, tuple], float]:
     out = {}
     for family in text_string_to_metric_families(text):
@@ -293,6 +323,21 @@ def test_metrics_of_api_and_worker_move_with_a_tiny_model_job(service: Service):
         "strokes_api_rejections_total",
     ):
         assert any(n == name for n, _ in api) or name == "strokes_api_rejections_total", name
+
+
+def test_event_stream_opens_with_a_comment_at_once_and_heartbeats_while_quiet(redis_url, logdir, procs):
+    api, base = start_api(redis_url, logdir, sse_ping_s=0.4)
+    procs.append(api)
+    job = submit(base, QUICK)  # no worker: the job stays queued and its stream stays quiet
+    lines: list[tuple[float, str]] = []
+    began = time.monotonic()
+    with httpx.stream("GET", f"{base}/v1/generations/{job['id']}/events", timeout=10) as reply:
+        for line in reply.iter_lines():
+            lines.append((time.monotonic() - began, line))
+            if sum(text.startswith(": ping") for _, text in lines) >= 2:
+                break
+    assert lines[0][1] == ": stream open" and lines[0][0] < 1.0
+    assert [text for _, text in lines if text.startswith("event:")] == ["event: job.queued"]
 
 
 # ---- failures of processes: each test has its own Redis, API and workers ---------------------
