@@ -262,7 +262,7 @@ async def generation_events(
     if request.app.state.open_streams >= settings.sse_max_streams:
         raise Unavailable("too many open event streams; retry shortly")
     return EventSourceResponse(
-        _counted(request, sse.events(store, job_id, cursor, settings, metrics)),
+        _counted(request, sse.events(request.app.state.hub, job_id, cursor, settings, metrics)),
         ping=settings.sse_ping_s,
         send_timeout=settings.sse_send_timeout_s,
     )
@@ -449,6 +449,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_connections=settings.sse_max_streams + 64,
         )
         app.state.store = Store(client, settings, blocking=blocking)
+        app.state.hub = sse.EventHub(app.state.store, settings)
         try:
             await bounded(settings, app.state.store.ensure_group())
         except (RedisError, OSError, TimeoutError) as exc:  # not fatal: Redis may come up later
@@ -456,6 +457,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.hub.close()
             await app.state.store.close()
 
     app = FastAPI(

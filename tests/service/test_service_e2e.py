@@ -129,8 +129,9 @@ def service(redis_server, tiny_checkpoint, tmp_path_factory):
     server.start()
     api, base = start_api(server.url, tmp)
     port = free_port()
-    # The tiny model's denoising steps take ~30 ms: read the cancel flag more often than that.
-    worker = start_worker(server.url, tiny_checkpoint, tmp, "shared", metrics_port=port, cancel_poll_s=0.01)
+    # The tiny model's denoising steps take a few ms: read the cancel flag at every check (the
+    # default, 50 ms, is shorter than a denoising step of a real model on a GPU).
+    worker = start_worker(server.url, tiny_checkpoint, tmp, "shared", metrics_port=port, cancel_poll_s=0)
     yield Service(base, server.url, worker, port)
     worker.stop()
     api.stop()
