@@ -147,6 +147,27 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 COMMON = (401, 404, 422, 503)
 router = APIRouter()
 
+EVENTS_DESCRIPTION = """Server-Sent Events of one generation. `id:` is the event id (resume with the
+`Last-Event-ID` header or `?after=`: every later event comes exactly once, in order), `event:` its
+name, `data:` a JSON object with `job_id`, `attempt` and, for events of the pipeline, `ts` (when the
+worker produced it). A comment opens the stream and another follows every 15 s; the stream ends
+after the terminal event (exactly one per job: job.completed, job.failed or job.canceled).
+
+| event | data |
+|---|---|
+| job.queued | position; on a hand-back or retry: reason (and error) |
+| job.started | worker, attempt, takeover (true when it took over from a dead worker) |
+| stage.started | iteration, stage (plan, draft, reflect, refine) |
+| text.delta | iteration, stage, delta |
+| image.progress | iteration, stage, step, steps (preview: an image link, with preview_every) |
+| stage.completed | iteration, stage, seconds, text, verdict, refine_instruction, image {id, url, width, height}, steps, prefilled_tokens, cached_tokens, generated_tokens |
+| iteration.completed | iteration, verdict, image |
+| job.completed | final_image, iterations, timings, usage |
+| job.failed | error {type, message} |
+| job.canceled | |
+| error | error {type, message}: the event store failed; reconnect with Last-Event-ID |
+"""
+
 
 @router.post(
     "/v1/generations",
@@ -234,6 +255,7 @@ async def cancel_generation(
         **_errors(*COMMON),
     },
     summary="The generation's events (SSE)",
+    description=EVENTS_DESCRIPTION,
 )
 async def generation_events(
     job_id: str,

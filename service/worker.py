@@ -267,6 +267,8 @@ class Worker:
         if job is None:
             return False
         self.job = job
+        if self.stopping.is_set():  # SIGTERM landed while the job was being started
+            job.interrupt("shutdown")
         self.metrics.busy.set(1)
         try:
             with slog.job_context(job.job_id, job.attempt):
@@ -304,7 +306,8 @@ class Worker:
     async def start(self, entry_id: str, job_id: str) -> ActiveJob | None:
         started = await self.store.start(job_id, entry_id, self.name)
         if started.outcome != "run":
-            log.info("entry not run: %s", started.outcome, extra={"job_id": job_id, "entry_id": entry_id})
+            with slog.job_context(job_id, started.attempt or None):
+                log.info("entry not run: %s", started.outcome, extra={"entry_id": entry_id})
             if started.outcome == "dead":
                 self.metrics.jobs.labels("failed").inc()
             return None
