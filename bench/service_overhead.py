@@ -36,13 +36,94 @@ from pathlib import Path
 import httpx
 
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-from common import log, machine, setup_threads, small_checkpoint, wait_for_quiet, write_json  # noqa: E402
+REPO = BENCH_DIR.parent
+if str(REPO) not in sys.path:  # `python bench/service_overhead.py` from anywhere
+    sys.path.insert(0, str(REPO))
 
 from model.params import GenerationParams, ImageSettings, TextSettings  # noqa: E402
 from service.serve import PrivateRedis, free_port  # noqa: E402
 
-REPO = BENCH_DIR.parent
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def small_checkpoint(seed: int = 0) -> Path:
+    """The shared "small" random checkpoint (DESIGN.md section 5), in bench/.ckpt like the other
+    CPU benchmarks (written on first use, then reused)."""
+    from model.tiny import make_tiny
+
+    folder = Path(os.environ.get("STROKES_BENCH_CKPT", BENCH_DIR / ".ckpt" / f"small-seed{seed}"))
+    if not (folder / "tiny_bagel_info.json").is_file():
+        log(f"writing the small random checkpoint to {folder} ...")
+        make_tiny(folder, seed=seed, sizes="small")
+    return folder
+
+
+def setup_threads(threads: int = 2) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _busy(seconds: float) -> float:
+    def times() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]
+
+    try:
+        t0, i0 = times()
+        time.sleep(seconds)
+        t1, i1 = times()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_quiet(max_busy: float = 0.25, timeout: float = 180.0) -> dict:
+    """The machine is shared: wait (up to `timeout` s) until other processes leave the cores idle."""
+    start = time.perf_counter()
+    busy = _busy(1.0)
+    while busy > max_busy and time.perf_counter() - start < timeout:
+        log(f"machine busy ({busy:.0%} of the cores): waiting for quiet ...")
+        busy = _busy(3.0)
+    return {"busy_before_start": round(busy, 3), "waited_s": round(time.perf_counter() - start, 1)}
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "unknown",
+        )
+        if Path("/proc/cpuinfo").exists()
+        else "unknown"
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg_at_start": list(os.getloadavg()),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        log(f"wrote {path}")
+
+
 TERMINAL = ("job.completed", "job.failed", "job.canceled")
 
 SMALL_JOB = {
@@ -199,7 +280,11 @@ def overhead(checkpoint: Path, job: dict, runs: int, label: str) -> dict:
         run_in_process(pipeline, job)  # warm-ups
         run_through_service(base, job)
         for i in range(runs):
+            # A pause before each run: OpenMP threads of the other process spin-wait for a while
+            # after their last parallel region, and would otherwise slow whichever run comes next.
+            time.sleep(1.0)
             inproc.append(run_in_process(pipeline, job))
+            time.sleep(1.0)
             served.append(run_through_service(base, job))
             log(
                 f"{label} run {i + 1}/{runs}: in-process {inproc[-1]:.3f} s, service {served[-1]['client_s']:.3f} s"
@@ -219,6 +304,8 @@ def overhead(checkpoint: Path, job: dict, runs: int, label: str) -> dict:
         "ratio_service_over_in_process": round(med_client / med_in, 4),
         "overhead_pct": round(100 * (med_client / med_in - 1), 2),
         "worker_pipeline_over_in_process": round(med_worker_pipeline / med_in, 4),
+        # the fastest of each: less sensitive to other load on a shared machine
+        "ratio_of_minimums": round(min(r["client_s"] for r in served) / min(inproc), 4),
     }
 
 
@@ -299,7 +386,7 @@ async def latency(base: str, clients: int, mode: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tiny-runs", type=int, default=10)
     parser.add_argument("--clients", type=int, default=200)
     args = parser.parse_args()
@@ -331,7 +418,8 @@ def main() -> int:
         print(
             f"  {o['label']:5s}: in-process {o['median_in_process_s']:.3f} s, through the service "
             f"{o['median_service_s']:.3f} s -> ratio {o['ratio_service_over_in_process']:.3f} "
-            f"({o['overhead_pct']:+.1f} %), worker-side pipeline {o['worker_pipeline_over_in_process']:.3f}x"
+            f"({o['overhead_pct']:+.1f} %), ratio of minimums {o['ratio_of_minimums']:.3f}, "
+            f"worker-side pipeline {o['worker_pipeline_over_in_process']:.3f}x"
         )
     for lat in result["latency"]:
         print(

@@ -82,7 +82,7 @@ def show(event: str, data: dict) -> None:
         return
     if event in ("stage.completed", "iteration.completed", "job.completed"):
         print()
-    brief = {k: v for k, v in data.items() if k not in ("job_id", "text", "usage", "timings")}
+    brief = {k: v for k, v in data.items() if k not in ("job_id", "ts", "text", "usage", "timings")}
     print(f"[{event}] {json.dumps(brief, ensure_ascii=False)}", flush=True)
 
 
