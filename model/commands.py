@@ -63,7 +63,10 @@ def _generate(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     try:
-        input_image = np.asarray(Image.open(args.image).convert("RGB")) if args.image else None
+        input_image = None
+        if args.image:
+            with Image.open(args.image) as image:
+                input_image = np.asarray(image.convert("RGB"))
         params = GenerationParams(
             prompt=args.prompt,
             protocol=args.protocol,

@@ -92,7 +92,8 @@ def test_generate_writes_images_and_trajectory(own_tiny, tmp_path):
     assert [s["stage"] for s in trajectory["stages"]] == ["plan", "draft", "reflect", "refine"]
     for stage in trajectory["stages"]:
         if "image" in stage:
-            assert Image.open(tmp_path / stage["image"]).size == (64, 48)
+            with Image.open(tmp_path / stage["image"]) as image:
+                assert image.size == (64, 48)
     assert (tmp_path / trajectory["final_image"]).is_file()
 
 
