@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "service.worker",
     "service.serve",
     "service.demo",
+    "service.bench",
 ]
 
 

@@ -41,12 +41,18 @@ class RedisServer:
         if exe is None:
             raise RuntimeError("redis-server is not installed: run `make test`, which installs it")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.workdir),
-             "--maxmemory-policy", "noeviction", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        options = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "save": "",
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "dir": str(self.workdir),
+            "maxmemory-policy": "noeviction",
+            "protected-mode": "no",
+        }
+        cmd = [exe] + [arg for name, value in options.items() for arg in (f"--{name}", value)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

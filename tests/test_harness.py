@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import redis
 
@@ -23,6 +24,17 @@ def test_private_redis_is_not_the_system_one(redis_server):
 
 
 def test_strokes_command_prints_its_version():
-    out = subprocess.run([sys.executable, "-m", "service.cli", "--version"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("strokes ")
+
+
+def test_ruff_is_clean():
+    """`make lint` passes: the suite fails when code lands unlinted or unformatted."""
+    root = Path(__file__).resolve().parents[1]
+    ruff = [sys.executable, "-m", "ruff"]
+    check = subprocess.run([*ruff, "check", "."], cwd=root, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    fmt = subprocess.run([*ruff, "format", "--check", "."], cwd=root, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stdout

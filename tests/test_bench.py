@@ -1,4 +1,5 @@
-"""The GPU script's CPU modes (run with: .venv/bin/python -m pytest -q bench/test_gpu_dry_run.py)."""
+"""`strokes bench`: the listing, and the GPU script's CPU modes run through it (its --dry-run proves the
+prepared BAGEL-7B-MoT script runs end to end on a tiny model; without CUDA a real run refuses)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,27 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent / "gpu_bagel7b.py"
+STROKES = [sys.executable, "-m", "service.cli", "bench"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_lists_every_benchmark_script():
+    proc = subprocess.run([*STROKES], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split()[0] for line in proc.stdout.splitlines()}
+    on_disk = {p.stem for p in (ROOT / "bench").glob("*.py")} - {"common"}
+    assert listed == on_disk
+
+
+def test_bench_refuses_an_unknown_name():
+    proc = subprocess.run([*STROKES, "nope"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "unknown benchmark 'nope'" in proc.stderr
 
 
 def test_dry_run_writes_one_json_object(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)],
+        [*STROKES, "gpu_bagel7b", "--dry-run", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -43,7 +58,7 @@ def test_dry_run_writes_one_json_object(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_without_cuda_it_exits_2_with_a_message(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path / "x.json")],
+        [*STROKES, "gpu_bagel7b", "--out", str(tmp_path / "x.json")],
         capture_output=True,
         text=True,
         timeout=60,
