@@ -45,27 +45,17 @@ class PrivateRedis:
                 "redis-server is not installed (apt-get install redis-server), or pass --redis-url"
             )
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--dir",
-                str(self.folder),
-                "--maxmemory-policy",
-                "noeviction",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        options = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "save": "",  # no RDB snapshots: the AOF below is the durability
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "dir": str(self.folder),
+            "maxmemory-policy": "noeviction",
+        }
+        cmd = [exe] + [arg for name, value in options.items() for arg in (f"--{name}", value)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -84,6 +74,7 @@ class PrivateRedis:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
             self.proc = None
 
 

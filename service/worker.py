@@ -360,6 +360,14 @@ class Worker:
                     png = imagelib.encode_png(wire.image[1]) if wire.image is not None else None
                     publisher.submit(wire, png)  # PNG encoding stays on this thread
                 if isinstance(event, StageCompleted):
+                    log.info(
+                        "stage completed",
+                        extra={
+                            "seconds": round(event.seconds, 3),
+                            "prefilled_tokens": event.prefilled_tokens,
+                            "cached_tokens": event.cached_tokens,
+                        },
+                    )
                     self.metrics.observe_stage(
                         event.stage.value,
                         event.seconds,

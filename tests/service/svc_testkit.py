@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from model.events import (
 from model.params import GenerationParams
 from service import keys
 from service.client import SSE, iter_sse
+from service.serve import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = ("job.completed", "job.failed", "job.canceled")
@@ -59,12 +59,6 @@ SLOW = {
     "plan": {"max_tokens": 8},
     "reflect": {"max_tokens": 8},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
