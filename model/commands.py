@@ -9,7 +9,25 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+
+def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A missing or broken checkpoint, golden folder or input is the user's to fix: one line on
+    stderr and exit status 2, not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        from model.config import CheckpointError
+        from model.params import InvalidParams
+
+        try:
+            return command(args)
+        except (CheckpointError, InvalidParams, OSError) as e:
+            print(f"strokes {args.command}: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -58,37 +76,33 @@ def _generate(args: argparse.Namespace) -> int:
 
     from model.events import ImageCompleted, ImageProgress, StageCompleted, StageStarted, TextDelta
     from model.loading import load_engine
-    from model.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
+    from model.params import GenerationParams, ImageSettings, TextSettings
     from model.pipeline import Pipeline
 
     out = Path(args.out)
-    try:
-        input_image = None
-        if args.image:
-            with Image.open(args.image) as image:
-                input_image = np.asarray(image.convert("RGB"))
-        params = GenerationParams(
-            prompt=args.prompt,
-            protocol=args.protocol,
-            width=args.width,
-            height=args.height,
-            max_iterations=args.max_iterations,
-            seed=args.seed,
-            think=not args.no_think,
-            draft=ImageSettings(steps=args.steps),
-            input_image=input_image,
-            refine=ImageSettings(
-                steps=args.refine_steps or args.steps,
-                cfg_img_scale=2.0,
-                cfg_interval=(0.0, 1.0),
-                cfg_renorm_type="text_channel",
-            ),
-            plan=TextSettings(max_tokens=args.max_text_tokens),
-            reflect=TextSettings(max_tokens=args.max_text_tokens),
-        ).validate()
-    except (InvalidParams, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    input_image = None
+    if args.image:
+        with Image.open(args.image) as image:
+            input_image = np.asarray(image.convert("RGB"))
+    params = GenerationParams(
+        prompt=args.prompt,
+        protocol=args.protocol,
+        width=args.width,
+        height=args.height,
+        max_iterations=args.max_iterations,
+        seed=args.seed,
+        think=not args.no_think,
+        draft=ImageSettings(steps=args.steps),
+        input_image=input_image,
+        refine=ImageSettings(
+            steps=args.refine_steps or args.steps,
+            cfg_img_scale=2.0,
+            cfg_interval=(0.0, 1.0),
+            cfg_renorm_type="text_channel",
+        ),
+        plan=TextSettings(max_tokens=args.max_text_tokens),
+        reflect=TextSettings(max_tokens=args.max_text_tokens),
+    ).validate()
     print(f"loading {args.checkpoint} on {args.device} ...", file=sys.stderr)
     engine = load_engine(args.checkpoint, device=args.device, dtype=args.dtype)
     print(f"loaded in {engine.load_seconds:.1f} s", file=sys.stderr)
@@ -136,7 +150,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     for name in ("hidden", "layers", "heads", "kv-heads", "intermediate", "vit-hidden", "vit-layers"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the preset's size")
-    p.set_defaults(func=_make_tiny)
+    p.set_defaults(func=_user_errors(_make_tiny))
 
     p = sub.add_parser(
         "conformance", help="replay golden cases of the official BAGEL code, exit 1 on a mismatch"
@@ -144,7 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("golden_dir", help="a folder with tiny_ckpt/ and cases/")
     p.add_argument("--device", default="cpu")
     p.add_argument("--attn", choices=["sdpa", "reference"], default="sdpa")
-    p.set_defaults(func=_conformance)
+    p.set_defaults(func=_user_errors(_conformance))
 
     p = sub.add_parser("generate", help="run a process-driven generation in-process and save its images")
     p.add_argument("prompt")
@@ -166,4 +180,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--image", default=None, help="a starting image (png, jpeg, webp)")
     p.add_argument("--no-think", action="store_true", help="without BAGEL's planning system prompt")
-    p.set_defaults(func=_generate)
+    p.set_defaults(func=_user_errors(_generate))

@@ -102,10 +102,10 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _exit_with(worker: subprocess.Popen) -> None:
+def _exit_with(worker: subprocess.Popen, stopping: threading.Event) -> None:
     """The worker is half of the service: if it dies, stop the API too (SIGTERM to ourselves)."""
     code = worker.wait()
-    if code != 0:
+    if code != 0 and not stopping.is_set():
         print(f"strokes serve: the worker exited with {code}; stopping", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -118,6 +118,7 @@ def run_serve(args) -> int:
     tmp = None
     redis = None
     worker = None
+    stopping = threading.Event()  # set once we stop the worker ourselves
     redis_url = args.redis_url or os.environ.get("STROKES_REDIS_URL")
     try:
         if not redis_url:
@@ -143,7 +144,7 @@ def run_serve(args) -> int:
         if args.pipeline:
             cmd += ["--pipeline", args.pipeline]
         worker = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
-        threading.Thread(target=_exit_with, args=(worker,), daemon=True).start()
+        threading.Thread(target=_exit_with, args=(worker, stopping), daemon=True).start()
 
         import uvicorn
 
@@ -158,15 +159,21 @@ def run_serve(args) -> int:
         # that a SystemExit so the cleanup below runs (the default handler would kill us first).
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _exit_now)
-        uvicorn.run(
-            create_app(settings),
-            host=args.host,
-            port=args.port,
-            log_config=slog.uvicorn_log_config(),
-            timeout_graceful_shutdown=5,
-        )
-        return 0
+        code = 0
+        try:
+            uvicorn.run(
+                create_app(settings),
+                host=args.host,
+                port=args.port,
+                log_config=slog.uvicorn_log_config(),
+                timeout_graceful_shutdown=5,
+            )
+        except SystemExit as exc:  # our signal handler (0), or uvicorn failing to start (3)
+            code = exc.code if isinstance(exc.code, int) else 1
+        # A worker that failed (a bad checkpoint, say) fails `strokes serve` too.
+        return code or (1 if worker.poll() not in (None, 0) else 0)
     finally:
+        stopping.set()
         stop_child(worker)
         if redis is not None:
             redis.stop()

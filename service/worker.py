@@ -620,7 +620,12 @@ def run_worker(args) -> int:
     began = time.perf_counter()
     log.info("loading the model", extra={"checkpoint": str(args.checkpoint), "device": args.device})
     executor = torch_thread()
-    pipeline = executor.submit(factory, str(args.checkpoint), args.device, args.dtype).result()
+    try:
+        pipeline = executor.submit(factory, str(args.checkpoint), args.device, args.dtype).result()
+    except ValueError as exc:  # CheckpointError: a missing, partial or mismatched folder; a bad device
+        log.error("cannot load the model: %s", exc)
+        executor.shutdown()
+        return 2
     metrics.model_load_seconds.set(time.perf_counter() - began)
     metrics.observe_gpu()
     log.info("model loaded", extra={"seconds": round(time.perf_counter() - began, 3)})

@@ -114,3 +114,16 @@ def test_generate_rejects_bad_parameters_with_a_clear_error(own_tiny, tmp_path):
         text=True,
     )
     assert out.returncode == 2 and "width: must be a multiple of 16" in out.stderr
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    missing = tmp_path / "nope"
+    for args, expected in [
+        (["generate", "--checkpoint", str(missing), "x"], "checkpoint folder not found"),
+        (["generate", "--checkpoint", str(missing), "--width", "33", "x"], "width"),
+        (["conformance", str(tmp_path)], "no golden cases"),
+    ]:
+        out = subprocess.run([*STROKES, *args], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, (args, out.stderr)
+        assert "Traceback" not in out.stderr and expected in out.stderr, out.stderr
+        assert out.stderr.strip().splitlines()[-1].startswith(f"strokes {args[0]}: error: ")

@@ -9,6 +9,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -479,3 +481,24 @@ def test_redis_stopped_and_restarted_under_a_running_api_and_worker(
     assert sum(e.event in TERMINAL for e in events) == 1
     assert [(e.id, e.data) for e in follower.events] == [(e.id, e.data) for e in events]  # resumed whole
     assert follower.reconnects >= 1
+
+
+def test_worker_and_serve_fail_with_a_message_on_a_missing_checkpoint(tmp_path):
+    cmd = [sys.executable, "-m", "service.cli"]
+    missing = str(tmp_path / "nope")
+    worker = subprocess.run(
+        [*cmd, "worker", "--device", "cpu", "--checkpoint", missing, "--redis-url", "redis://127.0.0.1:1/0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert worker.returncode == 2
+    assert "cannot load the model" in worker.stderr and "Traceback" not in worker.stderr
+    serve = subprocess.run(
+        [*cmd, "serve", "--device", "cpu", "--checkpoint", missing, "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert serve.returncode == 1, serve.stderr
+    assert "checkpoint folder not found" in serve.stderr and "the worker exited with 2" in serve.stderr
