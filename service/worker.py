@@ -619,10 +619,12 @@ def run_worker(args) -> int:
     factory = factory_from_path(args.pipeline) if args.pipeline else load_pipeline
     began = time.perf_counter()
     log.info("loading the model", extra={"checkpoint": str(args.checkpoint), "device": args.device})
+    from model.config import CheckpointError  # the worker loads torch anyway
+
     executor = torch_thread()
     try:
         pipeline = executor.submit(factory, str(args.checkpoint), args.device, args.dtype).result()
-    except ValueError as exc:  # CheckpointError: a missing, partial or mismatched folder; a bad device
+    except CheckpointError as exc:  # a missing, partial or mismatched folder; a device not there
         log.error("cannot load the model: %s", exc)
         executor.shutdown()
         return 2
