@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors, jobs, sse
+from service import errors, generations, jobs, sse
 from service import images as imagelib
 from service.auth import OwnerDep
 from service.errors import NotFound, ServiceError, Unavailable
@@ -173,7 +173,10 @@ after the terminal event (exactly one per job: job.completed, job.failed or job.
     "/v1/generations",
     status_code=202,
     response_model=Job,
-    responses=_errors(400, 401, 413, 422, 429, 503),
+    responses={
+        200: {"model": Job, "description": "`Prefer: wait=N` and the job ended within N seconds"},
+        **_errors(400, 401, 413, 415, 422, 429, 503),
+    },
     summary="Start a generation",
 )
 async def create_generation(
@@ -190,6 +193,10 @@ async def create_generation(
             description="retrying with the same key and body returns the same job",
         ),
     ] = None,
+    prefer: Annotated[
+        OptionalStr,
+        Header(description="`wait=N`: answer 200 with the finished job if it ends within N seconds"),
+    ] = None,
 ) -> Job:
     try:
         job, replayed = await jobs.submit(
@@ -203,6 +210,13 @@ async def create_generation(
     else:
         metrics.submitted.inc()
     response.headers["Location"] = job.links.self
+    wait_s = generations.prefer_wait(prefer, settings)
+    if wait_s is not None:
+        response.headers["Preference-Applied"] = f"wait={wait_s:g}"
+        response.headers["Vary"] = "Prefer"
+        if JobStatus(job.status).terminal or await generations.wait_terminal(store, job.id, wait_s):
+            response.status_code = 200
+            job = await bounded(settings, jobs.current_view(store, job.id))
     return job
 
 
@@ -494,6 +508,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
     app.include_router(router)
+    app.include_router(generations.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

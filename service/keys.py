@@ -16,6 +16,7 @@ One module so the data layout can be read in one place (arq's constants.py). All
 | strokes:image:{key}         | string | image bytes (PNG), behind images.ImageStore                 |
 | strokes:hb:{worker}         | string | a worker's lease: exists while the worker is alive (PX TTL) |
 | strokes:idem:{owner}:{hash} | hash   | Idempotency-Key -> job id and body hash                      |
+| strokes:owner:{owner}:jobs  | zset   | the owner's job ids by creation time (ms), for GET /v1/generations |
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def image(storage_key: str) -> str:
 
 def heartbeat(worker: str) -> str:
     return HEARTBEAT_PREFIX + worker
+
+
+def owner_jobs(owner: str) -> str:
+    # The owner is "" (no API keys) or a hex digest of the key (auth.owner_of): safe in a key.
+    return f"{PREFIX}owner:{owner}:jobs"
 
 
 def idempotency(owner: str, key: str) -> str:

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     events_ttl_s: int = 3600  # the event log is kept this long after the terminal event
     result_ttl_s: int = 86400  # job hash, images and trajectory are kept this long after the end
     idempotency_ttl_s: int = 86400
+    # The owner's job list (GET /v1/generations): the newest jobs_index_max ids; the index key
+    # expires this long after the owner's last submission (keep it above the longest queue wait
+    # plus result_ttl_s, or old jobs still stored drop out of the list).
+    jobs_index_max: int = Field(10000, ge=1)
+    jobs_index_ttl_s: int = 7 * 86400
+    prefer_wait_max_s: float = 60.0  # the longest `Prefer: wait=N` a POST honours
 
     # SSE
     sse_ping_s: float = 15.0

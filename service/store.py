@@ -62,8 +62,9 @@ local function finalize(C, status, event, data, attempt, now)
 end
 """
 
-# KEYS: job, jobs, queued, events, idem
-# ARGV: job_id, cap, request, owner, body_hash, has_idem, idem_ttl, maxlen, [field, value]...
+# KEYS: job, jobs, queued, events, idem, owner_jobs
+# ARGV: job_id, cap, request, owner, body_hash, has_idem, idem_ttl, maxlen, index_ttl, index_max,
+#       [field, value]...
 _ENQUEUE = (
     _PRELUDE
     + r"""
@@ -81,7 +82,12 @@ local entry = redis.call('XADD', KEYS[2], '*', 'job_id', ARGV[1])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'queued', 'attempt', '0', 'failures', '0',
            'cancel', '0', 'owner', ARGV[4], 'request', ARGV[3], 'body_hash', ARGV[5],
            'created_at', now, 'entry_id', entry)
-for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 11, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+-- The owner's job list (GET /v1/generations): newest kept, the key expires with the owner's
+-- activity; ids whose job hash has expired are dropped by the reader.
+redis.call('ZADD', KEYS[6], math.floor(tonumber(now) * 1000), ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -(tonumber(ARGV[10]) + 1))
+redis.call('EXPIRE', KEYS[6], ARGV[9])
 redis.call('INCR', KEYS[3])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'event', 'job.queued', 'attempt', '0',
            'data', cjson.encode({job_id = ARGV[1], attempt = 0, position = depth + 1}))
@@ -430,9 +436,18 @@ class Store:
             "1" if idempotency_key else "0",
             s.idempotency_ttl_s,
             s.events_maxlen,
+            s.jobs_index_ttl_s,
+            s.jobs_index_max,
             *_pairs(fields),
         ]
-        script_keys = [keys.job(job_id), keys.JOBS, keys.QUEUED, keys.events(job_id), idem]
+        script_keys = [
+            keys.job(job_id),
+            keys.JOBS,
+            keys.QUEUED,
+            keys.events(job_id),
+            idem,
+            keys.owner_jobs(owner),
+        ]
         if await self.supports_waitaof():
             # Same connection, no MULTI (WAITAOF does not block inside one): the 202 is only sent
             # once the job is fsynced to the AOF.

@@ -1,0 +1,151 @@
+"""The caller's job list (`GET /v1/generations`) and `Prefer: wait=N` on POST.
+
+List: the enqueue script adds every job id to the owner's zset keys.owner_jobs(owner), scored by
+its creation time in ms. A page walks that zset newest first from the cursor, reads the job
+hashes in one round trip per batch, drops (and removes from the index) ids whose hash has expired,
+and keeps the jobs whose status matches the filter. The cursor is the id of the last job of a page
+(`after=`), as in OpenAI's and Stripe's lists; an id that has left the index is a 422. A filtered
+page scans at most SCAN_LIMIT index entries, so a rare status costs a bounded amount per request:
+such a page may come back short (even empty) with `has_more` true.
+
+Wait: after the job is accepted, the POST reads the job's event stream (blocking XREAD) until its
+terminal event or N seconds, whichever comes first (RFC 7240 `Prefer: wait`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel
+
+from service import jobs, keys
+from service.auth import OwnerDep
+from service.errors import InvalidRequest
+from service.keys import JobStatus
+from service.schemas import ErrorResponse, Job
+from service.settings import Settings, SettingsDep
+from service.store import Store
+from service.wire import TERMINAL_EVENTS
+
+router = APIRouter()
+
+SCAN_LIMIT = 1000  # index entries one page may look at
+BATCH = 100
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    next_cursor: str | None = None
+    has_more: bool = False
+
+
+async def list_jobs(
+    store: Store, owner: str, *, status: str | None, limit: int, after: str | None
+) -> JobList:
+    index = keys.owner_jobs(owner)
+    start = 0
+    if after is not None:
+        rank = await store.r.zrevrank(index, after) if jobs.JOB_ID.match(after) else None
+        if rank is None:
+            raise InvalidRequest(
+                "after: unknown or expired cursor (a job id of an earlier page)", param="after"
+            )
+        start = rank + 1
+    found: list[dict[str, str]] = []  # up to limit + 1: the one beyond says has_more
+    scanned, last_scanned, exhausted = 0, after, False
+    # Expired ids do not count against the scan budget: each is removed, so it is paid for once.
+    while len(found) <= limit and scanned < SCAN_LIMIT and not exhausted:
+        ids = [i.decode() for i in await store.r.zrevrange(index, start, start + BATCH - 1)]
+        exhausted = len(ids) < BATCH
+        async with store.r.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(keys.job(job_id))
+            hashes = await pipe.execute() if ids else []
+        gone = [job_id for job_id, raw in zip(ids, hashes, strict=True) if not raw]
+        for job_id, raw in zip(ids, hashes, strict=True):
+            if not raw or len(found) > limit or scanned >= SCAN_LIMIT:
+                continue
+            scanned += 1
+            last_scanned = job_id
+            job = {k.decode(): v.decode() for k, v in raw.items()}
+            if status is None or job.get("status") == status:
+                found.append(job)
+        if gone:
+            await store.r.zrem(index, *gone)
+        start += len(ids) - len(gone)  # the ranks after removed ids moved up
+    page = found[:limit]
+    if len(found) > limit:
+        has_more, cursor = True, page[-1]["id"]
+    elif exhausted and scanned < SCAN_LIMIT:
+        has_more, cursor = False, None
+    else:  # the scan budget ran out before the page filled: go on from the last job looked at
+        has_more, cursor = True, last_scanned
+    views = []
+    for job in page:
+        position = None
+        if job["status"] == JobStatus.queued.value and job.get("entry_id"):
+            position = await store.queue_position(job["entry_id"])
+        views.append(jobs.view(job, position))
+    return JobList(data=views, next_cursor=cursor if has_more else None, has_more=has_more)
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+@router.get(
+    "/v1/generations",
+    response_model=JobList,
+    responses={code: {"model": ErrorResponse} for code in (401, 422, 503)},
+    summary="The caller's generations, newest first",
+    description="Cursor pagination: pass `next_cursor` as `after` for the next page. Only the "
+    "caller's jobs (those of its API key) are listed; expired jobs drop out.",
+)
+async def list_generations(
+    settings: SettingsDep,
+    owner: OwnerDep,
+    store: Annotated[Store, Depends(_store)],
+    status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
+    after: Annotated[str | None, Query(max_length=64, description="next_cursor of the previous page")] = None,
+) -> JobList:
+    work = list_jobs(store, owner, status=status.value if status else None, limit=limit, after=after)
+    return await asyncio.wait_for(work, settings.redis_deadline_s)
+
+
+# ---- Prefer: wait=N -----------------------------------------------------------------------------
+
+_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6})\"?", re.IGNORECASE)
+
+
+def prefer_wait(header: str | None, settings: Settings) -> float | None:
+    """Seconds to wait from a Prefer header (`wait=N`), capped by settings; None when absent."""
+    if not header:
+        return None
+    match = _WAIT.search(header)
+    if match is None:
+        return None
+    return min(float(match.group(1)), settings.prefer_wait_max_s)
+
+
+async def wait_terminal(store: Store, job_id: str, seconds: float) -> bool:
+    """Block until the job's terminal event or `seconds`; True when the job has ended."""
+    deadline = time.monotonic() + seconds
+    cursor = "0"
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        block_ms = max(1, int(min(left, store.settings.sse_block_ms / 1000) * 1000))
+        batch = await store.read_events(job_id, cursor, count=500, block_ms=block_ms)
+        if any(event.name in TERMINAL_EVENTS for event in batch):
+            return True
+        if batch:
+            cursor = batch[-1].id
+        elif await store.r.exists(keys.job(job_id)) == 0:
+            return True  # expired while we waited (a very short result TTL): nothing to wait for
