@@ -1,0 +1,216 @@
+"""The Python client (clients/python) against the real service: API and worker subprocesses, the
+tiny model, a real redis-server. Covers create/get/list/cancel/wait/events/download in both
+flavours, a reconnect mid-stream across an API restart, and the 429 retry with Retry-After."""
+
+from __future__ import annotations
+
+import io
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from PIL import Image
+from strokes_client import (
+    APIError,
+    AsyncClient,
+    Client,
+    ImageProgress,
+    JobCompleted,
+    JobQueued,
+    StageCompleted,
+    StageStarted,
+    TextDelta,
+)
+from svc_testkit import QUICK, SLOW, Proc, env_with, free_port, start_api, start_worker, wait_for
+
+pytestmark = pytest.mark.slow
+
+MEDIUM = {
+    **QUICK,
+    "width": 128,
+    "height": 128,
+    "max_iterations": 2,
+    "draft": {"steps": 30},
+    "refine": {"steps": 30},
+}
+
+
+@dataclass
+class Service:
+    base: str
+    redis_url: str
+    logdir: Path
+
+
+def _db(redis_server, n: int) -> str:
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{n}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+@pytest.fixture(scope="module")
+def service(redis_server, tiny_checkpoint, tmp_path_factory) -> Iterator[Service]:
+    """One API and one worker for the module, on a database of their own."""
+    logdir = tmp_path_factory.mktemp("client-logs")
+    url = _db(redis_server, 2)
+    api, base = start_api(url, logdir)
+    try:
+        worker = start_worker(url, tiny_checkpoint, logdir, "client-w1")
+        try:
+            yield Service(base, url, logdir)
+        finally:
+            worker.stop()
+    finally:
+        api.stop()
+
+
+def test_sync_client_end_to_end(service: Service, tmp_path: Path):
+    with Client(service.base) as client:
+        job = client.create(QUICK, seed=11)
+        assert job.status in ("queued", "running") and job.request["seed"] == 11
+        events = list(client.events(job.id))
+        assert isinstance(events[0], JobQueued) and isinstance(events[-1], JobCompleted)
+        assert sum(e.terminal for e in events) == 1
+        assert any(isinstance(e, TextDelta) and e.delta for e in events)
+        assert {e.stage for e in events if isinstance(e, StageStarted)} == {
+            "plan",
+            "draft",
+            "reflect",
+            "refine",
+        }
+        progress = [e for e in events if isinstance(e, ImageProgress) and e.stage == "draft"]
+        assert [e.step for e in progress] == list(range(1, progress[-1].steps + 1))
+        draft = next(e for e in events if isinstance(e, StageCompleted) and e.stage == "draft")
+        assert draft.image is not None and draft.image.id == "it1-draft"
+
+        done = client.wait(job.id, timeout_s=60)
+        assert done.status == "succeeded" and done.final_image == events[-1].final_image
+        png = client.download_image(job.id, done.final_image, path=tmp_path / "final.png")
+        assert Image.open(io.BytesIO(png)).size == (64, 64)
+        assert (tmp_path / "final.png").read_bytes() == png
+        jpeg = client.download_image(job.id, "it1-draft", format="jpeg")
+        assert jpeg[:2] == b"\xff\xd8"
+        assert client.trajectory(job.id)["final_image"] == done.final_image.id + ".png"
+
+        assert client.list(limit=1).data[0].id == job.id
+        assert job.id in [j.id for j in client.iter_jobs(status="succeeded", page_size=1)]
+        # the same Idempotency-Key and body: the same job, not a second one
+        first = client.create(QUICK, seed=12, idempotency_key="client-key-1")
+        again = client.create(QUICK, seed=12, idempotency_key="client-key-1")
+        assert first.id == again.id
+        with pytest.raises(APIError) as info:
+            client.get("gen_" + "x" * 22)
+        assert info.value.status == 404 and info.value.type == "not_found"
+
+
+async def test_async_client_cancel_wait_and_list(service: Service):
+    async with AsyncClient(service.base) as client:
+        quick = await client.create(prompt=QUICK["prompt"], width=64, height=64, max_iterations=1, seed=21)
+        slow = await client.create(SLOW, wait=0.5)  # Prefer: wait, not long enough: 202
+        assert slow.status in ("queued", "running")
+        names = []
+        async for event in client.events(slow.id):
+            names.append(event.name)
+            if isinstance(event, ImageProgress):
+                canceled = await client.cancel(slow.id)
+                assert canceled.cancel_requested or canceled.status == "canceled"
+        assert names[-1] == "job.canceled"
+        assert (await client.wait(slow.id)).status == "canceled"
+        finished = await client.wait(quick.id, timeout_s=60)
+        assert finished.status == "succeeded"
+        png = await client.download_image(quick.id, finished.final_image)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        listed = [job.id async for job in client.iter_jobs(page_size=1)]
+        assert listed.index(slow.id) < listed.index(quick.id)  # newest first
+        assert [j.id for j in (await client.list(status="canceled")).data][0] == slow.id
+        waited = await client.create(QUICK, seed=22, wait=60)  # Prefer: wait=60: the finished job
+        assert waited.status == "succeeded" and waited.final_image is not None
+
+
+def test_events_resume_across_an_api_restart(service: Service):
+    """The API dies mid-stream (SIGKILL) and comes back on the same port: the client reconnects
+    with Last-Event-ID and the events it yields are exactly the job's log, once each, in order."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    def api() -> Proc:
+        proc = Proc(
+            ["api", "--port", str(port)],
+            env_with(service.redis_url),
+            service.logdir / f"api-{time.monotonic_ns()}.log",
+        )
+        wait_for(lambda: _healthy(base, proc), 30, 0.1, "the API to start")
+        return proc
+
+    first = api()
+    restarted: list[Proc] = []
+    try:
+        with Client(base, max_retries=20, backoff_s=0.2, max_backoff_s=1) as client:
+            job = client.create(MEDIUM, seed=31)
+            seen = []
+            for event in client.events(job.id):
+                seen.append(event)
+                if isinstance(event, ImageProgress) and not restarted:
+                    first.signal(signal.SIGKILL)
+                    first.wait(10)
+                    restarted.append(api())
+            assert client.reconnects >= 1
+        with Client(service.base) as other:
+            full = list(other.events(job.id))
+        assert [e.id for e in seen] == [e.id for e in full]
+        assert [e.name for e in seen] == [e.name for e in full]
+        assert seen[-1].name == "job.completed"
+    finally:
+        first.stop()
+        for proc in restarted:
+            proc.stop()
+
+
+def _healthy(base: str, proc: Proc) -> bool:
+    if not proc.alive():
+        raise RuntimeError("the API exited:\n" + proc.output())
+    try:
+        return httpx.get(base + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_create_retries_a_429_after_retry_after_with_the_same_key(redis_server, tmp_path: Path):
+    url = _db(redis_server, 3)
+    api, base = start_api(url, tmp_path, queue_cap=1, mean_job_seconds=1)  # no worker: jobs wait
+    try:
+        blocker = httpx.post(base + "/v1/generations", json=QUICK, timeout=10).json()
+        log: list[tuple[str, int | None, str | None, float]] = []
+
+        def on_request(request: httpx.Request) -> None:
+            log.append((request.method, None, request.headers.get("idempotency-key"), time.monotonic()))
+
+        def on_response(response: httpx.Response) -> None:
+            log.append((response.request.method, response.status_code, None, time.monotonic()))
+            if response.status_code == 429:  # make room: the retry must then get in
+                httpx.delete(f"{base}/v1/generations/{blocker['id']}", timeout=10)
+
+        hooks = {"request": [on_request], "response": [on_response]}
+        with Client(base, http=httpx.Client(event_hooks=hooks)) as client:
+            job = client.create(QUICK, seed=41)
+        assert job.status == "queued"
+        statuses = [status for method, status, _, _ in log if method == "POST" and status]
+        assert statuses == [429, 202]
+        keys_sent = [key for method, status, key, _ in log if method == "POST" and status is None]
+        assert len(keys_sent) == 2 and keys_sent[0] == keys_sent[1] and keys_sent[0]
+        got_429 = next(t for _, status, _, t in log if status == 429)
+        retried = [t for method, status, _, t in log if method == "POST" and status is None][1]
+        assert retried - got_429 >= 0.95  # Retry-After: 1 was honoured
+
+        with Client(base, max_retries=0) as impatient, pytest.raises(APIError) as info:
+            impatient.create(QUICK, seed=42)  # the queue holds `job` again: full
+        assert info.value.status == 429 and info.value.retry_after == 1
+    finally:
+        api.stop()
