@@ -12,10 +12,11 @@ TORCH ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo 'torch>=2.5
 
 .PHONY: install test lint redis-server clean demo
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet '$(TORCH)'
 	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e clients/python  # the Python client, its own distribution
 	touch $@
 
 install: $(VENV)/.installed

@@ -5,7 +5,11 @@ flavours, a reconnect mid-stream across an API restart, and the 429 retry with R
 from __future__ import annotations
 
 import io
+import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +30,7 @@ from strokes_client import (
     StageStarted,
     TextDelta,
 )
-from svc_testkit import QUICK, SLOW, Proc, env_with, free_port, start_api, start_worker, wait_for
+from svc_testkit import QUICK, ROOT, SLOW, Proc, env_with, free_port, start_api, start_worker, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -214,3 +218,21 @@ def test_create_retries_a_429_after_retry_after_with_the_same_key(redis_server, 
         assert info.value.status == 429 and info.value.retry_after == 1
     finally:
         api.stop()
+
+
+def test_the_readme_script_runs(service: Service, tmp_path: Path):
+    """The complete script of clients/python/README.md, as written, against the service."""
+    readme = (ROOT / "clients" / "python" / "README.md").read_text()
+    script = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    script = script.replace("http://127.0.0.1:8000", service.base)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "clients" / "python")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    with Image.open(tmp_path / "out" / "final.png") as final:
+        assert final.size == (256, 256)
+    trajectory = json.loads((tmp_path / "out" / "trajectory.json").read_text())
+    for stage in trajectory["stages"]:
+        if "image" in stage:
+            assert (tmp_path / "out" / stage["image"]).exists()
