@@ -60,10 +60,13 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _conformance(args: argparse.Namespace) -> int:
+    from model import devices
     from model.conformance import run_golden
 
+    device, why = devices.resolve(args.device)
+    print(f"device {device} ({why})", file=sys.stderr)
     started = time.perf_counter()
-    lines, ok = run_golden(args.golden_dir, device=args.device, attn_impl=args.attn)
+    lines, ok = run_golden(args.golden_dir, device=device, attn_impl=args.attn)
     for line in lines:
         print(line)
     print(f"{'all cases pass' if ok else 'SOME CASES FAIL'} ({time.perf_counter() - started:.1f} s)")
@@ -103,8 +106,11 @@ def _generate(args: argparse.Namespace) -> int:
         plan=TextSettings(max_tokens=args.max_text_tokens),
         reflect=TextSettings(max_tokens=args.max_text_tokens),
     ).validate()
-    print(f"loading {args.checkpoint} on {args.device} ...", file=sys.stderr)
-    engine = load_engine(args.checkpoint, device=args.device, dtype=args.dtype)
+    from model import devices
+
+    device, why = devices.resolve(args.device)
+    print(f"loading {args.checkpoint} on {device} ({why}) ...", file=sys.stderr)
+    engine = load_engine(args.checkpoint, device=device, dtype=args.dtype)
     print(f"loaded in {engine.load_seconds:.1f} s", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     trajectory = None
@@ -143,11 +149,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from model import devices
+
     p = sub.add_parser("make-tiny", help="write a random tiny BAGEL checkpoint in the official layout")
-    p.add_argument("folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("folder", help="where to write the checkpoint (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="model sizes")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype")
     for name in ("hidden", "layers", "heads", "kv-heads", "intermediate", "vit-hidden", "vit-layers"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the preset's size")
     p.set_defaults(func=_user_errors(_make_tiny))
@@ -156,28 +164,38 @@ def register(sub: argparse._SubParsersAction) -> None:
         "conformance", help="replay golden cases of the official BAGEL code, exit 1 on a mismatch"
     )
     p.add_argument("golden_dir", help="a folder with tiny_ckpt/ and cases/")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--attn", choices=["sdpa", "reference"], default="sdpa")
+    p.add_argument("--device", default=devices.default(), help=devices.HELP)
+    p.add_argument("--attn", choices=["sdpa", "reference"], default="sdpa", help="attention implementation")
     p.set_defaults(func=_user_errors(_conformance))
 
     p = sub.add_parser("generate", help="run a process-driven generation in-process and save its images")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="what to draw")
     p.add_argument(
         "--checkpoint", required=True, help="a BAGEL checkpoint folder (or a Hugging Face repo id)"
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--device", default=devices.default(), help=devices.HELP)
     p.add_argument(
         "--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, float32 on CPU)"
     )
-    p.add_argument("--out", default="out")
-    p.add_argument("--protocol", choices=["guided", "interleaved"], default="guided")
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--max-iterations", type=int, default=3)
+    p.add_argument("--out", default="out", help="folder for the images and trajectory.json")
+    p.add_argument(
+        "--protocol",
+        choices=["guided", "interleaved"],
+        default="guided",
+        help="guided: the pipeline prompts each stage (public BAGEL); interleaved: the model drives "
+        "the loop (checkpoints fine-tuned in the paper's format)",
+    )
+    p.add_argument("--width", type=int, default=1024, help="image width (multiple of 16)")
+    p.add_argument("--height", type=int, default=1024, help="image height (multiple of 16)")
+    p.add_argument("--max-iterations", type=int, default=3, help="draft-reflect-refine rounds at most")
     p.add_argument("--steps", type=int, default=50, help="denoising steps per draft")
-    p.add_argument("--refine-steps", type=int, default=None)
-    p.add_argument("--max-text-tokens", type=int, default=512)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--refine-steps", type=int, default=None, help="denoising steps per refinement (default: --steps)"
+    )
+    p.add_argument(
+        "--max-text-tokens", type=int, default=512, help="token budget of each plan and reflection"
+    )
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one)")
     p.add_argument("--image", default=None, help="a starting image (png, jpeg, webp)")
     p.add_argument("--no-think", action="store_true", help="without BAGEL's planning system prompt")
     p.set_defaults(func=_user_errors(_generate))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
@@ -544,7 +545,12 @@ def run_api(args) -> int:
     import uvicorn
 
     from service import logging as slog
+    from service.cli import port_in_use
 
+    problem = port_in_use(args.host, args.port)
+    if problem:
+        print(f"strokes api: error: {problem}", file=sys.stderr)
+        return 2
     settings = settings_from_args(args)
     slog.setup(settings.log_level, "api")
     app = create_app(settings)
@@ -576,13 +582,13 @@ def run_openapi(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("api", help="run the HTTP API (no model; needs Redis)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--redis-url", default=None, help="default: $STROKES_REDIS_URL")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--redis-url", default=None, help="Redis to use (default: $STROKES_REDIS_URL)")
     p.set_defaults(func=run_api)
 
     p = subparsers.add_parser("openapi", help="write openapi.yaml from the app")
-    p.add_argument("--output", "-o", default=str(OPENAPI_PATH))
+    p.add_argument("--output", "-o", default=str(OPENAPI_PATH), help="where to write the document")
     p.add_argument("--check", action="store_true", help="fail if the file differs")
     p.set_defaults(func=run_openapi)
 

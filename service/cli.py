@@ -22,14 +22,47 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default; None and False defaults are left out (the help
+    says what leaving the flag out means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of `strokes` and of every subcommand: defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """A one-line error when (host, port) cannot be listened on, else None. SO_REUSEADDR like the
+    servers we start, so a port in TIME_WAIT is not reported."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc} (pick another port)"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     try:
         v = version("strokes")
     except PackageNotFoundError:  # running from a source tree without install
         v = "0+unknown"
-    parser = argparse.ArgumentParser(prog="strokes", description=__doc__.splitlines()[0])
+    parser = Parser(prog="strokes", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"strokes {v}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser

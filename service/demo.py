@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from model import devices
 from service.client import iter_sse
 from service.serve import free_port
 
@@ -92,7 +92,7 @@ def run_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    device = os.environ.get("STROKES_DEVICE") or ("cuda:0" if shutil.which("nvidia-smi") else "cpu")
+    device = devices.default()  # resolved (and reported) by the worker
     env = {**os.environ, "STROKES_LOG_LEVEL": os.environ.get("STROKES_LOG_LEVEL", "WARNING")}
     serve = subprocess.Popen(
         [
@@ -149,6 +149,8 @@ def run_demo(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="one generation end to end (tiny model if none is set)")
-    p.add_argument("--prompt", default="a red cube on top of a blue sphere, studio light")
-    p.add_argument("--out", default="demo-out")
+    p.add_argument(
+        "--prompt", default="a red cube on top of a blue sphere, studio light", help="what to draw"
+    )
+    p.add_argument("--out", default="demo-out", help="folder for the images and trajectory")
     p.set_defaults(func=run_demo)

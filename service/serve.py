@@ -113,8 +113,14 @@ def _exit_with(worker: subprocess.Popen, stopping: threading.Event) -> None:
 def run_serve(args) -> int:
     from service import logging as slog
     from service.api import create_app
+    from service.cli import port_in_use
     from service.settings import Settings
 
+    for port in (args.port, args.worker_metrics_port):
+        problem = port and port_in_use(args.host if port == args.port else "0.0.0.0", port)
+        if problem:  # before anything starts (or says it has)
+            print(f"strokes serve: error: {problem}", file=sys.stderr)
+            return 2
     tmp = None
     redis = None
     worker = None
@@ -151,7 +157,8 @@ def run_serve(args) -> int:
         settings = Settings(redis_url=redis_url)
         slog.setup(settings.log_level, "api")
         print(
-            f"strokes serve: API on http://{args.host}:{args.port}  redis {redis_url}",
+            f"strokes serve: API on http://{args.host}:{args.port}  redis {redis_url}  "
+            f"worker device {args.device} (the worker logs what it resolved)",
             file=sys.stderr,
             flush=True,
         )
@@ -182,6 +189,8 @@ def run_serve(args) -> int:
 
 
 def register(subparsers) -> None:
+    from model import devices
+
     p = subparsers.add_parser("serve", help="API + one worker (+ a private redis-server) on this machine")
     p.add_argument(
         "--checkpoint",
@@ -190,11 +199,15 @@ def register(subparsers) -> None:
         required=not os.environ.get("STROKES_CHECKPOINT"),
         help="model folder; default $STROKES_CHECKPOINT",
     )
-    p.add_argument("--device", default=os.environ.get("STROKES_DEVICE", "cuda:0"))
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--redis-url", default=None, help="use this Redis instead of a private one")
-    p.add_argument("--worker-metrics-port", type=int, default=None)
+    p.add_argument("--device", default=devices.default(), help=devices.HELP)
+    p.add_argument("--host", default="127.0.0.1", help="the API's address (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="the API's port")
+    p.add_argument(
+        "--redis-url", default=None, help="use this Redis (default: $STROKES_REDIS_URL, else a private one)"
+    )
+    p.add_argument(
+        "--worker-metrics-port", type=int, default=None, help="serve the worker's Prometheus metrics here"
+    )
     p.add_argument(
         "--pipeline",
         default=None,

@@ -614,11 +614,22 @@ def run_worker(args) -> int:
     slog.setup(settings.log_level, "worker")
     metrics = WorkerMetrics()
     if args.metrics_port:
-        metrics.serve(args.metrics_port, args.metrics_host)
+        try:
+            metrics.serve(args.metrics_port, args.metrics_host)
+        except OSError as exc:  # a port in use: one line, not a traceback
+            log.error(
+                "cannot serve metrics on %s:%s: %s", args.metrics_host, args.metrics_port, exc.strerror or exc
+            )
+            return 2
+    from model import devices
+
+    args.device, why = devices.resolve(args.device)
     name = args.name or default_name(args.device)
     factory = factory_from_path(args.pipeline) if args.pipeline else load_pipeline
     began = time.perf_counter()
-    log.info("loading the model", extra={"checkpoint": str(args.checkpoint), "device": args.device})
+    log.info(
+        "loading the model", extra={"checkpoint": str(args.checkpoint), "device": args.device, "why": why}
+    )
     from model.config import CheckpointError  # the worker loads torch anyway
 
     executor = torch_thread()
@@ -636,6 +647,8 @@ def run_worker(args) -> int:
 
 
 def register(subparsers) -> None:
+    from model import devices
+
     p = subparsers.add_parser("worker", help="run a GPU worker: load the model, take jobs from Redis")
     p.add_argument(
         "--checkpoint",
@@ -644,12 +657,12 @@ def register(subparsers) -> None:
         required=not os.environ.get("STROKES_CHECKPOINT"),
         help="model folder (official BAGEL-7B-MoT layout); default $STROKES_CHECKPOINT",
     )
-    p.add_argument("--device", default=os.environ.get("STROKES_DEVICE", "cuda:0"), help="cuda:N or cpu")
+    p.add_argument("--device", default=devices.default(), help=devices.HELP)
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: per device)")
-    p.add_argument("--redis-url", default=None, help="default: $STROKES_REDIS_URL")
+    p.add_argument("--redis-url", default=None, help="Redis to use (default: $STROKES_REDIS_URL)")
     p.add_argument("--name", default=None, help="consumer name, unique per worker (default host-device-pid)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    p.add_argument("--metrics-host", default="0.0.0.0")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics server")
     p.add_argument(
         "--pipeline",
         default=None,
