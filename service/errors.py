@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -58,6 +58,10 @@ class Unauthorized(ServiceError):
 
 class NotReady(ServiceError):
     status, type = 409, "not_ready"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, type = 415, "unsupported_media_type"
 
 
 class NotAcceptable(ServiceError):
@@ -128,6 +132,27 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {message}" if param else message), param
 
 
+_FORM_MEDIA = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def _wrong_media_type(request: Request, exc: RequestValidationError) -> str | None:
+    """Why the body failed when its Content-Type is not what the route reads, else None: a JSON
+    body sent as text/plain fails validation as "not a valid dictionary", which hides the cause."""
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    if body_field is None or not any(e.get("loc", ("",))[0] == "body" for e in exc.errors()):
+        return None
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if isinstance(body_field.field_info, (params.Form, params.File)):
+        if media in _FORM_MEDIA:
+            return None
+        expected = " or ".join(_FORM_MEDIA)
+    else:
+        if media in ("", "application/json") or media.endswith("+json"):
+            return None
+        expected = "application/json"
+    return f"the body must be sent as Content-Type: {expected}, not {media}"
+
+
 def install(app: FastAPI) -> None:
     """Register every exception -> response mapping on the app."""
 
@@ -141,6 +166,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
+        wrong_media = _wrong_media_type(request, exc)
+        if wrong_media is not None:
+            return error_response(415, UnsupportedMediaType.type, wrong_media)
         message, param = _describe_validation(exc)
         return error_response(422, "invalid_request", message, param=param)
 

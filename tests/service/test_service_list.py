@@ -125,3 +125,28 @@ async def test_prefer_wait_is_capped_by_settings(settings: Settings):
     async with _client(short) as client:
         reply = await client.post("/v1/generations", json=QUICK, headers={"Prefer": "wait=600"})
     assert reply.status_code == 202 and reply.headers["preference-applied"] == "wait=0.2"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"]
+)
+async def test_a_wrong_content_type_is_a_415_that_says_so(client: httpx.AsyncClient, content_type: str):
+    reply = await client.post(
+        "/v1/generations", content=b'{"prompt": "a red cube"}', headers={"Content-Type": content_type}
+    )
+    assert reply.status_code == 415, reply.text
+    error = _error(reply)
+    assert error["type"] == "unsupported_media_type"
+    assert "application/json" in error["message"] and content_type in error["message"]
+
+
+async def test_json_content_types_are_accepted(client: httpx.AsyncClient):
+    for content_type in ("application/json", "application/json; charset=utf-8", "application/merge+json"):
+        reply = await client.post(
+            "/v1/generations", content=b'{"prompt": "a red cube"}', headers={"Content-Type": content_type}
+        )
+        assert reply.status_code == 202, (content_type, reply.text)
+    bad = await client.post(
+        "/v1/generations", content=b'{"prompt": 3}', headers={"Content-Type": "application/json"}
+    )
+    assert bad.status_code == 422  # a bad JSON body stays a 422 naming the field
