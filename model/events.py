@@ -61,7 +61,8 @@ class TextDelta(Event):
 
 @dataclass
 class ImageProgress(Event):
-    """Denoising step `step` of `steps` finished (1-based). `preview` is a small uint8 image or None."""
+    """Denoising step `step` of `steps` finished (1-based; `steps` is the request's steps - 1, the
+    same count as StageCompleted.steps). `preview` is a small uint8 image or None."""
 
     name: ClassVar[str] = "image.progress"
     iteration: int
@@ -114,7 +115,9 @@ class StageCompleted(Event):
     """A stage ended. Text stages carry `text` (and reflections a `verdict`); image stages `image_id`.
 
     `prefilled_tokens` were computed into the KV cache by this stage; `cached_tokens` were already
-    there and served from it (the reuse that one growing context buys).
+    there and served from it (the reuse that one growing context buys). `steps` (image stages) is
+    the number of denoising steps run, the `steps` of this stage's ImageProgress events: one less
+    than the request's `steps`, which counts the timesteps of the schedule (BAGEL's num_timesteps).
     """
 
     name: ClassVar[str] = "stage.completed"

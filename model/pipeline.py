@@ -295,16 +295,16 @@ class _Run:
             image_id=image_id,
             width=self.width,
             height=self.height,
-            steps=settings.steps,
+            steps=settings.steps - 1,  # denoising steps run: the count image.progress reports
         )
-        self.usage["denoising_steps"] += settings.steps - 1
+        self.usage["denoising_steps"] += done.steps
         self.usage["model_forwards"] += gen.forwards
         self.usage["images"] += 1
         self._account(done)
         self.trajectory.add(
             iteration=it,
             stage=stage.value,
-            image=f"{image_id}.png",
+            image=image_id,
             width=self.width,
             height=self.height,
             settings=settings_dict(settings),

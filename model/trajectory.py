@@ -1,8 +1,10 @@
 """The trajectory: a JSON record of every stage of one generation, usable as a dataset sample.
 
 One record per stage, in order: the instruction the pipeline added (if any), the text the model
-wrote (plans, reflections) with its verdict, or the image it drew (by file name `{image_id}.png`,
-with the exact settings), plus timings and token counts. `strokes generate` writes it as
+wrote (plans, reflections) with its verdict, or the image it drew (by its image id, e.g.
+`it1-draft`, with the exact settings), plus timings and token counts. The image id is the same
+everywhere: the API serves it at /v1/generations/{job}/images/{image_id}, and `strokes generate`
+(and the client's example script) write it to the file `{image_id}.png`. `strokes generate` writes it as
 trajectory.json beside the images; the service stores it with the job.
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 
 from model.params import GenerationParams, settings_dict
 
-VERSION = 1
+VERSION = 2  # 2: images are named by their id (it1-draft), not a file name (it1-draft.png)
 
 
 @dataclass
@@ -51,7 +53,7 @@ class Trajectory:
             },
             "stages": self.stages,
             "iterations": iterations,
-            "final_image": f"{final_image_id}.png" if final_image_id else None,
+            "final_image": final_image_id,
             "seconds": round(time.perf_counter() - self.started, 4),
             "usage": usage,
         }

@@ -45,7 +45,13 @@ def _reject_control_tokens(text: str, what: str) -> str:
 class _ImageSettingsBase(BaseModel):
     model_config = _STRICT
 
-    steps: int = Field(50, ge=2, le=200, description="denoising timesteps of this image")
+    steps: int = Field(
+        50,
+        ge=2,
+        le=200,
+        description="timesteps of the schedule; steps - 1 denoising steps run (the `steps` that "
+        "image.progress and stage.completed report)",
+    )
     cfg_text_scale: float = Field(4.0, ge=0.0, le=20.0)
     cfg_img_scale: float = Field(1.0, ge=0.0, le=20.0)
     cfg_interval: tuple[float, float] = Field((0.4, 1.0), description="[lo, hi], 0 <= lo <= hi <= 1")

@@ -92,9 +92,9 @@ def test_generate_writes_images_and_trajectory(own_tiny, tmp_path):
     assert [s["stage"] for s in trajectory["stages"]] == ["plan", "draft", "reflect", "refine"]
     for stage in trajectory["stages"]:
         if "image" in stage:
-            with Image.open(tmp_path / stage["image"]) as image:
+            with Image.open(tmp_path / f"{stage['image']}.png") as image:
                 assert image.size == (64, 48)
-    assert (tmp_path / trajectory["final_image"]).is_file()
+    assert (tmp_path / f"{trajectory['final_image']}.png").is_file()  # files are the image id + .png
 
 
 def test_generate_rejects_bad_parameters_with_a_clear_error(own_tiny, tmp_path):

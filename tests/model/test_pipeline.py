@@ -69,6 +69,8 @@ def test_guided_job_runs_plan_draft_reflect_refine_and_streams_every_event(own_e
     assert sum(isinstance(e, TextDelta) for e in events) >= 2
     progress = [e for e in events if isinstance(e, ImageProgress)]
     assert [(p.step, p.steps) for p in progress if p.stage == Stage.draft] == [(1, 3), (2, 3), (3, 3)]
+    done = {e.stage: e for e in events if isinstance(e, StageCompleted)}
+    assert done[Stage.draft].steps == 3 == progress[0].steps  # one step count: steps=4 runs 3
     assert progress[1].preview is not None and progress[1].preview.dtype == np.uint8
     images = [e for e in events if isinstance(e, ImageCompleted)]
     assert [i.image_id for i in images] == ["it1-draft", "it1-refine"]
@@ -209,7 +211,7 @@ def test_trajectory_records_every_stage_and_is_json(own_engine):
     record = json.loads(json.dumps(events[-1].trajectory))
     assert [s["stage"] for s in record["stages"]] == ["plan", "draft", "reflect", "refine"]
     assert record["stages"][0]["instruction"].startswith("Please create the image step-by-step")
-    assert record["stages"][1]["image"] == "it1-draft.png" and record["final_image"] == "it1-refine.png"
+    assert record["stages"][1]["image"] == "it1-draft" and record["final_image"] == "it1-refine"
     assert record["seed"] == 7 and record["settings"]["refine"]["cfg_renorm_type"] == "text_channel"
 
 

@@ -93,6 +93,7 @@ def test_sync_client_end_to_end(service: Service, tmp_path: Path):
         assert [e.step for e in progress] == list(range(1, progress[-1].steps + 1))
         draft = next(e for e in events if isinstance(e, StageCompleted) and e.stage == "draft")
         assert draft.image is not None and draft.image.id == "it1-draft"
+        assert draft.steps == progress[-1].steps == QUICK["draft"]["steps"] - 1  # one step count
 
         done = client.wait(job.id, timeout_s=60)
         assert done.status == "succeeded" and done.final_image == events[-1].final_image
@@ -101,7 +102,7 @@ def test_sync_client_end_to_end(service: Service, tmp_path: Path):
         assert (tmp_path / "final.png").read_bytes() == png
         jpeg = client.download_image(job.id, "it1-draft", format="jpeg")
         assert jpeg[:2] == b"\xff\xd8"
-        assert client.trajectory(job.id)["final_image"] == done.final_image.id + ".png"
+        assert client.trajectory(job.id)["final_image"] == done.final_image.id
 
         assert client.list(limit=1).data[0].id == job.id
         assert job.id in [j.id for j in client.iter_jobs(status="succeeded", page_size=1)]
@@ -235,4 +236,4 @@ def test_the_readme_script_runs(service: Service, tmp_path: Path):
     trajectory = json.loads((tmp_path / "out" / "trajectory.json").read_text())
     for stage in trajectory["stages"]:
         if "image" in stage:
-            assert (tmp_path / "out" / stage["image"]).exists()
+            assert (tmp_path / "out" / f"{stage['image']}.png").exists()
