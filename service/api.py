@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors, generations, jobs, sse
+from service import docs_ui, errors, generations, jobs, sse
 from service import images as imagelib
 from service.auth import OwnerDep
 from service.errors import NotFound, ServiceError, Unavailable
@@ -503,6 +503,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Process-driven image generation (plan, draft, reflect, refine) on BAGEL-7B-MoT",
         description="Submit a generation, follow its events over SSE, fetch its images and trajectory.",
         lifespan=lifespan,
+        docs_url=None,  # docs_ui serves /docs and /redoc with local assets
+        redoc_url=None,
     )
     app.state.metrics = metrics
     app.state.open_streams = 0
@@ -510,6 +512,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(router)
     app.include_router(generations.router)
+    docs_ui.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -150,3 +150,19 @@ async def test_json_content_types_are_accepted(client: httpx.AsyncClient):
         "/v1/generations", content=b'{"prompt": 3}', headers={"Content-Type": "application/json"}
     )
     assert bad.status_code == 422  # a bad JSON body stays a 422 naming the field
+
+
+async def test_docs_pages_load_their_assets_from_the_app_itself(client: httpx.AsyncClient):
+    for page, assets in (
+        ("/docs", ["swagger-ui-bundle.js", "swagger-ui.css"]),
+        ("/redoc", ["redoc.standalone.js"]),
+    ):
+        reply = await client.get(page)
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html")
+        assert "http://" not in reply.text and "https://" not in reply.text, page  # no CDN, no fonts
+        for asset in assets:
+            url = f"/docs/assets/{asset}"
+            assert url in reply.text
+            served = await client.get(url)
+            assert served.status_code == 200 and len(served.content) > 100_000, url
+    assert (await client.get("/openapi.json")).json()["info"]["title"] == "strokes"
