@@ -1,0 +1,35 @@
+"""The documentation keeps up with the code: every event is documented in docs/events.md and
+known to the Python client, and the README's links resolve."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from strokes_client.events import EVENT_TYPES
+
+from service.wire import EVENT_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_event_is_documented_with_an_example():
+    text = (ROOT / "docs" / "events.md").read_text()
+    documented = re.findall(r"^### `([a-z_.]+)`", text, re.M)
+    assert set(documented) == {*EVENT_NAMES, "error"}
+    sections = re.split(r"^### ", text, flags=re.M)[1:]
+    for section in sections:
+        assert "```json" in section, section.splitlines()[0]
+
+
+def test_the_client_knows_every_event():
+    assert set(EVENT_TYPES) == {*EVENT_NAMES, "error"}
+
+
+def test_readme_links_resolve():
+    for readme in (ROOT / "README.md", ROOT / "clients" / "python" / "README.md"):
+        for target in re.findall(r"\]\(([^)#]+)\)", readme.read_text()):
+            if not target.startswith("http"):
+                assert (readme.parent / target).exists(), f"{readme.name}: {target}"
+    assert "docs/events.md" in (ROOT / "README.md").read_text()
+    assert "clients/python" in (ROOT / "README.md").read_text()
