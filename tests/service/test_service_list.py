@@ -166,3 +166,26 @@ async def test_docs_pages_load_their_assets_from_the_app_itself(client: httpx.As
             served = await client.get(url)
             assert served.status_code == 200 and len(served.content) > 100_000, url
     assert (await client.get("/openapi.json")).json()["info"]["title"] == "strokes"
+
+
+async def test_a_filtered_walk_over_a_bounded_scan_sees_every_match_once(
+    client: httpx.AsyncClient, store: Store, monkeypatch
+):
+    from service import generations
+
+    monkeypatch.setattr(generations, "SCAN_LIMIT", 3)
+    monkeypatch.setattr(generations, "BATCH", 2)
+    ids = await _submit(client, 9)
+    for job_id in ids[::3]:  # every third job is canceled
+        assert (await client.delete(f"/v1/generations/{job_id}")).status_code == 200
+    await store.r.delete(keys.job(ids[4]))  # and one has expired
+    seen, after, pages = [], None, 0
+    while True:
+        params = {"status": "canceled", "limit": 2, **({"after": after} if after else {})}
+        page = (await client.get("/v1/generations", params=params)).json()
+        pages += 1
+        seen += [job["id"] for job in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["next_cursor"]
+    assert seen == ids[::3][::-1] and pages >= 3
