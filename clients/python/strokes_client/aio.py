@@ -133,6 +133,8 @@ class AsyncClient:
             async for event in events:
                 if event.terminal:
                     break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"generation {job_id} did not end in time")
         job = await self.get(job_id)
         if raise_on_failure and job.status != "succeeded":
             raise GenerationFailed(job)

@@ -127,6 +127,8 @@ class Client:
             for event in events:
                 if event.terminal:
                     break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"generation {job_id} did not end in time")
         job = self.get(job_id)
         if raise_on_failure and job.status != "succeeded":
             raise GenerationFailed(job)

@@ -1,0 +1,71 @@
+"""The Python client's pure parts: Retry-After, backoff, the event-stream parser, typed events.
+(The client against the real service: tests/service/test_client.py.)"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+import httpx
+from strokes_client import _base
+from strokes_client.events import ImageProgress, SSEParser, StageCompleted, UnknownEvent, iter_raw, parse
+
+
+def _reply(status: int, **headers: str) -> httpx.Response:
+    return httpx.Response(status, headers=headers, request=httpx.Request("POST", "http://x/v1/generations"))
+
+
+def test_retry_after_reads_seconds_and_http_dates():
+    assert _base.retry_after(_reply(429, **{"Retry-After": "3"})) == 3.0
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= _base.retry_after(_reply(503, **{"Retry-After": later})) <= 30
+    assert _base.retry_after(_reply(503, **{"Retry-After": "soon"})) is None
+    assert _base.retry_after(_reply(503)) is None
+
+
+def test_only_429_and_503_are_retried_and_within_the_limits():
+    options = _base.Options(max_retries=2, backoff_s=0.5, max_backoff_s=1.0, max_retry_after_s=60)
+    assert _base.should_retry(options, 1, _reply(429, **{"Retry-After": "2"})) == 2.0
+    assert 0.25 <= _base.should_retry(options, 1, _reply(503)) <= 0.5
+    assert 0.5 <= _base.should_retry(options, 2, _reply(503)) <= 1.0
+    assert _base.should_retry(options, 3, _reply(503)) is None  # out of tries
+    assert _base.should_retry(options, 1, _reply(500)) is None
+    assert _base.should_retry(options, 1, _reply(429, **{"Retry-After": "600"})) is None  # too long
+    for attempt in range(1, 10):
+        assert _base.backoff(options, attempt) <= 1.0
+
+
+def test_api_errors_carry_the_service_error_body():
+    reply = httpx.Response(
+        422,
+        json={"error": {"type": "invalid_request", "message": "width: too big", "param": "width"}},
+        request=httpx.Request("POST", "http://x/"),
+    )
+    error = _base.api_error(reply)
+    assert (error.status, error.type, error.param) == (422, "invalid_request", "width")
+
+
+def test_the_event_stream_parser_and_typed_events():
+    lines = [
+        ": stream open",
+        "retry: 2000",
+        "",
+        "id: 1-0",
+        "event: image.progress",
+        'data: {"job_id": "gen_x", "attempt": 1, "iteration": 1, "stage": "draft", "step": 2,',
+        'data:  "steps": 9, "preview": {"id": "p", "url": "/u", "width": 8, "height": 8}}',
+        "",
+        "event: some.future.event",
+        'data: {"job_id": "gen_x", "attempt": 1, "new": true}',
+        "",
+    ]
+    parser = SSEParser()
+    raw = list(iter_raw(parser, lines))
+    assert parser.retry_ms == 2000 and [r.id for r in raw] == ["1-0", "1-0"]  # ids persist
+    progress = parse(raw[0].id, raw[0].name, raw[0].data)
+    assert isinstance(progress, ImageProgress) and (progress.step, progress.steps) == (2, 9)
+    assert progress.preview is not None and progress.preview.url == "/u" and not progress.terminal
+    future = parse(raw[1].id, raw[1].name, raw[1].data)
+    assert isinstance(future, UnknownEvent) and future.event == "some.future.event" and future.data["new"]
+    done = parse("2-0", "stage.completed", '{"job_id": "gen_x", "attempt": 1, "stage": "plan", "extra": 1}')
+    assert isinstance(done, StageCompleted) and done.stage == "plan" and done.image is None
