@@ -188,7 +188,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=1024, help="image width (multiple of 16)")
     p.add_argument("--height", type=int, default=1024, help="image height (multiple of 16)")
     p.add_argument("--max-iterations", type=int, default=3, help="draft-reflect-refine rounds at most")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps per draft")
+    p.add_argument(
+        "--steps", type=int, default=50, help="timesteps per draft (steps - 1 denoising steps run)"
+    )
     p.add_argument(
         "--refine-steps", type=int, default=None, help="denoising steps per refinement (default: --steps)"
     )
