@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = []  # empty: no authentication
     ready_requires_worker: bool = True  # false for scale-to-zero worker pools
 
+    # OpenAI-compatible Images API (docs/openai.md)
+    openai_wait_s: float = 600.0  # a non-streaming request waits this long, then cancels its jobs (504)
+
     # Webhooks (docs/webhooks.md)
     webhook_secret: SecretStr | None = None  # "whsec_<base64>"; unset: a webhook_url is refused
     webhook_allow_networks: Annotated[list[str], NoDecode] = []  # CIDRs exempt from the SSRF check
