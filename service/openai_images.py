@@ -75,7 +75,7 @@ class ImageOptions(BaseModel):
     model: str | None = Field(None, description="accepted and ignored: one model serves here")
     n: int | None = Field(1, ge=1, le=10, description="images, one job each")
     size: str | None = Field(
-        "auto", description='"WIDTHxHEIGHT" (multiples of 16, 256..max side) or "auto" (the native default)'
+        "auto", description='"WIDTHxHEIGHT" (multiples of 16, 32..max side) or "auto" (the native default)'
     )
     quality: Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"] | None = Field(
         None, description="low, medium, high: 1, 2, 3 iterations at most; auto: the native default"

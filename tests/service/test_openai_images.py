@@ -7,13 +7,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 
 import httpx
 import numpy as np
 import openai
 import pytest
 from PIL import Image
-from svc_testkit import QUICK, start_api, start_worker
+from svc_testkit import QUICK, ROOT, Proc, env_with, start_api, start_worker, wait_workers
 
 from service.api import create_app
 from service.settings import Settings
@@ -222,3 +223,29 @@ def test_edit_an_image_streamed_and_not(client: openai.OpenAI):
     )
     assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
     assert _image(events[-1].b64_json).size == (64, 64)
+
+
+@pytest.mark.slow
+def test_partial_images_are_the_superseded_drafts_and_refinements(
+    private_redis, tiny_checkpoint, tmp_path, procs
+):
+    # A scripted worker whose course is known: two iterations of plan, draft, reflect (wrong),
+    # refine. Three images are superseded (it1-draft, it1-refine, it2-draft); the budget takes
+    # the first two, and it2-refine comes as the completed image.
+    api, base = start_api(private_redis.url, tmp_path)
+    procs.append(api)
+    env = env_with(private_redis.url)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "service"), str(ROOT)])
+    args = ["worker", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--name", "w-scripted"]
+    args += ["--pipeline", "scripted_pipelines:two_refined_iterations"]
+    worker = Proc(args, env, tmp_path / "worker-scripted.log")
+    procs.append(worker)
+    wait_workers(private_redis.url, {"w-scripted": worker})
+    with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        events = list(
+            client.images.generate(prompt="a red cube", size="32x32", stream=True, partial_images=2)
+        )
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    # ScriptedPipeline paints iteration k's images with the value 40 * k.
+    values = [int(np.asarray(_image(e.b64_json))[0, 0, 0]) for e in events]
+    assert values == [40, 40, 80]
