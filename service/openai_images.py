@@ -191,8 +191,6 @@ def native_request(opts: ImageOptions, input_image: str | None, settings: Settin
 def _check_stream(opts: ImageOptions) -> None:
     if opts.stream and (opts.n or 1) > 1:
         raise InvalidRequest("stream supports n = 1 only", param="n")
-    if opts.partial_images and not opts.stream:
-        raise InvalidRequest("partial_images needs stream: true", param="partial_images")
 
 
 # ---- jobs: submit, wait, read results -----------------------------------------------------------

@@ -66,7 +66,6 @@ class _App:
         ({"size": "4096x4096"}, "size"),
         ({"n": 11}, "n"),
         ({"stream": True, "n": 2}, "n"),
-        ({"partial_images": 2}, "partial_images"),
         ({"partial_images": 4, "stream": True}, "partial_images"),
         ({"background": "transparent"}, "background"),
         ({"output_format": "gif"}, "output_format"),
