@@ -393,3 +393,36 @@ def test_refused_at_delivery_and_given_up_after_the_retry_window(redis_url, logd
     assert dead[0]["job_id"] == gave_up and dead[0]["attempts"] == "2" and dead[0]["error"] == "HTTP 500"
     assert dead[1]["job_id"] == refused_id and "loopback" in dead[1]["error"]
     assert hook.count() == 2  # the refused one never reached the receiver
+
+
+@pytest.mark.slow
+def test_strokes_serve_runs_a_dispatcher_when_a_secret_is_set(
+    redis_url, tiny_checkpoint, logdir, procs, receiver
+):
+    hook = receiver()
+    client = redis.Redis.from_url(redis_url)
+    client.delete(keys.WEBHOOK_OUTBOX)
+    port = free_port()
+    args = ["serve", "--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]
+    serve = Proc(args, env_with(redis_url, **FAST), logdir / "serve.log")
+    procs.append(serve)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert serve.alive(), serve.output()
+        try:
+            return httpx.get(base + "/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, 60, 0.1, "strokes serve to be ready")
+    job = submit(base, {**QUICK, "webhook_url": hook.url})
+    wait_for(hook.ok, 60, 0.1, "the terminal event's delivery")
+    payload = _verified(hook.ok()[0])
+    assert payload["type"] == "job.completed" and payload["data"]["job_id"] == job["id"]
+    client.close()
+    serve.signal(signal.SIGTERM)
+    assert serve.wait(30) == 0
+    lines = [json.loads(line) for line in serve.output().splitlines() if line.startswith("{")]
+    said = [line["msg"] for line in lines if line.get("process") == "webhooks"]
+    assert said[0].endswith("started") and said[-1].endswith("stopped"), said  # stopped with serve
