@@ -28,13 +28,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -43,155 +42,34 @@ from service import errors, jobs
 from service import images as imagelib
 from service.auth import OwnerDep
 from service.errors import GenerationFailed, GenerationTimedOut, InvalidRequest
+from service.openai_schemas import (
+    ImageData,
+    ImageEditFields,
+    ImageGenerationRequest,
+    ImageOptions,
+    ImagesResponse,
+    OpenAIErrorResponse,
+    check_stream,
+    native_request,
+    size_of,
+    usage,
+    validation_param,
+)
 from service.schemas import ErrorResponse, GenerationRequest
 from service.settings import Settings, SettingsDep
 from service.store import Store
 from service.wire import (
     IMAGE_FIELD_PREFIX,
     IMAGE_PROGRESS,
+    JOB_CANCELED,
     JOB_COMPLETED,
+    JOB_FAILED,
     STAGE_COMPLETED,
     STAGE_STARTED,
     TERMINAL_EVENTS,
 )
 
 router = APIRouter(tags=["OpenAI-compatible"])
-
-SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
-# quality -> iterations of plan, draft, reflect, refine (auto, standard: the native default)
-QUALITY_ITERATIONS = {"low": 1, "medium": 2, "high": 3, "hd": 3, "xhigh": 3, "max": 3}
-SET_BY_OPENAI_FIELDS = {"prompt": "prompt", "width": "size", "height": "size", "input_image": "image"}
-
-
-# ---- request and response bodies ----------------------------------------------------------------
-
-
-class ImageOptions(BaseModel):
-    """Fields shared by generations and edits; OpenAI's names and ranges."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str = Field(description="what to draw (or, for an edit, what to change)")
-    model: str | None = Field(None, description="accepted and ignored: one model serves here")
-    n: int | None = Field(1, ge=1, le=10, description="images, one job each")
-    size: str | None = Field(
-        "auto", description='"WIDTHxHEIGHT" (multiples of 16, 32..max side) or "auto" (the native default)'
-    )
-    quality: Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"] | None = Field(
-        None, description="low, medium, high: 1, 2, 3 iterations at most; auto: the native default"
-    )
-    response_format: Literal["url", "b64_json"] | None = Field(None, description="default b64_json")
-    output_format: Literal["png", "jpeg", "webp"] | None = "png"
-    output_compression: int | None = Field(None, ge=0, le=100, description="accepted and ignored")
-    background: Literal["opaque", "auto"] | None = Field(None, description="transparent is not supported")
-    moderation: Literal["low", "auto"] | None = None
-    style: Literal["vivid", "natural"] | None = None
-    user: str | None = None
-    safety_identifier: str | None = None
-    stream: bool | None = False
-    partial_images: int | None = Field(None, ge=0, le=3)
-    strokes: dict[str, Any] | None = Field(
-        None, description="native POST /v1/generations fields (an extension of this server)"
-    )
-
-
-class ImageGenerationRequest(ImageOptions):
-    """POST /v1/images/generations."""
-
-
-class ImageEditFields(ImageOptions):
-    """The non-file fields of POST /v1/images/edits."""
-
-    input_fidelity: Literal["high", "low"] | None = Field(None, description="accepted and ignored")
-
-
-class ImageData(BaseModel):
-    b64_json: str | None = None
-    url: str | None = None
-    revised_prompt: str | None = Field(None, description="the first plan the model wrote")
-
-
-class TokenDetails(BaseModel):
-    image_tokens: int
-    text_tokens: int
-
-
-class ImageUsage(BaseModel):
-    input_tokens: int
-    input_tokens_details: TokenDetails
-    output_tokens: int
-    output_tokens_details: TokenDetails
-    total_tokens: int
-
-
-class OpenAIErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class OpenAIErrorResponse(BaseModel):
-    error: OpenAIErrorDetail
-
-
-class ImagesResponse(BaseModel):
-    created: int
-    data: list[ImageData]
-    background: Literal["opaque"] = "opaque"
-    output_format: str
-    quality: str
-    size: str
-    usage: ImageUsage
-
-
-# ---- from OpenAI's request to the native one ----------------------------------------------------
-
-
-def _validation_param(exc: ValidationError, prefix: str = "") -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    param = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or None)
-    return (f"{param}: {first.get('msg')}" if param else first.get("msg", "invalid value")), param
-
-
-def native_request(opts: ImageOptions, input_image: str | None, settings: Settings) -> GenerationRequest:
-    """The GenerationRequest of one of the n jobs; bad values are InvalidRequest naming the field."""
-    body = dict(opts.strokes or {})
-    for field, openai_field in SET_BY_OPENAI_FIELDS.items():
-        if field in body:
-            raise InvalidRequest(
-                f"strokes.{field} is set by the `{openai_field}` field", param=f"strokes.{field}"
-            )
-    body["prompt"] = opts.prompt
-    if opts.size not in (None, "auto"):
-        match = SIZE.match(opts.size)
-        if not match:
-            raise InvalidRequest('size must be "WIDTHxHEIGHT" or "auto"', param="size")
-        body["width"], body["height"] = int(match.group(1)), int(match.group(2))
-        if max(body["width"], body["height"]) > settings.max_side:
-            raise InvalidRequest(f"size: each side is at most {settings.max_side}", param="size")
-    iterations = QUALITY_ITERATIONS.get(opts.quality or "auto")
-    if iterations is not None:
-        body.setdefault("max_iterations", iterations)
-    if input_image is not None:
-        body["input_image"] = input_image
-    try:
-        request = GenerationRequest(**body)
-    except ValidationError as exc:
-        message, param = _validation_param(exc)
-        if param in ("width", "height"):
-            message, param = f"size: {message}", "size"
-        elif param not in ("prompt", "input_image", None):
-            message, param = f"strokes.{message}", f"strokes.{param}"
-        raise InvalidRequest(message, param="image" if param == "input_image" else param) from exc
-    return request
-
-
-def _check_stream(opts: ImageOptions) -> None:
-    if opts.stream and (opts.n or 1) > 1:
-        raise InvalidRequest("stream supports n = 1 only", param="n")
-
 
 # ---- jobs: submit, wait, read results -----------------------------------------------------------
 
@@ -231,15 +109,36 @@ async def _cancel(store: Store, job_ids: list[str]) -> None:
         await asyncio.shield(store.cancel(job_id))
 
 
-async def _terminal(store: Store, job_id: str) -> str:
-    """Waits for the job's terminal event; returns its name."""
+STATUS_EVENTS = {"succeeded": JOB_COMPLETED, "failed": JOB_FAILED, "canceled": JOB_CANCELED}
+
+
+async def follow(store: Store, job_id: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """The job's events as (name, data), from the first to the terminal one. A job that ended so
+    long ago that its event log expired (an Idempotency-Key replay) still gets a terminal event,
+    made from the job hash."""
     cursor = "0"
     while True:
-        batch = await store.read_events(job_id, cursor, count=500, block_ms=5000)
+        batch = await store.read_events(job_id, cursor, count=200, block_ms=store.settings.sse_block_ms)
+        if not batch:
+            job = await store.get_job(job_id)
+            status = job.get("status") if job else "failed"
+            if status in STATUS_EVENTS and not await store.read_events(job_id, cursor, count=1):
+                job = job or {"error": json.dumps({"type": "expired", "message": "the job has expired"})}
+                fields = ("final_image", "usage", "error")
+                yield STATUS_EVENTS[status], {k: json.loads(job[k]) for k in fields if job.get(k)}
+                return
         for event in batch:
             cursor = event.id
+            yield event.name, json.loads(event.data)
             if event.name in TERMINAL_EVENTS:
-                return event.name
+                return
+
+
+async def _terminal(store: Store, job_id: str) -> str:
+    async for name, _ in follow(store, job_id):
+        if name in TERMINAL_EVENTS:
+            return name
+    raise AssertionError("follow() ends with a terminal event")
 
 
 async def _image_b64(store: Store, job_id: str, ref: dict[str, Any], fmt: str) -> str:
@@ -251,24 +150,6 @@ async def _image_b64(store: Store, job_id: str, ref: dict[str, Any], fmt: str) -
         raise GenerationFailed(f"the image {ref['id']} of {job_id} has expired")
     data = await run_in_threadpool(imagelib.transcode, png, fmt)
     return base64.b64encode(data).decode()
-
-
-def usage(jobs_usage: list[dict[str, int]]) -> ImageUsage:
-    """The jobs' token counts in OpenAI's fields: input = tokens computed into the context, output
-    = text tokens the model wrote (images are not counted in tokens here)."""
-    prefilled = sum(int(u.get("prefilled_tokens", 0)) for u in jobs_usage)
-    generated = sum(int(u.get("generated_tokens", 0)) for u in jobs_usage)
-    return ImageUsage(
-        input_tokens=prefilled,
-        input_tokens_details=TokenDetails(image_tokens=0, text_tokens=prefilled),
-        output_tokens=generated,
-        output_tokens_details=TokenDetails(image_tokens=0, text_tokens=generated),
-        total_tokens=prefilled + generated,
-    )
-
-
-def _size(native: GenerationRequest) -> str:
-    return f"{native.width}x{native.height}"
 
 
 async def respond(
@@ -314,7 +195,7 @@ async def respond(
         data=data,
         output_format=fmt,
         quality=opts.quality or "auto",
-        size=_size(native),
+        size=size_of(native),
         usage=usage(used),
     )
 
@@ -326,7 +207,7 @@ async def stream_events(
     store: Store = request.app.state.store
     fmt, budget = opts.output_format or "png", opts.partial_images or 0
     common = {"background": "opaque", "output_format": fmt, "quality": opts.quality or "auto"}
-    common["size"] = _size(native)
+    common["size"] = size_of(native)
     sent = 0
     held: dict[str, Any] | None = None  # the latest image; partial once a later one supersedes it
     ended = False
@@ -339,46 +220,30 @@ async def stream_events(
         return ServerSentEvent(data=json.dumps(body), event=body["type"])
 
     try:
-        cursor = "0"
-        while not ended:
-            for event in await store.read_events(job_id, cursor, count=200, block_ms=5000):
-                cursor = event.id
-                data = json.loads(event.data)
-                if event.name == STAGE_STARTED and data.get("stage") in ("draft", "refine") and held:
-                    if sent < budget:
-                        yield await partial(held)
-                    held = None
-                elif event.name == STAGE_COMPLETED and data.get("image"):
-                    held = data["image"]
-                elif event.name == IMAGE_PROGRESS and data.get("preview") and sent < budget:
-                    yield await partial(data["preview"])
-                elif event.name == JOB_COMPLETED:
-                    ended = True
-                    final = data["final_image"]
-                    if held and held["id"] != final["id"] and sent < budget:
-                        yield await partial(held)
-                    body = {
-                        "type": f"{kind}.completed",
-                        "b64_json": await _image_b64(store, job_id, final, fmt),
-                    }
-                    body.update(
-                        common,
-                        created_at=int(time.time()),
-                        usage=usage([data.get("usage") or {}]).model_dump(),
-                    )
-                    yield ServerSentEvent(data=json.dumps(body), event=body["type"])
-                    break
-                elif event.name in TERMINAL_EVENTS:
-                    ended = True
-                    error = data.get("error") or {
-                        "type": "canceled",
-                        "message": "the generation was canceled",
-                    }
-                    _, body = errors.openai_error(
-                        500, error["type"], f"generation {job_id}: {error['message']}"
-                    )
-                    yield ServerSentEvent(data=json.dumps(body), event="error")
-                    break
+        async for name, data in follow(store, job_id):
+            if name == STAGE_STARTED and data.get("stage") in ("draft", "refine") and held:
+                if sent < budget:  # a new image begins: the held one is superseded
+                    yield await partial(held)
+                held = None
+            elif name == STAGE_COMPLETED and data.get("image"):
+                held = data["image"]
+            elif name == IMAGE_PROGRESS and data.get("preview") and sent < budget:
+                yield await partial(data["preview"])
+            elif name == JOB_COMPLETED:
+                final = data["final_image"]
+                if held and held["id"] != final["id"] and sent < budget:
+                    yield await partial(held)
+                body = {"type": f"{kind}.completed", "b64_json": await _image_b64(store, job_id, final, fmt)}
+                body.update(common, created_at=int(time.time()))
+                body["usage"] = usage([data.get("usage") or {}]).model_dump()
+                ended = True
+                yield ServerSentEvent(data=json.dumps(body), event=body["type"])
+            elif name in TERMINAL_EVENTS:
+                ended = True
+                error = data.get("error") or {"type": "canceled", "message": "the generation was canceled"}
+                message = f"generation {job_id}: {error['message']}"
+                _, body = errors.openai_error(500, error["type"], message)
+                yield ServerSentEvent(data=json.dumps(body), event="error")
     finally:
         if not ended:  # the client left (or Redis failed): its job is of no use to anyone now
             await _cancel(store, [job_id])
@@ -412,7 +277,7 @@ async def _answer(
     idempotency_key: str | None,
     kind: str,
 ):
-    _check_stream(opts)
+    check_stream(opts)
     native = native_request(opts, input_image, settings)
     ids = await submit_all(request, settings, owner, opts, native, idempotency_key)
     headers = {"X-Strokes-Jobs": ",".join(ids)}
@@ -518,7 +383,7 @@ async def _read_edit_form(form: FormData) -> tuple[ImageEditFields, str]:
     try:
         opts = ImageEditFields.model_validate(fields)
     except ValidationError as exc:
-        message, param = _validation_param(exc)
+        message, param = validation_param(exc)
         raise InvalidRequest(message, param=param) from exc
     raw = await files[0].read()
     return opts, base64.b64encode(raw).decode()

@@ -16,7 +16,9 @@ import pytest
 from PIL import Image
 from svc_testkit import QUICK, ROOT, Proc, env_with, start_api, start_worker, wait_workers
 
+from service import keys, openai_images
 from service.api import create_app
+from service.keys import JobStatus
 from service.settings import Settings
 
 # Native fields that make a tiny-model job quick (size comes from OpenAI's `size`).
@@ -248,3 +250,29 @@ def test_partial_images_are_the_superseded_drafts_and_refinements(
     # ScriptedPipeline paints iteration k's images with the value 40 * k.
     values = [int(np.asarray(_image(e.b64_json))[0, 0, 0]) for e in events]
     assert values == [40, 40, 80]
+
+
+async def test_follow_ends_with_a_terminal_event_even_when_the_log_expired(store):
+    # An Idempotency-Key replay can come after the event log's TTL and before the job's: the
+    # request must still end (from the job hash), not wait out its bound.
+    store.settings = store.settings.model_copy(update={"sse_block_ms": 200})  # the client's timeout is 5 s
+    job_id = "gen_" + "e" * 22
+    await store.enqueue(job_id, owner="", request={"prompt": "x"}, body_hash="h", idempotency_key=None)
+    entry = await store.poll("w-follow", 100)
+    started = await store.start(job_id, entry[0], "w-follow")
+    final = {
+        "id": "it1-draft",
+        "url": f"/v1/generations/{job_id}/images/it1-draft",
+        "width": 32,
+        "height": 32,
+    }
+    fields = {"final_image": final, "usage": {"prefilled_tokens": 5}}
+    await store.finish(job_id, started.attempt, JobStatus.succeeded, "job.completed", {}, fields=fields)
+    live = [name async for name, _ in openai_images.follow(store, job_id)]
+    assert live == ["job.queued", "job.started", "job.completed"]
+    await store.r.delete(keys.events(job_id))
+    expired = [item async for item in openai_images.follow(store, job_id)]
+    assert expired == [("job.completed", {"final_image": final, "usage": {"prefilled_tokens": 5}})]
+    await store.r.delete(keys.job(job_id))
+    gone = [item async for item in openai_images.follow(store, job_id)]
+    assert gone == [("job.failed", {"error": {"type": "expired", "message": "the job has expired"}})]
