@@ -276,3 +276,19 @@ async def test_follow_ends_with_a_terminal_event_even_when_the_log_expired(store
     await store.r.delete(keys.job(job_id))
     gone = [item async for item in openai_images.follow(store, job_id)]
     assert gone == [("job.failed", {"error": {"type": "expired", "message": "the job has expired"}})]
+
+
+async def test_an_idempotency_key_covers_the_n_jobs(settings: Settings):
+    async with _App(settings.model_copy(update={"openai_wait_s": 0.3})) as (client, _):
+        headers = {"Idempotency-Key": "retry-me"}
+        kwargs = {"prompt": "a red cube", "size": "64x64", "n": 2, "extra_headers": headers}
+        with pytest.raises(openai.APIStatusError) as first:
+            await client.images.generate(**kwargs, extra_body={"strokes": FAST})
+        ids = first.value.response.headers["x-strokes-jobs"].split(",")
+        assert first.value.status_code == 504 and len(set(ids)) == 2
+        # The retry gets the same two jobs (canceled by the first request's bound), not new ones.
+        with pytest.raises(openai.APIStatusError) as again:
+            await client.images.generate(**kwargs, extra_body={"strokes": FAST})
+        assert again.value.response.headers["x-strokes-jobs"].split(",") == ids
+        assert again.value.status_code == 500 and again.value.body["code"] == "generation_failed"
+        assert "job.canceled" in again.value.body["message"]
