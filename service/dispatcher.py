@@ -13,7 +13,8 @@ pending list, so a dispatcher can die at any moment and another (or its restart)
                  that claim exclusive. delay(k) = min(base * 2^(k-1), max), never less than the
                  delivery timeout, so an attempt still in flight is not taken from a live dispatcher
     give up      once the next attempt would come later than `webhook_retry_for_s` after the event
-                 (the entry id's time), or at once for a URL now refused: logged, counted,
+                 (the entry id's time), or at once for a URL whose host now resolves to a refused
+                 address (one that does not resolve is retried): logged, counted,
                  copied to keys.WEBHOOK_DEAD, XACK + XDEL
 
 Before each attempt the host is resolved again and checked (webhooks.resolve), and the request goes
@@ -185,6 +186,8 @@ class Dispatcher:
             target = await webhooks.resolve(
                 message.url, s.webhook_allow_networks, s.webhook_resolve_timeout_s
             )
+        except webhooks.Unresolvable as exc:  # DNS may come back: an ordinary failed attempt
+            return str(exc)
         except webhooks.UnsafeURL as exc:
             return f"refused: {exc}"
         msg_id = webhooks.message_id(message.job_id, message.event_id)

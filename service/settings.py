@@ -7,6 +7,7 @@ and override the dependency instead of patching globals. Command-line flags of `
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from typing import Annotated
 
@@ -79,7 +80,9 @@ class Settings(BaseSettings):
     def _split_networks(cls, value):
         # STROKES_WEBHOOK_ALLOW_NETWORKS="127.0.0.0/8,10.0.0.0/8"
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for spec in value:
+            ipaddress.ip_network(spec, strict=False)  # a malformed CIDR fails at start, not per request
         return value
 
     @field_validator("api_keys", mode="before")

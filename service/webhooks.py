@@ -61,6 +61,10 @@ class UnsafeURL(Exception):
     """The webhook URL is malformed, does not resolve, or resolves to a refused address."""
 
 
+class Unresolvable(UnsafeURL):
+    """The host does not resolve (now): refused at submit, retried at delivery."""
+
+
 def hash_fields(url: str, events: list[str] | None) -> dict[str, str]:
     """The job-hash fields of a job's subscription."""
     chosen = list(dict.fromkeys(events or DEFAULT_EVENTS))
@@ -137,10 +141,10 @@ async def resolve(url: str, allow: list[str], timeout_s: float) -> Target:
             loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP), timeout_s
         )
     except (OSError, TimeoutError) as exc:
-        raise UnsafeURL(f"host {host!r} does not resolve") from exc
+        raise Unresolvable(f"host {host!r} does not resolve") from exc
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     if not addresses:
-        raise UnsafeURL(f"host {host!r} does not resolve")
+        raise Unresolvable(f"host {host!r} does not resolve")
     allowed = networks(allow)
     for address in addresses:  # all of them: a resolver may answer in any order
         why = refused(address, allowed)

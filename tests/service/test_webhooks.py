@@ -19,6 +19,7 @@ from standardwebhooks.webhooks import Webhook
 from svc_testkit import QUICK, Proc, env_with, free_port, start_api, start_worker, submit, wait_for
 
 from service import keys, webhooks
+from service.dispatcher import Dispatcher, Message
 from service.keys import JobStatus
 from service.settings import Settings
 from service.store import Store
@@ -92,6 +93,20 @@ def test_secrets_must_be_whsec_base64():
     for bad in ("abc", "whsec_!!!", "whsec_" + base64.b64encode(b"short").decode()):
         with pytest.raises(ValueError):
             webhooks.secret_bytes(bad)
+
+
+async def test_delivery_retries_an_unresolvable_host_and_refuses_an_internal_one(redis_url: str):
+    dispatcher = Dispatcher(Settings(redis_url=redis_url, webhook_secret=SECRET), "d-unit")
+    try:
+        gone = Message("1-0", "gen_x", "job.completed", "1-0", "http://no-such-host.invalid/h", "{}")
+        assert await dispatcher._post(gone, 1) == "host 'no-such-host.invalid' does not resolve"
+        inside = Message("1-0", "gen_x", "job.completed", "1-0", "http://127.0.0.1:9/h", "{}")
+        assert (await dispatcher._post(inside, 1)).startswith(
+            "refused: host '127.0.0.1' resolves to a loopback"
+        )
+    finally:
+        await dispatcher.http.aclose()
+        await dispatcher.r.aclose()
 
 
 # ---- the emit path writes the outbox -------------------------------------------------------------
