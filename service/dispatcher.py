@@ -133,8 +133,14 @@ class Dispatcher:
         self.inflight.add(task)
         task.add_done_callback(self.inflight.discard)
 
+    def _free(self) -> int:
+        return self.settings.webhook_concurrency - len(self.inflight)
+
     async def read_new(self) -> None:
-        free = max(1, self.settings.webhook_concurrency - len(self.inflight))
+        free = self._free()
+        if free <= 0:  # all slots busy: take nothing more (a claimed entry's idle clock runs)
+            await asyncio.wait(self.inflight, timeout=self.settings.webhook_poll_ms / 1000)
+            return
         reply = await self.r.xreadgroup(
             keys.WEBHOOK_GROUP,
             self.name,
@@ -146,24 +152,31 @@ class Dispatcher:
             for entry_id, fields in entries:
                 self._spawn(Message.from_entry(entry_id, fields), 1)
 
-    async def retry_due(self) -> None:
-        """Claim and retry every pending entry whose wait after its last attempt is over."""
+    async def retry_due(self, scan: int = 1000) -> None:
+        """Claim and retry pending entries whose wait after their last attempt is over (looking at
+        up to `scan` of those idle long enough, oldest first, page by page)."""
         floor_ms = int(self.delay(1) * 1000)
-        pending = await self.r.xpending_range(
-            keys.WEBHOOK_OUTBOX, keys.WEBHOOK_GROUP, "-", "+", 100, idle=floor_ms
-        )
-        for p in pending:
-            attempts = int(p["times_delivered"])
-            wait_ms = int(self.delay(attempts) * 1000)
-            if int(p["time_since_delivered"]) < wait_ms:
-                continue
-            # Exclusive: another dispatcher's claim resets the idle time below wait_ms.
-            claimed = await self.r.xclaim(
-                keys.WEBHOOK_OUTBOX, keys.WEBHOOK_GROUP, self.name, wait_ms, [p["message_id"]]
+        start = "-"
+        while scan > 0 and self._free() > 0:
+            page = await self.r.xpending_range(
+                keys.WEBHOOK_OUTBOX, keys.WEBHOOK_GROUP, start, "+", 100, idle=floor_ms
             )
-            for entry_id, fields in claimed:
-                if fields:
-                    self._spawn(Message.from_entry(entry_id, fields), attempts + 1)
+            for p in page:
+                attempts = int(p["times_delivered"])
+                wait_ms = int(self.delay(attempts) * 1000)
+                if int(p["time_since_delivered"]) < wait_ms or self._free() <= 0:
+                    continue
+                # Exclusive: another dispatcher's claim resets the idle time below wait_ms.
+                claimed = await self.r.xclaim(
+                    keys.WEBHOOK_OUTBOX, keys.WEBHOOK_GROUP, self.name, wait_ms, [p["message_id"]]
+                )
+                for entry_id, fields in claimed:
+                    if fields:
+                        self._spawn(Message.from_entry(entry_id, fields), attempts + 1)
+            if len(page) < 100:
+                return
+            scan -= len(page)
+            start = "(" + _s(page[-1]["message_id"])
 
     # -- one attempt ------------------------------------------------------------------------------
 

@@ -441,3 +441,25 @@ def test_strokes_serve_runs_a_dispatcher_when_a_secret_is_set(
     lines = [json.loads(line) for line in serve.output().splitlines() if line.startswith("{")]
     said = [line["msg"] for line in lines if line.get("process") == "webhooks"]
     assert said[0].endswith("started") and said[-1].endswith("stopped"), said  # stopped with serve
+
+
+@pytest.mark.slow
+def test_a_dead_dispatchers_backlog_is_taken_over_page_by_page(redis_url, logdir, procs, receiver):
+    # 120 messages pending on a consumer that died after its first attempts (more than one page
+    # of XPENDING); a dispatcher with 8 slots takes them all over, each delivered once.
+    hook = receiver()
+    client = redis.Redis.from_url(redis_url)
+    client.delete(keys.WEBHOOK_OUTBOX)
+    client.xgroup_create(keys.WEBHOOK_OUTBOX, keys.WEBHOOK_GROUP, id="0", mkstream=True)
+    now_ms = int(time.time() * 1000)
+    for i in range(120):
+        job_id = f"gen_{i:022d}"
+        data = json.dumps({"job_id": job_id})
+        fields = {"job_id": job_id, "event": "job.completed", "event_id": f"{now_ms}-{i}", "url": hook.url}
+        client.xadd(keys.WEBHOOK_OUTBOX, {**fields, "data": data})
+    assert len(client.xreadgroup(keys.WEBHOOK_GROUP, "ghost", {keys.WEBHOOK_OUTBOX: ">"})[0][1]) == 120
+    procs.append(_dispatcher(redis_url, logdir, "d-heir", webhook_concurrency=8))
+    wait_for(lambda: _outbox_settled(client), 60, 0.1, "the backlog delivered")
+    client.close()
+    ids = [d[0]["webhook-id"] for d in hook.ok()]
+    assert len(ids) == len(set(ids)) == 120
