@@ -137,15 +137,18 @@ async def _outbox(store: Store) -> list[dict[str, str]]:
 async def test_emit_path_copies_subscribed_events_into_the_outbox(store: Store):
     await store.r.delete(keys.WEBHOOK_OUTBOX)
     job_id = "gen_" + "a" * 22
-    attempt = await _enqueue_running(store, job_id, "https://hooks.example/x", ["stage.completed"])
+    subscribed = ["job.started", "stage.completed"]
+    attempt = await _enqueue_running(store, job_id, "https://hooks.example/x", subscribed)
     await store.emit(job_id, attempt, 1, "text.delta", {"job_id": job_id, "delta": "a"})
     await store.emit(job_id, attempt, 2, "stage.completed", {"job_id": job_id, "stage": "plan"})
     await store.finish(job_id, attempt, JobStatus.succeeded, "job.completed", {"job_id": job_id})
     outbox = await _outbox(store)
-    assert [e["event"] for e in outbox] == ["stage.completed"]  # job.completed was not asked for
+    assert [e["event"] for e in outbox] == subscribed  # job.completed was not asked for
     events = await store.read_events(job_id)
+    started = next(e for e in events if e.name == "job.started")
+    assert (outbox[0]["event_id"], outbox[0]["data"]) == (started.id, started.data)
     stage = next(e for e in events if e.name == "stage.completed")
-    assert outbox[0] == {
+    assert outbox[1] == {
         "job_id": job_id,
         "event": "stage.completed",
         "event_id": stage.id,
