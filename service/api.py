@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import docs_ui, errors, generations, jobs, sse
+from service import docs_ui, errors, generations, jobs, openai_images, sse
 from service import images as imagelib
 from service.auth import OwnerDep
 from service.errors import NotFound, ServiceError, Unavailable
@@ -513,6 +513,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(generations.router)
     docs_ui.install(app)
+    app.include_router(openai_images.router)  # POST /v1/images/generations, /v1/images/edits
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "service.serve",
     "service.demo",
     "service.bench",
+    "service.dispatcher",
 ]
 
 

@@ -90,6 +90,15 @@ class Unavailable(ServiceError):
         super().__init__(message, headers={"Retry-After": "1"})
 
 
+class GenerationTimedOut(ServiceError):
+    # The OpenAI-compatible routes wait for their jobs; past the bound they cancel them.
+    status, type = 504, "generation_timeout"
+
+
+class GenerationFailed(ServiceError):
+    status, type = 500, "generation_failed"
+
+
 def error_body(type_: str, message: str, param: str | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"type": type_, "message": message}
     if param:
@@ -153,24 +162,53 @@ def _wrong_media_type(request: Request, exc: RequestValidationError) -> str | No
     return f"the body must be sent as Content-Type: {expected}, not {media}"
 
 
+# ---- the OpenAI-compatible routes (service/openai_images.py) answer in OpenAI's error shape ----
+
+OPENAI_PATH_PREFIX = "/v1/images/"
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def openai_error(status: int, type_: str, message: str, param: str | None = None) -> tuple[int, dict]:
+    """(status, body) as OpenAI's API has them: {"error": {message, type, param, code}}; our error
+    type becomes `code`, and a 422 is OpenAI's 400."""
+    status = 400 if status == 422 else status
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": type_}}
+
+
+def _respond(
+    request: Request,
+    status: int,
+    type_: str,
+    message: str,
+    *,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    if request.url.path.startswith(OPENAI_PATH_PREFIX):
+        status, body = openai_error(status, type_, message, param)
+        return JSONResponse(body, status_code=status, headers=headers)
+    return error_response(status, type_, message, param=param, headers=headers)
+
+
 def install(app: FastAPI) -> None:
     """Register every exception -> response mapping on the app."""
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
-        return error_response(exc.status, exc.type, exc.message, param=exc.param, headers=exc.headers)
+        return _respond(request, exc.status, exc.type, exc.message, param=exc.param, headers=exc.headers)
 
     @app.exception_handler(InvalidParams)
     async def _invalid_params(request: Request, exc: InvalidParams):
-        return error_response(422, "invalid_request", str(exc), param=exc.field)
+        return _respond(request, 422, "invalid_request", str(exc), param=exc.field)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         wrong_media = _wrong_media_type(request, exc)
         if wrong_media is not None:
-            return error_response(415, UnsupportedMediaType.type, wrong_media)
+            return _respond(request, 415, UnsupportedMediaType.type, wrong_media)
         message, param = _describe_validation(exc)
-        return error_response(422, "invalid_request", message, param=param)
+        return _respond(request, 422, "invalid_request", message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -178,12 +216,16 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else type_.replace("_", " ")
         if exc.status_code == 404:
             message = "no such resource"
-        return error_response(exc.status_code, type_, message, headers=getattr(exc, "headers", None))
+        return _respond(request, exc.status_code, type_, message, headers=getattr(exc, "headers", None))
 
     async def _redis_down(request: Request, exc: Exception):
         log.warning("redis unreachable: %s", exc)
-        return error_response(
-            503, Unavailable.type, "the job store is unreachable; retry shortly", headers={"Retry-After": "1"}
+        return _respond(
+            request,
+            503,
+            Unavailable.type,
+            "the job store is unreachable; retry shortly",
+            headers={"Retry-After": "1"},
         )
 
     app.add_exception_handler(RedisConnectionError, _redis_down)
@@ -193,4 +235,4 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error")
+        return _respond(request, 500, "internal_error", "internal error")

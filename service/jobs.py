@@ -15,6 +15,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from service import images as imagelib
+from service import webhooks
 from service.errors import (
     IdempotencyKeyReused,
     InvalidImage,
@@ -137,6 +138,8 @@ async def submit(
         )
     record = request.job_record()
     params_from_record(record, None, settings.max_side)  # GenerationParams.validate() has the last word
+    if request.webhook_url is not None:
+        await _check_webhook(settings, request.webhook_url)
     upload = None
     if request.input_image is not None:
         try:
@@ -150,6 +153,18 @@ async def submit(
     return await asyncio.wait_for(
         _enqueue(store, settings, owner, request, record, idempotency_key, upload), deadline_s
     )
+
+
+async def _check_webhook(settings: Settings, url: str) -> None:
+    """422 unless webhooks are enabled and the URL's host resolves to allowed addresses only."""
+    if settings.webhook_secret is None:
+        raise InvalidRequest(
+            "webhooks are not enabled on this server (no STROKES_WEBHOOK_SECRET)", param="webhook_url"
+        )
+    try:
+        await webhooks.resolve(url, settings.webhook_allow_networks, settings.webhook_resolve_timeout_s)
+    except webhooks.UnsafeURL as exc:
+        raise InvalidRequest(f"webhook_url {exc}", param="webhook_url") from exc
 
 
 async def _enqueue(
@@ -172,6 +187,8 @@ async def _enqueue(
         await images.put(stored_input, png, settings.result_ttl_s * 2)
         ref = image_ref(job_id, INPUT_IMAGE_ID, width, height, stage="input")
         fields[IMAGE_FIELD_PREFIX + INPUT_IMAGE_ID] = {**ref, "attempt": 0}
+    if request.webhook_url is not None:
+        fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events))
     result = await store.enqueue(
         job_id,
         owner=owner,

@@ -17,6 +17,8 @@ One module so the data layout can be read in one place (arq's constants.py). All
 | strokes:hb:{worker}         | string | a worker's lease: exists while the worker is alive (PX TTL) |
 | strokes:idem:{owner}:{hash} | hash   | Idempotency-Key -> job id and body hash                      |
 | strokes:owner:{owner}:jobs  | zset   | the owner's job ids by creation time (ms), for GET /v1/generations |
+| strokes:webhooks            | stream | webhook outbox: events to deliver, consumer group WEBHOOK_GROUP |
+| strokes:webhooks:dead       | stream | webhook deliveries given up after `webhook_retry_for_s`      |
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ DEAD_LETTERS = PREFIX + "dead"
 WORKERS = PREFIX + "workers"
 STATS = PREFIX + "stats"
 HEARTBEAT_PREFIX = PREFIX + "hb:"
+WEBHOOK_OUTBOX = PREFIX + "webhooks"
+WEBHOOK_GROUP = "dispatchers"
+WEBHOOK_DEAD = PREFIX + "webhooks:dead"
 
 # A consumer name no worker ever uses and that never heartbeats: entries handed back (SIGTERM,
 # retry after a failure) are moved to it, so every worker's reclaim step sees them at once and

@@ -28,6 +28,10 @@ Worker (its own port, `strokes worker --metrics-port`):
     strokes_worker_gpu_memory_bytes                      torch.cuda.memory_allocated (0 on CPU)
     strokes_worker_gpu_memory_peak_bytes                 torch.cuda.max_memory_allocated (0 on CPU)
 
+Webhook dispatcher (its own port, `strokes webhooks --metrics-port`):
+    strokes_webhook_deliveries_total{outcome}            delivered|failed|given_up|refused
+    strokes_webhook_attempt_seconds                      one delivery attempt's HTTP time
+
 Several API processes (uvicorn --workers N): set PROMETHEUS_MULTIPROC_DIR and every process
 writes its values to files there; /metrics then aggregates them (prometheus_client multiprocess
 mode). Each worker process serves its own registry on its own port.
@@ -182,3 +186,22 @@ class WorkerMetrics:
             return
         self.gpu_memory.set(torch.cuda.memory_allocated())
         self.gpu_memory_peak.set(torch.cuda.max_memory_allocated())
+
+
+class WebhookMetrics:
+    """The dispatcher's (`strokes webhooks --metrics-port`):
+    strokes_webhook_deliveries_total{outcome}   delivered|failed (an attempt, retried)|given_up|refused
+    strokes_webhook_attempt_seconds             one delivery attempt's HTTP time
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.deliveries = Counter(
+            "strokes_webhook_deliveries", "webhook attempts by outcome", ["outcome"], registry=r
+        )
+        self.seconds = Histogram(
+            "strokes_webhook_attempt_seconds", "one attempt's HTTP time", buckets=LATENCY_BUCKETS, registry=r
+        )
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=host, registry=self.registry)

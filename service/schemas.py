@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from model.params import (
     DRAFT_DEFAULTS,
@@ -25,6 +25,7 @@ from model.params import (
     TextSettings,
 )
 from model.prompts import TEMPLATE_NAMES
+from service.webhooks import EVENTS as WEBHOOK_EVENTS
 
 MAX_PROMPT_CHARS = 4000
 MAX_TEMPLATE_CHARS = 4000
@@ -111,6 +112,7 @@ class ReflectSettings(_TextSettingsBase):
 
 
 TemplateName = Literal[tuple(sorted(TEMPLATE_NAMES))]  # type: ignore[valid-type]
+WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
 
 
 class GenerationRequest(BaseModel):
@@ -153,6 +155,15 @@ class GenerationRequest(BaseModel):
         description="start image (edit): base64 or a data: URL of a PNG, JPEG or WebP",
     )
 
+    webhook_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="POST signed events here (Standard Webhooks); docs/webhooks.md",
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        None, min_length=1, description="events to deliver; default the terminal ones"
+    )
+
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str) -> str:
@@ -170,6 +181,12 @@ class GenerationRequest(BaseModel):
                 raise ValueError(f"template {name} is longer than {MAX_TEMPLATE_CHARS} characters")
             _reject_control_tokens(text, f"template {name}")
         return value
+
+    @model_validator(mode="after")
+    def _webhook(self) -> GenerationRequest:
+        if self.webhook_events is not None and self.webhook_url is None:
+            raise ValueError("webhook_events needs a webhook_url")
+        return self
 
     def job_record(self) -> dict[str, Any]:
         """What the job hash keeps of the request: everything but the image bytes."""

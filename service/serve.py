@@ -1,5 +1,6 @@
-"""`strokes serve`: the whole service on one machine: the API, one worker, and (when no Redis URL
-is given) a private redis-server with AOF on, in a temporary folder.
+"""`strokes serve`: the whole service on one machine: the API, one worker, the webhook dispatcher
+(when STROKES_WEBHOOK_SECRET is set), and (when no Redis URL is given) a private redis-server with
+AOF on, in a temporary folder.
 
 The worker runs as a child process (it holds the model; the API process must not import torch);
 the API runs in this process under uvicorn. Ctrl-C or SIGTERM stops all three: the worker hands
@@ -102,11 +103,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _exit_with(worker: subprocess.Popen, stopping: threading.Event) -> None:
+def _exit_with(worker: subprocess.Popen, stopping: threading.Event, what: str = "worker") -> None:
     """The worker is half of the service: if it dies, stop the API too (SIGTERM to ourselves)."""
     code = worker.wait()
     if code != 0 and not stopping.is_set():
-        print(f"strokes serve: the worker exited with {code}; stopping", file=sys.stderr, flush=True)
+        print(f"strokes serve: the {what} exited with {code}; stopping", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -123,7 +124,7 @@ def run_serve(args) -> int:
             return 2
     tmp = None
     redis = None
-    worker = None
+    worker = dispatcher = None
     stopping = threading.Event()  # set once we stop the worker ourselves
     redis_url = args.redis_url or os.environ.get("STROKES_REDIS_URL")
     try:
@@ -151,6 +152,12 @@ def run_serve(args) -> int:
             cmd += ["--pipeline", args.pipeline]
         worker = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
         threading.Thread(target=_exit_with, args=(worker, stopping), daemon=True).start()
+        if Settings().webhook_secret is not None:  # webhooks (issue 11): the dispatcher beside them
+            webhook_cmd = [sys.executable, "-m", "service.cli", "webhooks", "--redis-url", redis_url]
+            dispatcher = subprocess.Popen(webhook_cmd, env=env, preexec_fn=_die_with_parent)
+            threading.Thread(
+                target=_exit_with, args=(dispatcher, stopping, "webhook dispatcher"), daemon=True
+            ).start()
 
         import uvicorn
 
@@ -182,6 +189,7 @@ def run_serve(args) -> int:
     finally:
         stopping.set()
         stop_child(worker)
+        stop_child(dispatcher)
         if redis is not None:
             redis.stop()
         if tmp is not None:

@@ -7,6 +7,7 @@ and override the dependency instead of patching globals. Command-line flags of `
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from typing import Annotated
 
@@ -62,9 +63,33 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = []  # empty: no authentication
     ready_requires_worker: bool = True  # false for scale-to-zero worker pools
 
+    # OpenAI-compatible Images API (docs/openai.md)
+    openai_wait_s: float = 600.0  # a non-streaming request waits this long, then cancels its jobs (504)
+
+    # Webhooks (docs/webhooks.md)
+    webhook_secret: SecretStr | None = None  # "whsec_<base64>"; unset: a webhook_url is refused
+    webhook_allow_networks: Annotated[list[str], NoDecode] = []  # CIDRs exempt from the SSRF check
+    webhook_timeout_s: float = 10.0  # one delivery attempt
+    webhook_retry_for_s: float = 86400.0  # retried this long after the event, then given up
+    webhook_backoff_base_s: float = 5.0  # retry k waits base * 2^(k-1), at least the timeout
+    webhook_backoff_max_s: float = 3600.0
+    webhook_poll_ms: int = 1000  # the dispatcher looks for due retries at least this often
+    webhook_concurrency: int = 16  # deliveries in flight per dispatcher
+    webhook_resolve_timeout_s: float = 2.0
+
     # Logs
     log_level: str = "INFO"
     log_prompts: bool = False  # prompt text in INFO logs
+
+    @field_validator("webhook_allow_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value):
+        # STROKES_WEBHOOK_ALLOW_NETWORKS="127.0.0.0/8,10.0.0.0/8"
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for spec in value:
+            ipaddress.ip_network(spec, strict=False)  # a malformed CIDR fails at start, not per request
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

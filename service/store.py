@@ -39,7 +39,26 @@ from service.settings import Settings
 
 # ---- Lua ----------------------------------------------------------------------------------------
 
-_PRELUDE = r"""
+# >>> webhooks (issue 11): copy an event that the job subscribed to into the webhook outbox. The
+# job hash has webhook_url and webhook_events (",name,name,", see service/webhooks.py); called
+# right after every XADD of an event a webhook may want (finalize, start, emit).
+_WEBHOOK = (
+    r"""
+local function webhook(jobkey, event, data, event_id)
+  local w = redis.call('HMGET', jobkey, 'webhook_url', 'webhook_events', 'id')
+  if w[1] and w[2] and string.find(w[2], ',' .. event .. ',', 1, true) then
+    redis.call('XADD', '"""
+    + keys.WEBHOOK_OUTBOX
+    + r"""', '*', 'job_id', w[3], 'event', event, 'event_id', event_id, 'url', w[1], 'data', data)
+  end
+end
+"""
+)
+# <<< webhooks
+
+_PRELUDE = (
+    _WEBHOOK
+    + r"""
 local function clock()
   local t = redis.call('TIME')
   return t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
@@ -50,8 +69,9 @@ end
 local function finalize(C, status, event, data, attempt, now)
   local j = redis.call('HMGET', C.job, 'entry_id', 'id')
   redis.call('HSET', C.job, 'status', status, 'finished_at', now, 'worker', '')
-  redis.call('XADD', C.events, 'MAXLEN', '~', C.maxlen, '*',
-             'event', event, 'attempt', tostring(attempt), 'data', data)
+  local id = redis.call('XADD', C.events, 'MAXLEN', '~', C.maxlen, '*',
+                        'event', event, 'attempt', tostring(attempt), 'data', data)
+  webhook(C.job, event, data, id)  -- webhooks (issue 11)
   redis.call('EXPIRE', C.events, C.events_ttl)
   redis.call('EXPIRE', C.job, C.result_ttl)
   if j[1] then redis.call('XACK', C.jobs, C.group, j[1]) end
@@ -61,6 +81,7 @@ local function finalize(C, status, event, data, attempt, now)
   end
 end
 """
+)
 
 # KEYS: job, jobs, queued, events, idem, owner_jobs
 # ARGV: job_id, cap, request, owner, body_hash, has_idem, idem_ttl, maxlen, index_ttl, index_max,
@@ -140,9 +161,10 @@ if failures >= tonumber(ARGV[4]) then
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3], 'attempt_started_at', now, 'seq', '0')
 redis.call('HSETNX', KEYS[1], 'started_at', now)
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', 'job.started',
-           'attempt', tostring(attempt),
-           'data', cjson.encode({job_id = j[5], attempt = attempt, worker = ARGV[3], takeover = takeover}))
+local started = cjson.encode({job_id = j[5], attempt = attempt, worker = ARGV[3], takeover = takeover})
+local started_id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', 'job.started',
+                              'attempt', tostring(attempt), 'data', started)
+webhook(KEYS[1], 'job.started', started, started_id)  -- webhooks (issue 11)
 return {'run', tostring(attempt), takeover and '1' or '0'}
 """
 )
@@ -150,7 +172,9 @@ return {'run', tostring(attempt), takeover and '1' or '0'}
 # KEYS: job, events     ARGV: attempt, event ('' for none), data, maxlen, [field, value]...
 # KEYS: job, events     ARGV: attempt, seq, event ('' for none), data, maxlen, [field, value]...
 # `seq` numbers an attempt's emits from 1: a retried emit whose reply was lost is not applied twice.
-_EMIT = r"""
+_EMIT = (
+    _WEBHOOK  # webhooks (issue 11)
+    + r"""
 local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'cancel', 'seq')
 if j[1] ~= 'running' or j[2] ~= ARGV[1] then return {'fenced'} end
 if tonumber(ARGV[2]) <= tonumber(j[4] or '0') then return {'ok', '', j[3] or '0'} end
@@ -159,10 +183,12 @@ local id = ''
 if ARGV[3] ~= '' then
   id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
                   'event', ARGV[3], 'attempt', ARGV[1], 'data', ARGV[4])
+  webhook(KEYS[1], ARGV[3], ARGV[4], id)  -- webhooks (issue 11)
 end
 if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
 return {'ok', id, j[3] or '0'}
 """
+)
 
 # KEYS: job, events, jobs, dead, trajectory, stats
 # ARGV: attempt, status, event, data, group, maxlen, events_ttl, result_ttl, trajectory, [field, value]...

@@ -60,6 +60,11 @@ def test_no_generated_request_gets_a_5xx_or_breaks_the_schema(live_api, operatio
     # image; a prompt must not be blank or hold control-token strings): a schema-valid POST may
     # rightly get a 422, so that one check is off for it. Every other check stays on.
     excluded = [positive_data_acceptance] if operation.path == "/v1/generations" else []
+    # The OpenAI-compatible routes answer when their jobs end, and no worker runs here: a valid
+    # request would wait for its bound. Their invalid requests are fuzzed; the valid ones run in
+    # test_openai_images.py against a worker.
+    if operation.path.startswith("/v1/images/") and mode == GenerationMode.POSITIVE:
+        pytest.skip("a valid request waits for a worker (tests/service/test_openai_images.py)")
 
     try:
         check()
