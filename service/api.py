@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors, jobs, sse
+from service import errors, jobs, sse, studio
 from service import images as imagelib
 from service.auth import OwnerDep
 from service.errors import NotFound, ServiceError, Unavailable
@@ -494,6 +494,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
     app.include_router(router)
+    studio.install(app)  # the page at /studio/, / redirecting there, GET /v1/info
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -1,0 +1,473 @@
+// One generation on the page: a header (status, queue position, timings, actions) and a row per
+// iteration with a card per stage, redrawn from state.js as its events stream in.
+//
+// The events come from fetch()-streamed SSE; when the stream drops, it resumes with Last-Event-ID.
+// The state and the last event id are kept in sessionStorage, so a reload redraws at once and
+// resumes from where it was; a shared link (no stored state) replays the events from the start.
+
+import { describe } from "./api.js";
+import { absorbView, newState, parsePlan, reduce, STAGE_LABEL, STAGES, splitReflection, TERMINAL } from "./state.js";
+import { addSteering, addPausedEditor } from "./steer.js";
+
+const STATUS_LABEL = {
+  queued: "Queued",
+  running: "Running",
+  paused: "Waiting for you",
+  succeeded: "Finished",
+  failed: "Failed",
+  canceled: "Canceled",
+};
+
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value == null || value === false) continue;
+    if (name === "class") el.className = value;
+    else if (name === "text") el.textContent = value;
+    else if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
+    else el.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children) if (child != null) el.append(child);
+  return el;
+}
+
+export function saveBlob(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const a = h("a", { href: url, download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+const seconds = (s) => (s == null ? "" : s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(1)} s`);
+
+export class JobView {
+  // hooks: {steering: bool, announce(text), fork(view, spec), continueJob(view, text), changed(view)}
+  constructor(api, id, hooks) {
+    this.api = api;
+    this.hooks = hooks;
+    this.abort = new AbortController();
+    this.state = newState(id);
+    this.dirty = new Set();
+    this.blobs = new Set();
+    this.cards = new Map(); // "it:N:stage" -> card elements
+    this.rows = new Map(); // N -> row elements
+    this.lastSaved = 0;
+    this.build();
+  }
+
+  get id() {
+    return this.state.id;
+  }
+
+  build() {
+    const id = this.state.id;
+    this.status = h("span", { class: "status", "data-status": "queued", text: "Queued" });
+    this.title = h("h3", { id: `title-${id}`, class: "job-title", text: id });
+    this.meta = h("p", { class: "meta" });
+    this.queue = h("p", { class: "queue", hidden: true });
+    this.note = h("p", { class: "note", role: "status" });
+    this.error = h("p", { class: "error", role: "alert" });
+    this.timings = h("p", { class: "timings" });
+    this.cancelButton = h("button", { type: "button", class: "cancel", text: "Cancel", onclick: () => this.cancel() });
+    this.trajectoryButton = h("button", {
+      type: "button",
+      hidden: true,
+      text: "Download trajectory",
+      onclick: () => this.downloadTrajectory(),
+    });
+    this.linkButton = h("a", { href: `?job=${encodeURIComponent(id)}`, class: "link", text: "Link to this generation" });
+    this.actions = h("div", { class: "actions" }, this.cancelButton, this.trajectoryButton, this.linkButton);
+    this.steerSlot = h("div", { class: "steer-job" });
+    this.list = h("ol", { class: "iterations", "aria-label": "Iterations" });
+    this.el = h(
+      "article",
+      { class: "job", "data-job": id, "aria-labelledby": `title-${id}` },
+      h("header", { class: "job-head" }, this.title, this.status),
+      this.meta,
+      this.queue,
+      this.note,
+      this.error,
+      this.actions,
+      this.steerSlot,
+      this.list,
+      this.timings,
+    );
+  }
+
+  // -- life -----------------------------------------------------------------------------------
+
+  // Restore what this tab saw before (if anything), then read the job's view. False when the
+  // job cannot be shown (unknown, expired, another key's); the error is on the card.
+  async load() {
+    this.complete = false; // this tab saw the whole job, up to its terminal event
+    const saved = sessionStorage.getItem(`strokes.job.${this.id}`);
+    if (saved) {
+      try {
+        this.state = { ...newState(this.id), ...JSON.parse(saved) };
+        this.complete = TERMINAL.has(this.state.status);
+        this.renderAll();
+      } catch {
+        sessionStorage.removeItem(`strokes.job.${this.id}`);
+      }
+    }
+    try {
+      absorbView(this.state, await this.api.get(`/v1/generations/${this.id}`, this.abort.signal));
+    } catch (err) {
+      if (err.name !== "AbortError") this.showError(describe(err));
+      return false;
+    }
+    this.renderAll();
+    return true;
+  }
+
+  // Follow the job to its end (at once when it had already ended and this tab saw all of it).
+  async run() {
+    this.ticker = setInterval(() => this.tick(), 1000);
+    if (!this.complete) await this.follow();
+  }
+
+  close() {
+    this.abort.abort();
+    clearInterval(this.ticker);
+    this.save(true);
+    for (const url of this.blobs) URL.revokeObjectURL(url);
+    this.blobs.clear();
+    this.el.remove();
+  }
+
+  async follow() {
+    let delay = 500;
+    while (!this.abort.signal.aborted) {
+      try {
+        const path = `/v1/generations/${this.id}/events`;
+        const how = await this.api.stream(path, this.state.lastEventId, this.abort.signal, (ev) => this.onEvent(ev));
+        this.state.note = this.state.note === "Connection lost; reconnecting…" ? null : this.state.note;
+        delay = 500;
+        if (how === "finished" || TERMINAL.has(this.state.status)) break;
+      } catch (err) {
+        if (this.abort.signal.aborted) return;
+        if (err.status && err.status !== 503) {
+          this.showError(describe(err));
+          return;
+        }
+        this.state.note = "Connection lost; reconnecting…";
+        this.mark("job");
+      }
+      if (TERMINAL.has(this.state.status)) break;
+      await new Promise((resolve) => setTimeout(resolve, delay));
+      delay = Math.min(delay * 2, 8000);
+    }
+    if (this.abort.signal.aborted) return;
+    // The final word on status, timings and (when the event log has expired) the stages.
+    try {
+      absorbView(this.state, await this.api.get(`/v1/generations/${this.id}`, this.abort.signal));
+    } catch (err) {
+      if (err.name !== "AbortError") this.showError(describe(err));
+    }
+    this.renderAll();
+    this.save(true);
+  }
+
+  onEvent(ev) {
+    if (ev.event === "error") {
+      this.state.note = "The event store hiccuped; resuming…";
+      this.mark("job");
+      return;
+    }
+    let data;
+    try {
+      data = JSON.parse(ev.data);
+    } catch {
+      return;
+    }
+    const before = this.state.status;
+    const changed = reduce(this.state, ev.event, data);
+    if (ev.id) this.state.lastEventId = ev.id;
+    for (const key of changed) this.mark(key);
+    if (ev.event === "stage.started") {
+      this.hooks.announce(`Iteration ${data.iteration}: ${STAGE_LABEL[data.stage] || data.stage} started.`);
+    }
+    if (before !== this.state.status && TERMINAL.has(this.state.status)) {
+      this.hooks.announce(`Generation ${STATUS_LABEL[this.state.status].toLowerCase()}.`);
+    }
+  }
+
+  mark(key) {
+    this.dirty.add(key);
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.flush());
+  }
+
+  flush() {
+    this.frame = null;
+    const dirty = this.dirty;
+    this.dirty = new Set();
+    if (dirty.has("all")) return this.renderAll(true);
+    for (const key of dirty) {
+      const [kind, n, stage] = key.split(":");
+      if (kind === "job") this.renderHeader();
+      else if (stage) this.renderStage(Number(n), stage);
+      else this.renderRow(Number(n));
+    }
+    this.save(false);
+  }
+
+  save(now) {
+    if (!now && performance.now() - this.lastSaved < 500) return;
+    this.lastSaved = performance.now();
+    try {
+      sessionStorage.setItem(`strokes.job.${this.id}`, JSON.stringify(this.state));
+    } catch {
+      // storage full: the page still works, a reload replays the events from the server
+    }
+  }
+
+  async pollQueue() {
+    if (this.state.status !== "queued" || this.polling) return;
+    this.polling = true;
+    try {
+      const job = await this.api.get(`/v1/generations/${this.id}`, this.abort.signal);
+      if (this.state.status === "queued" && job.status === "queued") this.state.position = job.queue_position;
+      this.renderHeader();
+    } catch {
+      // the next tick tries again
+    } finally {
+      this.polling = false;
+    }
+  }
+
+  tick() {
+    if (TERMINAL.has(this.state.status)) return clearInterval(this.ticker);
+    if (this.state.status === "queued" && (this.ticks = (this.ticks || 0) + 1) % 2 === 0) this.pollQueue();
+    for (const it of Object.values(this.state.iterations)) {
+      for (const s of Object.values(it.stages)) if (s.status === "running") this.renderStage(it.n, s.stage);
+    }
+  }
+
+  // -- actions --------------------------------------------------------------------------------
+
+  async cancel() {
+    this.cancelButton.disabled = true;
+    try {
+      await this.api.del(`/v1/generations/${this.id}`);
+      this.state.note = "Cancel requested: the job stops at its next step.";
+    } catch (err) {
+      this.cancelButton.disabled = false;
+      this.showError(describe(err));
+    }
+    this.renderHeader();
+  }
+
+  async downloadTrajectory() {
+    try {
+      saveBlob(await this.api.blob(`/v1/generations/${this.id}/trajectory`), `${this.id}-trajectory.json`);
+    } catch (err) {
+      this.showError(describe(err));
+    }
+  }
+
+  async downloadImage(ref) {
+    try {
+      saveBlob(await this.api.blob(ref.url), `${this.id}-${ref.id}.png`);
+    } catch (err) {
+      this.showError(describe(err));
+    }
+  }
+
+  showError(message) {
+    this.error.textContent = message;
+  }
+
+  // -- drawing --------------------------------------------------------------------------------
+
+  // Draw everything; `reset` drops the cards first (a new attempt starts the stages over).
+  renderAll(reset = false) {
+    if (reset) {
+      this.list.replaceChildren();
+      this.rows.clear();
+      this.cards.clear();
+    }
+    this.renderHeader();
+    const order = Object.keys(this.state.iterations).map(Number).sort((a, b) => a - b);
+    for (const n of order) {
+      this.renderRow(n);
+      for (const stage of STAGES) if (this.state.iterations[n].stages[stage]) this.renderStage(n, stage);
+    }
+  }
+
+  renderHeader() {
+    const s = this.state;
+    const r = s.request || {};
+    this.title.textContent = r.prompt || s.id;
+    this.status.textContent = STATUS_LABEL[s.status] || s.status;
+    this.status.dataset.status = s.status;
+    this.el.dataset.status = s.status;
+    const facts = [s.id, r.protocol, r.width && `${r.width}×${r.height}`, r.max_iterations && `≤ ${r.max_iterations} iterations`];
+    if (r.seed != null) facts.push(`seed ${r.seed}`);
+    if (r.input_image) facts.push("from a starting image");
+    this.meta.textContent = facts.filter(Boolean).join(" · ");
+    this.queue.hidden = s.status !== "queued";
+    this.queue.textContent = s.position ? `Waiting in the queue: position ${s.position}.` : "Waiting for a worker…";
+    this.note.textContent = s.note || "";
+    if (s.error) this.error.textContent = `The generation failed: ${s.error.message}`;
+    this.cancelButton.hidden = TERMINAL.has(s.status);
+    this.trajectoryButton.hidden = s.status !== "succeeded";
+    const t = s.timings || {};
+    const parts = [
+      t.queued_s != null && `queued ${seconds(t.queued_s)}`,
+      t.run_s != null && `ran ${seconds(t.run_s)}`,
+      t.total_s != null && `total ${seconds(t.total_s)}`,
+      s.usage?.generated_tokens != null && `${s.usage.generated_tokens} tokens generated`,
+    ].filter(Boolean);
+    this.timings.textContent = parts.length ? `Timings: ${parts.join(" · ")}` : "";
+    if (s.parent) {
+      const p = s.parent;
+      this.meta.textContent += ` · branch of ${p.job_id}${p.iteration ? ` after iteration ${p.iteration} ${p.stage}` : ""}`;
+    }
+    if (this.hooks.steering && s.status === "succeeded" && !this.steerSlot.childElementCount) {
+      addSteering(this, this.steerSlot, null);
+    }
+  }
+
+  renderRow(n) {
+    let row = this.rows.get(n);
+    if (!row) {
+      const verdict = h("span", { class: "verdict-summary" });
+      const stages = h("ol", { class: "stages" });
+      const li = h("li", { class: "iteration", "data-iteration": n }, h("h4", { text: `Iteration ${n} ` }, verdict), stages);
+      const next = [...this.rows.keys()].filter((k) => k > n).sort((a, b) => a - b)[0];
+      this.list.insertBefore(li, next != null ? this.rows.get(next).li : null);
+      row = { li, verdict, stages };
+      this.rows.set(n, row);
+    }
+    const verdict = this.state.iterations[n]?.verdict;
+    row.verdict.textContent = verdict ? `verdict: ${verdict}` : "";
+    return row;
+  }
+
+  card(n, stage) {
+    const key = `it:${n}:${stage}`;
+    let card = this.cards.get(key);
+    if (card) return card;
+    const row = this.renderRow(n);
+    const label = `${STAGE_LABEL[stage]}, iteration ${n}`;
+    card = { key, time: h("span", { class: "time" }), steer: h("div", { class: "steer" }) };
+    const head = h("div", { class: "stage-head" }, h("h5", { text: STAGE_LABEL[stage] }), card.time);
+    const body = [];
+    if (stage === "plan" || stage === "reflect") {
+      card.badge = h("span", { class: "badge", hidden: true });
+      card.ins = h("dd", { class: "ins" });
+      card.des = h("dd", { class: "des" });
+      card.parts = h("dl", { class: "plan-parts", hidden: true }, h("dt", { text: "Instruction" }), card.ins, h("dt", { text: "Scene" }), card.des);
+      card.raw = h("p", { class: "raw" });
+      card.text = h("div", { class: "text", "aria-live": "polite", "aria-label": label }, card.parts, card.raw);
+      body.push(card.badge, card.text);
+    } else {
+      card.img = h("img", { alt: `${label}: not drawn yet`, hidden: true });
+      card.progress = h("progress", { max: 1, value: 0, "aria-label": `${label}: denoising progress` });
+      card.caption = h("figcaption", { "aria-live": "polite" });
+      card.download = h("button", { type: "button", class: "download", hidden: true, text: "Download image" });
+      body.push(h("figure", {}, h("div", { class: "frame" }, card.img), card.progress, card.caption), card.download);
+    }
+    card.li = h("li", { class: "stage", "data-stage": stage, "data-iteration": n }, head, ...body, card.steer);
+    const after = STAGES.slice(STAGES.indexOf(stage) + 1).map((s) => this.cards.get(`it:${n}:${s}`)).find(Boolean);
+    row.stages.insertBefore(card.li, after ? after.li : null);
+    this.cards.set(key, card);
+    return card;
+  }
+
+  renderStage(n, stage) {
+    const s = this.state.iterations[n]?.stages[stage];
+    if (!s) return;
+    const card = this.card(n, stage);
+    card.li.dataset.status = s.status;
+    const elapsed = s.startedTs ? Math.max(0, Date.now() / 1000 - s.startedTs) : null;
+    card.time.textContent =
+      s.seconds != null ? seconds(s.seconds) : s.status === "running" ? `running${elapsed != null ? ` · ${Math.floor(elapsed)} s` : "…"}` : s.status;
+    if (card.text) this.drawText(card, s);
+    else this.drawImage(card, s, n, stage);
+    const paused = this.state.paused;
+    if (paused && paused.iteration === n && paused.stage === stage) {
+      if (card.steer.dataset.mode !== "paused") addPausedEditor(this, card.steer, paused);
+    } else if (card.steer.dataset.mode === "paused") {
+      card.steer.replaceChildren();
+      delete card.steer.dataset.mode;
+    }
+    if (this.hooks.steering && s.status === "done" && !card.steer.dataset.mode && (stage === "plan" || stage === "reflect")) {
+      addSteering(this, card.steer, s);
+    }
+  }
+
+  drawText(card, s) {
+    card.text.setAttribute("aria-busy", s.status === "running" ? "true" : "false");
+    if (s.stage === "plan") {
+      const plan = parsePlan(s.text);
+      const tagged = plan.ins != null || plan.des != null;
+      card.parts.hidden = !tagged;
+      card.ins.textContent = plan.ins ?? "";
+      card.des.textContent = plan.des ?? "";
+      card.raw.textContent = tagged ? plan.rest : s.text;
+      return;
+    }
+    const parts = splitReflection(s.text);
+    card.raw.replaceChildren(
+      ...parts.map((p) => (p.corrective ? h("mark", { class: "corrective", title: "corrective instruction", text: p.text }) : p.text)),
+    );
+    if (s.instruction && !parts.some((p) => p.corrective)) {
+      card.raw.append(h("span", { class: "corrective-label", text: " Corrective instruction: " }), h("mark", { class: "corrective", text: s.instruction }));
+    }
+    card.badge.hidden = !s.verdict;
+    card.badge.textContent = s.verdict ? `Verdict: ${s.verdict}` : "";
+    card.badge.dataset.verdict = s.verdict || "";
+  }
+
+  drawImage(card, s, n, stage) {
+    const label = `${STAGE_LABEL[stage]}, iteration ${n}`;
+    card.progress.max = s.steps || 1;
+    card.progress.value = s.status === "done" ? s.steps || 1 : s.step || 0;
+    card.progress.hidden = s.status === "done";
+    card.caption.textContent =
+      s.status === "done" ? "" : s.steps ? `denoising step ${s.step} of ${s.steps}` : s.status === "running" ? "starting…" : "";
+    const ref = s.image || s.preview;
+    if (ref) {
+      card.img.hidden = false;
+      card.img.width = ref.width;
+      card.img.height = ref.height;
+      card.img.alt = s.image ? `${label}: the image` : `${label}: preview at step ${s.step} of ${s.steps}`;
+      this.loadImage(card.img, ref);
+    }
+    const isFinal = s.image && this.state.finalImage && this.state.finalImage.id === s.image.id;
+    card.li.classList.toggle("final", Boolean(isFinal));
+    if (s.image) {
+      card.download.hidden = false;
+      card.download.onclick = () => this.downloadImage(s.image);
+      card.download.textContent = isFinal ? "Download final image" : "Download image";
+    }
+  }
+
+  // Images need the API key, so they are fetched and shown from blob: URLs. Only the newest
+  // wanted image of an <img> is shown (previews arrive faster than they may load).
+  async loadImage(img, ref) {
+    if (img.dataset.want === ref.url) return;
+    img.dataset.want = ref.url;
+    let blob;
+    try {
+      blob = await this.api.blob(ref.url, this.abort.signal);
+    } catch (err) {
+      if (err.name !== "AbortError" && img.dataset.want === ref.url) img.alt += ` (${describe(err)})`;
+      return;
+    }
+    if (img.dataset.want !== ref.url || this.abort.signal.aborted) return;
+    const url = URL.createObjectURL(blob);
+    this.blobs.add(url);
+    const old = img.dataset.blob;
+    img.src = url;
+    img.dataset.blob = url;
+    img.dataset.image = ref.id;
+    if (old) {
+      URL.revokeObjectURL(old);
+      this.blobs.delete(old);
+    }
+  }
+}

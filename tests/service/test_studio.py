@@ -1,0 +1,347 @@
+"""The studio page in a real browser: Debian's chromium driven by Playwright, against the real API
+and worker processes on the tiny checkpoint and a real redis-server.
+
+A person's paths: submit from the page and watch every stage appear in order with its images;
+cancel a running job; reload mid-job and resume (Last-Event-ID); open a shared link in a fresh
+browser; an invalid field answered next to that field; an API key entered once. Every page must
+load nothing from outside the app and log no console errors. A screenshot of a finished job is
+saved to artifacts/studio-finished.png (and the phone-width one next to it).
+
+Without a browser these tests skip with a reason in the summary (`make test` installs one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from svc_testkit import ROOT, start_api, start_worker, wait_for
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+KEY = "studio-test-key"
+# What the tests type into the form: small and fast on the tiny model.
+FAST = {"width": 64, "height": 64, "steps": 6, "iterations": 2, "seed": 3, "preview-every": 1}
+SLOW = {"width": 256, "height": 256, "steps": 60, "iterations": 3, "seed": 3, "preview-every": 4}
+# Records every stage card as it is added, and every image a card shows, before the page's own
+# scripts run: the order in which things appeared, not just the end state.
+RECORDER = """
+window.__seen = []; window.__images = {};
+new MutationObserver((records) => {
+  for (const r of records) {
+    for (const node of r.addedNodes) {
+      if (node.nodeType === 1 && node.matches('li.stage')) window.__seen.push(
+        node.dataset.iteration + ':' + node.dataset.stage);
+    }
+    if (r.type === 'attributes' && r.target.matches('li.stage img')) {
+      const card = r.target.closest('li.stage');
+      const key = card.dataset.iteration + ':' + card.dataset.stage;
+      (window.__images[key] ||= []).push(r.target.alt);
+    }
+  }
+}).observe(document, {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
+"""
+
+
+def _chromium() -> str | None:
+    return os.environ.get("STROKES_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("BROWSER TESTS SKIPPED: playwright is not installed (`make test` installs it)")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip(
+            "BROWSER TESTS SKIPPED: no chromium binary (`make test` installs Debian's chromium; "
+            "or set STROKES_CHROMIUM)"
+        )
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def service(redis_server, tiny_checkpoint, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """An open API and one with keys, sharing one worker, on a database of their own."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    logdir = tmp_path_factory.mktemp("studio-logs")
+    procs = []
+    try:
+        api, base = start_api(url, logdir)
+        procs.append(api)
+        keyed, keyed_base = start_api(url, logdir, api_keys=KEY)
+        procs.append(keyed)
+        procs.append(start_worker(url, tiny_checkpoint, logdir, "studio-w"))
+        yield {"base": base, "keyed": keyed_base, "redis": url}
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+class Page:
+    """A Playwright page on the studio that collects console errors and outside requests."""
+
+    def __init__(self, context, base: str):
+        self.base = base
+        self.page = context.new_page()
+        self.errors: list[str] = []
+        self.outside: list[str] = []
+        self.event_requests: list[dict[str, str]] = []
+        self.page.add_init_script(RECORDER)
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        self.page.on("request", self._request)
+
+    def _request(self, request) -> None:
+        url = request.url
+        if not (url.startswith(self.base) or url.startswith(("blob:", "data:"))):
+            self.outside.append(url)
+        if url.endswith("/events"):
+            self.event_requests.append(request.headers)
+
+    def open(self, path: str = "/") -> None:
+        self.page.goto(self.base + path)
+        self.page.wait_for_selector("#server:has-text('live')")
+
+    def fill(self, prompt: str, values: dict[str, object]) -> None:
+        self.page.fill("#prompt", prompt)
+        self.page.click("details.advanced summary")
+        for field, value in values.items():
+            self.page.fill(f"#{field}", str(value))
+        self.page.fill("#plan-tokens", "8")
+        self.page.fill("#reflect-tokens", "8")
+
+    def submit(self) -> str:
+        self.page.click("#submit")
+        self.page.wait_for_url(re.compile(r"job=gen_"))
+        return self.page.url.split("job=")[1]
+
+    def wait_status(self, status: str, timeout_s: float = 120) -> None:
+        self.page.wait_for_selector(f".job[data-status={status}]", timeout=timeout_s * 1000)
+
+    def check_clean(self, allowed: tuple[str, ...] = ()) -> None:
+        errors = [e for e in self.errors if not any(a in e for a in allowed)]
+        assert not errors, errors
+        assert not self.outside, self.outside
+
+
+def _job(base: str, job_id: str, key: str | None = None) -> dict:
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    return httpx.get(f"{base}/v1/generations/{job_id}", headers=headers, timeout=5).json()
+
+
+def _expected_order(job: dict) -> list[str]:
+    return [f"{s['iteration']}:{s['stage']}" for s in job["stages"]]
+
+
+def _images_loaded(page) -> list[int]:
+    return page.eval_on_selector_all(
+        "li.stage img:not([hidden])", "els => els.map(e => e.complete ? e.naturalWidth : -1)"
+    )
+
+
+# ---- the server side ------------------------------------------------------------------------------
+
+
+def test_info_root_and_assets(service):
+    base = service["base"]
+    info = httpx.get(base + "/v1/info", timeout=5).json()
+    assert info["device"] == "cpu"
+    assert info["workers"] == [{"name": "studio-w", "device": "cpu"}]
+    assert info["defaults"]["width"] == 256 and info["defaults"]["max_iterations"] == 2  # CPU-sized
+    assert info["auth_required"] is False
+    assert httpx.get(service["keyed"] + "/v1/info", timeout=5).json()["auth_required"] is True
+    paths = httpx.get(base + "/openapi.json", timeout=5).json()["paths"]
+    assert info["features"]["job_list"] == ("get" in paths["/v1/generations"])
+    assert info["features"]["steering"] == ("/v1/generations/{job_id}/continue" in paths)
+
+    root = httpx.get(base + "/?job=gen_x", timeout=5)
+    assert root.status_code == 307 and root.headers["location"] == "/studio/?job=gen_x"
+    page = httpx.get(base + "/studio/", timeout=5)
+    assert page.status_code == 200 and "<title>strokes studio</title>" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for asset in re.findall(r'(?:src|href)="([^"]+)"', page.text):
+        if asset.startswith(("data:", "#", "?")):
+            continue
+        assert "//" not in asset, asset  # nothing from another origin
+        assert httpx.get(f"{base}/studio/{asset}", timeout=5).status_code == 200, asset
+
+
+# ---- in the browser -------------------------------------------------------------------------------
+
+
+def test_submit_and_watch_every_stage(service, browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    p = Page(context, service["base"])
+    p.open()
+    assert p.page.url.endswith("/studio/")
+    assert p.page.input_value("#width") == "256"  # the server's CPU-sized default
+    p.fill("a red cube on a blue sphere", FAST)
+    job_id = p.submit()
+    p.wait_status("succeeded")
+
+    job = _job(service["base"], job_id)
+    assert job["status"] == "succeeded"
+    order = _expected_order(job)
+    assert p.page.evaluate("window.__seen") == order  # each stage appeared once, in order
+    stages = {s.split(":")[1] for s in order}
+    assert {"plan", "draft", "reflect"} <= stages
+    wait_for(lambda: all(w == 64 for w in _images_loaded(p.page)), 10, what="images to load")
+    assert len(_images_loaded(p.page)) == sum(1 for s in job["stages"] if s.get("image"))
+    for card in p.page.query_selector_all("li.stage"):
+        assert re.fullmatch(r"\d+\.\d+ s", card.query_selector(".time").inner_text()), card.inner_text()
+    badges = p.page.eval_on_selector_all(
+        "li.stage[data-stage=reflect] .badge", "els => els.map(e => e.textContent)"
+    )
+    assert badges and all(b.startswith("Verdict: ") for b in badges)
+    final = p.page.query_selector("li.stage.final img")
+    assert final is not None and final.get_attribute("data-image") == job["final_image"]["id"]
+    assert "Timings:" in p.page.inner_text(".job .timings")
+
+    with p.page.expect_download() as download:
+        p.page.click("text=Download trajectory")
+    trajectory = json.loads(Path(download.value.path()).read_text())
+    assert trajectory == httpx.get(f"{service['base']}/v1/generations/{job_id}/trajectory", timeout=5).json()
+    with p.page.expect_download() as download:
+        p.page.click("li.stage.final .download")
+    assert Path(download.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The gallery shows it; opening it from there shows the whole job again.
+    p.page.wait_for_selector(f".gallery-item[data-job='{job_id}'] img[src^='blob:']")
+    ARTIFACTS.mkdir(exist_ok=True)
+    p.page.screenshot(path=str(ARTIFACTS / "studio-finished.png"), full_page=True)
+    p.page.set_viewport_size({"width": 390, "height": 844})
+    p.page.screenshot(path=str(ARTIFACTS / "studio-finished-phone.png"), full_page=True)
+    overflow = p.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, "the page scrolls sideways at phone width"
+    p.page.click(f".gallery-item[data-job='{job_id}']")
+    p.wait_status("succeeded")
+    assert p.page.eval_on_selector_all("li.stage", "els => els.length") == len(order)
+    p.check_clean()
+    context.close()
+
+
+def test_cancel_a_running_job(service, browser):
+    context = browser.new_context()
+    p = Page(context, service["base"])
+    p.open()
+    p.fill("a slow red cube", SLOW)
+    job_id = p.submit()
+    p.page.wait_for_selector("li.stage[data-stage=draft][data-status=running]", timeout=60000)
+    p.page.click(".job button.cancel")
+    p.wait_status("canceled", 60)
+    assert p.page.inner_text(".job .status") == "Canceled"
+    assert _job(service["base"], job_id)["status"] == "canceled"
+    assert p.page.is_hidden(".job button.cancel")
+    p.check_clean()
+    context.close()
+
+
+def test_reload_resumes_and_a_shared_link_shows_everything(service, browser):
+    context = browser.new_context()
+    p = Page(context, service["base"])
+    p.open()
+    p.fill("a red cube, slowly", SLOW)
+    job_id = p.submit()
+    # The draft emerging: a denoising preview shown, with its progress.
+    p.page.wait_for_selector("li.stage[data-stage=draft] img[alt*='preview at step']", timeout=60000)
+    assert p.page.get_attribute("li.stage[data-stage=draft] progress", "value") not in (None, "0")
+    before = p.page.eval_on_selector_all("li.stage", "els => els.length")
+    assert p.event_requests[0].get("last-event-id") is None
+    p.event_requests.clear()
+
+    p.page.reload()
+    # Restored from this tab's storage at once, then resumed from the last event it had.
+    p.page.wait_for_selector(f".job[data-job='{job_id}'] li.stage")
+    assert p.page.eval_on_selector_all("li.stage", "els => els.length") >= before
+    wait_for(lambda: p.event_requests, 10, what="the events request after the reload")
+    assert re.fullmatch(r"\d+-\d+", p.event_requests[0].get("last-event-id", ""))
+    p.wait_status("succeeded", 180)
+    job = _job(service["base"], job_id)
+    cards = p.page.eval_on_selector_all(
+        "li.stage", "els => els.map(e => e.dataset.iteration + ':' + e.dataset.stage)"
+    )
+    assert cards == _expected_order(job)
+    wait_for(lambda: all(w == 256 for w in _images_loaded(p.page)), 20, what="images to load")
+    p.check_clean()
+    context.close()
+
+    # Someone else opens the link: no stored state, the whole job is replayed from the start.
+    other = browser.new_context()
+    q = Page(other, service["base"])
+    q.open(f"/?job={job_id}")
+    q.wait_status("succeeded")
+    assert q.page.evaluate("window.__seen") == _expected_order(job)
+    assert q.event_requests[0].get("last-event-id") is None
+    wait_for(lambda: all(w == 256 for w in _images_loaded(q.page)), 20, what="images to load")
+    q.check_clean()
+    other.close()
+
+
+def test_invalid_field_is_shown_next_to_it(service, browser):
+    context = browser.new_context()
+    p = Page(context, service["base"])
+    p.open()
+    p.fill("a red cube", {**FAST, "width": 100})
+    p.page.click("#submit")
+    p.page.wait_for_selector("#width[aria-invalid=true]")
+    assert "multiple of 16" in p.page.inner_text("#width-error")
+    assert p.page.evaluate("document.activeElement.id") == "width"
+    assert "correct the field" in p.page.inner_text("#form-error")
+    assert "job=" not in p.page.url
+    p.page.fill("#width", "64")
+    p.page.fill("#steps", "1")
+    p.page.click("#submit")
+    p.page.wait_for_selector("#steps[aria-invalid=true]")
+    assert p.page.get_attribute("#width", "aria-invalid") is None
+    assert "greater than or equal to 2" in p.page.inner_text("#steps-error")
+    p.check_clean(allowed=("status of 422",))  # the browser logs the failed POST itself
+    context.close()
+
+
+def test_api_key_entered_once(service, browser):
+    context = browser.new_context()
+    p = Page(context, service["keyed"])
+    p.open()
+    p.page.wait_for_selector("#key-panel:not([hidden])")
+    p.page.fill("#api-key", KEY)
+    p.page.press("#api-key", "Enter")
+    p.page.wait_for_selector("#key-panel[hidden]", state="attached")
+    assert p.page.evaluate("localStorage.getItem('strokes.apiKey')") == KEY
+    p.fill("a keyed red cube", {**FAST, "iterations": 1})
+    job_id = p.submit()
+    p.wait_status("succeeded")
+    assert _job(service["keyed"], job_id, KEY)["status"] == "succeeded"
+    wait_for(lambda: all(w == 64 for w in _images_loaded(p.page)), 10, what="images to load")
+    # A reload needs no key again.
+    p.page.reload()
+    p.wait_status("succeeded")
+    assert p.page.is_hidden("#key-panel")
+    p.check_clean()
+    context.close()
