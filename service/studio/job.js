@@ -113,7 +113,8 @@ export class JobView {
       }
     }
     try {
-      absorbView(this.state, await this.api.get(`/v1/generations/${this.id}`, this.abort.signal));
+      // Stages come from the events (replayed from the start when this tab has none).
+      absorbView(this.state, await this.api.get(`/v1/generations/${this.id}`, this.abort.signal), false);
     } catch (err) {
       if (err.name !== "AbortError") this.showError(describe(err));
       return false;

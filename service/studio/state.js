@@ -145,9 +145,9 @@ export function reduce(state, name, d) {
   return changed;
 }
 
-// The job's view (GET /v1/generations/{id}) into the state: header fields always; stages only
-// when the state has none (the event log has expired), from the view's stage summaries.
-export function absorbView(state, job) {
+// The job's view (GET /v1/generations/{id}) into the state: header fields always; with `stages`,
+// also the stages from the view's summaries when the state has none (the event log has expired).
+export function absorbView(state, job, stages = true) {
   state.request = job.request;
   state.createdAt = job.created_at;
   state.parent = job.parent ?? null;
@@ -157,7 +157,7 @@ export function absorbView(state, job) {
   if (job.timings) state.timings = job.timings;
   if (job.usage) state.usage = job.usage;
   if (job.error) state.error = job.error;
-  if (!Object.keys(state.iterations).length) {
+  if (stages && !Object.keys(state.iterations).length) {
     for (const summary of job.stages || []) {
       const s = stageOf(state, summary.iteration, summary.stage);
       Object.assign(s, {

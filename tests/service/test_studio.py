@@ -38,7 +38,8 @@ CHROMIUM_ARGS = [
 KEY = "studio-test-key"
 # What the tests type into the form: small and fast on the tiny model.
 FAST = {"width": 64, "height": 64, "steps": 6, "iterations": 2, "seed": 3, "preview-every": 1}
-SLOW = {"width": 256, "height": 256, "steps": 60, "iterations": 3, "seed": 3, "preview-every": 4}
+# Long enough to act on while it runs (several seconds on the tiny model, longer under load).
+SLOW = {"width": 256, "height": 256, "steps": 40, "iterations": 2, "seed": 3, "preview-every": 4}
 # Records every stage card as it is added, and every image a card shows, before the page's own
 # scripts run: the order in which things appeared, not just the end state.
 RECORDER = """
@@ -247,6 +248,7 @@ def test_submit_and_watch_every_stage(service, browser):
     context.close()
 
 
+@pytest.mark.timeout(600)
 def test_cancel_a_running_job(service, browser):
     context = browser.new_context()
     p = Page(context, service["base"])
@@ -263,6 +265,7 @@ def test_cancel_a_running_job(service, browser):
     context.close()
 
 
+@pytest.mark.timeout(600)
 def test_reload_resumes_and_a_shared_link_shows_everything(service, browser):
     context = browser.new_context()
     p = Page(context, service["base"])
@@ -343,5 +346,56 @@ def test_api_key_entered_once(service, browser):
     p.page.reload()
     p.wait_status("succeeded")
     assert p.page.is_hidden("#key-panel")
+    p.check_clean()
+    context.close()
+
+
+def test_page_modules_parse_streams_plans_and_reflections(service, browser):
+    """The page's own parsers, run in the browser on inputs the live tests cannot force (the tiny
+    model writes no tags): SSE split anywhere, even inside a CRLF; <ins>/<des> while streaming;
+    the corrective instruction; a new attempt starting the stages over."""
+    context = browser.new_context()
+    p = Page(context, service["base"])
+    p.open()
+    result = p.page.evaluate(
+        """async () => {
+        const { SseParser } = await import('/studio/api.js');
+        const { newState, parsePlan, reduce, splitReflection } = await import('/studio/state.js');
+        const events = [];
+        const parser = new SseParser((e) => events.push(e));
+        const wire = ': hello\\r\\n\\r\\nid: 1-0\\r\\nevent: text.delta\\r\\ndata: {"a":1}\\r\\n\\r\\n'
+          + 'event: x\\ndata: two\\ndata: lines\\n\\nid: 2-5\\revent: y\\rdata:\\r\\r';
+        for (const ch of wire) parser.feed(ch);
+        const s = newState('gen_x');
+        reduce(s, 'job.started', {attempt: 1});
+        reduce(s, 'stage.started', {iteration: 1, stage: 'plan', ts: 1});
+        reduce(s, 'text.delta', {iteration: 1, stage: 'plan', delta: '<ins>a cube'});
+        const streaming = parsePlan(s.iterations[1].stages.plan.text);
+        const reset = reduce(s, 'job.started', {attempt: 2, takeover: true});
+        return {
+          events,
+          streaming,
+          plan: parsePlan('Step: <ins>add a red cube</ins> <des>a red cube on a blue sphere</des>'),
+          untagged: parsePlan('just words'),
+          reflection: splitReflection('The intermediate step is wrong. The corrective instruction is: <refine>make it red</refine>'),
+          open: splitReflection('wrong. <refine>make it re'),
+          reset: [...reset], iterations: Object.keys(s.iterations).length, note: s.note,
+        };
+    }"""
+    )
+    assert result["events"] == [
+        {"id": "1-0", "event": "text.delta", "data": '{"a":1}'},
+        {"id": "1-0", "event": "x", "data": "two\nlines"},
+        {"id": "2-5", "event": "y", "data": ""},
+    ]
+    assert result["streaming"] == {"ins": "a cube", "des": None, "rest": ""}
+    assert result["plan"] == {"ins": "add a red cube", "des": "a red cube on a blue sphere", "rest": "Step:"}
+    assert result["untagged"] == {"ins": None, "des": None, "rest": "just words"}
+    assert result["reflection"] == [
+        {"text": "The intermediate step is wrong. The corrective instruction is: ", "corrective": False},
+        {"text": "make it red", "corrective": True},
+    ]
+    assert result["open"][-1] == {"text": "make it re", "corrective": True}
+    assert "all" in result["reset"] and result["iterations"] == 0 and "took the job over" in result["note"]
     p.check_clean()
     context.close()
