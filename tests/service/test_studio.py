@@ -12,6 +12,8 @@ Without a browser these tests skip with a reason in the summary (`make test` ins
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -20,7 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from svc_testkit import ROOT, start_api, start_worker, wait_for
 
 pytestmark = pytest.mark.slow
@@ -36,6 +40,16 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 KEY = "studio-test-key"
+SLOW_BODY = {
+    "prompt": "x",
+    "width": 256,
+    "height": 256,
+    "max_iterations": 2,
+    "draft": {"steps": 40},
+    "refine": {"steps": 40},
+    "plan": {"max_tokens": 8},
+    "reflect": {"max_tokens": 8},
+}
 # What the tests type into the form: small and fast on the tiny model.
 FAST = {"width": 64, "height": 64, "steps": 6, "iterations": 2, "seed": 3, "preview-every": 1}
 # Long enough to act on while it runs (several seconds on the tiny model, longer under load).
@@ -157,6 +171,12 @@ def _job(base: str, job_id: str, key: str | None = None) -> dict:
     return httpx.get(f"{base}/v1/generations/{job_id}", headers=headers, timeout=5).json()
 
 
+def _png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 200, np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
 def _expected_order(job: dict) -> list[str]:
     return [f"{s['iteration']}:{s['stage']}" for s in job["stages"]]
 
@@ -165,6 +185,13 @@ def _images_loaded(page) -> list[int]:
     return page.eval_on_selector_all(
         "li.stage img:not([hidden])", "els => els.map(e => e.complete ? e.naturalWidth : -1)"
     )
+
+
+def _wait_images(page, job: dict) -> None:
+    """Until every stage image of the job is on the page, decoded, at its own size."""
+    expected = [s["image"]["width"] for s in job["stages"] if s.get("image")]
+    assert expected
+    wait_for(lambda: _images_loaded(page) == expected, 20, what=f"images of widths {expected} to load")
 
 
 # ---- the server side ------------------------------------------------------------------------------
@@ -213,8 +240,7 @@ def test_submit_and_watch_every_stage(service, browser):
     assert p.page.evaluate("window.__seen") == order  # each stage appeared once, in order
     stages = {s.split(":")[1] for s in order}
     assert {"plan", "draft", "reflect"} <= stages
-    wait_for(lambda: all(w == 64 for w in _images_loaded(p.page)), 10, what="images to load")
-    assert len(_images_loaded(p.page)) == sum(1 for s in job["stages"] if s.get("image"))
+    _wait_images(p.page, job)
     for card in p.page.query_selector_all("li.stage"):
         assert re.fullmatch(r"\d+\.\d+ s", card.query_selector(".time").inner_text()), card.inner_text()
     badges = p.page.eval_on_selector_all(
@@ -224,6 +250,10 @@ def test_submit_and_watch_every_stage(service, browser):
     final = p.page.query_selector("li.stage.final img")
     assert final is not None and final.get_attribute("data-image") == job["final_image"]["id"]
     assert "Timings:" in p.page.inner_text(".job .timings")
+    # This server has no steering routes: none of its controls are shown.
+    assert p.page.is_hidden("#pause-after") and not p.page.query_selector_all(
+        ".steer button, .steer-job button"
+    )
 
     with p.page.expect_download() as download:
         p.page.click("text=Download trajectory")
@@ -249,17 +279,27 @@ def test_submit_and_watch_every_stage(service, browser):
 
 
 @pytest.mark.timeout(600)
-def test_cancel_a_running_job(service, browser):
+def test_queue_position_then_cancel_a_running_job(service, browser):
+    base = service["base"]
+    blocker = httpx.post(
+        base + "/v1/generations", json={**SLOW_BODY, "prompt": "occupies the worker"}, timeout=10
+    ).json()
+    wait_for(lambda: _job(base, blocker["id"])["status"] == "running", 60, what="the blocker to run")
     context = browser.new_context()
-    p = Page(context, service["base"])
+    p = Page(context, base)
     p.open()
     p.fill("a slow red cube", SLOW)
     job_id = p.submit()
-    p.page.wait_for_selector("li.stage[data-stage=draft][data-status=running]", timeout=60000)
+    p.page.wait_for_selector(".job .queue:has-text('position 1')")
+    assert p.page.inner_text(".job .status") == "Queued"
+    httpx.delete(f"{base}/v1/generations/{blocker['id']}", timeout=5)
+
+    p.page.wait_for_selector("li.stage[data-stage=draft][data-status=running]", timeout=120000)
+    assert p.page.is_hidden(".job .queue")
     p.page.click(".job button.cancel")
     p.wait_status("canceled", 60)
     assert p.page.inner_text(".job .status") == "Canceled"
-    assert _job(service["base"], job_id)["status"] == "canceled"
+    assert _job(base, job_id)["status"] == "canceled"
     assert p.page.is_hidden(".job button.cancel")
     p.check_clean()
     context.close()
@@ -291,7 +331,7 @@ def test_reload_resumes_and_a_shared_link_shows_everything(service, browser):
         "li.stage", "els => els.map(e => e.dataset.iteration + ':' + e.dataset.stage)"
     )
     assert cards == _expected_order(job)
-    wait_for(lambda: all(w == 256 for w in _images_loaded(p.page)), 20, what="images to load")
+    _wait_images(p.page, job)
     p.check_clean()
     context.close()
 
@@ -302,7 +342,7 @@ def test_reload_resumes_and_a_shared_link_shows_everything(service, browser):
     q.wait_status("succeeded")
     assert q.page.evaluate("window.__seen") == _expected_order(job)
     assert q.event_requests[0].get("last-event-id") is None
-    wait_for(lambda: all(w == 256 for w in _images_loaded(q.page)), 20, what="images to load")
+    _wait_images(q.page, job)
     q.check_clean()
     other.close()
 
@@ -338,10 +378,22 @@ def test_api_key_entered_once(service, browser):
     p.page.wait_for_selector("#key-panel[hidden]", state="attached")
     assert p.page.evaluate("localStorage.getItem('strokes.apiKey')") == KEY
     p.fill("a keyed red cube", {**FAST, "iterations": 1})
+    # A starting image dropped on the form (a real drop event with the file in its DataTransfer).
+    png = base64.b64encode(_png(48, 32)).decode()
+    transfer = p.page.evaluate_handle(
+        """(b64) => { const dt = new DataTransfer();
+        dt.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], 'start.png', {type: 'image/png'}));
+        return dt; }""",
+        png,
+    )
+    p.page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    p.page.wait_for_selector("#image-preview:not([hidden]) img[src^='data:image/png']")
     job_id = p.submit()
     p.wait_status("succeeded")
-    assert _job(service["keyed"], job_id, KEY)["status"] == "succeeded"
-    wait_for(lambda: all(w == 64 for w in _images_loaded(p.page)), 10, what="images to load")
+    job = _job(service["keyed"], job_id, KEY)
+    assert job["status"] == "succeeded" and job["request"]["input_image"] is True
+    assert "from a starting image" in p.page.inner_text(".job .meta")
+    _wait_images(p.page, job)
     # A reload needs no key again.
     p.page.reload()
     p.wait_status("succeeded")
@@ -359,7 +411,14 @@ def test_page_modules_parse_streams_plans_and_reflections(service, browser):
     p.open()
     result = p.page.evaluate(
         """async () => {
-        const { SseParser } = await import('/studio/api.js');
+        const { ApiError, SseParser, describe } = await import('/studio/api.js');
+        const err = (status, body, headers) => describe(new ApiError(status, body, new Headers(headers)));
+        const words = [
+          err(429, {error: {type: 'queue_full', message: 'the queue is full; retry in 7 s'}}, {'Retry-After': '7'}),
+          err(503, {error: {type: 'service_unavailable', message: 'the job store is unreachable'}}, {'Retry-After': '1'}),
+          err(401, {error: {type: 'unauthorized', message: 'a valid bearer API key is required'}}, {}),
+          describe(new TypeError('Failed to fetch')),
+        ];
         const { newState, parsePlan, reduce, splitReflection } = await import('/studio/state.js');
         const events = [];
         const parser = new SseParser((e) => events.push(e));
@@ -373,6 +432,7 @@ def test_page_modules_parse_streams_plans_and_reflections(service, browser):
         const streaming = parsePlan(s.iterations[1].stages.plan.text);
         const reset = reduce(s, 'job.started', {attempt: 2, takeover: true});
         return {
+          words,
           events,
           streaming,
           plan: parsePlan('Step: <ins>add a red cube</ins> <des>a red cube on a blue sphere</des>'),
@@ -383,6 +443,12 @@ def test_page_modules_parse_streams_plans_and_reflections(service, browser):
         };
     }"""
     )
+    assert result["words"] == [
+        "The queue is full. Try again in 7 s.",
+        "The service is unavailable right now (the job store is unreachable). Try again in 1 s.",
+        "The service needs a valid API key: enter it above.",
+        "Cannot reach the service: check the connection and try again.",
+    ]
     assert result["events"] == [
         {"id": "1-0", "event": "text.delta", "data": '{"a":1}'},
         {"id": "1-0", "event": "x", "data": "two\nlines"},
