@@ -18,14 +18,18 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 from svc_testkit import ROOT, start_api, start_worker, wait_for
+
+from service import keys
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +78,13 @@ new MutationObserver((records) => {
 """
 
 
+# Form controls and buttons a screen reader could not name.
+UNNAMED_CONTROLS = """() => [...document.querySelectorAll('input, select, textarea, button, progress')]
+  .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+    && !(el.tagName === 'BUTTON' && el.textContent.trim()))
+  .map((el) => el.outerHTML.slice(0, 80))"""
+
+
 def _chromium() -> str | None:
     return os.environ.get("STROKES_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -100,8 +111,6 @@ def browser() -> Iterator:
 def service(redis_server, tiny_checkpoint, tmp_path_factory) -> Iterator[dict[str, str]]:
     """An open API and one with keys, sharing one worker, on a database of their own."""
     url = redis_server.url.rsplit("/", 1)[0] + "/3"
-    import redis
-
     client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()
@@ -209,6 +218,15 @@ def test_info_root_and_assets(service):
     assert info["features"]["job_list"] == ("get" in paths["/v1/generations"])
     assert info["features"]["steering"] == ("/v1/generations/{job_id}/continue" in paths)
 
+    # Entries of workers long gone are forgotten; a fresh one without a heartbeat yet is kept.
+    client = redis.Redis.from_url(service["redis"])
+    client.hset(keys.WORKER_INFO, "gone", json.dumps({"device": "cuda:0", "at": 0}))
+    client.hset(keys.WORKER_INFO, "loading", json.dumps({"device": "cuda:1", "at": time.time()}))
+    assert httpx.get(base + "/v1/info", timeout=5).json()["workers"] == info["workers"]
+    assert sorted(client.hkeys(keys.WORKER_INFO)) == [b"loading", b"studio-w"]
+    client.hdel(keys.WORKER_INFO, "loading")
+    client.close()
+
     root = httpx.get(base + "/?job=gen_x", timeout=5)
     assert root.status_code == 307 and root.headers["location"] == "/studio/?job=gen_x"
     page = httpx.get(base + "/studio/", timeout=5)
@@ -250,6 +268,8 @@ def test_submit_and_watch_every_stage(service, browser):
     final = p.page.query_selector("li.stage.final img")
     assert final is not None and final.get_attribute("data-image") == job["final_image"]["id"]
     assert "Timings:" in p.page.inner_text(".job .timings")
+    unnamed = p.page.evaluate(UNNAMED_CONTROLS)
+    assert not unnamed, f"controls without an accessible name: {unnamed}"
     # This server has no steering routes: none of its controls are shown.
     assert p.page.is_hidden("#pause-after") and not p.page.query_selector_all(
         ".steer button, .steer-job button"
@@ -310,7 +330,7 @@ def test_reload_resumes_and_a_shared_link_shows_everything(service, browser):
     context = browser.new_context()
     p = Page(context, service["base"])
     p.open()
-    p.fill("a red cube, slowly", SLOW)
+    p.fill("a red cube, slowly", {**SLOW, "iterations": 1})
     job_id = p.submit()
     # The draft emerging: a denoising preview shown, with its progress.
     p.page.wait_for_selector("li.stage[data-stage=draft] img[alt*='preview at step']", timeout=60000)
@@ -352,7 +372,7 @@ def test_invalid_field_is_shown_next_to_it(service, browser):
     p = Page(context, service["base"])
     p.open()
     p.fill("a red cube", {**FAST, "width": 100})
-    p.page.click("#submit")
+    p.page.press("#width", "Enter")  # the keyboard submits the form
     p.page.wait_for_selector("#width[aria-invalid=true]")
     assert "multiple of 16" in p.page.inner_text("#width-error")
     assert p.page.evaluate("document.activeElement.id") == "width"
