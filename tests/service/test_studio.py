@@ -485,3 +485,67 @@ def test_page_modules_parse_streams_plans_and_reflections(service, browser):
     assert "all" in result["reset"] and result["iterations"] == 0 and "took the job over" in result["note"]
     p.check_clean()
     context.close()
+
+
+def test_steering_controls_hand_the_contracts_fork_specs(service, browser):
+    """This server has no steering routes, so the page hides the controls (checked above). Here
+    they are switched on for one job view by hand, to check what each control hands to the page's
+    fork hook: the request field `fork` of the steering contract (issue 13)."""
+    base = service["base"]
+    body = {**SLOW_BODY, "width": 64, "height": 64, "max_iterations": 1, "seed": 3}
+    body.update(draft={"steps": 4}, refine={"steps": 4})
+    job_id = httpx.post(base + "/v1/generations", json=body, timeout=10).json()["id"]
+    wait_for(lambda: _job(base, job_id)["status"] == "succeeded", 120, what="the job to succeed")
+    context = browser.new_context()
+    p = Page(context, base)
+    p.open()
+    p.page.evaluate(
+        """async (id) => {
+        const { JobView } = await import('/studio/job.js');
+        const { Api } = await import('/studio/api.js');
+        window.__forks = [];
+        const hooks = { steering: true, announce() {}, fork: async (view, spec) => { window.__forks.push(spec); } };
+        const view = new JobView(new Api(), id, hooks);
+        document.getElementById('branches').append(view.el);
+        if (await view.load()) await view.run();
+    }""",
+        job_id,
+    )
+    p.wait_status("succeeded")
+    plan_text = p.page.inner_text("li.stage[data-stage=plan] .raw")
+    p.page.click("li.stage[data-stage=plan] .steer button:has-text('Edit this plan')")
+    area = "li.stage[data-stage=plan] .steer textarea"
+    assert p.page.evaluate("document.activeElement.tagName") == "TEXTAREA"
+    assert p.page.input_value(area).strip() == plan_text.strip()
+    p.page.fill(area, "<ins>draw a red cube</ins> <des>a red cube on a blue sphere</des>")
+    p.page.click("li.stage[data-stage=plan] .steer button:has-text('Fork from here')")
+    p.page.wait_for_selector(area, state="detached")
+
+    verdict = _job(base, job_id)["stages"][2]["verdict"]
+    assert verdict != "correct"  # the tiny model's reflections are never a clear "correct"
+    p.page.click("li.stage[data-stage=reflect] .steer button:has-text('Call it correct')")
+    p.page.click("li.stage[data-stage=reflect] .steer button:has-text('Write the corrective instruction')")
+    p.page.fill("li.stage[data-stage=reflect] .steer textarea", "make the cube red")
+    p.page.click("li.stage[data-stage=reflect] .steer button:has-text('Fork from here')")
+    p.page.click(".steer-job button:has-text('Continue with an instruction')")
+    p.page.fill(".steer-job textarea", "now add a green cone")
+    p.page.click(".steer-job button:has-text('Start the new branch')")
+    wait_for(lambda: len(p.page.evaluate("window.__forks")) == 4, 10, what="four forks")
+    assert p.page.evaluate("window.__forks") == [
+        {
+            "job_id": job_id,
+            "iteration": 1,
+            "stage": "plan",
+            "text": "<ins>draw a red cube</ins> <des>a red cube on a blue sphere</des>",
+        },
+        {"job_id": job_id, "iteration": 1, "stage": "reflect", "text": "The intermediate step is correct."},
+        {
+            "job_id": job_id,
+            "iteration": 1,
+            "stage": "reflect",
+            "text": "The intermediate step is wrong. The corrective instruction is: <refine>make the cube red</refine>",
+        },
+        {"job_id": job_id, "instruction": "now add a green cone"},
+    ]
+    p.check_clean()
+    context.close()
