@@ -270,10 +270,10 @@ def test_submit_and_watch_every_stage(service, browser):
     assert "Timings:" in p.page.inner_text(".job .timings")
     unnamed = p.page.evaluate(UNNAMED_CONTROLS)
     assert not unnamed, f"controls without an accessible name: {unnamed}"
-    # This server has no steering routes: none of its controls are shown.
-    assert p.page.is_hidden("#pause-after") and not p.page.query_selector_all(
-        ".steer button, .steer-job button"
-    )
+    # Steering controls are shown exactly when the server has the steering routes.
+    steering = httpx.get(service["base"] + "/v1/info", timeout=5).json()["features"]["steering"]
+    assert p.page.is_visible("#pause-after") == steering
+    assert bool(p.page.query_selector_all(".steer button, .steer-job button")) == steering
 
     with p.page.expect_download() as download:
         p.page.click("text=Download trajectory")
@@ -488,9 +488,9 @@ def test_page_modules_parse_streams_plans_and_reflections(service, browser):
 
 
 def test_steering_controls_hand_the_contracts_fork_specs(service, browser):
-    """This server has no steering routes, so the page hides the controls (checked above). Here
-    they are switched on for one job view by hand, to check what each control hands to the page's
-    fork hook: the request field `fork` of the steering contract (issue 13)."""
+    """Without steering routes the page hides the controls (checked above). Here they are switched
+    on for one job view by hand, to check what each control hands to the page's fork hook: the
+    request field `fork` of the steering contract (issue 13)."""
     base = service["base"]
     body = {**SLOW_BODY, "width": 64, "height": 64, "max_iterations": 1, "seed": 3}
     body.update(draft={"steps": 4}, refine={"steps": 4})
