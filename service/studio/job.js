@@ -6,8 +6,10 @@
 // resumes from where it was; a shared link (no stored state) replays the events from the start.
 
 import { describe } from "./api.js";
-import { absorbView, newState, parsePlan, reduce, STAGE_LABEL, STAGES, splitReflection, TERMINAL } from "./state.js";
-import { addSteering, addPausedEditor } from "./steer.js";
+import { drawCard, makeCard } from "./cards.js";
+import { h, saveBlob, seconds } from "./dom.js";
+import { absorbView, newState, reduce, STAGE_LABEL, STAGES, TERMINAL } from "./state.js";
+import { addPausedEditor, addSteering } from "./steer.js";
 
 const STATUS_LABEL = {
   queued: "Queued",
@@ -18,32 +20,8 @@ const STATUS_LABEL = {
   canceled: "Canceled",
 };
 
-export function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [name, value] of Object.entries(attrs)) {
-    if (value == null || value === false) continue;
-    if (name === "class") el.className = value;
-    else if (name === "text") el.textContent = value;
-    else if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
-    else el.setAttribute(name, value === true ? "" : value);
-  }
-  for (const child of children) if (child != null) el.append(child);
-  return el;
-}
-
-export function saveBlob(blob, name) {
-  const url = URL.createObjectURL(blob);
-  const a = h("a", { href: url, download: name });
-  document.body.append(a);
-  a.click();
-  a.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 10000);
-}
-
-const seconds = (s) => (s == null ? "" : s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(1)} s`);
-
 export class JobView {
-  // hooks: {steering: bool, announce(text), fork(view, spec), continueJob(view, text), changed(view)}
+  // hooks: {steering: bool, announce(text), fork(view, spec) -> Promise}
   constructor(api, id, hooks) {
     this.api = api;
     this.hooks = hooks;
@@ -352,26 +330,7 @@ export class JobView {
     let card = this.cards.get(key);
     if (card) return card;
     const row = this.renderRow(n);
-    const label = `${STAGE_LABEL[stage]}, iteration ${n}`;
-    card = { key, time: h("span", { class: "time" }), steer: h("div", { class: "steer" }) };
-    const head = h("div", { class: "stage-head" }, h("h5", { text: STAGE_LABEL[stage] }), card.time);
-    const body = [];
-    if (stage === "plan" || stage === "reflect") {
-      card.badge = h("span", { class: "badge", hidden: true });
-      card.ins = h("dd", { class: "ins" });
-      card.des = h("dd", { class: "des" });
-      card.parts = h("dl", { class: "plan-parts", hidden: true }, h("dt", { text: "Instruction" }), card.ins, h("dt", { text: "Scene" }), card.des);
-      card.raw = h("p", { class: "raw" });
-      card.text = h("div", { class: "text", "aria-live": "polite", "aria-label": label }, card.parts, card.raw);
-      body.push(card.badge, card.text);
-    } else {
-      card.img = h("img", { alt: `${label}: not drawn yet`, hidden: true });
-      card.progress = h("progress", { max: 1, value: 0, "aria-label": `${label}: denoising progress` });
-      card.caption = h("figcaption", { "aria-live": "polite" });
-      card.download = h("button", { type: "button", class: "download", hidden: true, text: "Download image" });
-      body.push(h("figure", {}, h("div", { class: "frame" }, card.img), card.progress, card.caption), card.download);
-    }
-    card.li = h("li", { class: "stage", "data-stage": stage, "data-iteration": n }, head, ...body, card.steer);
+    card = makeCard(n, stage);
     const after = STAGES.slice(STAGES.indexOf(stage) + 1).map((s) => this.cards.get(`it:${n}:${s}`)).find(Boolean);
     row.stages.insertBefore(card.li, after ? after.li : null);
     this.cards.set(key, card);
@@ -382,12 +341,11 @@ export class JobView {
     const s = this.state.iterations[n]?.stages[stage];
     if (!s) return;
     const card = this.card(n, stage);
-    card.li.dataset.status = s.status;
-    const elapsed = s.startedTs ? Math.max(0, Date.now() / 1000 - s.startedTs) : null;
-    card.time.textContent =
-      s.seconds != null ? seconds(s.seconds) : s.status === "running" ? `running${elapsed != null ? ` · ${Math.floor(elapsed)} s` : "…"}` : s.status;
-    if (card.text) this.drawText(card, s);
-    else this.drawImage(card, s, n, stage);
+    drawCard(card, s, {
+      finalId: this.state.finalImage?.id,
+      loadImage: (img, ref) => this.loadImage(img, ref),
+      download: (ref) => this.downloadImage(ref),
+    });
     const paused = this.state.paused;
     if (paused && paused.iteration === n && paused.stage === stage) {
       if (card.steer.dataset.mode !== "paused") addPausedEditor(this, card.steer, paused);
@@ -397,53 +355,6 @@ export class JobView {
     }
     if (this.hooks.steering && s.status === "done" && !card.steer.dataset.mode && (stage === "plan" || stage === "reflect")) {
       addSteering(this, card.steer, s);
-    }
-  }
-
-  drawText(card, s) {
-    card.text.setAttribute("aria-busy", s.status === "running" ? "true" : "false");
-    if (s.stage === "plan") {
-      const plan = parsePlan(s.text);
-      const tagged = plan.ins != null || plan.des != null;
-      card.parts.hidden = !tagged;
-      card.ins.textContent = plan.ins ?? "";
-      card.des.textContent = plan.des ?? "";
-      card.raw.textContent = tagged ? plan.rest : s.text;
-      return;
-    }
-    const parts = splitReflection(s.text);
-    card.raw.replaceChildren(
-      ...parts.map((p) => (p.corrective ? h("mark", { class: "corrective", title: "corrective instruction", text: p.text }) : p.text)),
-    );
-    if (s.instruction && !parts.some((p) => p.corrective)) {
-      card.raw.append(h("span", { class: "corrective-label", text: " Corrective instruction: " }), h("mark", { class: "corrective", text: s.instruction }));
-    }
-    card.badge.hidden = !s.verdict;
-    card.badge.textContent = s.verdict ? `Verdict: ${s.verdict}` : "";
-    card.badge.dataset.verdict = s.verdict || "";
-  }
-
-  drawImage(card, s, n, stage) {
-    const label = `${STAGE_LABEL[stage]}, iteration ${n}`;
-    card.progress.max = s.steps || 1;
-    card.progress.value = s.status === "done" ? s.steps || 1 : s.step || 0;
-    card.progress.hidden = s.status === "done";
-    card.caption.textContent =
-      s.status === "done" ? "" : s.steps ? `denoising step ${s.step} of ${s.steps}` : s.status === "running" ? "starting…" : "";
-    const ref = s.image || s.preview;
-    if (ref) {
-      card.img.hidden = false;
-      card.img.width = ref.width;
-      card.img.height = ref.height;
-      card.img.alt = s.image ? `${label}: the image` : `${label}: preview at step ${s.step} of ${s.steps}`;
-      this.loadImage(card.img, ref);
-    }
-    const isFinal = s.image && this.state.finalImage && this.state.finalImage.id === s.image.id;
-    card.li.classList.toggle("final", Boolean(isFinal));
-    if (s.image) {
-      card.download.hidden = false;
-      card.download.onclick = () => this.downloadImage(s.image);
-      card.download.textContent = isFinal ? "Download final image" : "Download image";
     }
   }
 

@@ -7,7 +7,7 @@
 // `fork: {job_id, instruction}`; POST /v1/generations/{id}/continue with `{text?}`.
 
 import { describe } from "./api.js";
-import { h } from "./job.js";
+import { h } from "./dom.js";
 
 const CORRECT = "The intermediate step is correct.";
 const wrong = (instruction) => `The intermediate step is wrong. The corrective instruction is: <refine>${instruction}</refine>`;

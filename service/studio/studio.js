@@ -3,7 +3,8 @@
 // (?job=ID) that reopens or shares what is on screen.
 
 import { Api, ApiError, describe, fieldMessage } from "./api.js";
-import { h, JobView } from "./job.js";
+import { h } from "./dom.js";
+import { JobView } from "./job.js";
 
 const api = new Api();
 const $ = (id) => document.getElementById(id);
