@@ -109,7 +109,8 @@ def browser() -> Iterator:
 
 @pytest.fixture(scope="module")
 def service(redis_server, tiny_checkpoint, tmp_path_factory) -> Iterator[dict[str, str]]:
-    """An open API and one with keys, sharing one worker, on a database of their own."""
+    """An open API, one with keys and one with a queue of one place, sharing one worker, on a
+    database of their own."""
     url = redis_server.url.rsplit("/", 1)[0] + "/3"
     client = redis.Redis.from_url(url)
     client.flushdb()
@@ -121,8 +122,10 @@ def service(redis_server, tiny_checkpoint, tmp_path_factory) -> Iterator[dict[st
         procs.append(api)
         keyed, keyed_base = start_api(url, logdir, api_keys=KEY)
         procs.append(keyed)
+        capped, capped_base = start_api(url, logdir, queue_cap=1, mean_job_seconds=7)
+        procs.append(capped)
         procs.append(start_worker(url, tiny_checkpoint, logdir, "studio-w"))
-        yield {"base": base, "keyed": keyed_base, "redis": url}
+        yield {"base": base, "keyed": keyed_base, "capped": capped_base, "redis": url}
     finally:
         for proc in procs:
             proc.stop()
@@ -299,7 +302,7 @@ def test_submit_and_watch_every_stage(service, browser):
 
 
 @pytest.mark.timeout(600)
-def test_queue_position_then_cancel_a_running_job(service, browser):
+def test_queue_position_full_queue_then_cancel_a_running_job(service, browser):
     base = service["base"]
     blocker = httpx.post(
         base + "/v1/generations", json={**SLOW_BODY, "prompt": "occupies the worker"}, timeout=10
@@ -312,6 +315,14 @@ def test_queue_position_then_cancel_a_running_job(service, browser):
     job_id = p.submit()
     p.page.wait_for_selector(".job .queue:has-text('position 1')")
     assert p.page.inner_text(".job .status") == "Queued"
+    # The queue is full for an API that admits one waiting job: the page says when to retry.
+    full = Page(context, service["capped"])
+    full.open()
+    full.fill("one too many", FAST)
+    full.page.click("#submit")
+    full.page.wait_for_selector("#form-error:has-text('The queue is full. Try again in')")
+    assert re.search(r"Try again in \d+ s\.", full.page.inner_text("#form-error"))
+    full.check_clean(allowed=("status of 429",))
     httpx.delete(f"{base}/v1/generations/{blocker['id']}", timeout=5)
 
     p.page.wait_for_selector("li.stage[data-stage=draft][data-status=running]", timeout=120000)
