@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
-from svc_testkit import ROOT, start_api, start_worker, wait_for
+from svc_testkit import ROOT, Proc, env_with, free_port, start_api, start_worker, wait_for
 
 from service import keys
 
@@ -560,3 +560,49 @@ def test_steering_controls_hand_the_contracts_fork_specs(service, browser):
     ]
     p.check_clean()
     context.close()
+
+
+@pytest.mark.timeout(600)
+def test_the_stream_resumes_after_the_api_restarts(service, browser, tmp_path):
+    """The API goes away mid-job and comes back on the same address: the page says it lost the
+    connection, keeps trying, and resumes with Last-Event-ID, missing nothing."""
+    port = free_port()
+    env = env_with(service["redis"])
+    api = Proc(["api", "--port", str(port)], env, tmp_path / "api-1.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _healthy(base), 30, what="the API to start")
+        context = browser.new_context()
+        p = Page(context, base)
+        p.open()
+        p.fill("a red cube through a restart", {**SLOW, "iterations": 1})
+        job_id = p.submit()
+        p.page.wait_for_selector("li.stage[data-stage=draft][data-status=running]", timeout=60000)
+        api.stop()
+        p.page.wait_for_selector(".job .note:has-text('reconnecting')", timeout=30000)
+        p.event_requests.clear()
+        api = Proc(["api", "--port", str(port)], env, tmp_path / "api-2.log")
+        p.wait_status("succeeded", 180)
+        assert p.event_requests and re.fullmatch(r"\d+-\d+", p.event_requests[0].get("last-event-id", ""))
+        job = _job(base, job_id)
+        assert p.page.evaluate("window.__seen") == _expected_order(job)
+        assert p.page.inner_text(".job .note") == ""
+        _wait_images(p.page, job)
+        # The cut stream and the retries while the API was away are network errors the browser
+        # logs itself; nothing else may be in the console.
+        dropped = (
+            "net::ERR_CONNECTION_REFUSED",
+            "net::ERR_EMPTY_RESPONSE",
+            "net::ERR_INCOMPLETE_CHUNKED_ENCODING",
+        )
+        p.check_clean(allowed=dropped)
+        context.close()
+    finally:
+        api.stop()
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(base + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
