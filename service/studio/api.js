@@ -30,7 +30,9 @@ export function describe(err) {
       case 401:
         return "The service needs a valid API key: enter it above.";
       case 404:
-        return "No such generation (it may have expired, or belong to another API key).";
+        return err.message === "no such generation"
+          ? "No such generation (it may have expired, or belong to another API key)."
+          : `Not found: ${err.message}.`;
       case 413:
         return `Too large: ${err.message}.`;
       case 422:
@@ -111,11 +113,12 @@ export class Api {
     return res.blob();
   }
 
-  // Reads one SSE response to its end, calling onEvent({id, event, data}) for each event.
+  // Reads one SSE response to its end, calling onOpen() once it is connected and
+  // onEvent({id, event, data}) for each event.
   // Resolves "ended" when the server closed the stream, "finished" on 204 (nothing more will
   // come); rejects with ApiError on an error status and with the fetch error when the network
   // drops. The caller reconnects with the last id it saw.
-  async stream(path, lastEventId, signal, onEvent) {
+  async stream(path, lastEventId, signal, onEvent, onOpen = () => {}) {
     const headers = this.headers({ Accept: "text/event-stream" });
     if (lastEventId) headers["Last-Event-ID"] = lastEventId;
     const res = await fetch(path, { headers, signal, cache: "no-store" });
@@ -129,6 +132,7 @@ export class Api {
       }
       throw new ApiError(res.status, data, res.headers);
     }
+    onOpen();
     const parser = new SseParser(onEvent);
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
     for (;;) {

@@ -20,6 +20,8 @@ const STATUS_LABEL = {
   canceled: "Canceled",
 };
 
+const RECONNECTING = "Connection lost; reconnecting…";
+
 export class JobView {
   // hooks: {steering: bool, announce(text), fork(view, spec) -> Promise}
   constructor(api, id, hooks) {
@@ -121,8 +123,13 @@ export class JobView {
     while (!this.abort.signal.aborted) {
       try {
         const path = `/v1/generations/${this.id}/events`;
-        const how = await this.api.stream(path, this.state.lastEventId, this.abort.signal, (ev) => this.onEvent(ev));
-        this.state.note = this.state.note === "Connection lost; reconnecting…" ? null : this.state.note;
+        const how = await this.api.stream(
+          path,
+          this.state.lastEventId,
+          this.abort.signal,
+          (ev) => this.onEvent(ev),
+          () => this.connected(),
+        );
         delay = 500;
         if (how === "finished" || TERMINAL.has(this.state.status)) break;
       } catch (err) {
@@ -131,7 +138,7 @@ export class JobView {
           this.showError(describe(err));
           return;
         }
-        this.state.note = "Connection lost; reconnecting…";
+        this.state.note = RECONNECTING;
         this.mark("job");
       }
       if (TERMINAL.has(this.state.status)) break;
@@ -149,9 +156,15 @@ export class JobView {
     this.save(true);
   }
 
+  connected() {
+    if (this.state.note !== RECONNECTING) return;
+    this.state.note = null;
+    this.mark("job");
+  }
+
   onEvent(ev) {
     if (ev.event === "error") {
-      this.state.note = "The event store hiccuped; resuming…";
+      this.state.note = RECONNECTING;
       this.mark("job");
       return;
     }

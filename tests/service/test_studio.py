@@ -582,6 +582,7 @@ def test_the_stream_resumes_after_the_api_restarts(service, browser, tmp_path):
         p.page.wait_for_selector(".job .note:has-text('reconnecting')", timeout=30000)
         p.event_requests.clear()
         api = Proc(["api", "--port", str(port)], env, tmp_path / "api-2.log")
+        p.page.wait_for_selector(".job .note:empty", state="attached", timeout=60000)  # connected again
         p.wait_status("succeeded", 180)
         assert p.event_requests and re.fullmatch(r"\d+-\d+", p.event_requests[0].get("last-event-id", ""))
         job = _job(base, job_id)
