@@ -90,7 +90,7 @@ class Info(BaseModel):
     features: Features
 
 
-# CPU: a random-free size that finishes in minutes rather than hours on a real checkpoint.
+# CPU workers: a size and step count that finish in minutes rather than hours on a real checkpoint.
 CPU_DEFAULTS = {
     "width": 256,
     "height": 256,
