@@ -30,6 +30,8 @@ from PIL import Image
 from svc_testkit import ROOT, Proc, env_with, free_port, start_api, start_worker, wait_for
 
 from service import keys
+from service.schemas import GenerationRequest
+from service.studio import WorkerInfo, defaults_for, device_kind
 
 pytestmark = pytest.mark.slow
 
@@ -240,6 +242,21 @@ def test_info_root_and_assets(service):
             continue
         assert "//" not in asset, asset  # nothing from another origin
         assert httpx.get(f"{base}/studio/{asset}", timeout=5).status_code == 200, asset
+
+
+def test_defaults_follow_the_live_workers_devices():
+    cpu, gpu = WorkerInfo(name="a", device="cpu"), WorkerInfo(name="b", device="cuda:0")
+    assert [device_kind(w) for w in ([], [cpu], [gpu], [cpu, gpu])] == ["none", "cpu", "cuda", "mixed"]
+    full = defaults_for("cuda")
+    request = GenerationRequest(prompt="x")
+    assert (full.width, full.height, full.max_iterations) == (
+        request.width,
+        request.height,
+        request.max_iterations,
+    )
+    assert (full.steps, full.plan_max_tokens) == (request.draft.steps, request.plan.max_tokens)
+    small = defaults_for("cpu")
+    assert small.width * small.height * small.steps < full.width * full.height * full.steps / 50
 
 
 # ---- in the browser -------------------------------------------------------------------------------
