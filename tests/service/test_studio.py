@@ -358,7 +358,7 @@ def test_reload_resumes_and_a_shared_link_shows_everything(service, browser):
     context = browser.new_context()
     p = Page(context, service["base"])
     p.open()
-    p.fill("a red cube, slowly", {**SLOW, "iterations": 1})
+    p.fill("a red cube, slowly", SLOW)  # two iterations: a reload after the first preview is mid-job
     job_id = p.submit()
     # The draft emerging: a denoising preview shown, with its progress.
     p.page.wait_for_selector("li.stage[data-stage=draft] img[alt*='preview at step']", timeout=60000)
@@ -592,7 +592,7 @@ def test_the_stream_resumes_after_the_api_restarts(service, browser, tmp_path):
         context = browser.new_context()
         p = Page(context, base)
         p.open()
-        p.fill("a red cube through a restart", {**SLOW, "iterations": 1})
+        p.fill("a red cube through a restart", SLOW)
         job_id = p.submit()
         p.page.wait_for_selector("li.stage[data-stage=draft][data-status=running]", timeout=60000)
         api.stop()
