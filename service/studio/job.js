@@ -60,6 +60,8 @@ export class JobView {
     this.linkButton = h("a", { href: `?job=${encodeURIComponent(id)}`, class: "link", text: "Link to this generation" });
     this.actions = h("div", { class: "actions" }, this.cancelButton, this.trajectoryButton, this.linkButton);
     this.steerSlot = h("div", { class: "steer-job" });
+    this.inputImg = h("img", { alt: "The starting image" });
+    this.input = h("figure", { class: "input-image", hidden: true }, this.inputImg, h("figcaption", { text: "Starting image" }));
     this.list = h("ol", { class: "iterations", "aria-label": "Iterations" });
     this.el = h(
       "article",
@@ -71,6 +73,7 @@ export class JobView {
       this.error,
       this.actions,
       this.steerSlot,
+      this.input,
       this.list,
       this.timings,
     );
@@ -299,6 +302,10 @@ export class JobView {
     if (r.seed != null) facts.push(`seed ${r.seed}`);
     if (r.input_image) facts.push("from a starting image");
     this.meta.textContent = facts.filter(Boolean).join(" · ");
+    if (s.inputImage) {
+      this.input.hidden = false;
+      this.loadImage(this.inputImg, s.inputImage);
+    }
     this.queue.hidden = s.status !== "queued";
     this.queue.textContent = s.position ? `Waiting in the queue: position ${s.position}.` : "Waiting for a worker…";
     this.note.textContent = s.note || "";

@@ -15,6 +15,7 @@ export function newState(id) {
     request: null,
     createdAt: null,
     parent: null,
+    inputImage: null, // the starting image's link, when the request had one
     iterations: {}, // n -> {n, verdict, stages: {plan: Stage, ...}}
     finalImage: null,
     timings: null,
@@ -151,6 +152,7 @@ export function absorbView(state, job, stages = true) {
   state.request = job.request;
   state.createdAt = job.created_at;
   state.parent = job.parent ?? null;
+  state.inputImage = (job.images || []).find((ref) => ref.stage === "input") ?? null;
   state.position = job.queue_position ?? null;
   if (TERMINAL.has(job.status) || !Object.keys(state.iterations).length) state.status = job.status;
   if (job.final_image) state.finalImage = job.final_image;

@@ -441,6 +441,12 @@ def test_api_key_entered_once(service, browser):
     job = _job(service["keyed"], job_id, KEY)
     assert job["status"] == "succeeded" and job["request"]["input_image"] is True
     assert "from a starting image" in p.page.inner_text(".job .meta")
+    p.page.wait_for_selector(".job .input-image:not([hidden]) img[src^='blob:']")
+    wait_for(
+        lambda: p.page.eval_on_selector(".job .input-image img", "e => e.complete && e.naturalWidth") == 48,
+        10,
+        what="the starting image to show beside the job",
+    )
     _wait_images(p.page, job)
     # A reload needs no key again.
     p.page.reload()
