@@ -448,6 +448,8 @@ def test_api_key_entered_once(service, browser):
         what="the starting image to show beside the job",
     )
     _wait_images(p.page, job)
+    ARTIFACTS.mkdir(exist_ok=True)
+    p.page.screenshot(path=str(ARTIFACTS / "studio-starting-image.png"), full_page=True)
     # A reload needs no key again.
     p.page.reload()
     p.wait_status("succeeded")
