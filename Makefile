@@ -1,6 +1,6 @@
 # One entry point. Every target works from a fresh clone: the virtual environment lives at .venv.
 #   make install   the package, its dev extras and .venv/bin/strokes
-#   make test      install, make sure redis-server exists, run the whole suite
+#   make test      install, make sure redis-server and chromium exist, run the whole suite
 #   make lint      ruff
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 # CPU machines get the CPU build of torch (on local disk here); a CUDA machine gets the normal build.
 TORCH ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo 'torch>=2.5,<3'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: install test lint redis-server clean demo
+.PHONY: install test lint redis-server chromium clean demo
 
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,18 @@ redis-server:
 	  elif command -v brew >/dev/null 2>&1; then brew install redis; \
 	  else echo "please install redis-server" >&2; exit 1; fi; }
 
-test: install redis-server
+# The studio's browser tests drive Debian's chromium (never a downloaded one) with Playwright.
+# Where it cannot be installed the suite still runs, and those tests skip with the reason shown.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "chromium not found: installing it for the studio's browser tests"; \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	    || sudo apt-get install -y -qq chromium \
+	    || echo "WARNING: chromium could not be installed: the studio's browser tests will be SKIPPED" >&2; \
+	  else echo "WARNING: no apt-get: install chromium (or set STROKES_CHROMIUM) or the studio's browser tests are SKIPPED" >&2; fi; }
+
+test: install redis-server chromium
 	$(PY) -m pytest -q
 
 lint: install

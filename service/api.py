@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import docs_ui, errors, generations, jobs, openai_images, sse
+from service import docs_ui, errors, generations, jobs, openai_images, sse, studio
 from service import images as imagelib
 from service.auth import OwnerDep
 from service.errors import NotFound, ServiceError, Unavailable
@@ -514,6 +514,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generations.router)
     docs_ui.install(app)
     app.include_router(openai_images.router)  # POST /v1/images/generations, /v1/images/edits
+    studio.install(app)  # the page at /studio/, / redirecting there, GET /v1/info
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -9,6 +9,7 @@ One module so the data layout can be read in one place (arq's constants.py). All
 | strokes:queued              | string | jobs accepted and not yet started (the admission counter)   |
 | strokes:dead                | stream | dead letters: jobs that failed for good, with their error    |
 | strokes:workers             | zset   | worker name -> last heartbeat (ms), for /readyz and metrics |
+| strokes:worker_info         | hash   | worker name -> JSON {device, at}: what GET /v1/info reports  |
 | strokes:stats               | hash   | run_seconds_ewma: mean job run time, for Retry-After         |
 | strokes:job:{id}            | hash   | the job: status, attempt, owner, request, results           |
 | strokes:events:{id}         | stream | the job's events; entry ids are the SSE ids                 |
@@ -33,6 +34,7 @@ GROUP = "workers"
 QUEUED = PREFIX + "queued"
 DEAD_LETTERS = PREFIX + "dead"
 WORKERS = PREFIX + "workers"
+WORKER_INFO = PREFIX + "worker_info"
 STATS = PREFIX + "stats"
 HEARTBEAT_PREFIX = PREFIX + "hb:"
 WEBHOOK_OUTBOX = PREFIX + "webhooks"

@@ -642,6 +642,9 @@ def run_worker(args) -> int:
     metrics.model_load_seconds.set(time.perf_counter() - began)
     metrics.observe_gpu()
     log.info("model loaded", extra={"seconds": round(time.perf_counter() - began, 3)})
+    from service.studio import publish_worker  # the studio's /v1/info shows the device
+
+    publish_worker(settings.redis_url, name, args.device)
     asyncio.run(serve_worker(settings, pipeline, name, metrics, executor))
     return 0
 
