@@ -13,7 +13,7 @@ One module so the data layout can be read in one place (arq's constants.py). All
 | strokes:job:{id}            | hash   | the job: status, attempt, owner, request, results           |
 | strokes:events:{id}         | stream | the job's events; entry ids are the SSE ids                 |
 | strokes:trajectory:{id}     | string | the finished job's trajectory (JSON)                        |
-| strokes:image:{key}         | string | image bytes (PNG), behind images.ImageStore                 |
+| strokes:blobs:sweep         | string | lock: the API replica sweeping the blob store this interval |
 | strokes:hb:{worker}         | string | a worker's lease: exists while the worker is alive (PX TTL) |
 | strokes:idem:{owner}:{hash} | hash   | Idempotency-Key -> job id and body hash                      |
 """
@@ -32,6 +32,7 @@ DEAD_LETTERS = PREFIX + "dead"
 WORKERS = PREFIX + "workers"
 STATS = PREFIX + "stats"
 HEARTBEAT_PREFIX = PREFIX + "hb:"
+BLOB_SWEEP_LOCK = PREFIX + "blobs:sweep"  # images live in the blob store (service/blobs.py), never here
 
 # A consumer name no worker ever uses and that never heartbeats: entries handed back (SIGTERM,
 # retry after a failure) are moved to it, so every worker's reclaim step sees them at once and
@@ -49,10 +50,6 @@ def events(job_id: str) -> str:
 
 def trajectory(job_id: str) -> str:
     return f"{PREFIX}trajectory:{job_id}"
-
-
-def image(storage_key: str) -> str:
-    return f"{PREFIX}image:{storage_key}"
 
 
 def heartbeat(worker: str) -> str:

@@ -14,8 +14,8 @@ from service.store import Store, connect
 
 
 @pytest.fixture
-def settings(redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, queue_cap=50, mean_job_seconds=7.0)
+def settings(redis_url: str, tmp_path: Path) -> Settings:
+    return Settings(redis_url=redis_url, queue_cap=50, mean_job_seconds=7.0, blob_dir=tmp_path / "blobs")
 
 
 @pytest.fixture
