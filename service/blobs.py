@@ -348,26 +348,30 @@ def open_store(settings: Settings) -> BlobStore:
 # ---- sweeping -----------------------------------------------------------------------------------
 
 
+async def sweep_once(blobs: BlobStore, redis: Any, settings: Settings) -> int | None:
+    """Sweep if no one else has this interval (a Redis lock held for the interval): the number of
+    blobs removed, or None when another replica holds the lock."""
+    interval_ms = max(1, int(settings.blob_sweep_interval_s * 1000))
+    if not await redis.set(keys.BLOB_SWEEP_LOCK, secrets.token_hex(8), nx=True, px=interval_ms):
+        return None
+    began = time.monotonic()
+    removed = await blobs.sweep()
+    log.info("blob sweep", extra={"removed": removed, "seconds": round(time.monotonic() - began, 3)})
+    return removed
+
+
 async def sweep_forever(blobs: BlobStore, redis: Any, settings: Settings) -> None:
-    """Sweep every `blob_sweep_interval_s`; with several API replicas, whoever takes the Redis
-    lock for the interval sweeps and the others skip."""
-    interval = settings.blob_sweep_interval_s
-    if interval <= 0:
+    """`sweep_once` every `blob_sweep_interval_s` (the API runs this; 0 turns it off)."""
+    if settings.blob_sweep_interval_s <= 0:
         return
-    me = secrets.token_hex(8)
     while True:
         try:
-            if await redis.set(keys.BLOB_SWEEP_LOCK, me, nx=True, px=max(1, int(interval * 1000))):
-                began = time.monotonic()
-                removed = await blobs.sweep()
-                log.info(
-                    "blob sweep", extra={"removed": removed, "seconds": round(time.monotonic() - began, 3)}
-                )
+            await sweep_once(blobs, redis, settings)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis or the store away: try again next interval
             log.warning("blob sweep failed: %s", exc)
-        await asyncio.sleep(interval)
+        await asyncio.sleep(settings.blob_sweep_interval_s)
 
 
 # ---- links --------------------------------------------------------------------------------------
