@@ -257,3 +257,81 @@ def test_the_model_gets_the_same_pixels_from_the_reduced_upload():
     from_original = VAE_TRANSFORM.resize(to_rgb(Image.open(io.BytesIO(raw))))
     from_stored = VAE_TRANSFORM.resize(to_rgb(Image.open(io.BytesIO(stored))))
     assert np.array_equal(np.asarray(from_original), np.asarray(from_stored))
+
+
+# ---- the job's end deletes its input, however it ends (in-process worker, both backends) ---------
+
+
+@pytest.mark.parametrize("ending", ["succeeded", "failed", "canceled", "dead_lettered"])
+async def test_input_goes_when_the_job_ends_in_any_way(blob_settings: Settings, ending: str):
+    from svc_testkit import ScriptedPipeline
+
+    from service.metrics import WorkerMetrics
+    from service.store import Store, connect
+    from service.worker import Worker
+
+    s = blob_settings.model_copy(
+        update={
+            "heartbeat_interval_s": 0.2,
+            "lease_ttl_s": 1.0,
+            "reclaim_interval_s": 0.1,
+            "poll_block_ms": 100,
+        }
+    )
+    s = s.model_copy(update={"max_attempts": 2})
+    store = Store(connect(s.redis_url, timeout_s=5, connect_timeout_s=1), s)
+    await store.ensure_group()
+    blobs = bloblib.open_store(s)
+    job_id = f"gen_{ending}"
+    png, _, _ = imagelib.decode_upload(_upload(48, 32), s.max_input_pixels, s.upload_resize)
+    await blobs.put(f"{job_id}/0/input", png)
+    request = {"prompt": "a cube", "width": 32, "height": 32, "max_iterations": 1, "input_image": True}
+    assert (
+        await store.enqueue(job_id, owner="", request=request, body_hash="h", idempotency_key=None)
+    ).outcome == "ok"
+    if ending == "dead_lettered":  # its worker died on every attempt: the next start dead-letters it
+        await store.r.hset(keys.job(job_id), mapping={"status": "running", "failures": "2"})
+    pipeline = ScriptedPipeline(
+        steps=200 if ending == "canceled" else 2, step_s=0.02, fail=ending == "failed"
+    )
+    worker = Worker(store, pipeline, s, "w1", WorkerMetrics(), images=blobs)
+    task = asyncio.create_task(worker.run())
+    try:
+        if ending == "canceled":
+            await _until(lambda: _has_event(store, job_id, "image.progress"))
+            assert (await store.cancel(job_id))[0] == "canceling"
+
+        async def ended() -> str | None:
+            status = (await store.get_job(job_id))["status"]
+            return status if status in ("succeeded", "failed", "canceled") else None
+
+        expected = {"dead_lettered": "failed"}.get(ending, ending)
+        assert await _until(ended, timeout=20) == expected
+        await _until(lambda: _gone(blobs, f"{job_id}/0/input"))  # job_ended runs right after the end
+        if ending == "succeeded":
+            assert await blobs.get(f"{job_id}/1/it1-refine") is not None  # outputs stay
+        if ending == "dead_lettered":
+            assert pipeline.runs == 0 and [d["job_id"] for d in await store.dead_letters()] == [job_id]
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 10)
+        await blobs.close()
+        await store.close()
+
+
+async def _has_event(store, job_id: str, name: str) -> bool:
+    return any(e.name == name for e in await store.read_events(job_id))
+
+
+async def _gone(blobs: bloblib.BlobStore, key: str) -> bool:
+    return await blobs.get(key) is None
+
+
+async def _until(probe, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await probe()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
