@@ -238,8 +238,8 @@ class S3Blobs(_Base):
 
         s = self.settings
         args: dict[str, Any] = {
-            "region_name": s.s3_region,
-            "endpoint_url": endpoint,
+            "region_name": s.s3_region or "us-east-1",
+            "endpoint_url": endpoint or None,  # "" (an empty Secret key) means AWS too
             "config": Config(
                 signature_version="s3v4",
                 s3={"addressing_style": s.s3_addressing_style},
@@ -248,9 +248,11 @@ class S3Blobs(_Base):
                 retries={"max_attempts": 3, "mode": "standard"},
             ),
         }
-        if s.s3_access_key_id is not None and s.s3_secret_access_key is not None:
-            args["aws_access_key_id"] = s.s3_access_key_id.get_secret_value()
-            args["aws_secret_access_key"] = s.s3_secret_access_key.get_secret_value()
+        key_id, secret = (
+            v.get_secret_value() if v else "" for v in (s.s3_access_key_id, s.s3_secret_access_key)
+        )
+        if key_id and secret:  # else botocore's default chain: env, IRSA / instance role, files
+            args["aws_access_key_id"], args["aws_secret_access_key"] = key_id, secret
         return args
 
     async def _c(self) -> Any:
