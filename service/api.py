@@ -1,7 +1,8 @@
 """The HTTP API: app factory, middleware and thin routes.
 
 The API holds no model and never imports torch: it validates, admits and enqueues jobs, and
-serves their status, events, images and trajectories from Redis. Handlers only translate between
+serves their status, events and trajectories from Redis and their images from the blob store
+(service/blobs.py; it also sweeps that store, one replica at a time). Handlers only translate between
 HTTP and jobs.py / sse.py; errors become responses in errors.py alone. Every Redis round trip of a
 request is bounded (socket timeouts, plus a deadline), so a Redis outage answers 503 within 2 s.
 
