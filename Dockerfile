@@ -66,7 +66,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.12 tini ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 strokes \
- && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin strokes
+ && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin strokes \
+ && install -d -o 10001 -g 10001 /data/blobs  # the local blob store's mount point: a fresh named volume copies this owner
 
 COPY --from=build /opt/venv /opt/venv
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/strokes-healthcheck

@@ -1,7 +1,8 @@
 """The HTTP API: app factory, middleware and thin routes.
 
 The API holds no model and never imports torch: it validates, admits and enqueues jobs, and
-serves their status, events, images and trajectories from Redis. Handlers only translate between
+serves their status, events and trajectories from Redis and their images from the blob store
+(service/blobs.py; it also sweeps that store, one replica at a time). Handlers only translate between
 HTTP and jobs.py / sse.py; errors become responses in errors.py alone. Every Redis round trip of a
 request is bounded (socket timeouts, plus a deadline), so a Redis outage answers 503 within 2 s.
 
@@ -31,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import docs_ui, errors, generations, jobs, openai_images, sse, studio
+from service import blobs as bloblib
 from service import images as imagelib
 from service.auth import OwnerDep
 from service.errors import NotFound, ServiceError, Unavailable
@@ -58,11 +60,16 @@ def get_metrics(request: Request) -> ApiMetrics:
     return request.app.state.metrics
 
 
+def get_blobs(request: Request) -> bloblib.BlobStore:
+    return request.app.state.blobs
+
+
 # Optional header and query values: typed `str` (with a None default) so the document says
 # "string" rather than "string or null"; a header cannot carry a JSON null anyway.
 OptionalStr = str
 StoreDep = Annotated[Store, Depends(get_store)]
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
+BlobsDep = Annotated[bloblib.BlobStore, Depends(get_blobs)]
 
 
 async def bounded(settings: Settings, work: Awaitable[T]) -> T:
@@ -187,6 +194,7 @@ async def create_generation(
     settings: SettingsDep,
     owner: OwnerDep,
     metrics: MetricsDep,
+    blobs: BlobsDep,
     idempotency_key: Annotated[
         OptionalStr,
         Header(
@@ -201,7 +209,7 @@ async def create_generation(
 ) -> Job:
     try:
         job, replayed = await jobs.submit(
-            store, settings, owner, body, idempotency_key, deadline_s=settings.redis_deadline_s
+            store, settings, owner, body, idempotency_key, deadline_s=settings.redis_deadline_s, blobs=blobs
         )
     except errors.QueueFull:
         metrics.rejections.labels("queue_full").inc()
@@ -217,7 +225,7 @@ async def create_generation(
         response.headers["Vary"] = "Prefer"
         if JobStatus(job.status).terminal or await generations.wait_terminal(store, job.id, wait_s):
             response.status_code = 200
-            job = await bounded(settings, jobs.current_view(store, job.id))
+            job = await bounded(settings, jobs.current_view(store, job.id, blobs))
     return job
 
 
@@ -227,10 +235,12 @@ async def create_generation(
     responses=_errors(*COMMON),
     summary="A generation's status and results",
 )
-async def get_generation(job_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Job:
+async def get_generation(
+    job_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep, blobs: BlobsDep
+) -> Job:
     async def work() -> Job:
         await jobs.find(store, job_id, owner)
-        return await jobs.current_view(store, job_id)
+        return await jobs.current_view(store, job_id, blobs)
 
     return await bounded(settings, work())
 
@@ -245,17 +255,20 @@ async def get_generation(job_id: str, store: StoreDep, settings: SettingsDep, ow
     summary="Cancel a generation (idempotent)",
 )
 async def cancel_generation(
-    job_id: str, response: Response, store: StoreDep, settings: SettingsDep, owner: OwnerDep
+    job_id: str, response: Response, store: StoreDep, settings: SettingsDep, owner: OwnerDep, blobs: BlobsDep
 ) -> Job:
-    async def work() -> Job:
+    async def work() -> str:
         await jobs.find(store, job_id, owner)
         outcome, _ = await store.cancel(job_id)
         if outcome == "missing":
             raise NotFound("no such generation")
-        response.status_code = 202 if outcome == "canceling" else 200
-        return await jobs.current_view(store, job_id)
+        return outcome
 
-    return await bounded(settings, work())
+    outcome = await bounded(settings, work())
+    if outcome == "canceled":  # a queued job ended here (a running one ends in its worker)
+        await blobs.job_ended(job_id)
+    response.status_code = 202 if outcome == "canceling" else 200
+    return await bounded(settings, jobs.current_view(store, job_id, blobs))
 
 
 @router.get(
@@ -360,23 +373,23 @@ async def generation_image(
     store: StoreDep,
     settings: SettingsDep,
     owner: OwnerDep,
+    blobs: BlobsDep,
     format: Annotated[OptionalStr, Query(pattern="^(png|jpeg|webp)$")] = None,
     accept: Annotated[OptionalStr, Header()] = None,
 ) -> Response:
     fmt = _choose_format(format, accept)
 
-    async def work() -> bytes:
+    async def work() -> int:
         job = await jobs.find(store, job_id, owner)
         raw = job.get(IMAGE_FIELD_PREFIX + image_id) if IMAGE_ID.match(image_id) else None
         if raw is None:
             raise NotFound("no such image")
-        attempt = int(json.loads(raw).get("attempt", 0))
-        png = await imagelib.RedisImageStore(store.r).get(imagelib.storage_key(job_id, attempt, image_id))
-        if png is None:
-            raise NotFound("the image has expired")
-        return png
+        return int(json.loads(raw).get("attempt", 0))
 
-    png = await bounded(settings, work())
+    attempt = await bounded(settings, work())
+    png = await blobs.get(imagelib.storage_key(job_id, attempt, image_id))  # bounded by blob_timeout_s
+    if png is None:
+        raise NotFound("the image has expired")
     body = await run_in_threadpool(imagelib.transcode, png, fmt)
     return Response(
         body,
@@ -486,7 +499,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_connections=settings.sse_max_streams + 64,
         )
         app.state.store = Store(client, settings, blocking=blocking)
+        app.state.blobs = bloblib.open_store(settings)
         app.state.hub = sse.EventHub(app.state.store, settings)
+        app.state.hub.links = bloblib.event_links(app.state.blobs, settings)
+        sweeper = asyncio.create_task(bloblib.sweep_forever(app.state.blobs, client, settings))
         try:
             await bounded(settings, app.state.store.ensure_group())
         except (RedisError, OSError, TimeoutError) as exc:  # not fatal: Redis may come up later
@@ -494,7 +510,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            sweeper.cancel()
             await app.state.hub.close()
+            await app.state.blobs.close()
             await app.state.store.close()
 
     app = FastAPI(

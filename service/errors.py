@@ -18,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.params import InvalidParams
+from service.blobs import BlobUnavailable
 
 log = logging.getLogger("strokes.api")
 
@@ -228,6 +229,16 @@ def install(app: FastAPI) -> None:
             headers={"Retry-After": "1"},
         )
 
+    async def _blobs_down(request: Request, exc: Exception):
+        log.warning("blob store unreachable: %s", exc)
+        return error_response(
+            503,
+            Unavailable.type,
+            "the image store is unreachable; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+
+    app.add_exception_handler(BlobUnavailable, _blobs_down)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
     app.add_exception_handler(TimeoutError, _redis_down)  # the per-request Redis deadline

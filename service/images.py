@@ -1,13 +1,16 @@
-"""Image storage behind a small interface, and the image codecs of the service.
+"""The image codecs of the service, and the storage key of every image.
 
 Stored images are PNG bytes under a storage key `{job_id}/{attempt}/{image_id}` (attempt 0 is the
-request's input image): each attempt writes its own keys, so a stale attempt can never overwrite
-what the current one produced, and the job hash says which attempt each image id points to.
-`RedisImageStore` keeps them in Redis with a TTL; a directory or object store can implement the
-same three methods.
+request's input image) in the blob store (service/blobs.py; never in Redis): each attempt writes
+its own keys, so a stale attempt can never overwrite what the current one produced, and the job
+hash says which attempt each image id points to.
 
 Uploads are decoded defensively: allowed formats only (no FITS & co.), the pixel count checked
-from the header before any decoding (decompression bombs), then re-encoded as PNG without metadata.
+from the header before any decoding (decompression bombs). Then they are reduced to what the
+model will use: RGB with transparency on white, and BAGEL's input resize (model/sizing.py) when
+it shrinks the image, so a 4096^2 upload is stored (and costs) what a 1024^2 one does. The model
+applies the same rule again and gets the same pixels: the rule is idempotent on its own output,
+and an image it would enlarge is stored as it came. Re-encoded as PNG without metadata.
 """
 
 from __future__ import annotations
@@ -16,14 +19,13 @@ import base64
 import binascii
 import io
 import warnings
-from typing import Protocol
 
 import numpy as np
-import redis.asyncio as aioredis
 from PIL import Image, UnidentifiedImageError
 
-from service import keys
+from model.sizing import resize_size, to_rgb
 
+INPUT_IMAGE_ID = "input"
 ALLOWED_UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
 OUTPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -34,30 +36,6 @@ class InvalidUpload(ValueError):
 
 class UploadTooLarge(ValueError):
     """The upload decodes to more pixels than allowed."""
-
-
-class ImageStore(Protocol):
-    async def put(self, key: str, data: bytes, ttl_s: int) -> None: ...
-
-    async def get(self, key: str) -> bytes | None: ...
-
-    async def delete(self, key: str) -> None: ...
-
-
-class RedisImageStore:
-    """Images as Redis strings with a TTL."""
-
-    def __init__(self, client: aioredis.Redis):
-        self.client = client
-
-    async def put(self, key: str, data: bytes, ttl_s: int) -> None:
-        await self.client.set(keys.image(key), data, ex=ttl_s)
-
-    async def get(self, key: str) -> bytes | None:
-        return await self.client.get(keys.image(key))
-
-    async def delete(self, key: str) -> None:
-        await self.client.delete(keys.image(key))
 
 
 def storage_key(job_id: str, attempt: int, image_id: str) -> str:
@@ -109,8 +87,21 @@ def _base64_payload(text: str) -> bytes:
         raise InvalidUpload("input_image is not valid base64") from exc
 
 
-def decode_upload(text: str, max_pixels: int) -> tuple[bytes, int, int]:
-    """A base64 / data-URL upload -> (clean PNG bytes, width, height). Raises InvalidUpload/UploadTooLarge."""
+def reduce_for_model(img: Image.Image, resize: tuple[int, int, int, int]) -> Image.Image:
+    """An upload as the model will use it: RGB (transparency on white), BAGEL's input resize when
+    that shrinks it. `resize` = (longest side, shortest side, stride, max pixels)."""
+    rgb = to_rgb(img)
+    w, h = resize_size(rgb.width, rgb.height, *resize)
+    if w * h >= rgb.width * rgb.height:
+        return rgb  # the model enlarges it itself; storing it larger would only cost more
+    return rgb.resize((w, h), resample=Image.Resampling.BICUBIC)
+
+
+def decode_upload(
+    text: str, max_pixels: int, resize: tuple[int, int, int, int] | None = None
+) -> tuple[bytes, int, int]:
+    """A base64 / data-URL upload -> (clean PNG bytes, width, height) as stored: reduced with
+    `resize` (see reduce_for_model) when given. Raises InvalidUpload/UploadTooLarge."""
     raw = _base64_payload(text)
     if not raw:
         raise InvalidUpload("input_image is empty")
@@ -127,13 +118,15 @@ def decode_upload(text: str, max_pixels: int) -> tuple[bytes, int, int]:
                     )
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)
-                rgb = im.convert("RGB")  # decodes; metadata and alpha are dropped here
+                im.load()  # decodes; metadata is dropped below
+                rgb = reduce_for_model(im, resize) if resize is not None else to_rgb(im)
     except (InvalidUpload, UploadTooLarge):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UploadTooLarge("input_image decodes to too many pixels") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidUpload("input_image is not a readable PNG, JPEG or WebP image") from exc
+    rgb.info = {}  # no ICC profile, text chunks or EXIF carried over
     out = io.BytesIO()
     rgb.save(out, format="PNG", compress_level=1)
-    return out.getvalue(), width, height
+    return out.getvalue(), rgb.width, rgb.height

@@ -6,6 +6,7 @@ Routes in api.py call these and only translate to responses; the Redis work is i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
@@ -16,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import images as imagelib
 from service import webhooks
+from service.blobs import BlobStore, presign_refs
 from service.errors import (
     IdempotencyKeyReused,
     InvalidImage,
@@ -32,7 +34,7 @@ from service.wire import IMAGE_FIELD_PREFIX, image_ref
 
 JOB_ID = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-INPUT_IMAGE_ID = "input"
+INPUT_IMAGE_ID = imagelib.INPUT_IMAGE_ID
 
 
 def new_job_id() -> str:
@@ -112,14 +114,31 @@ def view(job: dict[str, str], position: int | None = None) -> Job:
     )
 
 
-async def current_view(store: Store, job_id: str) -> Job:
+def direct_links(job_view: Job, job: dict[str, str], blobs: BlobStore) -> Job:
+    """The view with every image link pointing straight at the blob store (presigned), where the
+    store hands out such links; only for views the owner can see."""
+    attempts = {
+        field[len(IMAGE_FIELD_PREFIX) :]: int(json.loads(raw).get("attempt", 0))
+        for field, raw in job.items()
+        if field.startswith(IMAGE_FIELD_PREFIX)
+    }
+    if blobs.url(imagelib.storage_key(job_view.id, 0, INPUT_IMAGE_ID)) is None:
+        return job_view  # no direct links: leave the API's
+    return Job.model_validate(
+        presign_refs(job_view.model_dump(mode="json"), job_view.id, attempts.get, blobs)
+    )
+
+
+async def current_view(store: Store, job_id: str, blobs: BlobStore | None = None) -> Job:
+    """The job as its owner sees it now; with `blobs`, image links may be the store's own."""
     job = await store.get_job(job_id)
     if job is None:
         raise NotFound("no such generation")
     position = None
     if job["status"] == JobStatus.queued.value and job.get("entry_id"):
         position = await store.queue_position(job["entry_id"])
-    return view(job, position)
+    job_view = view(job, position)
+    return direct_links(job_view, job, blobs) if blobs is not None else job_view
 
 
 async def submit(
@@ -129,9 +148,13 @@ async def submit(
     request: GenerationRequest,
     idempotency_key: str | None,
     deadline_s: float,
+    *,
+    blobs: BlobStore,
 ) -> tuple[Job, bool]:
     """Admit and enqueue one generation. Returns (job, replayed). The Redis part is bounded by
-    `deadline_s` (TimeoutError); decoding an input image is not."""
+    `deadline_s` (TimeoutError); decoding an input image is not, and storing it is bounded by
+    the blob store's own timeout. The input is stored before the job exists (a worker must find
+    it) and deleted again when the job is not created; one left by a crash in between is swept."""
     if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
         raise InvalidRequest(
             "Idempotency-Key must be 1-255 printable ASCII characters", param="Idempotency-Key"
@@ -144,15 +167,41 @@ async def submit(
     if request.input_image is not None:
         try:
             upload = await run_in_threadpool(
-                imagelib.decode_upload, request.input_image, settings.max_input_pixels
+                imagelib.decode_upload, request.input_image, settings.max_input_pixels, settings.upload_resize
             )
         except imagelib.UploadTooLarge as exc:
             raise PayloadTooLarge(str(exc), param="input_image") from exc
         except imagelib.InvalidUpload as exc:
             raise InvalidImage(str(exc), param="input_image") from exc
-    return await asyncio.wait_for(
-        _enqueue(store, settings, owner, request, record, idempotency_key, upload), deadline_s
-    )
+    job_id = new_job_id()
+    fields: dict[str, Any] = {}
+    stored_input = None
+    if upload is not None:
+        png, width, height = upload
+        stored_input = imagelib.storage_key(job_id, 0, INPUT_IMAGE_ID)
+        await blobs.put(stored_input, png)
+        ref = image_ref(job_id, INPUT_IMAGE_ID, width, height, stage="input")
+        fields[IMAGE_FIELD_PREFIX + INPUT_IMAGE_ID] = {**ref, "attempt": 0}
+    if request.webhook_url is not None:
+        fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events))
+    try:
+        job, replayed = await asyncio.wait_for(
+            _enqueue(store, job_id, owner, request, record, idempotency_key, fields, blobs), deadline_s
+        )
+    except (QueueFull, IdempotencyKeyReused):  # surely no job: drop its input now
+        await _drop(blobs, stored_input)
+        raise
+    # (On a Redis error or timeout we cannot tell whether the job exists: its input stays, and the
+    # job's end or the sweep removes it.)
+    if job.id != job_id:  # an idempotent replay: the first job has its own input
+        await _drop(blobs, stored_input)
+    return job, replayed
+
+
+async def _drop(blobs: BlobStore, key: str | None) -> None:
+    if key is not None:
+        with contextlib.suppress(OSError):  # the sweep removes it later
+            await blobs.delete(key)
 
 
 async def _check_webhook(settings: Settings, url: str) -> None:
@@ -169,26 +218,14 @@ async def _check_webhook(settings: Settings, url: str) -> None:
 
 async def _enqueue(
     store: Store,
-    settings: Settings,
+    job_id: str,
     owner: str,
     request: GenerationRequest,
     record: dict[str, Any],
     idempotency_key: str | None,
-    upload: tuple[bytes, int, int] | None,
+    fields: dict[str, Any],
+    blobs: BlobStore,
 ) -> tuple[Job, bool]:
-    job_id = new_job_id()
-    fields: dict[str, Any] = {}
-    stored_input = None
-    images = imagelib.RedisImageStore(store.r)
-    if upload is not None:
-        png, width, height = upload
-        stored_input = imagelib.storage_key(job_id, 0, INPUT_IMAGE_ID)
-        # Kept for twice the result TTL: a queued job may wait a long time before it runs.
-        await images.put(stored_input, png, settings.result_ttl_s * 2)
-        ref = image_ref(job_id, INPUT_IMAGE_ID, width, height, stage="input")
-        fields[IMAGE_FIELD_PREFIX + INPUT_IMAGE_ID] = {**ref, "attempt": 0}
-    if request.webhook_url is not None:
-        fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events))
     result = await store.enqueue(
         job_id,
         owner=owner,
@@ -197,12 +234,10 @@ async def _enqueue(
         idempotency_key=idempotency_key,
         fields=fields,
     )
-    if result.outcome != "ok" and stored_input is not None:
-        await images.delete(stored_input)
     if result.outcome == "full":
         raise QueueFull(await store.retry_after())
     if result.outcome == "conflict":
         raise IdempotencyKeyReused(
             "this Idempotency-Key was used with a different request body", param="Idempotency-Key"
         )
-    return await current_view(store, result.job_id), result.outcome == "duplicate"
+    return await current_view(store, result.job_id, blobs), result.outcome == "duplicate"

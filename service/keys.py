@@ -14,7 +14,7 @@ One module so the data layout can be read in one place (arq's constants.py). All
 | strokes:job:{id}            | hash   | the job: status, attempt, owner, request, results           |
 | strokes:events:{id}         | stream | the job's events; entry ids are the SSE ids                 |
 | strokes:trajectory:{id}     | string | the finished job's trajectory (JSON)                        |
-| strokes:image:{key}         | string | image bytes (PNG), behind images.ImageStore                 |
+| strokes:blobs:sweep         | string | lock: the API replica sweeping the blob store this interval |
 | strokes:hb:{worker}         | string | a worker's lease: exists while the worker is alive (PX TTL) |
 | strokes:idem:{owner}:{hash} | hash   | Idempotency-Key -> job id and body hash                      |
 | strokes:owner:{owner}:jobs  | zset   | the owner's job ids by creation time (ms), for GET /v1/generations |
@@ -40,6 +40,7 @@ HEARTBEAT_PREFIX = PREFIX + "hb:"
 WEBHOOK_OUTBOX = PREFIX + "webhooks"
 WEBHOOK_GROUP = "dispatchers"
 WEBHOOK_DEAD = PREFIX + "webhooks:dead"
+BLOB_SWEEP_LOCK = PREFIX + "blobs:sweep"  # images live in the blob store (service/blobs.py), never here
 
 # A consumer name no worker ever uses and that never heartbeats: entries handed back (SIGTERM,
 # retry after a failure) are moved to it, so every worker's reclaim step sees them at once and
@@ -57,10 +58,6 @@ def events(job_id: str) -> str:
 
 def trajectory(job_id: str) -> str:
     return f"{PREFIX}trajectory:{job_id}"
-
-
-def image(storage_key: str) -> str:
-    return f"{PREFIX}image:{storage_key}"
 
 
 def heartbeat(worker: str) -> str:

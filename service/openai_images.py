@@ -57,6 +57,7 @@ from service.openai_schemas import (
 )
 from service.schemas import ErrorResponse, GenerationRequest
 from service.settings import Settings, SettingsDep
+from service.blobs import BlobStore
 from service.store import Store
 from service.wire import (
     IMAGE_FIELD_PREFIX,
@@ -88,25 +89,35 @@ async def submit_all(
         for i in range((opts.n or 1) if not opts.stream else 1):
             key = None if idempotency_key is None else f"{idempotency_key[:240]}#{i}"
             job, replayed = await jobs.submit(
-                store, settings, owner, native, key, deadline_s=settings.redis_deadline_s
+                store,
+                settings,
+                owner,
+                native,
+                key,
+                deadline_s=settings.redis_deadline_s,
+                blobs=request.app.state.blobs,
             )
             if not replayed:
                 request.app.state.metrics.submitted.inc()
             ids.append(job.id)
     except errors.ServiceError as exc:
-        await _cancel(store, ids)  # all n or none: a partial batch would only burn GPU time
+        await _cancel(
+            store, ids, request.app.state.blobs
+        )  # all n or none: a partial batch would only burn GPU time
         if exc.param == "input_image":
             exc.param = "image"  # OpenAI's name of the field
         raise
     except BaseException:
-        await _cancel(store, ids)
+        await _cancel(store, ids, request.app.state.blobs)
         raise
     return ids
 
 
-async def _cancel(store: Store, job_ids: list[str]) -> None:
+async def _cancel(store: Store, job_ids: list[str], blobs: BlobStore) -> None:
     for job_id in job_ids:
-        await asyncio.shield(store.cancel(job_id))
+        outcome, _ = await asyncio.shield(store.cancel(job_id))
+        if outcome == "canceled":  # a queued job ended here: its input goes now
+            await blobs.job_ended(job_id)
 
 
 STATUS_EVENTS = {"succeeded": JOB_COMPLETED, "failed": JOB_FAILED, "canceled": JOB_CANCELED}
@@ -141,11 +152,11 @@ async def _terminal(store: Store, job_id: str) -> str:
     raise AssertionError("follow() ends with a terminal event")
 
 
-async def _image_b64(store: Store, job_id: str, ref: dict[str, Any], fmt: str) -> str:
+async def _image_b64(blobs: BlobStore, store: Store, job_id: str, ref: dict[str, Any], fmt: str) -> str:
     job = await store.get_job(job_id) or {}
     raw = job.get(IMAGE_FIELD_PREFIX + ref["id"])
     attempt = int(json.loads(raw).get("attempt", 0)) if raw else 0
-    png = await imagelib.RedisImageStore(store.r).get(imagelib.storage_key(job_id, attempt, ref["id"]))
+    png = await blobs.get(imagelib.storage_key(job_id, attempt, ref["id"]))
     if png is None:
         raise GenerationFailed(f"the image {ref['id']} of {job_id} has expired")
     data = await run_in_threadpool(imagelib.transcode, png, fmt)
@@ -162,7 +173,7 @@ async def respond(
             asyncio.gather(*(_terminal(store, job_id) for job_id in ids)), settings.openai_wait_s
         )
     except TimeoutError as exc:
-        await _cancel(store, ids)
+        await _cancel(store, ids, request.app.state.blobs)
         raise GenerationTimedOut(
             f"the images were not ready within {settings.openai_wait_s:g} s; their jobs "
             f"({', '.join(ids)}) were canceled. Use POST /v1/generations for long jobs",
@@ -173,7 +184,7 @@ async def respond(
     for job_id, end in zip(ids, ends, strict=True):
         job = await store.get_job(job_id) or {}
         if end != JOB_COMPLETED:
-            await _cancel(store, ids)
+            await _cancel(store, ids, request.app.state.blobs)
             error = json.loads(job.get("error") or "null") or {"type": end, "message": "canceled"}
             raise GenerationFailed(
                 f"generation {job_id} ended with {end}: {error.get('message')}",
@@ -188,7 +199,7 @@ async def respond(
             url = str(request.base_url).rstrip("/") + final["url"] + query
             data.append(ImageData(url=url, revised_prompt=revised))
         else:
-            b64 = await _image_b64(store, job_id, final, fmt)
+            b64 = await _image_b64(request.app.state.blobs, store, job_id, final, fmt)
             data.append(ImageData(b64_json=b64, revised_prompt=revised))
     return ImagesResponse(
         created=int(time.time()),
@@ -214,7 +225,10 @@ async def stream_events(
 
     async def partial(ref: dict[str, Any]) -> ServerSentEvent:
         nonlocal sent
-        body = {"type": f"{kind}.partial_image", "b64_json": await _image_b64(store, job_id, ref, fmt)}
+        body = {
+            "type": f"{kind}.partial_image",
+            "b64_json": await _image_b64(request.app.state.blobs, store, job_id, ref, fmt),
+        }
         body.update(common, created_at=int(time.time()), partial_image_index=sent)
         sent += 1
         return ServerSentEvent(data=json.dumps(body), event=body["type"])
@@ -233,7 +247,10 @@ async def stream_events(
                 final = data["final_image"]
                 if held and held["id"] != final["id"] and sent < budget:
                     yield await partial(held)
-                body = {"type": f"{kind}.completed", "b64_json": await _image_b64(store, job_id, final, fmt)}
+                body = {
+                    "type": f"{kind}.completed",
+                    "b64_json": await _image_b64(request.app.state.blobs, store, job_id, final, fmt),
+                }
                 body.update(common, created_at=int(time.time()))
                 body["usage"] = usage([data.get("usage") or {}]).model_dump()
                 ended = True
@@ -246,7 +263,7 @@ async def stream_events(
                 yield ServerSentEvent(data=json.dumps(body), event="error")
     finally:
         if not ended:  # the client left (or Redis failed): its job is of no use to anyone now
-            await _cancel(store, [job_id])
+            await _cancel(store, [job_id], request.app.state.blobs)
 
 
 # ---- routes -------------------------------------------------------------------------------------

@@ -2,6 +2,10 @@
 (when STROKES_WEBHOOK_SECRET is set), and (when no Redis URL is given) a private redis-server with
 AOF on, in a temporary folder.
 
+Images go to the local-directory blob store (service/blobs.py): with the private Redis, in the
+same temporary folder (both go at exit); otherwise where STROKES_BLOB_DIR (or
+STROKES_BLOB_BACKEND=s3) says.
+
 The worker runs as a child process (it holds the model; the API process must not import torch);
 the API runs in this process under uvicorn. Ctrl-C or SIGTERM stops all three: the worker hands
 back its running job first.
@@ -134,6 +138,8 @@ def run_serve(args) -> int:
             redis.start()
             redis_url = redis.url
         env = {**os.environ, "STROKES_REDIS_URL": redis_url}
+        if tmp is not None and "STROKES_BLOB_DIR" not in os.environ:
+            env["STROKES_BLOB_DIR"] = str(Path(tmp) / "blobs")  # private Redis, private images
         cmd = [
             sys.executable,
             "-m",
@@ -161,7 +167,7 @@ def run_serve(args) -> int:
 
         import uvicorn
 
-        settings = Settings(redis_url=redis_url)
+        settings = Settings(redis_url=redis_url, blob_dir=env.get("STROKES_BLOB_DIR") or Settings().blob_dir)
         slog.setup(settings.log_level, "api")
         print(
             f"strokes serve: API on http://{args.host}:{args.port}  redis {redis_url}  "

@@ -8,8 +8,10 @@ and override the dependency instead of patching globals. Command-line flags of `
 from __future__ import annotations
 
 import ipaddress
+import tempfile
 from functools import lru_cache
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Literal
 
 from fastapi import Depends
 from pydantic import Field, SecretStr, field_validator
@@ -51,6 +53,29 @@ class Settings(BaseSettings):
     jobs_index_max: int = Field(10000, ge=1)
     jobs_index_ttl_s: int = 7 * 86400
     prefer_wait_max_s: float = 60.0  # the longest `Prefer: wait=N` a POST honours
+
+    # Blob store (service/blobs.py): image bytes live here, never in Redis
+    blob_backend: Literal["local", "s3"] = "local"
+    blob_dir: Path = Path(tempfile.gettempdir()) / "strokes-blobs"  # local: shared by API and workers
+    blob_output_ttl_s: int = Field(90000, ge=60)  # outputs and previews: the result TTL + 1 h of run
+    blob_input_ttl_s: int = Field(172800, ge=60)  # an input older than this is swept, job or not
+    blob_keep_inputs: bool = False  # keep an input after its job ends (until blob_input_ttl_s)
+    blob_orphan_s: int = Field(3600, ge=60)  # local: a temp file of an interrupted write this old goes
+    blob_sweep_interval_s: float = Field(600.0, ge=0)  # 0: never sweep (an S3 lifecycle rule does it)
+    blob_timeout_s: float = 10.0  # one blob read or write, beyond which the API answers 503
+    # Uploads are stored at the size the model will use: BAGEL's VAE input resize
+    # (MaxLongEdgeMinShortEdgeResize: longest side, shortest side, stride, max pixels).
+    upload_resize: tuple[int, int, int, int] = (1024, 512, 16, 14 * 14 * 9 * 1024)
+    s3_bucket: str = ""
+    s3_prefix: str = "strokes/"
+    s3_endpoint_url: str | None = None  # MinIO, R2, GCS interop; None: AWS
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None  # None: the default credential chain (IAM role, ...)
+    s3_secret_access_key: SecretStr | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"  # MinIO: path
+    s3_presign: bool = False  # events and status carry presigned URLs: image bytes bypass the API
+    s3_presign_ttl_s: int = Field(3600, ge=1, le=604800)
+    s3_public_endpoint_url: str | None = None  # the endpoint clients reach, when not s3_endpoint_url
 
     # SSE
     sse_ping_s: float = 15.0

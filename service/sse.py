@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -43,7 +43,10 @@ def _key(event_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def encode(events: list[Event]) -> bytes:
+def encode(events: list[Event], links: Callable[[Event], Event] | None = None) -> bytes:
+    """`links`: the blob store's rewrite of image links (presigned URLs), or None."""
+    if links is not None:
+        events = [links(e) for e in events]
     return b"".join(ServerSentEvent(data=e.data, event=e.name, id=e.id).encode() for e in events)
 
 
@@ -114,7 +117,7 @@ class Feed:
                         return self._close(_End())
                 for start in range(0, len(batch), 200):
                     part = batch[start : start + 200]
-                    chunk = Chunk(part, encode(part))
+                    chunk = Chunk(part, encode(part, self.hub.links))
                     self.cursor = part[-1].id
                     self._remember(chunk)
                     for queue in self.subscribers:
@@ -137,6 +140,7 @@ class EventHub:
     def __init__(self, store: Store, settings: Settings):
         self.store, self.settings = store, settings
         self.feeds: dict[str, Feed] = {}
+        self.links: Callable[[Event], Event] | None = None  # set by the API: blobs.event_links
 
     def subscribe(self, job_id: str, cursor: str) -> tuple[Feed, asyncio.Queue, bool]:
         """(feed, queue of chunks, whether the client must first catch up with its own reads).
@@ -185,7 +189,7 @@ async def events(
                 if not batch:
                     break
                 cut = next((i + 1 for i, e in enumerate(batch) if e.name in TERMINAL_EVENTS), len(batch))
-                yield encode(batch[:cut])
+                yield encode(batch[:cut], hub.links)
                 cursor, last = batch[cut - 1].id, _key(batch[cut - 1].id)
                 if cut < len(batch) or batch[cut - 1].name in TERMINAL_EVENTS:
                     return
@@ -207,7 +211,7 @@ async def events(
                 fresh = events if _key(events[0].id) > last else [e for e in events if _key(e.id) > last]
                 if not fresh:
                     continue
-                out.append(item.data if fresh is events else encode(fresh))
+                out.append(item.data if fresh is events else encode(fresh, hub.links))
                 last = _key(fresh[-1].id)
                 if fresh[-1].name in TERMINAL_EVENTS:
                     ended = True

@@ -44,6 +44,7 @@ from redis.retry import Retry as SyncRetry
 from model.events import Done, StageCompleted, StageStarted
 from model.events import Event as PipelineEvent
 from model.params import GenerationParams, InvalidParams
+from service import blobs as bloblib
 from service import images as imagelib
 from service import keys as keyspace
 from service import logging as slog
@@ -173,9 +174,7 @@ class Publisher:
         for wire, png in items:
             if png is not None and wire.image is not None:
                 key = imagelib.storage_key(job.job_id, job.attempt, wire.image[0])
-                await worker._through_outage(
-                    job, lambda k=key, p=png: worker.images.put(k, p, worker.settings.result_ttl_s)
-                )
+                await worker._through_outage(job, lambda k=key, p=png: worker.images.put(k, p))
         emits = []
         for wire, _png in items:
             if wire.name or wire.fields:
@@ -202,7 +201,7 @@ class Worker:
         settings: Settings,
         name: str,
         metrics: WorkerMetrics | None = None,
-        images: imagelib.ImageStore | None = None,
+        images: bloblib.BlobStore | None = None,
         executor: concurrent.futures.ThreadPoolExecutor | None = None,
     ):
         self.store = store
@@ -210,7 +209,7 @@ class Worker:
         self.settings = settings
         self.name = name
         self.metrics = metrics or WorkerMetrics()
-        self.images = images or imagelib.RedisImageStore(store.r)
+        self.images = images or bloblib.open_store(settings)
         self.job: ActiveJob | None = None
         self.stopping = asyncio.Event()
         self._last_reclaim = 0.0
@@ -310,6 +309,8 @@ class Worker:
                 log.info("entry not run: %s", started.outcome, extra={"entry_id": entry_id})
             if started.outcome == "dead":
                 self.metrics.jobs.labels("failed").inc()
+            if started.outcome in ("dead", "canceled"):
+                await self.images.job_ended(job_id)
             return None
         raw = await self.store.get_job(job_id)
         record = json.loads(raw["request"]) if raw else {}
@@ -489,6 +490,8 @@ class Worker:
             }.get(state, "lost")
         else:
             result = "lost"
+        if result in ("succeeded", "canceled", "failed"):
+            await self.images.job_ended(job.job_id)
         self.metrics.jobs.labels(result).inc()
         log.info("job ended: %s", result, extra={"outcome": result})
 
@@ -598,13 +601,15 @@ async def serve_worker(
         max_connections=32,
     )
     store = Store(client, settings)
-    worker = Worker(store, pipeline, settings, name, metrics, executor=executor)
+    images = bloblib.open_store(settings)
+    worker = Worker(store, pipeline, settings, name, metrics, images=images, executor=executor)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
     try:
         await worker.run()
     finally:
+        await images.close()
         await store.close()
 
 

@@ -30,6 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
+COMPOSE_MINIO = DEPLOY / "compose.minio.yaml"
 K8S = DEPLOY / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
@@ -271,7 +272,7 @@ def test_compose_worker_reserves_a_gpu_and_mounts_the_model_read_only():
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert device["device_ids"] == ["0"]
     assert flag(worker["command"], "--device") == "cuda:0"  # the container sees one GPU
-    (mount,) = worker["volumes"]
+    (mount,) = [v for v in worker["volumes"] if isinstance(v, dict) and v["type"] == "bind"]
     assert mount["source"].startswith("${BAGEL_MODEL_DIR:?")
     assert mount["target"] == flag(worker["command"], "--checkpoint") == CHECKPOINT_MOUNT
     assert mount["read_only"] is True and mount["bind"]["create_host_path"] is False
@@ -643,3 +644,55 @@ def test_healthcheck_is_unhealthy_on_errors_and_silence(http_port):
     assert run_healthcheck("not a url") == 1
     assert run_healthcheck(env={"STROKES_HEALTHCHECK_URL": f"http://127.0.0.1:{http_port}/readyz"}) == 1
     assert run_healthcheck(env={"STROKES_HEALTHCHECK_URL": f"http://127.0.0.1:{http_port}/healthz"}) == 0
+
+
+# ---- images: a blob store, never Redis ------------------------------------------------------
+
+
+def test_compose_api_and_workers_share_the_blob_volume():
+    compose = load_compose()
+    blob_dir = compose["x-strokes"]["environment"]["STROKES_BLOB_DIR"]
+    services = load_compose(compose_with_second_worker())["services"]
+    for name in ("api", "worker", "worker-gpu1"):
+        assert f"blobs:{blob_dir}" in services[name]["volumes"], name
+    assert "blobs" in compose["volumes"]
+
+
+def test_compose_minio_override_is_valid_and_makes_its_bucket_before_api_and_workers_start():
+    result = check_jsonschema("vendor.compose-spec", COMPOSE_MINIO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    override = yaml.safe_load(COMPOSE_MINIO.read_text())
+    services = override["services"]
+    minio, init = services["minio"], services["minio-init"]
+    assert minio["healthcheck"]["test"][0] == "CMD"
+    assert init["depends_on"] == {"minio": {"condition": "service_healthy"}}
+    script = init["command"][0]
+    assert 'mc mb --ignore-existing "store/$$BUCKET"' in script and "mc ilm import" in script
+    s3 = override["x-s3"]
+    assert init["environment"]["BUCKET"] == s3["STROKES_S3_BUCKET"]
+    assert s3["STROKES_S3_ENDPOINT_URL"] == "http://minio:9000" and s3["STROKES_BLOB_BACKEND"] == "s3"
+    assert s3["STROKES_S3_SECRET_ACCESS_KEY"] == minio["environment"]["MINIO_ROOT_PASSWORD"]
+    assert s3["STROKES_S3_ACCESS_KEY_ID"] == minio["environment"]["MINIO_ROOT_USER"]
+    fields = set(pytest.importorskip("service.settings").Settings.model_fields)
+    assert {n.removeprefix("STROKES_").lower() for n in s3} <= fields
+    for name in ("api", "worker"):
+        assert services[name]["environment"] == s3
+        assert services[name]["depends_on"] == {"minio-init": {"condition": "service_completed_successfully"}}
+    assert set(load_compose()["services"]) & set(services) == {"api", "worker"}
+
+
+def test_kubernetes_pods_take_the_s3_store_from_the_secret():
+    for deployment in ("strokes-api", "strokes-worker"):
+        env = {e["name"]: e for e in container(deployment)["env"]}
+        assert env["STROKES_BLOB_BACKEND"]["value"] == "s3"  # pods share no disk
+        for name, key in (
+            ("STROKES_S3_BUCKET", "s3-bucket"),
+            ("STROKES_S3_ENDPOINT_URL", "s3-endpoint-url"),
+            ("STROKES_S3_ACCESS_KEY_ID", "s3-access-key-id"),
+            ("STROKES_S3_SECRET_ACCESS_KEY", "s3-secret-access-key"),
+        ):
+            assert env[name]["valueFrom"]["secretKeyRef"] == {
+                "name": "strokes",
+                "key": key,
+                **({"optional": True} if name != "STROKES_S3_BUCKET" else {}),
+            }

@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from svc_testkit import Proc
+from svc_testkit import S3_BUCKET, Proc
 
 from service.settings import Settings
 from service.store import Store, connect
 
 
 @pytest.fixture
-def settings(redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, queue_cap=50, mean_job_seconds=7.0)
+def settings(redis_url: str, tmp_path: Path) -> Settings:
+    return Settings(redis_url=redis_url, queue_cap=50, mean_job_seconds=7.0, blob_dir=tmp_path / "blobs")
 
 
 @pytest.fixture
@@ -59,3 +59,27 @@ def logdir(tmp_path) -> Path:
     path = tmp_path / "logs"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible HTTP server on loopback (moto's server mode; no MinIO binary here),
+    with the bucket S3_BUCKET. Yields its endpoint URL; tests keep apart by key prefix."""
+    import botocore.session
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    client = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    client.create_bucket(Bucket=S3_BUCKET)
+    client.close()
+    yield url
+    server.stop()

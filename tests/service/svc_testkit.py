@@ -31,6 +31,7 @@ from model.params import GenerationParams
 from service import keys
 from service.client import SSE, iter_sse
 from service.serve import free_port
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = ("job.completed", "job.failed", "job.canceled")
@@ -221,6 +222,27 @@ def wait_for(
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+
+
+S3_BUCKET = "strokes-test"  # made by the s3_server fixture
+
+
+def s3_env(endpoint: str, prefix: str) -> dict[str, str]:
+    """The settings (env_with keywords) of the S3 blob store at `endpoint`, objects under `prefix`."""
+    return {
+        "blob_backend": "s3",
+        "s3_bucket": S3_BUCKET,
+        "s3_prefix": prefix,
+        "s3_endpoint_url": endpoint,
+        "s3_access_key_id": "test",
+        "s3_secret_access_key": "test",
+        "s3_addressing_style": "path",
+    }
+
+
+def s3_settings(base: Settings, endpoint: str, prefix: str, **changes: object) -> Settings:
+    """`base` with the S3 blob store at `endpoint`, objects under `prefix`."""
+    return Settings(**{**base.model_dump(), **s3_env(endpoint, prefix), **changes})
 
 
 # ---- a scripted pipeline for in-process worker tests --------------------------------------------

@@ -357,7 +357,7 @@ def test_every_redis_key_has_the_prefix():
         keys.job("a"),
         keys.events("a"),
         keys.trajectory("a"),
-        keys.image("a/1/b"),
+        keys.BLOB_SWEEP_LOCK,
         keys.heartbeat("w"),
         keys.idempotency("o", "k"),
         keys.HANDBACK_CONSUMER,

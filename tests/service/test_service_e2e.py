@@ -129,11 +129,13 @@ def service(redis_server, tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     server = type(redis_server)(tmp / "redis")
     server.start()
-    api, base = start_api(server.url, tmp)
+    api, base = start_api(server.url, tmp, blob_dir=tmp / "blobs")
     port = free_port()
     # The tiny model's denoising steps take a few ms: read the cancel flag at every check (the
     # default, 50 ms, is shorter than a denoising step of a real model on a GPU).
-    worker = start_worker(server.url, tiny_checkpoint, tmp, "shared", metrics_port=port, cancel_poll_s=0)
+    worker = start_worker(
+        server.url, tiny_checkpoint, tmp, "shared", metrics_port=port, cancel_poll_s=0, blob_dir=tmp / "blobs"
+    )
     yield Service(base, server.url, worker, port)
     worker.stop()
     api.stop()

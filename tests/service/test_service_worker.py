@@ -80,7 +80,7 @@ async def test_job_runs_to_one_completed_event_with_stored_images(store: Store, 
     assert names.count("job.completed") == 1 and names[-1] == "job.completed"
     job = await store.get_job("j1")
     assert json.loads(job["final_image"])["id"] == "it1-refine"
-    assert await store.r.exists(keys.image("j1/1/it1-draft"))
+    assert (await worker.images.get("j1/1/it1-draft"))[:8] == b"\x89PNG\r\n\x1a\n"  # in the blob store
     assert await store.get_trajectory("j1") == json.dumps({"version": 1, "prompt": "a cube"})
     assert worker.metrics.jobs.labels("succeeded")._value.get() == 1
 
