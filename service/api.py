@@ -31,8 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import docs_ui, errors, generations, jobs, openai_images, sse, studio
 from service import blobs as bloblib
+from service import docs_ui, errors, generations, jobs, openai_images, sse, studio
 from service import images as imagelib
 from service.auth import OwnerDep
 from service.errors import NotFound, ServiceError, Unavailable

@@ -41,6 +41,7 @@ from starlette.datastructures import FormData, UploadFile
 from service import errors, jobs
 from service import images as imagelib
 from service.auth import OwnerDep
+from service.blobs import BlobStore
 from service.errors import GenerationFailed, GenerationTimedOut, InvalidRequest
 from service.openai_schemas import (
     ImageData,
@@ -57,7 +58,6 @@ from service.openai_schemas import (
 )
 from service.schemas import ErrorResponse, GenerationRequest
 from service.settings import Settings, SettingsDep
-from service.blobs import BlobStore
 from service.store import Store
 from service.wire import (
     IMAGE_FIELD_PREFIX,
