@@ -170,7 +170,8 @@ class Engine:
         """inner (N, E) -> (1, N + 2, E) with the <|vision_start|> / <|vision_end|> embeddings."""
         if self._markers is None:  # once: a host-to-device copy per denoising step would block
             tok = self.tokenizer
-            self._markers = torch.tensor([tok.start_of_image, tok.end_of_image], device=self.device)
+            with torch.inference_mode(False):  # a plain tensor: usable in and out of inference mode
+                self._markers = torch.tensor([tok.start_of_image, tok.end_of_image], device=self.device)
         markers = self.model.embed_tokens(self._markers)  # (2, E)
         return torch.cat([markers[:1], inner.to(markers.dtype), markers[1:]])[None]
 
@@ -427,12 +428,10 @@ class ImageGeneration:
         self.forwards = 0  # branch forwards run
 
     def _velocities(self, block: torch.Tensor, branches: list[Context]) -> list[torch.Tensor]:
-        """One (N, P) prediction per branch context: on one rank each (several devices), batched
-        in one forward, or one after another like the reference."""
+        """One (N, P) prediction per branch context, batched in one forward or one after another
+        like the reference (several devices: `BranchGroup.step` instead)."""
         lm, model = self.engine.model.language_model, self.engine.model
         gen = slice(1, block.shape[1] - 1)
-        if self.engine.branch_group is not None:
-            return self.engine.branch_group.velocities(self.engine, block, branches, gen)
         if self.engine.batch_branches:
             hidden = lm.forward_block(block.expand(len(branches), -1, -1), branches, gen=gen)  # (B, N+2, E)
             v = model.velocity(hidden[:, gen])  # (B, N, P)
@@ -458,15 +457,34 @@ class ImageGeneration:
         ts, dts = timestep_schedule(s.steps, s.timestep_shift)  # CPU: decisions and event values
         ts_dev, dts_dev = ts.to(device), dts.to(device)  # copied once, not once per step
         counts = self._branch_counts(ts)
-        # Each branch reads its context plus room for the block, set up once for the whole image.
-        rooms = branch_rooms([cond, text_uncond, img_uncond][: max(counts)], self.h * self.w + 2)
+        # Each branch reads its context plus room for the block, set up once for the whole image
+        # (several devices: on the rank that runs the branch).
+        contexts, room = [cond, text_uncond, img_uncond][: max(counts)], self.h * self.w + 2
+        group = engine.branch_group
+        if group is None:
+            rooms = branch_rooms(contexts, room)
+        else:
+            group.start_image(contexts, room, self.h, self.w)
+        try:
+            yield from self._denoise(x, pos, ts, ts_dev, dts_dev, counts, rooms if group is None else None)
+        finally:
+            if group is not None:
+                group.end_image()
+
+    def _denoise(self, x, pos, ts, ts_dev, dts_dev, counts, rooms) -> Iterator[FlowStep]:
+        engine, s, group = self.engine, self.settings, self.engine.branch_group
         for i in range(len(ts)):
             if self.should_cancel():
                 raise Cancelled
             t = ts[i]
             text_scale, img_scale = guidance_scales(t, s.cfg_text_scale, s.cfg_img_scale, s.cfg_interval)
-            block = engine._image_block(engine.model.embed_latents(x, ts_dev[i : i + 1], pos))  # (1, N+2, E)
-            v_all = self._velocities(block, rooms[: counts[i]])
+            if group is not None:
+                v_all = group.step(x, ts_dev[i : i + 1], counts[i])
+            else:
+                block = engine._image_block(
+                    engine.model.embed_latents(x, ts_dev[i : i + 1], pos)
+                )  # (1, N+2, E)
+                v_all = self._velocities(block, rooms[: counts[i]])
             self.forwards += counts[i]
             c = v_all[0].float()
             ut = v_all[1].float() if text_scale > 1.0 else None
