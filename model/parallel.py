@@ -167,3 +167,76 @@ class BranchGroup:
                 return
             else:
                 raise RuntimeError(f"branch group: unknown command {cmd}")
+
+
+# ---- several devices in one worker --------------------------------------------------------------
+
+
+def _free_address() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def _follower(checkpoint: str, device: str, dtype: str | None, rank: int, world: int, address: str) -> None:
+    """A follower process: the model on its device, serving branches until the leader shuts down.
+    It also ends when the worker that spawned it dies (even by SIGKILL, which skips the
+    multiprocessing clean-up of daemonic children): otherwise it would wait in a collective."""
+    import os
+    import threading
+    import time
+
+    from model.loading import load_engine
+
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+
+    engine = load_engine(checkpoint, device=device, dtype=dtype)
+    init_group(rank, world, engine.device, address)
+    try:
+        BranchGroup(engine, rank, world).serve()
+    finally:
+        dist.destroy_process_group()
+
+
+def load_parallel_engine(checkpoint: str, devices: list[str], dtype: str | None = None):
+    """The leader's engine on devices[0], with one follower process per other device (spawned,
+    daemonic: they end with the worker), all in one process group; `engine.branch_group` set."""
+    import multiprocessing
+
+    from model.config import CheckpointError
+    from model.loading import load_engine, prepare_device
+
+    gpus = [d for d in devices if d != "cpu"]
+    if len(set(gpus)) != len(gpus):  # CPU processes may repeat "cpu" (gloo; tests, small setups)
+        raise CheckpointError(f"--devices lists a GPU twice: {','.join(devices)}")
+    for device in devices:
+        prepare_device(device)  # fail fast on a missing device, before any process starts
+    world, address = len(devices), _free_address()
+    spawn = multiprocessing.get_context("spawn")
+    for rank, device in enumerate(devices[1:], start=1):
+        spawn.Process(
+            target=_follower,
+            args=(str(checkpoint), device, dtype, rank, world, address),
+            name=f"strokes-branches-{device}",
+            daemon=True,
+        ).start()
+    engine = load_engine(checkpoint, device=devices[0], dtype=dtype)
+    init_group(0, world, engine.device, address)
+    engine.branch_group = BranchGroup(engine, 0, world)
+    return engine
+
+
+def load_parallel_pipeline(checkpoint: str, devices: list[str], dtype: str | None = None):
+    """The worker's pipeline over several devices (`strokes worker --devices cuda:0,cuda:1,...`)."""
+    from model.pipeline import Pipeline
+
+    return Pipeline(load_parallel_engine(checkpoint, devices, dtype))

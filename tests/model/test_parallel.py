@@ -83,18 +83,35 @@ def _rank_main(rank: int, world: int, address: str, device: str, out: str) -> No
         dist.destroy_process_group()
 
 
+def _leader_main(index: int, devices: list[str], out: str) -> None:
+    """The worker's factory path: the leader spawns its followers and joins them."""
+    from model.parallel import load_parallel_engine
+
+    torch.set_num_threads(1)
+    engine = load_parallel_engine(str(TINY), devices, "float32")
+    try:
+        torch.save({"edit": _edit_image(engine), "job": _job(engine)}, out)
+    finally:
+        engine.branch_group.shutdown()
+        dist.destroy_process_group()
+
+
 def _single_process(device: str):
     torch.set_num_threads(1)
     engine = load_engine(TINY, device=device, dtype="float32", batch_branches=False)
     return {"edit": _edit_image(engine), "job": _job(engine)}
 
 
-def _check(world: int, device: str, tmp_path) -> None:
+def _check(world: int, device: str, tmp_path, factory: bool = False) -> None:
     out = tmp_path / "rank0.pt"
-    address = f"127.0.0.1:{_free_port()}"
-    mp.start_processes(
-        _rank_main, args=(world, address, device, str(out)), nprocs=world, start_method="spawn"
-    )
+    if factory:
+        devices = [device.format(rank=r) for r in range(world)]
+        mp.start_processes(_leader_main, args=(devices, str(out)), nprocs=1, start_method="spawn")
+    else:
+        address = f"127.0.0.1:{_free_port()}"
+        mp.start_processes(
+            _rank_main, args=(world, address, device, str(out)), nprocs=world, start_method="spawn"
+        )
     parallel = torch.load(out, weights_only=False)
     single = _single_process(device.format(rank=0))
     latent, pixels, forwards = parallel["edit"]
@@ -110,6 +127,19 @@ def _check(world: int, device: str, tmp_path) -> None:
 def test_branches_on_gloo_processes_equal_the_sequential_single_process_images(world, tmp_path):
     """3 processes: one branch each; 2 processes: the leader also runs the third branch."""
     _check(world, "cpu", tmp_path)
+
+
+def test_the_workers_factory_spawns_its_followers_and_gives_the_same_images(tmp_path):
+    """load_parallel_engine (what `strokes worker --devices` calls) with three CPU processes."""
+    _check(3, "cpu", tmp_path, factory=True)
+
+
+def test_a_gpu_listed_twice_is_refused_before_any_process_starts():
+    from model.config import CheckpointError
+    from model.parallel import load_parallel_engine
+
+    with pytest.raises(CheckpointError, match="twice"):
+        load_parallel_engine(str(TINY), ["cuda:0", "cuda:0"])
 
 
 @pytest.mark.gpu
