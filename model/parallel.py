@@ -61,6 +61,11 @@ class BranchGroup:
         self.rooms: dict[int, Prefix] = {}  # branch -> room, the branches this rank runs
         self.slots = 0  # branches per rank in this image
         self.grid: tuple[int, int] = (0, 0)
+        self.pos: torch.Tensor | None = None  # (N,) latent position ids of this image, on the device
+
+    def _set_grid(self, h: int, w: int, branches: int) -> None:
+        self.grid, self.slots = (h, w), math.ceil(branches / self.world)
+        self.pos = latent_position_ids(h, w, self.engine.cfg.max_latent_size).to(self.device)  # once
 
     # ---- both sides --------------------------------------------------------------------------
     def _header(self, *values: int) -> list[int]:
@@ -68,7 +73,7 @@ class BranchGroup:
         for i, value in enumerate(values):  # fills on the device: no host-to-device copy to wait on
             header[i] = value
         dist.broadcast(header, src=0)
-        return header.tolist()
+        return header.tolist() if self.rank else list(values)  # the leader never waits for the GPU
 
     def _velocity(self, room: Prefix, block: torch.Tensor) -> torch.Tensor:
         """One branch's velocity (N, P), as the single-device path computes it."""
@@ -78,9 +83,7 @@ class BranchGroup:
     def _run(self, x: torch.Tensor, t: torch.Tensor, count: int) -> list[torch.Tensor] | None:
         """Run this rank's branches among the first `count` and gather every branch (on the leader)."""
         engine = self.engine
-        h, w = self.grid
-        pos = latent_position_ids(h, w, engine.cfg.max_latent_size).to(self.device)
-        block = engine._image_block(engine.model.embed_latents(x, t, pos))  # (1, N+2, E)
+        block = engine._image_block(engine.model.embed_latents(x, t, self.pos))  # (1, N+2, E)
         mine = torch.zeros(self.slots, x.shape[0], x.shape[1], device=self.device)  # (S, N, P)
         for branch in range(self.rank, count, self.world):
             mine[branch // self.world] = self._velocity(self.rooms[branch], block).float()
@@ -91,7 +94,7 @@ class BranchGroup:
     # ---- the leader ----------------------------------------------------------------------------
     def start_image(self, contexts: list[Context], tokens: int, h: int, w: int) -> None:
         """Send every follower the contexts of its branches; keep a room for the leader's own."""
-        self.grid, self.slots = (h, w), math.ceil(len(contexts) / self.world)
+        self._set_grid(h, w, len(contexts))
         self._header(IMAGE, len(contexts), tokens, h, w)
         for branch, ctx in enumerate(contexts):
             owner = branch % self.world
@@ -153,7 +156,7 @@ class BranchGroup:
         while True:
             cmd, a, b, c, d, _ = self._header()
             if cmd == IMAGE:
-                self.grid, self.slots = (c, d), math.ceil(a / self.world)
+                self._set_grid(c, d, a)
                 self._receive_contexts(a, b)
             elif cmd == STEP:
                 h, w = self.grid
