@@ -8,8 +8,11 @@ A context is a `KVCache` (appendable) or a `Prefix` of one (read-only). Layouts 
 reference exactly (BAGEL.md 2.3-4.3): a text is T(x) = <|im_start|> x <|im_end|> at consecutive
 positions; an image block is <|vision_start|> tokens <|vision_end|>, every token at the context's
 current position, which then advances by one. Generation reads up to three contexts (cond,
-text-unconditional, image-unconditional) and never writes them; its branches run batched in one
-forward by default (`batch_branches`), or one after another like the reference.
+text-unconditional, image-unconditional) and never commits to them (each step's block goes into
+room after each context, `branch_rooms`); its branches run batched in one forward by default
+(`batch_branches`), one after another like the reference, or one per device (`branch_group`,
+model/parallel.py). Text decodes through the static decoder on GPU (CUDA graphs per length
+bucket, kept across a job's stages). No step of the denoising loop waits for the GPU.
 
 Randomness is explicit: every draw comes from a caller's CPU `torch.Generator` in the reference's
 order (VAE posterior noise, then initial latent noise), or the caller passes the tensors; so one

@@ -38,13 +38,14 @@ from model.transforms import latent_position_ids
 IMAGE, STEP, END, SHUTDOWN = 1, 2, 3, 4
 
 
-def init_group(rank: int, world: int, device: torch.device, address: str, timeout_s: float = 3600) -> None:
-    """Join the process group: NCCL when the devices are GPUs, gloo on the CPU."""
+def init_group(rank: int, world: int, device: torch.device, rendezvous: str, timeout_s: float = 3600) -> None:
+    """Join the process group: NCCL when the devices are GPUs, gloo on the CPU. `rendezvous` is a
+    file path all ranks can reach (one machine: no port to pick, none to race for)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(
         backend,
-        init_method=f"tcp://{address}",
+        init_method=f"file://{rendezvous}",
         rank=rank,
         world_size=world,
         timeout=timedelta(seconds=timeout_s),
@@ -175,15 +176,9 @@ class BranchGroup:
 # ---- several devices in one worker --------------------------------------------------------------
 
 
-def _free_address() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
-def _follower(checkpoint: str, device: str, dtype: str | None, rank: int, world: int, address: str) -> None:
+def _follower(
+    checkpoint: str, device: str, dtype: str | None, rank: int, world: int, rendezvous: str
+) -> None:
     """A follower process: the model on its device, serving branches until the leader shuts down.
     It also ends when the worker that spawned it dies (even by SIGKILL, which skips the
     multiprocessing clean-up of daemonic children): otherwise it would wait in a collective."""
@@ -203,7 +198,7 @@ def _follower(checkpoint: str, device: str, dtype: str | None, rank: int, world:
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
 
     engine = load_engine(checkpoint, device=device, dtype=dtype)
-    init_group(rank, world, engine.device, address)
+    init_group(rank, world, engine.device, rendezvous)
     try:
         BranchGroup(engine, rank, world).serve()
     finally:
@@ -223,17 +218,20 @@ def load_parallel_engine(checkpoint: str, devices: list[str], dtype: str | None 
         raise CheckpointError(f"--devices lists a GPU twice: {','.join(devices)}")
     for device in devices:
         prepare_device(device)  # fail fast on a missing device, before any process starts
-    world, address = len(devices), _free_address()
+    import tempfile
+
+    world = len(devices)
+    rendezvous = f"{tempfile.mkdtemp(prefix='strokes-branches-')}/rendezvous"  # fresh: never reused
     spawn = multiprocessing.get_context("spawn")
     for rank, device in enumerate(devices[1:], start=1):
         spawn.Process(
             target=_follower,
-            args=(str(checkpoint), device, dtype, rank, world, address),
+            args=(str(checkpoint), device, dtype, rank, world, rendezvous),
             name=f"strokes-branches-{device}",
             daemon=True,
         ).start()
     engine = load_engine(checkpoint, device=devices[0], dtype=dtype)
-    init_group(0, world, engine.device, address)
+    init_group(0, world, engine.device, rendezvous)
     engine.branch_group = BranchGroup(engine, 0, world)
     return engine
 

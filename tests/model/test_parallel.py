@@ -3,8 +3,6 @@ equal to one process running the branches one after another; NCCL when two GPUs 
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -29,12 +27,6 @@ PARAMS = GenerationParams(
     draft=ImageSettings(steps=4),
     refine=ImageSettings(steps=4, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0)),
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _edit_image(engine):
@@ -64,12 +56,12 @@ def _job(engine):
     return [ev.pixels for ev in events if isinstance(ev, ImageCompleted)]
 
 
-def _rank_main(rank: int, world: int, address: str, device: str, out: str) -> None:
+def _rank_main(rank: int, world: int, rendezvous: str, device: str, out: str) -> None:
     from model.parallel import BranchGroup, init_group
 
     torch.set_num_threads(1)
     engine = load_engine(TINY, device=device.format(rank=rank), dtype="float32")
-    init_group(rank, world, engine.device, address, timeout_s=120)
+    init_group(rank, world, engine.device, rendezvous, timeout_s=120)
     group = BranchGroup(engine, rank, world)
     try:
         if rank:
@@ -108,9 +100,9 @@ def _check(world: int, device: str, tmp_path, factory: bool = False) -> None:
         devices = [device.format(rank=r) for r in range(world)]
         mp.start_processes(_leader_main, args=(devices, str(out)), nprocs=1, start_method="spawn")
     else:
-        address = f"127.0.0.1:{_free_port()}"
+        rendezvous = str(tmp_path / "rendezvous")
         mp.start_processes(
-            _rank_main, args=(world, address, device, str(out)), nprocs=world, start_method="spawn"
+            _rank_main, args=(world, rendezvous, device, str(out)), nprocs=world, start_method="spawn"
         )
     parallel = torch.load(out, weights_only=False)
     single = _single_process(device.format(rank=0))
