@@ -39,23 +39,28 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     """The same semantics through torch's scaled_dot_product_attention (flash / efficient kernels).
 
-    Square causal blocks and non-causal blocks need no mask, so on CUDA they run the flash kernel;
-    a single decoded token sees everything; only a causal prefill after a cache needs an explicit
-    bottom-right mask.
+    Every kernel it picks computes the scores and the softmax in float32 for bf16/fp16 inputs (flash
+    and memory-efficient accumulate in float32; the math fallback upcasts unless
+    `allow_fp16_bf16_reduction_math_sdp` is turned on, which nothing here does).
+
+    Square causal blocks and non-causal blocks need no mask, so on CUDA they run the flash kernel
+    with grouped heads (`enable_gqa`, no copy of keys or values); a single decoded token sees
+    everything; only a causal prefill after a cache needs an explicit bottom-right mask. Masked
+    kernels do not take `enable_gqa`, so there the query heads of a group are folded into the
+    query axis (a reshape of q, and the (Tq, Tk) mask repeated per head) instead of repeating the
+    keys and values H/G times.
     """
-    tq, tk = q.shape[2], k.shape[2]
-    mask, is_causal = None, False
-    if causal and tq > 1:
-        if tq == tk:
-            is_causal = True
-        else:
-            mask = causal_mask(tq, tk, q.device)
-    gqa = q.shape[1] != k.shape[1]
-    if gqa and mask is not None:  # the memory-efficient kernel takes masks but not enable_gqa
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        gqa = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    b, h, tq, d = q.shape
+    g, tk = k.shape[1], k.shape[2]
+    if causal and tq > 1 and tq != tk:
+        mask = causal_mask(tq, tk, q.device)  # (Tq, Tk)
+        if h == g:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # query head gi*(H/G) + j of query i -> row j*Tq + i of group gi: (B, G, H/G*Tq, D)
+        qg = q.reshape(b, g, (h // g) * tq, d)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(h // g, 1))
+        return out.view(b, h, tq, d)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal and tq > 1, enable_gqa=h != g)
 
 
 IMPLEMENTATIONS = {"reference": attention_reference, "sdpa": attention_sdpa}

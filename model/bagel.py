@@ -109,9 +109,13 @@ class Bagel(nn.Module):
         _, connected = self.vit_features(patches, position_ids)
         return connected + self.vit_pos_embed(position_ids).to(connected.dtype)  # (N, E)
 
-    def embed_latents(self, x: torch.Tensor, t: float, position_ids: torch.Tensor) -> torch.Tensor:
-        """x (N, P) packed latent tokens at flow time t -> (N, E)."""
-        te = self.time_embedder(torch.full((1,), t, device=x.device))  # (1, E), broadcast over N
+    def embed_latents(
+        self, x: torch.Tensor, t: float | torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """x (N, P) packed latent tokens at flow time t (a float, or a (1,) tensor on x's device) -> (N, E)."""
+        if not isinstance(t, torch.Tensor):
+            t = torch.full((1,), t, device=x.device)  # a fill kernel, not a host-to-device copy
+        te = self.time_embedder(t)  # (1, E), broadcast over N
         return self.vae2llm(x.to(self.dtype)) + te + self.latent_pos_embed(position_ids).to(te.dtype)
 
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:

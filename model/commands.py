@@ -66,7 +66,7 @@ def _conformance(args: argparse.Namespace) -> int:
     device, why = devices.resolve(args.device)
     print(f"device {device} ({why})", file=sys.stderr)
     started = time.perf_counter()
-    lines, ok = run_golden(args.golden_dir, device=device, attn_impl=args.attn)
+    lines, ok = run_golden(args.golden_dir, device=device, attn_impl=args.attn, dtype=args.dtype)
     for line in lines:
         print(line)
     print(f"{'all cases pass' if ok else 'SOME CASES FAIL'} ({time.perf_counter() - started:.1f} s)")
@@ -166,6 +166,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("golden_dir", help="a folder with tiny_ckpt/ and cases/")
     p.add_argument("--device", default=devices.default(), help=devices.HELP)
     p.add_argument("--attn", choices=["sdpa", "reference"], default="sdpa", help="attention implementation")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="float32: conformance; bfloat16: the fast path within the bf16 bounds (docs/gpu.md)",
+    )
     p.set_defaults(func=_user_errors(_conformance))
 
     p = sub.add_parser("generate", help="run a process-driven generation in-process and save its images")

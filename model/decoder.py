@@ -21,7 +21,7 @@ from torch import nn
 
 from model.attention import IMPLEMENTATIONS
 from model.config import LLMConfig
-from model.kv_cache import Context, KVCache
+from model.kv_cache import Context
 
 Gen = slice | None  # the block's tokens that use the generation expert; None: all understanding
 
@@ -163,29 +163,29 @@ class LanguageModel(nn.Module):
         *,
         gen: Gen = None,
         causal: bool = False,
-        write: bool = False,
     ) -> torch.Tensor:
         """Run one block of embeddings x (B, T, E) after each branch's context; final-normed (B, T, E).
 
-        Row b of x attends to contexts[b] (its keys and values are read from the cache) plus the
-        block itself. Positions: text blocks (causal) take consecutive positions from the context's
-        rope; image blocks (non-causal) put every token at the context's rope. With `write`
-        (one branch, a KVCache), the block's keys and values are stored after the cache's
-        committed tokens and the caller commits them with `advance`.
+        Row b of x attends to contexts[b] plus the block itself. Each row's keys and values are
+        written into its cache right after the context (which must end where its cache ends and
+        have room for T more: `KVCache.reserve`, or `branch_rooms` for guidance branches), then
+        attention reads the cache's first length + T slots as a view: no concatenation, no copy.
+        The caller commits the block with `advance`, or leaves it as uncommitted scratch.
+        Positions: text blocks (causal) take consecutive positions from the context's rope; image
+        blocks (non-causal) put every token at the context's rope.
         """
         b, t, _ = x.shape
         assert len(contexts) == b, "one context per batch row"
         for ctx in contexts:
-            assert ctx.length <= ctx.cache.length, "a prefix outlived a truncation of its cache"
+            assert ctx.length == ctx.cache.length, "a block must follow its cache's committed end"
+            assert ctx.length + t <= ctx.cache.capacity, "no room after the context: reserve first"
+        assert len({id(ctx.cache) for ctx in contexts}) == b, "two rows cannot write into one cache"
         offsets = (
             torch.arange(t, device=x.device) if causal else torch.zeros(t, dtype=torch.long, device=x.device)
         )
-        ropes = torch.tensor([ctx.rope for ctx in contexts], device=x.device)
-        positions = ropes[:, None] + offsets[None, :]  # (B, T)
+        # Python ints added on the device: no host-to-device copy (which would block) per forward.
+        positions = torch.stack([offsets + ctx.rope for ctx in contexts])  # (B, T)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        if write:
-            assert b == 1 and isinstance(contexts[0], KVCache), "only a single KVCache can be written"
-            contexts[0].reserve(t)
         kernel = IMPLEMENTATIONS[self.attn_impl]
 
         for index, layer in enumerate(self.model.layers):
@@ -194,16 +194,10 @@ class LanguageModel(nn.Module):
                 outs = []
                 for row, ctx in enumerate(contexts):
                     cache, n = ctx.cache, ctx.length
-                    if write:
-                        cache.write(index, n, k[row], v[row])
-                        keys, values = cache.keys(index, n + t), cache.values(index, n + t)  # (G, n+T, D)
-                    elif n == 0:
-                        keys, values = k[row], v[row]  # (G, T, D)
-                    else:
-                        keys = torch.cat([cache.keys(index, n), k[row]], dim=1)  # (G, n+T, D)
-                        values = torch.cat([cache.values(index, n), v[row]], dim=1)
+                    cache.write(index, n, k[row], v[row])
+                    keys, values = cache.keys(index, n + t), cache.values(index, n + t)  # (G, n+T, D)
                     outs.append(kernel(q[row : row + 1], keys[None], values[None], causal))
-                return torch.cat(outs, dim=0)  # (B, H, T, D)
+                return outs[0] if b == 1 else torch.cat(outs, dim=0)  # (B, H, T, D)
 
             x = layer(x, cos, sin, gen, attend)
         return route(x, gen, self.model.norm, self.model.norm_moe_gen)

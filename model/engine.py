@@ -8,8 +8,11 @@ A context is a `KVCache` (appendable) or a `Prefix` of one (read-only). Layouts 
 reference exactly (BAGEL.md 2.3-4.3): a text is T(x) = <|im_start|> x <|im_end|> at consecutive
 positions; an image block is <|vision_start|> tokens <|vision_end|>, every token at the context's
 current position, which then advances by one. Generation reads up to three contexts (cond,
-text-unconditional, image-unconditional) and never writes them; its branches run batched in one
-forward by default (`batch_branches`), or one after another like the reference.
+text-unconditional, image-unconditional) and never commits to them (each step's block goes into
+room after each context, `branch_rooms`); its branches run batched in one forward by default
+(`batch_branches`), one after another like the reference, or one per device (`branch_group`,
+model/parallel.py). Text decodes through the static decoder on GPU (CUDA graphs per length
+bucket, kept across a job's stages). No step of the denoising loop waits for the GPU.
 
 Randomness is explicit: every draw comes from a caller's CPU `torch.Generator` in the reference's
 order (VAE posterior noise, then initial latent noise), or the caller passes the tensors; so one
@@ -27,7 +30,7 @@ from PIL import Image
 
 from model.bagel import Bagel
 from model.config import BagelConfig
-from model.kv_cache import Context, KVCache
+from model.kv_cache import Context, KVCache, branch_rooms
 from model.params import ImageSettings
 from model.sampler import combine_guidance, euler_step, guidance_scales, sample_token, timestep_schedule
 from model.static_decode import StaticDecoder
@@ -109,8 +112,14 @@ class Engine:
         self.cfg: BagelConfig = model.cfg
         self.batch_branches = batch_branches
         self.vae_dtype = vae_dtype
-        # Decode with static shapes (a CUDA graph per text stage) on GPU; eager elsewhere.
+        # Decode with static shapes on GPU (CUDA graphs per length bucket, kept for the job's cache
+        # across its text stages); eager elsewhere. Tests turn it on on the CPU (no graphs there).
         self.static_decode = model.device.type == "cuda"
+        self.use_graphs = True
+        self._decoder: StaticDecoder | None = None
+        self._markers: torch.Tensor | None = None  # (2,) <|vision_start|>, <|vision_end|> ids on the device
+        # Several devices (model/parallel.py): None, or a group that runs one branch per rank.
+        self.branch_group = None
 
     @property
     def device(self) -> torch.device:
@@ -136,7 +145,8 @@ class Engine:
     def append_ids(self, cache: KVCache, ids: list[int]) -> torch.Tensor:
         """Prefill token ids (causal) after the cache; returns the last position's logits (V,)."""
         x = self.model.embed_tokens(torch.tensor(ids, device=self.device))[None]  # (1, T, E)
-        hidden = self.model.language_model.forward_block(x, [cache], causal=True, write=True)
+        cache.reserve(len(ids))
+        hidden = self.model.language_model.forward_block(x, [cache], causal=True)
         cache.advance(len(ids), len(ids))
         return self.model.logits(hidden[0, -1])
 
@@ -161,10 +171,11 @@ class Engine:
 
     def _image_block(self, inner: torch.Tensor) -> torch.Tensor:
         """inner (N, E) -> (1, N + 2, E) with the <|vision_start|> / <|vision_end|> embeddings."""
-        tok = self.tokenizer
-        markers = self.model.embed_tokens(
-            torch.tensor([tok.start_of_image, tok.end_of_image], device=self.device)
-        )
+        if self._markers is None:  # once: a host-to-device copy per denoising step would block
+            tok = self.tokenizer
+            with torch.inference_mode(False):  # a plain tensor: usable in and out of inference mode
+                self._markers = torch.tensor([tok.start_of_image, tok.end_of_image], device=self.device)
+        markers = self.model.embed_tokens(self._markers)  # (2, E)
         return torch.cat([markers[:1], inner.to(markers.dtype), markers[1:]])[None]
 
     @torch.inference_mode()
@@ -199,7 +210,8 @@ class Engine:
         ).to(self.device)  # (N, P)
         pos = latent_position_ids(h, w, cfg.max_latent_size).to(self.device)
         block = self._image_block(self.model.embed_latents(latent, 0.0, pos))  # (1, N+2, E)
-        self.model.language_model.forward_block(block, [cache], gen=slice(1, block.shape[1] - 1), write=True)
+        cache.reserve(block.shape[1])
+        self.model.language_model.forward_block(block, [cache], gen=slice(1, block.shape[1] - 1))
         cache.advance(block.shape[1], 1)
         return VaeAppend(block.shape[1], x, latent, noise)
 
@@ -216,7 +228,8 @@ class Engine:
         vit_out, connected = self.model.vit_features(patches, pos)
         inner = connected + self.model.vit_pos_embed(pos).to(connected.dtype)  # (M, E)
         block = self._image_block(inner)
-        self.model.language_model.forward_block(block, [cache], write=True)
+        cache.reserve(block.shape[1])
+        self.model.language_model.forward_block(block, [cache])
         cache.advance(block.shape[1], 1)
         return VitAppend(block.shape[1], patches, vit_out, connected)
 
@@ -227,11 +240,16 @@ class Engine:
     # ---- text decoding ------------------------------------------------------------------------
     def decode_stepper(self, cache: KVCache, tokens: int) -> Callable[[int], torch.Tensor]:
         """A function feeding one token at the cache's end and returning the next logits (V,);
-        room for `tokens` steps is reserved first so the static decoder's storage stays put."""
+        room for `tokens` steps is reserved first so the static decoder's storage stays put. The
+        static decoder (and its graphs) is reused while the cache keeps its storage: across the
+        text stages of a job whose caches were sized from its budget."""
         cache.reserve(tokens)
-        if self.static_decode:
-            return StaticDecoder(self.model, cache, use_graph=True).step
-        return lambda token: self.append_ids(cache, [token])
+        if not self.static_decode:
+            return lambda token: self.append_ids(cache, [token])
+        if self._decoder is None or not self._decoder.bound_to(cache):
+            self._decoder = None  # drop the old graphs before capturing new ones
+            self._decoder = StaticDecoder(self.model, cache, use_graph=self.use_graphs)
+        return self._decoder.step
 
     def decode_text(
         self,
@@ -413,7 +431,8 @@ class ImageGeneration:
         self.forwards = 0  # branch forwards run
 
     def _velocities(self, block: torch.Tensor, branches: list[Context]) -> list[torch.Tensor]:
-        """One (N, P) prediction per branch context, batched in one forward or run one by one."""
+        """One (N, P) prediction per branch context, batched in one forward or one after another
+        like the reference (several devices: `BranchGroup.step` instead)."""
         lm, model = self.engine.model.language_model, self.engine.model
         gen = slice(1, block.shape[1] - 1)
         if self.engine.batch_branches:
@@ -422,6 +441,15 @@ class ImageGeneration:
             return list(v.unbind(0))
         return [model.velocity(lm.forward_block(block, [ctx], gen=gen)[0, gen]) for ctx in branches]
 
+    def _branch_counts(self, ts: torch.Tensor) -> list[int]:
+        """How many branches each step runs (decided on the CPU copy of the schedule)."""
+        s, same = self.settings, self.contexts[2] is self.contexts[0]
+        counts = []
+        for t in ts:
+            text_scale, img_scale = guidance_scales(t, s.cfg_text_scale, s.cfg_img_scale, s.cfg_interval)
+            counts.append(1 if text_scale <= 1.0 else 3 if img_scale > 1.0 and not same else 2)
+        return counts
+
     @torch.inference_mode()
     def __iter__(self) -> Iterator[FlowStep]:
         engine, s = self.engine, self.settings
@@ -429,20 +457,38 @@ class ImageGeneration:
         device = engine.device
         pos = latent_position_ids(self.h, self.w, engine.cfg.max_latent_size).to(device)
         x = self.noise.to(device, torch.float32)  # (N, P), the ODE state stays float32
-        ts, dts = timestep_schedule(s.steps, s.timestep_shift)
+        ts, dts = timestep_schedule(s.steps, s.timestep_shift)  # CPU: decisions and event values
+        ts_dev, dts_dev = ts.to(device), dts.to(device)  # copied once, not once per step
+        counts = self._branch_counts(ts)
+        # Each branch reads its context plus room for the block, set up once for the whole image
+        # (several devices: on the rank that runs the branch).
+        contexts, room = [cond, text_uncond, img_uncond][: max(counts)], self.h * self.w + 2
+        group = engine.branch_group
+        if group is None:
+            rooms = branch_rooms(contexts, room)
+        else:
+            group.start_image(contexts, room, self.h, self.w)
+        try:
+            yield from self._denoise(x, pos, ts, ts_dev, dts_dev, counts, rooms if group is None else None)
+        finally:
+            if group is not None:
+                group.end_image()
+
+    def _denoise(self, x, pos, ts, ts_dev, dts_dev, counts, rooms) -> Iterator[FlowStep]:
+        engine, s, group = self.engine, self.settings, self.engine.branch_group
         for i in range(len(ts)):
             if self.should_cancel():
                 raise Cancelled
             t = ts[i]
             text_scale, img_scale = guidance_scales(t, s.cfg_text_scale, s.cfg_img_scale, s.cfg_interval)
-            branches = [cond]
-            if text_scale > 1.0:
-                branches.append(text_uncond)
-                if img_scale > 1.0 and img_uncond is not cond:
-                    branches.append(img_uncond)
-            block = engine._image_block(engine.model.embed_latents(x, float(t), pos))  # (1, N+2, E)
-            v_all = self._velocities(block, branches)
-            self.forwards += len(branches)
+            if group is not None:
+                v_all = group.step(x, ts_dev[i : i + 1], counts[i])
+            else:
+                block = engine._image_block(
+                    engine.model.embed_latents(x, ts_dev[i : i + 1], pos)
+                )  # (1, N+2, E)
+                v_all = self._velocities(block, rooms[: counts[i]])
+            self.forwards += counts[i]
             c = v_all[0].float()
             ut = v_all[1].float() if text_scale > 1.0 else None
             ui = (v_all[2].float() if len(v_all) > 2 else c) if text_scale > 1.0 and img_scale > 1.0 else None
@@ -451,8 +497,8 @@ class ImageGeneration:
             if self.trace:
                 step.x_t, step.v_cond, step.v_text_uncond, step.v_img_uncond, step.v = x, c, ut, ui, v
             if self.preview_every and (i + 1) % self.preview_every == 0 and i + 1 < len(ts):
-                step.preview = self._preview(x - t.to(device) * v)  # x0 = x_t - t v
-            x = euler_step(x, v, dts[i].to(device))
+                step.preview = self._preview(x - ts_dev[i] * v)  # x0 = x_t - t v (the event needs it)
+            x = euler_step(x, v, dts_dev[i])
             yield step
         self.latent = x
         self.pixels = engine.decode_latent(x, self.height, self.width)

@@ -4,11 +4,19 @@ Shapes: L=layers, G=kv heads, C=capacity (tokens), D=head_dim, T=tokens.
 
 One `KVCache` holds the keys and values of one growing context (keys stored after k_norm and
 RoPE, as the reference stores them) and the next RoPE position. Appending writes into spare
-capacity; when it runs out the storage doubles, so appends are amortised O(1) per token instead of
-the reference's O(n) reallocation per call. A `Prefix` is a read-only view of a cache's first
+capacity. A job sizes its caches once from its budget (model/budget.py), so the storage never moves
+mid-job (a CUDA graph of the decode stays bound to it); if a budget was short the storage doubles,
+still amortised O(1) per token instead of the reference's O(n) reallocation per call
+(`reallocations` counts it). A `Prefix` is a read-only view of a cache's first
 tokens: BAGEL's text-unconditional context is always a prefix of the conditional one (the
 conditional context only ever appends), so it is a `Prefix` of the same memory, not a copy.
 `fork()` copies a context when two futures must diverge.
+
+A forward writes its block's keys and values right after each context (model/decoder.py), so a
+context read by a forward must end where its cache ends. `branch_rooms` gives each guidance
+branch such a context once per image: a branch that ends at its cache's end writes into the
+cache's spare room (uncommitted, so nothing changes); a prefix of a cache another branch uses is
+copied once, so no step copies a whole cache.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ class KVCache:
         self.v = torch.zeros_like(self.k)  # (L, G, C, D)
         self.length = 0  # tokens written and committed
         self.rope = 0  # RoPE position of the next token
+        self.reallocations = 0  # times `reserve` had to grow the storage (0 in a well-sized job)
 
     @property
     def capacity(self) -> int:
@@ -57,6 +66,7 @@ class KVCache:
         grown_k[:, :, : self.length] = self.k[:, :, : self.length]
         grown_v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = grown_k, grown_v
+        self.reallocations += 1
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one layer's new keys/values (G, T, D) at [start, start + T). `reserve` first."""
@@ -92,6 +102,7 @@ class KVCache:
         other.k = self.k[:, :, : max(self.length, 1)].clone()
         other.v = self.v[:, :, : max(self.length, 1)].clone()
         other.length, other.rope = self.length, self.rope
+        other.reallocations = 0
         return other
 
     def nbytes(self) -> int:
@@ -114,3 +125,33 @@ class Prefix:
 
 
 Context = KVCache | Prefix  # anything a generation branch can read: .cache, .length, .rope
+
+
+def branch_rooms(contexts: list[Context], tokens: int) -> list[Prefix]:
+    """For each context a Prefix with `tokens` free slots right after it, private to that branch.
+
+    The first branch on a cache that ends at the cache's end uses the cache's own spare room (the
+    block is written there and never committed). Any other branch (a prefix that stops earlier, or
+    a second branch on the same cache) reads a copy of its tokens, made once here.
+    """
+    rooms, claimed = [], set()
+    for ctx in contexts:
+        cache = ctx.cache
+        if id(cache) not in claimed and ctx.length == cache.length:
+            claimed.add(id(cache))
+            cache.reserve(tokens)
+            rooms.append(Prefix(cache, ctx.length, ctx.rope))
+            continue
+        n = ctx.length
+        copy = KVCache(
+            *cache.k.shape[:2],
+            cache.k.shape[3],
+            capacity=n + tokens,
+            dtype=cache.k.dtype,
+            device=cache.k.device,
+        )
+        copy.k[:, :, :n] = cache.k[:, :, :n]
+        copy.v[:, :, :n] = cache.v[:, :, :n]
+        copy.advance(n, ctx.rope)
+        rooms.append(Prefix(copy, n, ctx.rope))
+    return rooms

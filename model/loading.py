@@ -99,6 +99,29 @@ def build_model(cfg: BagelConfig, attn_impl: str = "sdpa") -> tuple[Bagel, AutoE
         return Bagel(cfg, attn_impl), AutoEncoder(cfg.vae)
 
 
+def prepare_device(device: str | torch.device) -> torch.device:
+    """The torch.device for `device`, made the calling thread's current CUDA device when it is one.
+
+    CUDA objects created without an explicit device (streams, graphs, cuBLAS handles, memory
+    statistics, a bare `.cuda()`) bind to the current device, which is cuda:0 unless set: a worker
+    on cuda:1 would capture its graphs on the wrong GPU. The engine names its device everywhere it
+    can; this covers what torch and libraries create implicitly. Call it on the thread that runs
+    the model (the worker's torch thread loads and runs on the same one).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"device {device} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise CheckpointError(
+                f"device {device} requested but only {torch.cuda.device_count()} GPUs exist"
+            )
+        torch.cuda.set_device(dev)
+    return dev
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -114,9 +137,7 @@ def load_engine(
     """Load the checkpoint folder (or hub repo id) onto `device`. dtype defaults to bf16 on CUDA,
     float32 on CPU; the VAE always runs in float32 (as the reference runs it)."""
     folder = resolve_checkpoint(checkpoint)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device} requested but CUDA is not available")
+    dev = prepare_device(device)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(dev))
     started = time.perf_counter()
     cfg = load_config(folder)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from model.budget import Budget, job_budget
 from model.engine import Cancelled, Engine, ShouldCancel
 from model.events import (
     Done,
@@ -75,16 +76,18 @@ class _Item:
 class Contexts:
     """The three guidance contexts of one generation, filled with the official discipline."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, budget: Budget | None = None):
         self.engine = engine
+        self.budget = budget  # the caches' sizes, once per job (model/budget.py); None: defaults
         self.items: list[_Item] = []
         self.prefilled = 0  # tokens run into any cache by appends (rebuilds included)
         self.last_logits: torch.Tensor | None = None  # the model's prediction after the latest text
         self._fresh()
 
     def _fresh(self) -> None:
-        self.cond = self.engine.new_cache()
-        self.img_uncond = self.engine.new_cache()
+        b = self.budget
+        self.cond = self.engine.new_cache(b.cond) if b else self.engine.new_cache()
+        self.img_uncond = self.engine.new_cache(b.img_uncond) if b else self.engine.new_cache()
         self.text_uncond = self.cond.snapshot()
 
     @property
@@ -157,7 +160,7 @@ class _Run:
         self.logits_processor, self.reuse_cache = logits_processor, reuse_cache
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(6), "little")
         self.generator = torch.Generator().manual_seed(seed)
-        self.contexts = Contexts(engine)
+        self.contexts = Contexts(engine, job_budget(engine.cfg, engine.tokenizer.segment, params))
         self.trajectory = Trajectory(params, seed)
         self.height, self.width = params.height, params.width
         self.history: list[int] = []  # every token the model chose, for logits processors

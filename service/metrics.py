@@ -112,6 +112,7 @@ class ApiMetrics:
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
+        self.devices: list[str] | None = None  # the worker's devices ("cuda:1", ...), for observe_gpu
         self.jobs = Counter("strokes_worker_jobs", "jobs ended here, by outcome", ["outcome"], registry=r)
         self.attempts = Counter("strokes_worker_attempts", "attempts started here", registry=r)
         self.takeovers = Counter(
@@ -178,14 +179,20 @@ class WorkerMetrics:
                 self.decode_rate.labels(stage).observe(generated_tokens / seconds)
 
     def observe_gpu(self) -> None:
-        """GPU memory from torch, if torch is loaded and sees a GPU (never imports it)."""
+        """GPU memory from torch, summed over the worker's own CUDA devices (`self.devices`, set by
+        the worker; default the calling thread's current one), if torch is loaded and sees a GPU
+        (never imports it). The device is named: the event loop's thread is not the thread that
+        made the model's device current."""
         import sys
 
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_available():
             return
-        self.gpu_memory.set(torch.cuda.memory_allocated())
-        self.gpu_memory_peak.set(torch.cuda.max_memory_allocated())
+        cuda = [d for d in (self.devices or [None]) if d is None or d.startswith("cuda")]
+        if not cuda:
+            return
+        self.gpu_memory.set(sum(torch.cuda.memory_allocated(d) for d in cuda))
+        self.gpu_memory_peak.set(sum(torch.cuda.max_memory_allocated(d) for d in cuda))
 
 
 class WebhookMetrics:

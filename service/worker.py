@@ -28,7 +28,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -109,10 +108,9 @@ def factory_from_path(path: str) -> PipelineFactory:
 
 
 def release_accelerator_memory() -> None:
+    # Collect the finished job's cycles, but keep the CUDA allocator's cached blocks: emptying it
+    # after every job makes the next one pay cudaMalloc again (the caches are sized per job anyway).
     gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class Publisher:
@@ -618,6 +616,11 @@ def run_worker(args) -> int:
     settings = Settings(**overrides)
     slog.setup(settings.log_level, "worker")
     metrics = WorkerMetrics()
+    from model import devices as devicelib
+
+    args.device, why = devicelib.resolve(args.device)
+    devices = args.devices.split(",") if args.devices else [args.device]  # several: model/parallel.py
+    args.device, metrics.devices = devices[0], devices
     if args.metrics_port:
         try:
             metrics.serve(args.metrics_port, args.metrics_host)
@@ -626,11 +629,14 @@ def run_worker(args) -> int:
                 "cannot serve metrics on %s:%s: %s", args.metrics_host, args.metrics_port, exc.strerror or exc
             )
             return 2
-    from model import devices
-
-    args.device, why = devices.resolve(args.device)
     name = args.name or default_name(args.device)
     factory = factory_from_path(args.pipeline) if args.pipeline else load_pipeline
+    if len(devices) > 1 and not args.pipeline:
+        from model.parallel import load_parallel_pipeline
+
+        def factory(checkpoint, device, dtype):
+            return load_parallel_pipeline(checkpoint, devices, dtype)
+
     began = time.perf_counter()
     log.info(
         "loading the model", extra={"checkpoint": str(args.checkpoint), "device": args.device, "why": why}
@@ -666,6 +672,12 @@ def register(subparsers) -> None:
         help="model folder (official BAGEL-7B-MoT layout); default $STROKES_CHECKPOINT",
     )
     p.add_argument("--device", default=devices.default(), help=devices.HELP)
+    p.add_argument(
+        "--devices",
+        default=os.environ.get("STROKES_DEVICES"),
+        help="several devices for one worker, e.g. cuda:0,cuda:1,cuda:2: guidance branches run in "
+        "parallel, one per device (overrides --device)",
+    )
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: per device)")
     p.add_argument("--redis-url", default=None, help="Redis to use (default: $STROKES_REDIS_URL)")
     p.add_argument("--name", default=None, help="consumer name, unique per worker (default host-device-pid)")

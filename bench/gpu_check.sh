@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU path's device check: one call on one H100/H200 as the device machine comes (its python3
+# has CUDA torch, transformers, safetensors, pillow, pytest; nothing is fetched or installed),
+# in under 8 minutes:
+#   1. the GPU tests: tests/model/test_gpu.py (CUDA graphs vs eager in bf16, a non-default device,
+#      golden cases in fp32 and within the bf16 bounds, no host sync in the denoising loop), the
+#      GPU path's CPU-form tests and the branch-parallel tests (NCCL where two GPUs exist);
+#   2. bench/gpu_e2e.py: the real BAGEL-7B-MoT shape with random bf16 weights: decode ms/token at
+#      1k and 8k context, 512^2 20-step and 1024^2 default text-to-image, a 1024^2 three-branch
+#      edit, one whole guided iteration at 1024^2, peak GPU memory -> bench/results/gpu_e2e.json.
+# Exit status: non-zero when a test fails (loudly, after the benchmark still ran) or the benchmark
+# fails. Logs and JSON are also copied into $OUT when it is set (the device tool's return folder).
+#
+# Usage: bench/gpu_check.sh              # on the device machine: device tool `run` with
+#                                        # command "bench/gpu_check.sh", timeout_s 540
+#        bench/gpu_check.sh --dry-run    # CPU: the same steps on a tiny model (tests/test_bench.py)
+# Env: PY (default python3), GPU_CHECK_TESTS (test paths), GPU_CHECK_RESULTS (default bench/results),
+#      GPU_CHECK_BUDGET_S (default 420: the
+#      benchmark skips what would end past it, counted from the script's start).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+TESTS=${GPU_CHECK_TESTS:-tests/model/test_gpu.py tests/model/test_gpu_path.py tests/model/test_parallel.py}
+BUDGET=${GPU_CHECK_BUDGET_S:-420}
+RESULTS=${GPU_CHECK_RESULTS:-bench/results}
+LOGS=$(mktemp -d)
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+[ $DRY = 1 ] && export OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=""
+start=$SECONDS
+status=0
+
+echo "== gpu_check: $(date -u +%FT%TZ) $($PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.device_count(), "GPUs")')"
+[ $DRY = 0 ] && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; }
+
+echo "== 1. GPU tests: $TESTS"
+# shellcheck disable=SC2086
+$PY -m pytest -c bench/gpu_pytest.ini --rootdir=. --confcutdir=tests/model -q $TESTS 2>&1 | tee "$LOGS/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+if [ "$tests_rc" -ne 0 ]; then
+  echo "!! GPU TESTS FAILED (pytest exit $tests_rc): see the log above; the benchmark still runs" >&2
+  status=1
+fi
+
+echo "== 2. BAGEL-7B-MoT shape end to end ($((SECONDS - start)) s used of the ${BUDGET} s budget)"
+if [ $DRY = 1 ]; then
+  bench_out=$RESULTS/gpu_e2e.dry-run.json
+  $PY bench/gpu_e2e.py --dry-run --out "$bench_out" > "$LOGS/gpu_e2e.json" 2> >(tee "$LOGS/gpu_e2e.log" >&2)
+else
+  bench_out=$RESULTS/gpu_e2e.json
+  $PY bench/gpu_e2e.py --budget-s $((BUDGET - (SECONDS - start))) --out "$bench_out" > "$LOGS/gpu_e2e.json" 2> >(tee "$LOGS/gpu_e2e.log" >&2)
+fi
+bench_rc=$?
+if [ "$bench_rc" -ne 0 ]; then
+  echo "!! BENCHMARK FAILED (exit $bench_rc)" >&2
+  status=1
+fi
+
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+  cp "$LOGS"/*.log "$OUT"/ 2>/dev/null
+  [ -f "$bench_out" ] && cp "$bench_out" "$OUT"/
+fi
+rm -rf "$LOGS"
+echo "== gpu_check: $([ $status = 0 ] && echo PASSED || echo FAILED) in $((SECONDS - start)) s"
+exit $status
