@@ -131,6 +131,7 @@ class StageCompleted(Event):
     width: int | None = None
     height: int | None = None
     steps: int | None = None
+    inherited: bool = False  # replayed from a fork's parent (model/fork.py), not computed anew
 
 
 @dataclass

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -46,7 +48,8 @@ from model.events import (
     TextDelta,
     Verdict,
 )
-from model.params import GenerationParams, ImageSettings, TextSettings, settings_dict
+from model.fork import IMAGE_STAGES, Fork, rng_state, set_rng_state
+from model.params import GenerationParams, ImageSettings, InvalidParams, TextSettings, settings_dict
 from model.prompts import GEN_THINK_SYSTEM_PROMPT, INTERLEAVED_PROMPT, render
 from model.sampler import sample_token
 from model.trajectory import Trajectory
@@ -70,6 +73,15 @@ class _Item:
     image: Image.Image | None = None
     resize: bool = True
     noise: torch.Tensor | None = None  # the VAE posterior draw, replayed on rebuild
+
+
+@dataclass
+class _Replayed:
+    """A recorded text standing in for a decoding during a fork's replay."""
+
+    text: str
+    stop_token: int | None
+    ids: list[int] = field(default_factory=list)  # not recorded: logits processors see live tokens
 
 
 class Contexts:
@@ -134,11 +146,16 @@ class Pipeline:
         params: GenerationParams,
         should_cancel: ShouldCancel = _never,
         logits_processor: LogitsProcessor | None = None,
+        fork: Fork | None = None,
     ) -> Iterator[Event]:
         """Yield the events of one generation. Raises `Cancelled` when should_cancel() turns True
-        (checked between tokens and between denoising steps) and `InvalidParams` on bad input."""
+        (checked between tokens and between denoising steps) and `InvalidParams` on bad input.
+
+        With `fork` (model/fork.py; `params` must be the parent's), the recorded stages are replayed
+        into the contexts (events marked `inherited`, nothing decoded or denoised) and the protocol
+        runs on live from the fork point."""
         params.validate(max_side=self.engine.cfg.max_image_side)
-        run = _Run(self.engine, params, should_cancel, logits_processor, self.reuse_cache)
+        run = _Run(self.engine, params, should_cancel, logits_processor, self.reuse_cache, fork)
         yield from run.guided() if params.protocol == "guided" else run.interleaved()
 
 
@@ -152,13 +169,19 @@ class _Run:
         should_cancel: ShouldCancel,
         logits_processor: LogitsProcessor | None,
         reuse_cache: bool,
+        fork: Fork | None = None,
     ):
         self.engine, self.params, self.should_cancel = engine, params, should_cancel
         self.logits_processor, self.reuse_cache = logits_processor, reuse_cache
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(6), "little")
         self.generator = torch.Generator().manual_seed(seed)
         self.contexts = Contexts(engine)
-        self.trajectory = Trajectory(params, seed)
+        self.trajectory = Trajectory(params, seed, parent=fork.lineage if fork else None)
+        # A fork: stage records still to replay, their images, and a follow-up still to add.
+        self.fork = fork or Fork([])
+        self.replay: deque[dict] = deque(self.fork.stages)
+        self.pending_instruction = self.fork.instruction
+        self.last_pixels: np.ndarray | None = None  # the latest image, for a follow-up
         self.height, self.width = params.height, params.width
         self.history: list[int] = []  # every token the model chose, for logits processors
         self.reported_prefill = 0
@@ -201,6 +224,24 @@ class _Run:
             return None
         return lambda ids, logits: self.logits_processor(self.history + ids, logits)
 
+    def _next_replay(self, it: int, stage: str) -> dict | None:
+        """The recorded stage to replay here, or None once the fork point is passed."""
+        if not self.replay:
+            return None
+        rec = self.replay.popleft()
+        if (rec["iteration"], rec["stage"]) != (it, stage):
+            raise InvalidParams(
+                "fork",
+                f"the parent's trajectory does not follow its parameters: it recorded "
+                f"{rec['iteration']}/{rec['stage']} where the protocol runs {it}/{stage}",
+            )
+        return rec
+
+    def _lineage_flags(self, rec: dict | None) -> dict:
+        if rec is None:
+            return {}
+        return {"inherited": True, "edited": True} if rec.get("edited") else {"inherited": True}
+
     def _text_stage(
         self,
         it: int,
@@ -212,24 +253,32 @@ class _Run:
         """Add the instruction (if any), decode the model's text, append it. Returns the decoding."""
         yield StageStarted(it, stage)
         t0, cached = self._begin()
+        rec = self._next_replay(it, stage.value)
+        if rec is not None and rec.get("instruction") != instruction:
+            raise InvalidParams("fork", f"the parent's {stage.value} instruction differs from its templates")
         if instruction is not None:
             self.contexts.add(_Item("user", instruction))
-        dec = self.engine.decode_text(
-            self.contexts.cond,
-            max_tokens=settings.max_tokens,
-            do_sample=settings.do_sample,
-            temperature=settings.temperature,
-            generator=self.generator,
-            stop_ids=stop_ids,
-            should_cancel=self.should_cancel,
-            logits_processor=self._processor(),
-            commit=False,
-        )
-        for step in dec:
-            if step.delta:
-                yield TextDelta(it, stage, step.delta)
+        if rec is not None:
+            dec = self._replayed_text(rec)
+        else:
+            dec = self.engine.decode_text(
+                self.contexts.cond,
+                max_tokens=settings.max_tokens,
+                do_sample=settings.do_sample,
+                temperature=settings.temperature,
+                generator=self.generator,
+                stop_ids=stop_ids,
+                should_cancel=self.should_cancel,
+                logits_processor=self._processor(),
+                commit=False,
+            )
+            for step in dec:
+                if step.delta:
+                    yield TextDelta(it, stage, step.delta)
         self.history += dec.ids
         self.contexts.add(_Item("generated", dec.text))
+        if rec is not None:
+            set_rng_state(self.generator, rec["rng"])
         reflection = parse_reflection(dec.text) if stage == Stage.reflect else None
         done = StageCompleted(
             it,
@@ -241,6 +290,7 @@ class _Run:
             verdict=reflection.verdict if reflection else None,
             refine_instruction=reflection.refine_instruction if reflection else None,
             generated_tokens=len(dec.ids),
+            inherited=rec is not None,
         )
         self._account(done)
         self.trajectory.add(
@@ -250,14 +300,23 @@ class _Run:
             text=dec.text,
             verdict=done.verdict.value if done.verdict else None,
             refine_instruction=done.refine_instruction,
-            tokens=len(dec.ids),
-            stop=self._stop_reason(dec.stop_token),
+            tokens=rec["tokens"] if rec else len(dec.ids),
+            stop=rec["stop"] if rec else self._stop_reason(dec.stop_token),
             seconds=done.seconds,
             prefilled_tokens=done.prefilled_tokens,
             cached_tokens=cached,
+            rng=rng_state(self.generator),
+            **self._lineage_flags(rec),
         )
         yield done
         return dec
+
+    def _replayed_text(self, rec: dict) -> _Replayed:
+        """A recorded text as a decoding. After an edited text the model chooses what follows (as
+        after a text that ended with <|im_end|>); otherwise it does what it did in the parent."""
+        tok = self.engine.tokenizer
+        stop = {"eos": tok.eos_id, "image": tok.start_of_image, "max_tokens": None}[rec["stop"]]
+        return _Replayed(rec["text"], tok.eos_id if rec.get("edited") else stop)
 
     def _stop_reason(self, token: int | None) -> str:
         if token is None:
@@ -269,23 +328,37 @@ class _Run:
         yield StageStarted(it, stage)
         t0, cached = self._begin()
         c = self.contexts
-        gen = self.engine.generate_image(
-            c.cond,
-            c.text_uncond,
-            c.img_uncond,
-            height=self.height,
-            width=self.width,
-            settings=settings,
-            generator=self.generator,
-            should_cancel=self.should_cancel,
-            preview_every=self.params.preview_every,
-        )
-        for step in gen:
-            yield ImageProgress(it, stage, step.index + 1, step.total, step.preview)
         image_id = f"it{it}-{stage.value}"
-        yield ImageCompleted(it, stage, image_id, gen.pixels, settings_dict(settings))
+        rec = self._next_replay(it, stage.value)
+        if rec is not None:
+            pixels = self.fork.images[rec["image"]]
+            if pixels.shape != (self.height, self.width, 3) or bool(rec["appended_to_context"]) != append:
+                raise InvalidParams("fork", f"the parent's image {rec['image']} does not fit its parameters")
+        else:
+            gen = self.engine.generate_image(
+                c.cond,
+                c.text_uncond,
+                c.img_uncond,
+                height=self.height,
+                width=self.width,
+                settings=settings,
+                generator=self.generator,
+                should_cancel=self.should_cancel,
+                preview_every=self.params.preview_every,
+            )
+            for step in gen:
+                yield ImageProgress(it, stage, step.index + 1, step.total, step.preview)
+            pixels = gen.pixels
+        self.last_pixels = pixels
+        yield ImageCompleted(it, stage, image_id, pixels, settings_dict(settings))
+        rng_vae = None
         if append:
-            self.contexts.add(_Item("image", image=Image.fromarray(gen.pixels), resize=False), self.generator)
+            if rec is not None:
+                set_rng_state(self.generator, rec["rng_vae"])  # replay the parent's posterior draw
+            rng_vae = rng_state(self.generator)
+            self.contexts.add(_Item("image", image=Image.fromarray(pixels), resize=False), self.generator)
+        if rec is not None:
+            set_rng_state(self.generator, rec["rng"])
         done = StageCompleted(
             it,
             stage,
@@ -296,10 +369,12 @@ class _Run:
             width=self.width,
             height=self.height,
             steps=settings.steps,
+            inherited=rec is not None,
         )
-        self.usage["denoising_steps"] += settings.steps - 1
-        self.usage["model_forwards"] += gen.forwards
-        self.usage["images"] += 1
+        if rec is None:
+            self.usage["denoising_steps"] += settings.steps - 1
+            self.usage["model_forwards"] += gen.forwards
+            self.usage["images"] += 1
         self._account(done)
         self.trajectory.add(
             iteration=it,
@@ -312,6 +387,9 @@ class _Run:
             seconds=done.seconds,
             prefilled_tokens=done.prefilled_tokens,
             cached_tokens=cached,
+            rng_vae=rng_vae,
+            rng=rng_state(self.generator),
+            **self._lineage_flags(rec),
         )
         yield done
         return image_id
@@ -325,18 +403,60 @@ class _Run:
         record = self.trajectory.to_dict(final_image_id, iterations, dict(self.usage))
         return Done(final_image_id, iterations, record["seconds"], dict(self.usage), record)
 
+    # ---- follow-ups (a fork that adds a user instruction after the final image) ----------------
+    def _follow_up_pending(self) -> bool:
+        if self.replay:
+            return self.replay[0]["stage"] == "instruction"
+        return self.pending_instruction is not None
+
+    def _follow_up(self, it: int) -> str:
+        """Put the final image in the context (where the last stage left it out) and return the new
+        instruction; recorded as an "instruction" stage so a fork of this fork replays it."""
+        rec = self.replay.popleft() if self.replay else None
+        instruction = rec["instruction"] if rec else self.pending_instruction
+        if rec is None:
+            self.pending_instruction = None
+        last = next(s for s in reversed(self.trajectory.stages) if s.get("image"))
+        rng_vae, appended = None, None
+        if not last["appended_to_context"]:
+            if rec is not None:
+                set_rng_state(self.generator, rec["rng_vae"])
+            rng_vae, appended = rng_state(self.generator), last["image"]
+            image = Image.fromarray(self.last_pixels)
+            self.contexts.add(_Item("image", image=image, resize=False), self.generator)
+        if rec is not None:
+            set_rng_state(self.generator, rec["rng"])
+        self.trajectory.add(
+            iteration=it + 1,
+            stage="instruction",
+            instruction=instruction,
+            appended_image=appended,
+            rng_vae=rng_vae,
+            rng=rng_state(self.generator),
+            **self._lineage_flags(rec),
+        )
+        return instruction
+
     # ---- the guided protocol -------------------------------------------------------------------
     def guided(self) -> Iterator[Event]:
-        p = self.params
         self._start_context()
-        final_id, it = None, 0
-        for it in range(1, p.max_iterations + 1):
-            last = it == p.max_iterations
-            plan_template = "plan_first" if it == 1 else "plan_next"
-            yield from self._text_stage(it, Stage.plan, render(plan_template, p.prompt, p.templates), p.plan)
+        final_id, it = yield from self._guided_rounds(1, self.params.prompt, "plan_first")
+        while self._follow_up_pending():
+            instruction = self._follow_up(it)
+            final_id, it = yield from self._guided_rounds(it + 1, instruction, "plan_next")
+        yield self._done(final_id, it)
+
+    def _guided_rounds(self, first: int, prompt: str, first_template: str) -> Iterator[Event]:
+        """Iterations first .. first + max_iterations - 1 toward `prompt`, until one is correct."""
+        p = self.params
+        final_id, it, end = None, first, first + p.max_iterations - 1
+        for it in range(first, end + 1):
+            last = it == end
+            plan_template = first_template if it == first else "plan_next"
+            yield from self._text_stage(it, Stage.plan, render(plan_template, prompt, p.templates), p.plan)
             final_id = yield from self._image_stage(it, Stage.draft, p.draft, append=True)
             reflection = yield from self._text_stage(
-                it, Stage.reflect, render("reflect", p.prompt, p.templates), p.reflect
+                it, Stage.reflect, render("reflect", prompt, p.templates), p.reflect
             )
             verdict = parse_reflection(reflection.text).verdict
             if verdict != Verdict.correct:
@@ -344,11 +464,24 @@ class _Run:
             yield IterationCompleted(it, verdict, final_id)
             if verdict == Verdict.correct:
                 break
-        yield self._done(final_id, it)
+        return final_id, it
 
     # ---- the interleaved protocol --------------------------------------------------------------
     def _choose(self, logits: torch.Tensor) -> int:
-        """The model's next token after a finished text (or the prompt): image, text, or the end."""
+        """The model's next token after a finished text (or the prompt): image, text, or the end.
+        While a fork replays, the parent's recorded next stage decides (its draws are restored)."""
+        tok = self.engine.tokenizer
+        if self.replay:
+            kind = self.replay[0]["stage"]
+            token = (
+                tok.start_of_image
+                if kind in IMAGE_STAGES
+                else tok.eos_id
+                if kind == "instruction"
+                else tok.bos_id
+            )
+            self.history.append(token)
+            return token
         if self.logits_processor is not None:
             logits = self.logits_processor(list(self.history), logits)
         s = self.params.plan
@@ -357,19 +490,29 @@ class _Run:
         return token
 
     def interleaved(self) -> Iterator[Event]:
-        p, tok = self.params, self.engine.tokenizer
         self._start_context()
-        self.contexts.add(_Item("user", INTERLEAVED_PROMPT.replace("{prompt}", p.prompt)))
-        it, images, last_kind = 0, 0, None
+        final_id, it = yield from self._interleaved_rounds(0, self.params.prompt)
+        while self._follow_up_pending():
+            instruction = self._follow_up(it)
+            new_id, it = yield from self._interleaved_rounds(it, instruction)
+            final_id = new_id or final_id
+        yield self._done(final_id, it)
+
+    def _interleaved_rounds(self, first: int, prompt: str) -> Iterator[Event]:
+        """The model's own loop after the user text for `prompt`, at most max_iterations plans and
+        2 * max_iterations images, iterations numbered after `first`."""
+        p, tok = self.params, self.engine.tokenizer
+        self.contexts.add(_Item("user", INTERLEAVED_PROMPT.replace("{prompt}", prompt)))
+        it, images, last_kind = first, 0, None
         final_id, verdict, refine_next = None, Verdict.unknown, False
         next_token = self._choose(self.contexts.last_logits)
         while True:
             if next_token == tok.bos_id:  # a text segment
                 stage = Stage.reflect if last_kind == "image" else Stage.plan
                 if stage == Stage.plan:
-                    if it and final_id:
+                    if it > first and final_id:
                         yield IterationCompleted(it, verdict, final_id)
-                    if it == p.max_iterations:
+                    if it == first + p.max_iterations:
                         break
                     it += 1
                 settings = p.reflect if stage == Stage.reflect else p.plan
@@ -388,7 +531,7 @@ class _Run:
             elif next_token == tok.start_of_image:  # the model asks for an image
                 if images == 2 * p.max_iterations:
                     break
-                it = max(it, 1)
+                it = max(it, first + 1)
                 stage = Stage.refine if refine_next else Stage.draft
                 final_id = yield from self._image_stage(
                     it, stage, p.refine if refine_next else p.draft, append=True
@@ -397,6 +540,6 @@ class _Run:
                 next_token = tok.bos_id  # every image is followed by its inspection
             else:  # end of sequence (or anything else): the model is done
                 break
-        if it and final_id:
+        if it > first and final_id:
             yield IterationCompleted(it, verdict, final_id)
-        yield self._done(final_id, it)
+        return final_id, it

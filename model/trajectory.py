@@ -2,7 +2,9 @@
 
 One record per stage, in order: the instruction the pipeline added (if any), the text the model
 wrote (plans, reflections) with its verdict, or the image it drew (by file name `{image_id}.png`,
-with the exact settings), plus timings and token counts. `strokes generate` writes it as
+with the exact settings), plus timings and token counts. For forks and resumes (model/fork.py) each
+stage also records the random generator's state after it (`rng`, and `rng_vae` before an image's
+VAE posterior draw); a fork's record names its `parent` and marks replayed stages `inherited`. `strokes generate` writes it as
 trajectory.json beside the images; the service stores it with the job.
 """
 
@@ -22,6 +24,7 @@ class Trajectory:
     params: GenerationParams
     seed: int
     stages: list[dict[str, Any]] = field(default_factory=list)
+    parent: dict[str, Any] | None = None  # a fork's lineage (model/fork.py): job, fork point, edit
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, **record: Any) -> dict[str, Any]:
@@ -49,6 +52,7 @@ class Trajectory:
                 "templates": dict(p.templates),
                 "starting_image": p.input_image is not None,
             },
+            "parent": self.parent,
             "stages": self.stages,
             "iterations": iterations,
             "final_image": f"{final_image_id}.png" if final_image_id else None,
