@@ -143,6 +143,22 @@ class IterationCompleted(Event):
 
 
 @dataclass
+class Paused(Event):
+    """The run stopped after a stage the caller asked to pause after (`pause_after`). `trajectory`
+    is the record so far; continuing is a fork of it at this stage (model/fork.py), with the stage's
+    text as it is or replaced. Nothing follows this event."""
+
+    name: ClassVar[str] = "paused"
+    iteration: int
+    stage: Stage
+    text: str | None
+    trajectory: dict[str, Any] = field(repr=False)
+
+    def payload(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "stage": self.stage.value, "text": self.text}
+
+
+@dataclass
 class Done(Event):
     """The generation finished. `trajectory` is the JSON record of every stage (see trajectory.py)."""
 

@@ -42,6 +42,7 @@ from model.events import (
     ImageCompleted,
     ImageProgress,
     IterationCompleted,
+    Paused,
     Stage,
     StageCompleted,
     StageStarted,
@@ -147,16 +148,24 @@ class Pipeline:
         should_cancel: ShouldCancel = _never,
         logits_processor: LogitsProcessor | None = None,
         fork: Fork | None = None,
+        pause_after: tuple[str, ...] = (),
     ) -> Iterator[Event]:
         """Yield the events of one generation. Raises `Cancelled` when should_cancel() turns True
         (checked between tokens and between denoising steps) and `InvalidParams` on bad input.
 
         With `fork` (model/fork.py; `params` must be the parent's), the recorded stages are replayed
         into the contexts (events marked `inherited`, nothing decoded or denoised) and the protocol
-        runs on live from the fork point."""
+        runs on live from the fork point. With `pause_after` (stage names: plan, reflect), the run
+        ends with a `Paused` event after the first such stage it computes (replayed ones excepted)."""
         params.validate(max_side=self.engine.cfg.max_image_side)
         run = _Run(self.engine, params, should_cancel, logits_processor, self.reuse_cache, fork)
-        yield from run.guided() if params.protocol == "guided" else run.interleaved()
+        protocol = run.guided() if params.protocol == "guided" else run.interleaved()
+        for event in protocol:
+            yield event
+            if isinstance(event, StageCompleted) and not event.inherited and event.stage.value in pause_after:
+                record = run.trajectory.to_dict(None, event.iteration, dict(run.usage))
+                yield Paused(event.iteration, event.stage, event.text, record)
+                return
 
 
 class _Run:

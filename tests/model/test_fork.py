@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.events import ImageCompleted, StageCompleted
+from model.events import ImageCompleted, Paused, StageCompleted
 from model.fork import ForkPoint, params_from_trajectory, plan_fork
 from model.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
 from model.pipeline import Pipeline
@@ -190,3 +190,32 @@ def test_a_trajectory_without_replay_records_cannot_be_forked(guided):
     with pytest.raises(InvalidParams) as err:
         plan_fork(old, ForkPoint(1, "plan"))
     assert err.value.field == "fork.job_id"
+
+
+def test_a_paused_run_continued_unchanged_equals_the_uninterrupted_run(own_engine, guided):
+    _, parent, images = guided
+    p, fork, seen = params(), None, []
+    while True:  # pause after every plan and reflection, continue each time as it is
+        events = list(Pipeline(own_engine).run(p, fork=fork, pause_after=("plan", "reflect")))
+        last = events[-1]
+        seen += [e.image_id for e in events if isinstance(e, ImageCompleted)]
+        if not isinstance(last, Paused):
+            break
+        assert last.stage.value in ("plan", "reflect") and last.text == last.trajectory["stages"][-1]["text"]
+        point = ForkPoint(last.iteration, last.stage.value)
+        loaded = {f"{e.image_id}.png": e.pixels for e in events if isinstance(e, ImageCompleted)}
+        fork = plan_fork(last.trajectory, point).load_images(loaded.__getitem__)
+    assert comparable(last.trajectory) == comparable(parent)
+    assert len(seen) > len(images)  # each resume re-emitted the images it inherited
+
+
+def test_a_pause_continued_with_an_edited_plan_draws_from_the_edit(own_engine):
+    events = list(Pipeline(own_engine).run(params(), pause_after=("plan",)))
+    paused = events[-1]
+    assert isinstance(paused, Paused) and (paused.iteration, paused.stage.value) == (1, "plan")
+    assert not any(isinstance(e, ImageCompleted) for e in events)
+    fork = plan_fork(paused.trajectory, ForkPoint(1, "plan", text="<ins>a green cube</ins>"))
+    events = list(Pipeline(own_engine).run(params(), fork=fork, pause_after=("plan",)))
+    paused = events[-1]
+    assert isinstance(paused, Paused) and (paused.iteration, paused.stage.value) == (2, "plan")
+    assert paused.trajectory["stages"][0]["text"] == "<ins>a green cube</ins>"
