@@ -37,6 +37,7 @@ from service.keys import JobStatus
 from service.metrics import ApiMetrics
 from service.schemas import ErrorResponse, GenerationRequest, Health, Job, Readiness
 from service.settings import Settings, SettingsDep, get_settings
+from service.steering import steering
 from service.store import Store, connect
 from service.wire import IMAGE_FIELD_PREFIX, IMAGE_ID
 
@@ -233,7 +234,9 @@ async def cancel_generation(
     job_id: str, response: Response, store: StoreDep, settings: SettingsDep, owner: OwnerDep
 ) -> Job:
     async def work() -> Job:
-        await jobs.find(store, job_id, owner)
+        job = await jobs.find(store, job_id, owner)
+        if job["status"] == JobStatus.paused.value and await steering(store).cancel_paused(job_id):
+            return await jobs.current_view(store, job_id)  # a paused job ends at once
         outcome, _ = await store.cancel(job_id)
         if outcome == "missing":
             raise NotFound("no such generation")
@@ -494,6 +497,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
     app.include_router(router)
+    from service.steering_api import router as steering_router  # here: it imports this module
+
+    app.include_router(steering_router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

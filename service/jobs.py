@@ -107,6 +107,8 @@ def view(job: dict[str, str], position: int | None = None) -> Job:
         timings=timings or None,
         usage=_json(job, "usage"),
         error=_json(job, "error"),
+        parent=_json(job, "parent"),
+        paused=_json(job, "paused") if status == "paused" else None,
         links=links(job["id"]),
     )
 
@@ -135,9 +137,14 @@ async def submit(
         raise InvalidRequest(
             "Idempotency-Key must be 1-255 printable ASCII characters", param="Idempotency-Key"
         )
-    record = request.job_record()
+    record, fork = request.job_record(), None
+    if request.fork is not None:  # the parent's request and context (service/steering.py)
+        fork = await asyncio.wait_for(_fork(store, owner, request), deadline_s)
+        record = {**fork.record, "pause_after": record["pause_after"], "preview_every": request.preview_every}
+    elif request.prompt is None:
+        raise InvalidRequest("prompt: required (or fork an earlier generation)", param="prompt")
     params_from_record(record, None, settings.max_side)  # GenerationParams.validate() has the last word
-    upload = None
+    upload = fork.upload if fork is not None else None
     if request.input_image is not None:
         try:
             upload = await run_in_threadpool(
@@ -148,8 +155,24 @@ async def submit(
         except imagelib.InvalidUpload as exc:
             raise InvalidImage(str(exc), param="input_image") from exc
     return await asyncio.wait_for(
-        _enqueue(store, settings, owner, request, record, idempotency_key, upload), deadline_s
+        _enqueue(store, settings, owner, request, record, idempotency_key, upload, fork), deadline_s
     )
+
+
+async def _fork(store: Store, owner: str, request: GenerationRequest):
+    from service.schemas import FORK_INHERITS
+    from service.steering import steering
+
+    inherited = sorted(request.model_fields_set & FORK_INHERITS)
+    if inherited:
+        raise InvalidRequest(
+            f"{inherited[0]}: a fork runs with its parent's parameters; leave it out", param=inherited[0]
+        )
+    try:
+        parent = await find(store, request.fork.job_id, owner)
+    except NotFound:
+        raise NotFound("no such generation to fork", param="fork.job_id") from None
+    return await steering(store).fork_job(parent, request.fork.model_dump())
 
 
 async def _enqueue(
@@ -160,9 +183,15 @@ async def _enqueue(
     record: dict[str, Any],
     idempotency_key: str | None,
     upload: tuple[bytes, int, int] | None,
+    fork=None,
 ) -> tuple[Job, bool]:
     job_id = new_job_id()
     fields: dict[str, Any] = {}
+    if fork is not None:  # the context record first: a worker may take the job as soon as it is queued
+        from service.steering import steering
+
+        await steering(store).put_steer(job_id, fork.steer)
+        fields.update(fork.fields)
     stored_input = None
     images = imagelib.RedisImageStore(store.r)
     if upload is not None:

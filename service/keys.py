@@ -16,6 +16,8 @@ One module so the data layout can be read in one place (arq's constants.py). All
 | strokes:image:{key}         | string | image bytes (PNG), behind images.ImageStore                 |
 | strokes:hb:{worker}         | string | a worker's lease: exists while the worker is alive (PX TTL) |
 | strokes:idem:{owner}:{hash} | hash   | Idempotency-Key -> job id and body hash                      |
+| strokes:steer:{id}          | string | a fork's or paused job's context record (service/steering.py) |
+| strokes:paused              | zset   | paused job id -> when its pause expires (ms)                 |
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ DEAD_LETTERS = PREFIX + "dead"
 WORKERS = PREFIX + "workers"
 STATS = PREFIX + "stats"
 HEARTBEAT_PREFIX = PREFIX + "hb:"
+PAUSED = PREFIX + "paused"
 
 # A consumer name no worker ever uses and that never heartbeats: entries handed back (SIGTERM,
 # retry after a failure) are moved to it, so every worker's reclaim step sees them at once and
@@ -49,6 +52,10 @@ def events(job_id: str) -> str:
 
 def trajectory(job_id: str) -> str:
     return f"{PREFIX}trajectory:{job_id}"
+
+
+def steer(job_id: str) -> str:
+    return f"{PREFIX}steer:{job_id}"
 
 
 def image(storage_key: str) -> str:
@@ -70,6 +77,7 @@ class JobStatus(str, Enum):
 
     queued = "queued"  # accepted, durable, waiting for a worker (or handed back by one)
     running = "running"  # a worker holds it under the attempt number in the job hash
+    paused = "paused"  # stopped at a pause point, holding no worker (service/steering.py)
     succeeded = "succeeded"  # terminal: job.completed was emitted
     failed = "failed"  # terminal: job.failed was emitted, and the job is in the dead letters
     canceled = "canceled"  # terminal: job.canceled was emitted

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     events_ttl_s: int = 3600  # the event log is kept this long after the terminal event
     result_ttl_s: int = 86400  # job hash, images and trajectory are kept this long after the end
     idempotency_ttl_s: int = 86400
+    pause_timeout_s: int = Field(3600, ge=1)  # a pause unanswered this long ends the job (canceled)
 
     # SSE
     sse_ping_s: float = 15.0

@@ -41,7 +41,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry as SyncRetry
 
-from model.events import Done, StageCompleted, StageStarted
+from model.events import Done, Paused, StageCompleted, StageStarted
 from model.events import Event as PipelineEvent
 from model.params import GenerationParams, InvalidParams
 from service import images as imagelib
@@ -51,6 +51,7 @@ from service.keys import JobStatus
 from service.metrics import WorkerMetrics
 from service.schemas import params_from_record
 from service.settings import Settings
+from service.steering import steering
 from service.store import Store, connect
 from service.wire import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, Translator, Wire
 
@@ -289,6 +290,7 @@ class Worker:
         if now - self._last_reclaim < self.settings.reclaim_interval_s:
             return
         self._last_reclaim = now
+        await steering(self.store).expire_pauses()  # pauses left unanswered end here
         claimed = await self.store.reclaim(self.name)
         if claimed:
             log.info("claimed a pending job", extra={"entry_id": claimed[0], "from_worker": claimed[1]})
@@ -334,7 +336,8 @@ class Worker:
         lost | retry (error) | failed (error)."""
         try:
             params = await self._params(job)
-        except PermanentError as exc:
+            params, extra = await steering(self.store).prepare_run(job.job_id, job.record, params)
+        except (PermanentError, LookupError, InvalidParams) as exc:  # steering: a fork or resume
             return "failed", {"type": "invalid_job", "message": str(exc)}
         loop = asyncio.get_running_loop()
         publisher = Publisher(self, job, loop)
@@ -343,7 +346,7 @@ class Worker:
             return self._should_cancel(job)
 
         def produce() -> Done | None:
-            events = self.pipeline.run(params, should_cancel)
+            events = self.pipeline.run(params, should_cancel, **extra)
             try:
                 return consume(events)
             finally:
@@ -376,7 +379,7 @@ class Worker:
                         prefilled_tokens=event.prefilled_tokens,
                         cached_tokens=event.cached_tokens,
                     )
-                if isinstance(event, Done):
+                if isinstance(event, (Done, Paused)):
                     return event
             return None
 
@@ -399,7 +402,7 @@ class Worker:
             if job.reason is not None:
                 return self._interrupted(job), None
             return "retry", {"type": "generation_failed", "message": "the pipeline ended without a result"}
-        return "succeeded", done
+        return ("paused" if isinstance(done, Paused) else "succeeded"), done
 
     def _should_cancel(self, job: ActiveJob) -> bool:
         """The pipeline's check between tokens and steps. Besides the flags set from the event
@@ -478,6 +481,13 @@ class Worker:
                 ),
             )
             result = "failed" if ok else "lost"
+        elif outcome == "paused":  # steering: the context is stored, the job released
+            state = await self._through_outage(
+                job, lambda: steering(s).pause(job.job_id, job.attempt, payload)
+            )
+            if state == "cancel":
+                return await self.finish(job, "canceled", None)
+            result = "paused" if state == "paused" else "lost"
         elif outcome in ("handback", "retry"):
             state = await self._through_outage(
                 job, lambda: s.requeue(job.job_id, job.attempt, outcome, payload)
