@@ -55,6 +55,7 @@ from model.prompts import GEN_THINK_SYSTEM_PROMPT, INTERLEAVED_PROMPT, render
 from model.sampler import sample_token
 from model.trajectory import Trajectory
 from model.verdict import parse_reflection
+from model.warm import Boundary, Hit, WarmContexts
 
 __all__ = ["Cancelled", "Contexts", "Pipeline"]
 
@@ -88,12 +89,18 @@ class _Replayed:
 class Contexts:
     """The three guidance contexts of one generation, filled with the official discipline."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, warm: Hit | None = None):
         self.engine = engine
         self.items: list[_Item] = []
         self.prefilled = 0  # tokens run into any cache by appends (rebuilds included)
         self.last_logits: torch.Tensor | None = None  # the model's prediction after the latest text
-        self._fresh()
+        self._ahead: deque[_Item] = deque()  # items a warm start already holds (model/warm.py)
+        if warm is None:
+            self._fresh()
+        else:
+            self.cond, self.text_uncond, self.img_uncond = warm.cond, warm.text_uncond, warm.img_uncond
+            self.items, self.last_logits = list(warm.items), warm.last_logits
+            self._ahead = deque(warm.items)
 
     def _fresh(self) -> None:
         self.cond = self.engine.new_cache()
@@ -106,6 +113,11 @@ class Contexts:
         return self.cond.length + self.img_uncond.length
 
     def add(self, item: _Item, generator: torch.Generator | None = None) -> None:
+        if self._ahead:  # a warm start: the caches hold this item already
+            held = self._ahead.popleft()
+            if (held.kind, held.text) != (item.kind, item.text):
+                raise RuntimeError(f"warm context mismatch: holds {held.kind}, the replay adds {item.kind}")
+            return
         self.items.append(item)
         self._apply(item, generator)
 
@@ -138,9 +150,10 @@ class Contexts:
 
 
 class Pipeline:
-    def __init__(self, engine: Engine, *, reuse_cache: bool = True):
+    def __init__(self, engine: Engine, *, reuse_cache: bool = True, warm: WarmContexts | None = None):
         self.engine = engine
         self.reuse_cache = reuse_cache  # False: rebuild every context before every stage (for tests)
+        self.warm = warm  # keeps the contexts of paused and finished runs for forks (model/warm.py)
 
     def run(
         self,
@@ -149,6 +162,7 @@ class Pipeline:
         logits_processor: LogitsProcessor | None = None,
         fork: Fork | None = None,
         pause_after: tuple[str, ...] = (),
+        warm_key: str | None = None,
     ) -> Iterator[Event]:
         """Yield the events of one generation. Raises `Cancelled` when should_cancel() turns True
         (checked between tokens and between denoising steps) and `InvalidParams` on bad input.
@@ -156,14 +170,21 @@ class Pipeline:
         With `fork` (model/fork.py; `params` must be the parent's), the recorded stages are replayed
         into the contexts (events marked `inherited`, nothing decoded or denoised) and the protocol
         runs on live from the fork point. With `pause_after` (stage names: plan, reflect), the run
-        ends with a `Paused` event after the first such stage it computes (replayed ones excepted)."""
+        ends with a `Paused` event after the first such stage it computes (replayed ones excepted).
+        With a `warm` store and `warm_key`, a fork starts from warm caches where it can, and the
+        run's contexts are kept under `warm_key` when it pauses or finishes."""
         params.validate(max_side=self.engine.cfg.max_image_side)
-        run = _Run(self.engine, params, should_cancel, logits_processor, self.reuse_cache, fork)
+        warm = self.warm if self.reuse_cache else None
+        run = _Run(self.engine, params, should_cancel, logits_processor, self.reuse_cache, fork, warm)
         protocol = run.guided() if params.protocol == "guided" else run.interleaved()
         for event in protocol:
+            if isinstance(event, Done) and warm is not None and warm_key:
+                warm.put(warm_key, run.trajectory.stages, run.boundaries, run.contexts)
             yield event
             if isinstance(event, StageCompleted) and not event.inherited and event.stage.value in pause_after:
                 record = run.trajectory.to_dict(None, event.iteration, dict(run.usage))
+                if warm is not None and warm_key:
+                    warm.put(warm_key, run.trajectory.stages, run.boundaries, run.contexts)
                 yield Paused(event.iteration, event.stage, event.text, record)
                 return
 
@@ -179,12 +200,17 @@ class _Run:
         logits_processor: LogitsProcessor | None,
         reuse_cache: bool,
         fork: Fork | None = None,
+        warm: WarmContexts | None = None,
     ):
         self.engine, self.params, self.should_cancel = engine, params, should_cancel
         self.logits_processor, self.reuse_cache = logits_processor, reuse_cache
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(6), "little")
         self.generator = torch.Generator().manual_seed(seed)
-        self.contexts = Contexts(engine)
+        hit = warm.take(fork.stages, engine.device) if (warm is not None and fork and fork.stages) else None
+        self.contexts = Contexts(engine, hit)
+        # The contexts after each stage, for model/warm.py; those of stages served warm come with it.
+        self.boundaries: list[Boundary] = []
+        self.warm_boundaries = hit.boundaries if hit else []
         self.trajectory = Trajectory(params, seed, parent=fork.lineage if fork else None)
         # A fork: stage records still to replay, their images, and a follow-up still to add.
         self.fork = fork or Fork([])
@@ -232,6 +258,24 @@ class _Run:
         if self.logits_processor is None:
             return None
         return lambda ids, logits: self.logits_processor(self.history + ids, logits)
+
+    def _record(self, **record) -> None:
+        """A stage's trajectory record, and the contexts' boundary after it (for warm forks)."""
+        self.trajectory.add(**record)
+        if len(self.boundaries) < len(self.warm_boundaries):  # the caches are past this stage
+            self.boundaries.append(self.warm_boundaries[len(self.boundaries)])
+            return
+        c = self.contexts
+        logits = None if c.last_logits is None else c.last_logits.detach().to("cpu", copy=True)
+        self.boundaries.append(
+            Boundary(
+                (c.cond.length, c.cond.rope),
+                (c.img_uncond.length, c.img_uncond.rope),
+                (c.text_uncond.length, c.text_uncond.rope),
+                len(c.items),
+                logits,
+            )
+        )
 
     def _next_replay(self, it: int, stage: str) -> dict | None:
         """The recorded stage to replay here, or None once the fork point is passed."""
@@ -302,7 +346,7 @@ class _Run:
             inherited=rec is not None,
         )
         self._account(done)
-        self.trajectory.add(
+        self._record(
             iteration=it,
             stage=stage.value,
             instruction=instruction,
@@ -385,7 +429,7 @@ class _Run:
             self.usage["model_forwards"] += gen.forwards
             self.usage["images"] += 1
         self._account(done)
-        self.trajectory.add(
+        self._record(
             iteration=it,
             stage=stage.value,
             image=f"{image_id}.png",
@@ -435,7 +479,7 @@ class _Run:
             self.contexts.add(_Item("image", image=image, resize=False), self.generator)
         if rec is not None:
             set_rng_state(self.generator, rec["rng"])
-        self.trajectory.add(
+        self._record(
             iteration=it + 1,
             stage="instruction",
             instruction=instruction,

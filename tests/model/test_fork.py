@@ -13,6 +13,7 @@ from model.events import ImageCompleted, Paused, StageCompleted
 from model.fork import ForkPoint, params_from_trajectory, plan_fork
 from model.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
 from model.pipeline import Pipeline
+from model.warm import WarmContexts
 
 SAMPLED = TextSettings(max_tokens=8, do_sample=True, temperature=1.0)
 # What must match between a parent's stage and a fork's (timings and cache counters may differ).
@@ -111,6 +112,14 @@ def test_interleaved_forks_replay_the_models_own_choices(own_engine):
             own_engine, params_from_trajectory(parent), fork_of(parent, images, ForkPoint(it, stage)), steer
         )
         assert_same_run(parent, images, child, child_images)
+    warm = Pipeline(own_engine, warm=WarmContexts(device_bytes=1 << 30))
+    list(warm.run(p, logits_processor=steer, warm_key="parent"))
+    for it, stage in dict.fromkeys(kinds):  # the same from warm caches (logits kept per boundary)
+        fork = fork_of(parent, images, ForkPoint(it, stage))
+        events = list(warm.run(params_from_trajectory(parent), fork=fork, logits_processor=steer))
+        child_images = {f"{e.image_id}.png": e.pixels for e in events if isinstance(e, ImageCompleted)}
+        assert_same_run(parent, images, events[-1].trajectory, child_images)
+    assert warm.warm.hits == len(dict.fromkeys(kinds))
 
 
 def test_an_edited_reflection_changes_the_verdict_and_records_what_it_replaced(own_engine, guided):
@@ -219,3 +228,45 @@ def test_a_pause_continued_with_an_edited_plan_draws_from_the_edit(own_engine):
     paused = events[-1]
     assert isinstance(paused, Paused) and (paused.iteration, paused.stage.value) == (2, "plan")
     assert paused.trajectory["stages"][0]["text"] == "<ins>a green cube</ins>"
+
+
+def test_forks_from_warm_contexts_equal_rebuilt_ones_and_prefill_nothing_of_the_prefix(own_engine, guided):
+    _, parent, images = guided
+    warm = WarmContexts(device_bytes=1 << 30)
+    pipeline = Pipeline(own_engine, warm=warm)
+    list(pipeline.run(params(), warm_key="parent"))  # the parent again, now with its caches kept
+    assert warm.holds("parent")
+    kinds = [(s["iteration"], s["stage"]) for s in parent["stages"]]
+    for n, (it, stage) in enumerate(kinds, start=1):
+        fork = fork_of(parent, images, ForkPoint(it, stage))
+        events = list(pipeline.run(params_from_trajectory(parent), fork=fork, warm_key=f"fork-{n}"))
+        child = events[-1].trajectory
+        child_images = {f"{e.image_id}.png": e.pixels for e in events if isinstance(e, ImageCompleted)}
+        assert_same_run(parent, images, child, child_images)
+        done = [e for e in events if isinstance(e, StageCompleted)]
+        assert sum(e.prefilled_tokens for e in done[:n]) == 0  # the prefix came from warm caches
+    assert warm.hits == len(kinds)
+    # A paused run kept warm resumes from its caches, edited or not, and stays exact.
+    events = list(pipeline.run(params(), pause_after=("reflect",), warm_key="paused"))
+    paused = events[-1]
+    resumed = list(
+        pipeline.run(
+            params(),
+            fork=plan_fork(paused.trajectory, ForkPoint(1, "reflect")).load_images(images.__getitem__),
+        )
+    )
+    assert comparable(resumed[-1].trajectory) == comparable(parent)
+    assert sum(e.prefilled_tokens for e in resumed if isinstance(e, StageCompleted) and e.inherited) == 0
+
+
+def test_the_warm_budget_drops_the_least_recently_used(own_engine):
+    warm = WarmContexts(device_bytes=0, host_bytes=0)
+    pipeline = Pipeline(own_engine, warm=warm)
+    list(pipeline.run(params(max_iterations=1), warm_key="a"))
+    assert not warm.holds("a") and warm.nbytes() == 0
+    one = Pipeline(own_engine, warm=WarmContexts(device_bytes=1 << 30))
+    list(one.run(params(max_iterations=1), warm_key="a"))
+    size = one.warm.nbytes()
+    one.warm.device_bytes = int(size * 1.5)
+    list(one.run(params(max_iterations=1, seed=4), warm_key="b"))
+    assert one.warm.holds("b") and not one.warm.holds("a")
