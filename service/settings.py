@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     result_ttl_s: int = 86400  # job hash, images and trajectory are kept this long after the end
     idempotency_ttl_s: int = 86400
     pause_timeout_s: int = Field(3600, ge=1)  # a pause unanswered this long ends the job (canceled)
+    # A worker keeps the KV caches of its recently paused or finished jobs for resumes and forks
+    # (model/warm.py): this much on its GPU, then this much in host memory (both host on a CPU).
+    warm_device_bytes: int = Field(4 * 1024**3, ge=0)
+    warm_host_bytes: int = Field(8 * 1024**3, ge=0)
 
     # SSE
     sse_ping_s: float = 15.0

@@ -15,6 +15,11 @@ the `paused` status with its own fenced Lua scripts (the same discipline as stor
               iteration, stage, text and expires_at, and an entry in the expiry zset.
     continue  paused -> queued with a new queue entry and job.resumed; the next attempt (any
               worker) forks the steer record at the paused stage, with the caller's text if any.
+    warm      a worker that paused or finished a job keeps its KV caches (model/warm.py) and names
+              itself in the job hash (`warm_worker`; a fork inherits its parent's). The worker that
+              polls a resume or fork of another live, idle worker's job hands the queue entry to
+              that worker (XCLAIM: it reads its own pending entries first), once; if that worker
+              dies meanwhile the ordinary reclaim gives the entry to any other, which rebuilds.
     cancel    paused -> canceled at once (one terminal event).
     expiry    workers sweep the zset: a pause unanswered for `pause_timeout_s` ends canceled with
               error type `pause_expired` (one terminal event).
@@ -88,6 +93,19 @@ return {'canceled'}
 """
 
 
+# KEYS: job, jobs     ARGV: this worker, entry_id, group, heartbeat prefix, job_id
+_ROUTE = r"""
+local w = redis.call('HGET', KEYS[1], 'warm_worker')
+if not w or w == '' or w == ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'warm_worker')  -- routed once at most: no ping-pong
+local beat = redis.call('GET', ARGV[4] .. w)
+-- gone, or busy with another job (its heartbeat names the job it runs): rebuild here instead
+if not beat or (beat ~= '' and beat ~= ARGV[5]) then return 0 end
+redis.call('XCLAIM', KEYS[2], ARGV[3], w, 0, ARGV[2], 'JUSTID')
+return 1
+"""
+
+
 @dataclass
 class ForkJob:
     """What the API needs to enqueue a fork: its request record, job-hash fields, steer record,
@@ -118,6 +136,7 @@ class Steering:
             "pause": r.register_script(_PAUSE),
             "continue": r.register_script(_CONTINUE),
             "end": r.register_script(_END_PAUSED),
+            "route": r.register_script(_ROUTE),
         }
 
     @property
@@ -177,7 +196,10 @@ class Steering:
             h, w = imagelib.decode_png(png).shape[:2]
             upload = (png, w, h)
         parent_ref = {"job_id": parent["id"], "iteration": point.iteration, "stage": point.stage}
-        return ForkJob(record, {"parent": parent_ref}, steer, upload)
+        fields: dict[str, Any] = {"parent": parent_ref}
+        if parent.get("warm_worker"):
+            fields["warm_worker"] = parent["warm_worker"]  # the parent's caches are warm there
+        return ForkJob(record, fields, steer, upload)
 
     async def put_steer(self, job_id: str, steer: dict[str, Any]) -> None:
         ttl = self.settings.result_ttl_s + self.settings.pause_timeout_s
@@ -262,12 +284,21 @@ class Steering:
 
     # -- worker side ------------------------------------------------------------------------------
 
-    async def prepare_run(self, job_id: str, record: dict[str, Any], params) -> tuple[Any, dict[str, Any]]:
+    async def prepare_run(
+        self, job_id: str, record: dict[str, Any], params, pipeline=None
+    ) -> tuple[Any, dict[str, Any]]:
         """(params, extra keyword arguments of Pipeline.run) for a job: `fork` when it has a steer
-        record (a fork, or a resume after a pause), `pause_after` when it asked for pauses."""
+        record (a fork, or a resume after a pause), `pause_after` when it asked for pauses, and
+        `warm_key` when the pipeline keeps warm contexts (the model's does)."""
         from model.fork import ForkPoint, plan_fork
 
         extra: dict[str, Any] = {}
+        if pipeline is not None and hasattr(pipeline, "warm"):
+            if pipeline.warm is None:
+                from model.warm import WarmContexts
+
+                pipeline.warm = WarmContexts(self.settings.warm_device_bytes, self.settings.warm_host_bytes)
+            extra["warm_key"] = job_id
         if record.get("pause_after"):
             extra["pause_after"] = tuple(record["pause_after"])
         steer = await self.get_steer(job_id) if (record.get("fork") or record.get("pause_after")) else None
@@ -287,6 +318,20 @@ class Steering:
             fork.images[name] = imagelib.decode_png(png)
         extra["fork"] = fork
         return params.replace(seed=int(steer["trajectory"]["seed"])), extra
+
+    async def route(self, worker: str, entry_id: str, job_id: str) -> bool:
+        """True when the entry went to the worker holding the job's warm context (not ours)."""
+        result = await self.scripts["route"](
+            keys=[keys.job(job_id), keys.JOBS],
+            args=[worker, entry_id, keys.GROUP, keys.HEARTBEAT_PREFIX, job_id],
+        )
+        return int(result) == 1
+
+    async def mark_warm(self, job_id: str, worker: str, pipeline) -> None:
+        """Name this worker in the job hash when it keeps the job's caches (after a pause or end)."""
+        warm = getattr(pipeline, "warm", None)
+        if warm is not None and warm.holds(job_id):
+            await self.store.r.hset(keys.job(job_id), "warm_worker", worker)
 
     async def pause(self, job_id: str, attempt: int, paused) -> str:
         """The worker's end of an attempt that paused: keep the trajectory so far as the steer record,

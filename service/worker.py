@@ -303,6 +303,8 @@ class Worker:
         if job_id is None:  # the entry was trimmed away: nothing to run
             await self.store.ack(entry_id)
             return None
+        if await steering(self.store).route(self.name, entry_id, job_id):
+            return None  # a resume or fork whose context is warm on another worker: handed there
         return entry_id, job_id
 
     async def start(self, entry_id: str, job_id: str) -> ActiveJob | None:
@@ -336,7 +338,9 @@ class Worker:
         lost | retry (error) | failed (error)."""
         try:
             params = await self._params(job)
-            params, extra = await steering(self.store).prepare_run(job.job_id, job.record, params)
+            params, extra = await steering(self.store).prepare_run(
+                job.job_id, job.record, params, self.pipeline
+            )
         except (PermanentError, LookupError, InvalidParams) as exc:  # steering: a fork or resume
             return "failed", {"type": "invalid_job", "message": str(exc)}
         loop = asyncio.get_running_loop()
@@ -456,6 +460,8 @@ class Worker:
                 ),
             )
             result = "succeeded" if ok else "lost"
+            if ok:
+                await steering(s).mark_warm(job.job_id, self.name, self.pipeline)  # for its forks
         elif outcome == "canceled":
             ok = await self._through_outage(
                 job,
@@ -482,6 +488,7 @@ class Worker:
             )
             result = "failed" if ok else "lost"
         elif outcome == "paused":  # steering: the context is stored, the job released
+            await steering(s).mark_warm(job.job_id, self.name, self.pipeline)
             state = await self._through_outage(
                 job, lambda: steering(s).pause(job.job_id, job.attempt, payload)
             )

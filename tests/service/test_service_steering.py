@@ -218,3 +218,77 @@ def test_an_unanswered_pause_ends_canceled_with_a_reason_after_the_configured_ti
     assert events[-1].json()["reason"] == "pause_expired"
     final = wait_for(lambda: (v := _get(service.base, job["id"]))["status"] == "canceled" and v, 10)
     assert final["error"]["type"] == "pause_expired" and final["finished_at"] >= expires_at - 1
+
+
+# ---- warm contexts: two workers -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(redis_server, tiny_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("warm")
+    server = type(redis_server)(tmp / "redis")
+    server.start()
+    keys = f"{KEY},{OTHER}"
+    api, base = start_api(server.url, tmp, api_keys=keys)
+    workers = {
+        name: start_worker(server.url, tiny_checkpoint, tmp, name, cancel_poll_s=0, api_keys=keys)
+        for name in ("warm-a", "warm-b")
+    }
+    yield base, workers
+    for proc in workers.values():
+        proc.stop()
+    api.stop()
+    server.stop()
+
+
+def _attempts(events) -> list[tuple[str, int]]:
+    """Per attempt: the worker that ran it and the tokens its inherited stages prefilled."""
+    out, worker, prefilled = [], None, 0
+    for e in events:
+        if e.event == "job.started":
+            if worker is not None:
+                out.append((worker, prefilled))
+            worker, prefilled = e.json()["worker"], 0
+        elif e.event == "stage.completed" and e.json().get("inherited"):
+            prefilled += e.json()["prefilled_tokens"]
+    return [*out, (worker, prefilled)]
+
+
+def test_a_resume_goes_to_the_worker_holding_its_warm_context_and_prefills_nothing(pair):
+    base, _ = pair
+    job = submit(base, {**JOB, "pause_after": ["plan", "reflect"]}, AUTH)
+    cursor = None
+    while True:
+        events, cursor = _pause(base, job["id"], cursor)
+        if events[-1].event in TERMINAL:
+            break
+        assert _post(base, f"/v1/generations/{job['id']}/continue", {}).status_code == 202
+    everything = stream_events(base, job["id"], headers=AUTH)
+    attempts = _attempts(everything)
+    assert len(attempts) == 5
+    first = attempts[0][0]
+    assert attempts[1:] == [(first, 0)] * 4  # the same worker each time, nothing rebuilt
+    fork, _ = _run(base, {"fork": {"job_id": job["id"], "iteration": 2, "stage": "plan"}})
+    fork_events = stream_events(base, fork["id"], headers=AUTH)
+    assert _attempts(fork_events) == [(first, 0)]  # a fork of its finished job: warm there too
+
+
+def test_when_the_holder_is_gone_another_worker_rebuilds_the_context_exactly(pair):
+    base, workers = pair
+    # A seed of its own: warm caches are found by content, and no worker has seen these stages.
+    body = {**JOB, "seed": 12}
+    job = submit(base, {**body, "pause_after": ["reflect"]}, AUTH)
+    events, cursor = _pause(base, job["id"])
+    holder = next(e.json()["worker"] for e in events if e.event == "job.started")
+    assert workers[holder].stop() == 0  # SIGTERM: its warm caches are gone with it
+    while True:
+        assert _post(base, f"/v1/generations/{job['id']}/continue", {}).status_code == 202
+        events, cursor = _pause(base, job["id"], cursor)
+        if events[-1].event in TERMINAL:
+            break
+    final = _get(base, job["id"])
+    assert final["status"] == "succeeded"
+    rebuilt = _attempts(stream_events(base, job["id"], headers=AUTH))[1]
+    assert rebuilt[0] != holder and rebuilt[1] > 0  # rebuilt elsewhere, by prefilling
+    view, _ = _run(base, body)  # the same job uninterrupted (after: it must not warm the survivor)
+    assert _stages(final) == _stages(view) and _images(base, final) == _images(base, view)
