@@ -132,6 +132,13 @@ class StageCompleted(Event):
     height: int | None = None
     steps: int | None = None
     inherited: bool = False  # replayed from a fork's parent (model/fork.py), not computed anew
+    # The trajectory record so far (model/trajectory.py): what a fork of the unfinished run needs.
+    trajectory: dict[str, Any] | None = field(default=None, repr=False)
+
+    def payload(self) -> dict[str, Any]:
+        out = super().payload()
+        out.pop("trajectory", None)
+        return out
 
 
 @dataclass

@@ -182,7 +182,7 @@ class Pipeline:
                 warm.put(warm_key, run.trajectory.stages, run.boundaries, run.contexts)
             yield event
             if isinstance(event, StageCompleted) and not event.inherited and event.stage.value in pause_after:
-                record = run.trajectory.to_dict(None, event.iteration, dict(run.usage))
+                record = event.trajectory
                 if warm is not None and warm_key:
                     warm.put(warm_key, run.trajectory.stages, run.boundaries, run.contexts)
                 yield Paused(event.iteration, event.stage, event.text, record)
@@ -361,6 +361,7 @@ class _Run:
             rng=rng_state(self.generator),
             **self._lineage_flags(rec),
         )
+        done.trajectory = self.trajectory.to_dict(None, it, dict(self.usage))
         yield done
         return dec
 
@@ -444,6 +445,7 @@ class _Run:
             rng=rng_state(self.generator),
             **self._lineage_flags(rec),
         )
+        done.trajectory = self.trajectory.to_dict(None, it, dict(self.usage))
         yield done
         return image_id
 

@@ -40,6 +40,7 @@ from service import keys
 from service.errors import NotFound, NotReady
 from service.keys import JobStatus
 from service.store import Store, _s
+from service.wire import IMAGE_FIELD_PREFIX
 
 # KEYS: job, events, jobs, paused     ARGV: attempt, group, maxlen, expires_ms, data, paused_json
 _PAUSE = r"""
@@ -145,27 +146,29 @@ class Steering:
 
     # -- API side ---------------------------------------------------------------------------------
 
-    async def trajectory_of(self, job: dict[str, str]) -> tuple[dict[str, Any], int]:
-        """(trajectory, attempt whose images it names) of a job that can be forked."""
+    async def trajectory_of(self, job: dict[str, str]) -> dict[str, Any]:
+        """The trajectory of a job to fork: the whole one when it succeeded, else its stages so far
+        (paused, running, failed, canceled: what its last attempt completed)."""
         status = job["status"]
         if status == JobStatus.succeeded.value:
             raw = await self.store.get_trajectory(job["id"])
-        elif status == "paused":
+            if raw is None:
+                raise NotFound("the parent's trajectory has expired", param="fork.job_id")
+            return json.loads(raw)
+        if status == "paused":
             steer = await self.get_steer(job["id"])
-            raw = json.dumps(steer["trajectory"]) if steer else None
-        else:
-            raise NotReady(
-                f"the parent is {status}; fork from a succeeded or paused generation", param="fork.job_id"
-            )
-        if raw is None:
-            raise NotFound("the parent's trajectory has expired", param="fork.job_id")
-        return json.loads(raw), int(job.get("attempt", 0))
+            if steer is None:
+                raise NotFound("the parent's trajectory has expired", param="fork.job_id")
+            return steer["trajectory"]
+        if not job.get("partial_trajectory"):
+            raise NotReady(f"the parent ({status}) has no completed stage yet", param="fork.job_id")
+        return json.loads(job["partial_trajectory"])
 
     async def fork_job(self, parent: dict[str, str], fork: dict[str, Any]) -> ForkJob:
         """Check a fork request against its parent (found for the caller already)."""
         from model.fork import ForkPoint, plan_fork
 
-        trajectory, attempt = await self.trajectory_of(parent)
+        trajectory = await self.trajectory_of(parent)
         point = ForkPoint(
             iteration=fork.get("iteration"),
             stage=fork.get("stage"),
@@ -179,10 +182,13 @@ class Steering:
         record.pop("pause_after", None)
         record["seed"] = int(trajectory["seed"])  # the parent's actual draws, even if it chose at random
         record["fork"] = {k: v for k, v in fork.items() if v is not None}
-        images = {
-            name: imagelib.storage_key(parent["id"], attempt, name.removesuffix(".png"))
-            for name in cut.needed_images()
-        }
+        images = {}
+        for name in cut.needed_images():  # each where the attempt that drew it stored it
+            image_id = name.removesuffix(".png")
+            ref = json.loads(parent.get(IMAGE_FIELD_PREFIX + image_id) or "{}")
+            if "attempt" not in ref:
+                raise NotFound(f"the parent's image {image_id} is gone", param="fork.job_id")
+            images[name] = imagelib.storage_key(parent["id"], int(ref["attempt"]), image_id)
         steer = {"trajectory": trajectory, "point": _point(point), "images": images, "lineage": cut.lineage}
         upload = None
         if trajectory["settings"].get("starting_image"):

@@ -179,7 +179,10 @@ class Translator:
             "image": image,
         }
         self.stages.append({k: v for k, v in summary.items() if v is not None})
-        return Wire(STAGE_COMPLETED, data, {"stages": self.stages})
+        fields: dict[str, Any] = {"stages": self.stages}
+        if event.trajectory is not None:  # forks of an unfinished job start from it (steering.py)
+            fields["partial_trajectory"] = event.trajectory
+        return Wire(STAGE_COMPLETED, data, fields)
 
     def completed(self, done: Done, timings: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(job.completed data, job-hash fields) for the pipeline's Done event."""

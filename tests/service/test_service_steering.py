@@ -199,7 +199,8 @@ def test_continue_with_an_edited_plan_and_the_refusals_of_continue(service):
     assert reply.status_code == 409
 
 
-def test_cancel_while_paused_ends_the_job_with_one_terminal_event(service):
+def test_cancel_while_paused_ends_the_job_and_the_canceled_job_can_still_be_forked(service, parent):
+    view, images = parent
     job = submit(service.base, {**JOB, "pause_after": ["reflect"]}, AUTH)
     _pause(service.base, job["id"])
     reply = httpx.delete(f"{service.base}/v1/generations/{job['id']}", headers=AUTH, timeout=5)
@@ -207,6 +208,13 @@ def test_cancel_while_paused_ends_the_job_with_one_terminal_event(service):
     events = stream_events(service.base, job["id"], headers=AUTH)
     assert [e.event for e in events if e.event in TERMINAL] == ["job.canceled"]
     assert _post(service.base, f"/v1/generations/{job['id']}/continue", {}).status_code == 409
+    # An unfinished job keeps the stages it completed: a fork goes on from them, exactly.
+    reply = _post(
+        service.base, "/v1/generations", {"fork": {"job_id": job["id"], "iteration": 2, "stage": "plan"}}
+    )
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == "fork.stage"
+    fork, _ = _run(service.base, {"fork": {"job_id": job["id"], "iteration": 1, "stage": "reflect"}})
+    assert _stages(fork) == _stages(view) and _images(service.base, fork) == images
 
 
 def test_an_unanswered_pause_ends_canceled_with_a_reason_after_the_configured_time(service):
