@@ -168,6 +168,10 @@ class Steering:
         """Check a fork request against its parent (found for the caller already)."""
         from model.fork import ForkPoint, plan_fork
 
+        if fork.get("instruction") is not None and parent["status"] != JobStatus.succeeded.value:
+            raise InvalidParams(
+                "fork.instruction", "a follow-up needs a finished parent; fork at a stage instead"
+            )
         trajectory = await self.trajectory_of(parent)
         point = ForkPoint(
             iteration=fork.get("iteration"),

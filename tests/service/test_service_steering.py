@@ -213,6 +213,10 @@ def test_cancel_while_paused_ends_the_job_and_the_canceled_job_can_still_be_fork
         service.base, "/v1/generations", {"fork": {"job_id": job["id"], "iteration": 2, "stage": "plan"}}
     )
     assert reply.status_code == 422 and reply.json()["error"]["param"] == "fork.stage"
+    reply = _post(
+        service.base, "/v1/generations", {"fork": {"job_id": job["id"], "instruction": "and a hat"}}
+    )
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == "fork.instruction"
     fork, _ = _run(service.base, {"fork": {"job_id": job["id"], "iteration": 1, "stage": "reflect"}})
     assert _stages(fork) == _stages(view) and _images(service.base, fork) == images
 
