@@ -20,7 +20,7 @@ router = APIRouter()
     "/v1/generations/{job_id}/continue",
     status_code=202,
     response_model=Job,
-    responses=_errors(*COMMON, 409),
+    responses=_errors(*COMMON, 400, 409, 413),
     summary="Continue a paused generation, unchanged or with the paused stage's text replaced",
 )
 async def continue_generation(
