@@ -15,6 +15,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from service import images as imagelib
+from service import keys
 from service.errors import (
     IdempotencyKeyReused,
     InvalidImage,
@@ -211,6 +212,8 @@ async def _enqueue(
     )
     if result.outcome != "ok" and stored_input is not None:
         await images.delete(stored_input)
+    if result.outcome != "ok" and fork is not None:
+        await store.r.delete(keys.steer(job_id))
     if result.outcome == "full":
         raise QueueFull(await store.retry_after())
     if result.outcome == "conflict":
