@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.contexts import Contexts, _Item
 from model.engine import Cancelled, Engine, ShouldCancel
 from model.events import (
     Done,
@@ -55,7 +56,7 @@ from model.prompts import GEN_THINK_SYSTEM_PROMPT, INTERLEAVED_PROMPT, render
 from model.sampler import sample_token
 from model.trajectory import Trajectory
 from model.verdict import parse_reflection
-from model.warm import Boundary, Hit, WarmContexts
+from model.warm import Boundary, WarmContexts
 
 __all__ = ["Cancelled", "Contexts", "Pipeline"]
 
@@ -67,86 +68,12 @@ def _never() -> bool:
 
 
 @dataclass
-class _Item:
-    """Something added to the contexts, kept so that every context can be rebuilt from scratch."""
-
-    kind: str  # "system" | "user" | "generated" | "image"
-    text: str | None = None
-    image: Image.Image | None = None
-    resize: bool = True
-    noise: torch.Tensor | None = None  # the VAE posterior draw, replayed on rebuild
-
-
-@dataclass
 class _Replayed:
     """A recorded text standing in for a decoding during a fork's replay."""
 
     text: str
     stop_token: int | None
     ids: list[int] = field(default_factory=list)  # not recorded: logits processors see live tokens
-
-
-class Contexts:
-    """The three guidance contexts of one generation, filled with the official discipline."""
-
-    def __init__(self, engine: Engine, warm: Hit | None = None):
-        self.engine = engine
-        self.items: list[_Item] = []
-        self.prefilled = 0  # tokens run into any cache by appends (rebuilds included)
-        self.last_logits: torch.Tensor | None = None  # the model's prediction after the latest text
-        self._ahead: deque[_Item] = deque()  # items a warm start already holds (model/warm.py)
-        if warm is None:
-            self._fresh()
-        else:
-            self.cond, self.text_uncond, self.img_uncond = warm.cond, warm.text_uncond, warm.img_uncond
-            self.items, self.last_logits = list(warm.items), warm.last_logits
-            self._ahead = deque(warm.items)
-
-    def _fresh(self) -> None:
-        self.cond = self.engine.new_cache()
-        self.img_uncond = self.engine.new_cache()
-        self.text_uncond = self.cond.snapshot()
-
-    @property
-    def cached_tokens(self) -> int:
-        """Tokens already in the caches (text-uncond shares cond's memory)."""
-        return self.cond.length + self.img_uncond.length
-
-    def add(self, item: _Item, generator: torch.Generator | None = None) -> None:
-        if self._ahead:  # a warm start: the caches hold this item already
-            held = self._ahead.popleft()
-            if (held.kind, held.text) != (item.kind, item.text):
-                raise RuntimeError(f"warm context mismatch: holds {held.kind}, the replay adds {item.kind}")
-            return
-        self.items.append(item)
-        self._apply(item, generator)
-
-    def _apply(self, item: _Item, generator: torch.Generator | None = None) -> None:
-        engine = self.engine
-        if item.kind in ("system", "user"):
-            if item.kind == "user":
-                self.text_uncond = self.cond.snapshot()
-            tokens = len(engine.tokenizer.segment(item.text))
-            self.last_logits = engine.append_ids(self.cond, engine.tokenizer.segment(item.text))
-            engine.append_ids(self.img_uncond, engine.tokenizer.segment(item.text))
-            self.prefilled += 2 * tokens
-        elif item.kind == "generated":
-            tokens, self.last_logits = engine.append_generated_text(self.cond, item.text)
-            self.prefilled += tokens
-        elif item.kind == "image":
-            vae = engine.append_vae_image(self.cond, item.image, item.noise, generator, resize=item.resize)
-            item.noise = vae.noise
-            vit = engine.append_vit_image(self.cond, item.image)
-            self.text_uncond = self.cond.snapshot()
-            self.prefilled += vae.tokens + vit.tokens
-        else:
-            raise ValueError(f"unknown context item {item.kind!r}")
-
-    def rebuild(self) -> None:
-        """Recompute every context from the items, replaying the recorded VAE posterior draws."""
-        self._fresh()
-        for item in self.items:
-            self._apply(item)
 
 
 class Pipeline:
