@@ -20,7 +20,14 @@ before it; the model's own texts go to cond only; an image goes to cond (clean V
 ViT tokens) with text-uncond snapshotted after it. Text-uncond is therefore always a prefix of cond
 (it shares cond's memory); image-uncond (texts only) has a cache of its own. One departure:
 generated images re-enter the context at the size they were drawn, where the reference would first
-run its input resize (a no-op from 512 to 1024 px, an upscale below 512).
+run its input resize (a no-op from 512 to 1024 px, an upscale below 512). model/contexts.py holds
+the contexts.
+
+Steering (docs/steering.md): a run may start from a recorded stage boundary of another (`fork`,
+model/fork.py: the recorded stages are replayed into the contexts, then the protocol runs on),
+stop after chosen stages (`pause_after`: a `Paused` event), and keep its caches warm for later
+forks (model/warm.py). Every stage records the random generator's state after it, which is what
+makes a replay exact.
 """
 
 from __future__ import annotations
