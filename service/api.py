@@ -165,7 +165,9 @@ after the terminal event (exactly one per job: job.completed, job.failed or job.
 | iteration.completed | iteration, verdict, image |
 | job.completed | final_image, iterations, timings, usage |
 | job.failed | error {type, message} |
-| job.canceled | |
+| job.canceled | (a pause that expired: reason pause_expired, error) |
+| job.paused | iteration, stage, text, expires_at: the job waits (status paused) for continue or cancel |
+| job.resumed | iteration, stage, edited: continued, queued again |
 | error | error {type, message}: the event store failed; reconnect with Last-Event-ID |
 """
 
