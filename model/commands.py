@@ -74,20 +74,45 @@ def _conformance(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import numpy as np
     from PIL import Image
 
-    from model.events import ImageCompleted, ImageProgress, StageCompleted, StageStarted, TextDelta
     from model.loading import load_engine
-    from model.params import GenerationParams, ImageSettings, TextSettings
     from model.pipeline import Pipeline
 
     out = Path(args.out)
+    params, fork = _fork_from(args, out) if args.fork else (_new_params(args), None)
+    from model import devices
+
+    device, why = devices.resolve(args.device)
+    print(f"loading {args.checkpoint} on {device} ({why}) ...", file=sys.stderr)
+    engine = load_engine(args.checkpoint, device=device, dtype=args.dtype)
+    print(f"loaded in {engine.load_seconds:.1f} s", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    if params.input_image is not None:  # kept beside the trajectory, so that it can be forked
+        Image.fromarray(params.input_image).save(out / "input.png")
+    trajectory = None
+    for event in Pipeline(engine).run(params, fork=fork):
+        _print_event(event, out)
+        if event.name == "done":
+            trajectory = event.trajectory
+    (out / "trajectory.json").write_text(json.dumps(trajectory, indent=2, ensure_ascii=False) + "\n")
+    print(f"trajectory: {out / 'trajectory.json'}")
+    return 0
+
+
+def _new_params(args: argparse.Namespace):
+    import numpy as np
+    from PIL import Image
+
+    from model.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
+
+    if not args.prompt:
+        raise InvalidParams("prompt", "give a prompt (or --fork a trajectory.json)")
     input_image = None
     if args.image:
         with Image.open(args.image) as image:
             input_image = np.asarray(image.convert("RGB"))
-    params = GenerationParams(
+    return GenerationParams(
         prompt=args.prompt,
         protocol=args.protocol,
         width=args.width,
@@ -106,46 +131,76 @@ def _generate(args: argparse.Namespace) -> int:
         plan=TextSettings(max_tokens=args.max_text_tokens),
         reflect=TextSettings(max_tokens=args.max_text_tokens),
     ).validate()
-    from model import devices
 
-    device, why = devices.resolve(args.device)
-    print(f"loading {args.checkpoint} on {device} ({why}) ...", file=sys.stderr)
-    engine = load_engine(args.checkpoint, device=device, dtype=args.dtype)
-    print(f"loaded in {engine.load_seconds:.1f} s", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    trajectory = None
-    for event in Pipeline(engine).run(params):
-        if isinstance(event, StageStarted):
-            print(f"\n[iteration {event.iteration}] {event.stage.value}: ", end="", flush=True)
-        elif isinstance(event, TextDelta):
-            print(event.delta, end="", flush=True)
-        elif isinstance(event, ImageProgress):
-            filled = event.step * 30 // event.steps
-            print(
-                f"\r[iteration {event.iteration}] {event.stage.value}: [{'#' * filled}{'.' * (30 - filled)}] "
-                f"{event.step}/{event.steps}",
-                end="",
-                flush=True,
-            )
-        elif isinstance(event, ImageCompleted):
-            Image.fromarray(event.pixels).save(out / f"{event.image_id}.png")
-        elif isinstance(event, StageCompleted):
-            extra = f" verdict={event.verdict.value}" if event.verdict else ""
-            print(
-                f"\n  done in {event.seconds:.2f} s (prefilled {event.prefilled_tokens} tokens, "
-                f"{event.cached_tokens} from cache){extra}",
-                end="",
-                flush=True,
-            )
-        elif event.name == "done":
-            trajectory = event.trajectory
-            print(
-                f"\n\nfinal image: {out / (event.final_image_id or 'none')}.png after {event.iterations} "
-                f"iteration(s), {event.seconds:.1f} s"
-            )
-    (out / "trajectory.json").write_text(json.dumps(trajectory, indent=2, ensure_ascii=False) + "\n")
-    print(f"trajectory: {out / 'trajectory.json'}")
-    return 0
+
+def _fork_from(args: argparse.Namespace, out: Path):
+    """The parent's parameters and the fork of its trajectory.json (images read beside it)."""
+    import numpy as np
+    from PIL import Image
+
+    from model.fork import ForkPoint, params_from_trajectory, plan_fork
+    from model.params import InvalidParams
+
+    path = Path(args.fork)
+    folder = path.parent
+    if out.resolve() == folder.resolve():
+        raise InvalidParams("--out", "must differ from the parent's folder (its files would be overwritten)")
+    if args.prompt:
+        raise InvalidParams("prompt", "a fork runs with its parent's prompt and settings; leave it out")
+    try:
+        trajectory = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidParams("--fork", f"{path} is not JSON: {e}") from None
+
+    def load(name: str):  # an image id (it1-draft) is the file it1-draft.png
+        with Image.open(folder / (name if name.endswith(".png") else f"{name}.png")) as image:
+            return np.asarray(image.convert("RGB"))
+
+    point = ForkPoint(text=args.text, instruction=args.instruction, parent=str(path))
+    if args.at:
+        iteration, _, stage = args.at.partition("/")
+        if not iteration.isdigit() or not stage:
+            raise InvalidParams("--at", "must be ITERATION/STAGE, e.g. 1/reflect")
+        point.iteration, point.stage = int(iteration), stage
+    fork = plan_fork(trajectory, point).load_images(load)
+    input_image = load("input.png") if trajectory["settings"].get("starting_image") else None
+    return params_from_trajectory(trajectory, input_image).validate(), fork
+
+
+def _print_event(event, out: Path) -> None:
+    from PIL import Image
+
+    from model.events import ImageCompleted, ImageProgress, StageCompleted, StageStarted, TextDelta
+
+    if isinstance(event, StageStarted):
+        print(f"\n[iteration {event.iteration}] {event.stage.value}: ", end="", flush=True)
+    elif isinstance(event, TextDelta):
+        print(event.delta, end="", flush=True)
+    elif isinstance(event, ImageProgress):
+        filled = event.step * 30 // event.steps
+        print(
+            f"\r[iteration {event.iteration}] {event.stage.value}: [{'#' * filled}{'.' * (30 - filled)}] "
+            f"{event.step}/{event.steps}",
+            end="",
+            flush=True,
+        )
+    elif isinstance(event, ImageCompleted):
+        Image.fromarray(event.pixels).save(out / f"{event.image_id}.png")
+    elif isinstance(event, StageCompleted):
+        if event.inherited:
+            print(f"(from the parent) {event.text or event.image_id}", end="", flush=True)
+        extra = f" verdict={event.verdict.value}" if event.verdict else ""
+        print(
+            f"\n  done in {event.seconds:.2f} s (prefilled {event.prefilled_tokens} tokens, "
+            f"{event.cached_tokens} from cache){extra}",
+            end="",
+            flush=True,
+        )
+    elif event.name == "done":
+        print(
+            f"\n\nfinal image: {out / (event.final_image_id or 'none')}.png after {event.iterations} "
+            f"iteration(s), {event.seconds:.1f} s"
+        )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -175,7 +230,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_user_errors(_conformance))
 
     p = sub.add_parser("generate", help="run a process-driven generation in-process and save its images")
-    p.add_argument("prompt", help="what to draw")
+    p.add_argument("prompt", nargs="?", default=None, help="what to draw (not with --fork)")
     p.add_argument(
         "--checkpoint", required=True, help="a BAGEL checkpoint folder (or a Hugging Face repo id)"
     )
@@ -206,4 +261,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one)")
     p.add_argument("--image", default=None, help="a starting image (png, jpeg, webp)")
     p.add_argument("--no-think", action="store_true", help="without BAGEL's planning system prompt")
+    p.add_argument(
+        "--fork",
+        default=None,
+        metavar="TRAJECTORY_JSON",
+        help="start from a saved run (its images beside it) with its prompt and settings",
+    )
+    p.add_argument("--at", default=None, metavar="ITERATION/STAGE", help="fork point, e.g. 1/reflect")
+    p.add_argument("--text", default=None, help="replace the fork point's text (a plan or a reflection)")
+    p.add_argument("--instruction", default=None, help="a follow-up instruction after the final image")
     p.set_defaults(func=_user_errors(_generate))

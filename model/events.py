@@ -134,6 +134,14 @@ class StageCompleted(Event):
     width: int | None = None
     height: int | None = None
     steps: int | None = None
+    inherited: bool = False  # replayed from a fork's parent (model/fork.py), not computed anew
+    # The trajectory record so far (model/trajectory.py): what a fork of the unfinished run needs.
+    trajectory: dict[str, Any] | None = field(default=None, repr=False)
+
+    def payload(self) -> dict[str, Any]:
+        out = super().payload()
+        out.pop("trajectory", None)
+        return out
 
 
 @dataclass
@@ -142,6 +150,22 @@ class IterationCompleted(Event):
     iteration: int
     verdict: Verdict
     image_id: str  # the iteration's final image (the refinement if there was one, else the draft)
+
+
+@dataclass
+class Paused(Event):
+    """The run stopped after a stage the caller asked to pause after (`pause_after`). `trajectory`
+    is the record so far; continuing is a fork of it at this stage (model/fork.py), with the stage's
+    text as it is or replaced. Nothing follows this event."""
+
+    name: ClassVar[str] = "paused"
+    iteration: int
+    stage: Stage
+    text: str | None
+    trajectory: dict[str, Any] = field(repr=False)
+
+    def payload(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "stage": self.stage.value, "text": self.text}
 
 
 @dataclass

@@ -20,20 +20,30 @@ before it; the model's own texts go to cond only; an image goes to cond (clean V
 ViT tokens) with text-uncond snapshotted after it. Text-uncond is therefore always a prefix of cond
 (it shares cond's memory); image-uncond (texts only) has a cache of its own. One departure:
 generated images re-enter the context at the size they were drawn, where the reference would first
-run its input resize (a no-op from 512 to 1024 px, an upscale below 512).
+run its input resize (a no-op from 512 to 1024 px, an upscale below 512). model/contexts.py holds
+the contexts.
+
+Steering (docs/steering.md): a run may start from a recorded stage boundary of another (`fork`,
+model/fork.py: the recorded stages are replayed into the contexts, then the protocol runs on),
+stop after chosen stages (`pause_after`: a `Paused` event), and keep its caches warm for later
+forks (model/warm.py). Every stage records the random generator's state after it, which is what
+makes a replay exact.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
-from model.budget import Budget, job_budget
+from model.budget import job_budget
+from model.contexts import Contexts, _Item
 from model.engine import Cancelled, Engine, ShouldCancel
 from model.events import (
     Done,
@@ -41,17 +51,20 @@ from model.events import (
     ImageCompleted,
     ImageProgress,
     IterationCompleted,
+    Paused,
     Stage,
     StageCompleted,
     StageStarted,
     TextDelta,
     Verdict,
 )
-from model.params import GenerationParams, ImageSettings, TextSettings, settings_dict
+from model.fork import IMAGE_STAGES, Fork, rng_state, set_rng_state
+from model.params import GenerationParams, ImageSettings, InvalidParams, TextSettings, settings_dict
 from model.prompts import GEN_THINK_SYSTEM_PROMPT, INTERLEAVED_PROMPT, render
 from model.sampler import sample_token
 from model.trajectory import Trajectory
 from model.verdict import parse_reflection
+from model.warm import Boundary, WarmContexts
 
 __all__ = ["Cancelled", "Contexts", "Pipeline"]
 
@@ -63,86 +76,52 @@ def _never() -> bool:
 
 
 @dataclass
-class _Item:
-    """Something added to the contexts, kept so that every context can be rebuilt from scratch."""
+class _Replayed:
+    """A recorded text standing in for a decoding during a fork's replay."""
 
-    kind: str  # "system" | "user" | "generated" | "image"
-    text: str | None = None
-    image: Image.Image | None = None
-    resize: bool = True
-    noise: torch.Tensor | None = None  # the VAE posterior draw, replayed on rebuild
-
-
-class Contexts:
-    """The three guidance contexts of one generation, filled with the official discipline."""
-
-    def __init__(self, engine: Engine, budget: Budget | None = None):
-        self.engine = engine
-        self.budget = budget  # the caches' sizes, once per job (model/budget.py); None: defaults
-        self.items: list[_Item] = []
-        self.prefilled = 0  # tokens run into any cache by appends (rebuilds included)
-        self.last_logits: torch.Tensor | None = None  # the model's prediction after the latest text
-        self._fresh()
-
-    def _fresh(self) -> None:
-        b = self.budget
-        self.cond = self.engine.new_cache(b.cond) if b else self.engine.new_cache()
-        self.img_uncond = self.engine.new_cache(b.img_uncond) if b else self.engine.new_cache()
-        self.text_uncond = self.cond.snapshot()
-
-    @property
-    def cached_tokens(self) -> int:
-        """Tokens already in the caches (text-uncond shares cond's memory)."""
-        return self.cond.length + self.img_uncond.length
-
-    def add(self, item: _Item, generator: torch.Generator | None = None) -> None:
-        self.items.append(item)
-        self._apply(item, generator)
-
-    def _apply(self, item: _Item, generator: torch.Generator | None = None) -> None:
-        engine = self.engine
-        if item.kind in ("system", "user"):
-            if item.kind == "user":
-                self.text_uncond = self.cond.snapshot()
-            tokens = len(engine.tokenizer.segment(item.text))
-            self.last_logits = engine.append_ids(self.cond, engine.tokenizer.segment(item.text))
-            engine.append_ids(self.img_uncond, engine.tokenizer.segment(item.text))
-            self.prefilled += 2 * tokens
-        elif item.kind == "generated":
-            tokens, self.last_logits = engine.append_generated_text(self.cond, item.text)
-            self.prefilled += tokens
-        elif item.kind == "image":
-            vae = engine.append_vae_image(self.cond, item.image, item.noise, generator, resize=item.resize)
-            item.noise = vae.noise
-            vit = engine.append_vit_image(self.cond, item.image)
-            self.text_uncond = self.cond.snapshot()
-            self.prefilled += vae.tokens + vit.tokens
-        else:
-            raise ValueError(f"unknown context item {item.kind!r}")
-
-    def rebuild(self) -> None:
-        """Recompute every context from the items, replaying the recorded VAE posterior draws."""
-        self._fresh()
-        for item in self.items:
-            self._apply(item)
+    text: str
+    stop_token: int | None
+    ids: list[int] = field(default_factory=list)  # not recorded: logits processors see live tokens
 
 
 class Pipeline:
-    def __init__(self, engine: Engine, *, reuse_cache: bool = True):
+    def __init__(self, engine: Engine, *, reuse_cache: bool = True, warm: WarmContexts | None = None):
         self.engine = engine
         self.reuse_cache = reuse_cache  # False: rebuild every context before every stage (for tests)
+        self.warm = warm  # keeps the contexts of paused and finished runs for forks (model/warm.py)
 
     def run(
         self,
         params: GenerationParams,
         should_cancel: ShouldCancel = _never,
         logits_processor: LogitsProcessor | None = None,
+        fork: Fork | None = None,
+        pause_after: tuple[str, ...] = (),
+        warm_key: str | None = None,
     ) -> Iterator[Event]:
         """Yield the events of one generation. Raises `Cancelled` when should_cancel() turns True
-        (checked between tokens and between denoising steps) and `InvalidParams` on bad input."""
+        (checked between tokens and between denoising steps) and `InvalidParams` on bad input.
+
+        With `fork` (model/fork.py; `params` must be the parent's), the recorded stages are replayed
+        into the contexts (events marked `inherited`, nothing decoded or denoised) and the protocol
+        runs on live from the fork point. With `pause_after` (stage names: plan, reflect), the run
+        ends with a `Paused` event after the first such stage it computes (replayed ones excepted).
+        With a `warm` store and `warm_key`, a fork starts from warm caches where it can, and the
+        run's contexts are kept under `warm_key` when it pauses or finishes."""
         params.validate(max_side=self.engine.cfg.max_image_side)
-        run = _Run(self.engine, params, should_cancel, logits_processor, self.reuse_cache)
-        yield from run.guided() if params.protocol == "guided" else run.interleaved()
+        warm = self.warm if self.reuse_cache else None
+        run = _Run(self.engine, params, should_cancel, logits_processor, self.reuse_cache, fork, warm)
+        protocol = run.guided() if params.protocol == "guided" else run.interleaved()
+        for event in protocol:
+            if isinstance(event, Done) and warm is not None and warm_key:
+                warm.put(warm_key, run.trajectory.stages, run.boundaries, run.contexts)
+            yield event
+            if isinstance(event, StageCompleted) and not event.inherited and event.stage.value in pause_after:
+                record = event.trajectory
+                if warm is not None and warm_key:
+                    warm.put(warm_key, run.trajectory.stages, run.boundaries, run.contexts)
+                yield Paused(event.iteration, event.stage, event.text, record)
+                return
 
 
 class _Run:
@@ -155,13 +134,24 @@ class _Run:
         should_cancel: ShouldCancel,
         logits_processor: LogitsProcessor | None,
         reuse_cache: bool,
+        fork: Fork | None = None,
+        warm: WarmContexts | None = None,
     ):
         self.engine, self.params, self.should_cancel = engine, params, should_cancel
         self.logits_processor, self.reuse_cache = logits_processor, reuse_cache
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(6), "little")
         self.generator = torch.Generator().manual_seed(seed)
-        self.contexts = Contexts(engine, job_budget(engine.cfg, engine.tokenizer.segment, params))
-        self.trajectory = Trajectory(params, seed)
+        hit = warm.take(fork.stages, engine.device) if (warm is not None and fork and fork.stages) else None
+        self.contexts = Contexts(engine, hit, job_budget(engine.cfg, engine.tokenizer.segment, params))
+        # The contexts after each stage, for model/warm.py; those of stages served warm come with it.
+        self.boundaries: list[Boundary] = []
+        self.warm_boundaries = hit.boundaries if hit else []
+        self.trajectory = Trajectory(params, seed, parent=fork.lineage if fork else None)
+        # A fork: stage records still to replay, their images, and a follow-up still to add.
+        self.fork = fork or Fork([])
+        self.replay: deque[dict] = deque(self.fork.stages)
+        self.pending_instruction = self.fork.instruction
+        self.last_pixels: np.ndarray | None = None  # the latest image, for a follow-up
         self.height, self.width = params.height, params.width
         self.history: list[int] = []  # every token the model chose, for logits processors
         self.reported_prefill = 0
@@ -204,6 +194,42 @@ class _Run:
             return None
         return lambda ids, logits: self.logits_processor(self.history + ids, logits)
 
+    def _record(self, **record) -> None:
+        """A stage's trajectory record, and the contexts' boundary after it (for warm forks)."""
+        self.trajectory.add(**record)
+        if len(self.boundaries) < len(self.warm_boundaries):  # the caches are past this stage
+            self.boundaries.append(self.warm_boundaries[len(self.boundaries)])
+            return
+        c = self.contexts
+        logits = None if c.last_logits is None else c.last_logits.detach().to("cpu", copy=True)
+        self.boundaries.append(
+            Boundary(
+                (c.cond.length, c.cond.rope),
+                (c.img_uncond.length, c.img_uncond.rope),
+                (c.text_uncond.length, c.text_uncond.rope),
+                len(c.items),
+                logits,
+            )
+        )
+
+    def _next_replay(self, it: int, stage: str) -> dict | None:
+        """The recorded stage to replay here, or None once the fork point is passed."""
+        if not self.replay:
+            return None
+        rec = self.replay.popleft()
+        if (rec["iteration"], rec["stage"]) != (it, stage):
+            raise InvalidParams(
+                "fork",
+                f"the parent's trajectory does not follow its parameters: it recorded "
+                f"{rec['iteration']}/{rec['stage']} where the protocol runs {it}/{stage}",
+            )
+        return rec
+
+    def _lineage_flags(self, rec: dict | None) -> dict:
+        if rec is None:
+            return {}
+        return {"inherited": True, "edited": True} if rec.get("edited") else {"inherited": True}
+
     def _text_stage(
         self,
         it: int,
@@ -215,24 +241,32 @@ class _Run:
         """Add the instruction (if any), decode the model's text, append it. Returns the decoding."""
         yield StageStarted(it, stage)
         t0, cached = self._begin()
+        rec = self._next_replay(it, stage.value)
+        if rec is not None and rec.get("instruction") != instruction:
+            raise InvalidParams("fork", f"the parent's {stage.value} instruction differs from its templates")
         if instruction is not None:
             self.contexts.add(_Item("user", instruction))
-        dec = self.engine.decode_text(
-            self.contexts.cond,
-            max_tokens=settings.max_tokens,
-            do_sample=settings.do_sample,
-            temperature=settings.temperature,
-            generator=self.generator,
-            stop_ids=stop_ids,
-            should_cancel=self.should_cancel,
-            logits_processor=self._processor(),
-            commit=False,
-        )
-        for step in dec:
-            if step.delta:
-                yield TextDelta(it, stage, step.delta)
+        if rec is not None:
+            dec = self._replayed_text(rec)
+        else:
+            dec = self.engine.decode_text(
+                self.contexts.cond,
+                max_tokens=settings.max_tokens,
+                do_sample=settings.do_sample,
+                temperature=settings.temperature,
+                generator=self.generator,
+                stop_ids=stop_ids,
+                should_cancel=self.should_cancel,
+                logits_processor=self._processor(),
+                commit=False,
+            )
+            for step in dec:
+                if step.delta:
+                    yield TextDelta(it, stage, step.delta)
         self.history += dec.ids
         self.contexts.add(_Item("generated", dec.text))
+        if rec is not None:
+            set_rng_state(self.generator, rec["rng"])
         reflection = parse_reflection(dec.text) if stage == Stage.reflect else None
         done = StageCompleted(
             it,
@@ -244,23 +278,34 @@ class _Run:
             verdict=reflection.verdict if reflection else None,
             refine_instruction=reflection.refine_instruction if reflection else None,
             generated_tokens=len(dec.ids),
+            inherited=rec is not None,
         )
         self._account(done)
-        self.trajectory.add(
+        self._record(
             iteration=it,
             stage=stage.value,
             instruction=instruction,
             text=dec.text,
             verdict=done.verdict.value if done.verdict else None,
             refine_instruction=done.refine_instruction,
-            tokens=len(dec.ids),
-            stop=self._stop_reason(dec.stop_token),
+            tokens=rec["tokens"] if rec else len(dec.ids),
+            stop=rec["stop"] if rec else self._stop_reason(dec.stop_token),
             seconds=done.seconds,
             prefilled_tokens=done.prefilled_tokens,
             cached_tokens=cached,
+            rng=rng_state(self.generator),
+            **self._lineage_flags(rec),
         )
+        done.trajectory = self.trajectory.to_dict(None, it, dict(self.usage))
         yield done
         return dec
+
+    def _replayed_text(self, rec: dict) -> _Replayed:
+        """A recorded text as a decoding. After an edited text the model chooses what follows (as
+        after a text that ended with <|im_end|>); otherwise it does what it did in the parent."""
+        tok = self.engine.tokenizer
+        stop = {"eos": tok.eos_id, "image": tok.start_of_image, "max_tokens": None}[rec["stop"]]
+        return _Replayed(rec["text"], tok.eos_id if rec.get("edited") else stop)
 
     def _stop_reason(self, token: int | None) -> str:
         if token is None:
@@ -272,23 +317,37 @@ class _Run:
         yield StageStarted(it, stage)
         t0, cached = self._begin()
         c = self.contexts
-        gen = self.engine.generate_image(
-            c.cond,
-            c.text_uncond,
-            c.img_uncond,
-            height=self.height,
-            width=self.width,
-            settings=settings,
-            generator=self.generator,
-            should_cancel=self.should_cancel,
-            preview_every=self.params.preview_every,
-        )
-        for step in gen:
-            yield ImageProgress(it, stage, step.index + 1, step.total, step.preview)
         image_id = f"it{it}-{stage.value}"
-        yield ImageCompleted(it, stage, image_id, gen.pixels, settings_dict(settings))
+        rec = self._next_replay(it, stage.value)
+        if rec is not None:
+            pixels = self.fork.images[rec["image"]]
+            if pixels.shape != (self.height, self.width, 3) or bool(rec["appended_to_context"]) != append:
+                raise InvalidParams("fork", f"the parent's image {rec['image']} does not fit its parameters")
+        else:
+            gen = self.engine.generate_image(
+                c.cond,
+                c.text_uncond,
+                c.img_uncond,
+                height=self.height,
+                width=self.width,
+                settings=settings,
+                generator=self.generator,
+                should_cancel=self.should_cancel,
+                preview_every=self.params.preview_every,
+            )
+            for step in gen:
+                yield ImageProgress(it, stage, step.index + 1, step.total, step.preview)
+            pixels = gen.pixels
+        self.last_pixels = pixels
+        yield ImageCompleted(it, stage, image_id, pixels, settings_dict(settings))
+        rng_vae = None
         if append:
-            self.contexts.add(_Item("image", image=Image.fromarray(gen.pixels), resize=False), self.generator)
+            if rec is not None:
+                set_rng_state(self.generator, rec["rng_vae"])  # replay the parent's posterior draw
+            rng_vae = rng_state(self.generator)
+            self.contexts.add(_Item("image", image=Image.fromarray(pixels), resize=False), self.generator)
+        if rec is not None:
+            set_rng_state(self.generator, rec["rng"])
         done = StageCompleted(
             it,
             stage,
@@ -299,12 +358,14 @@ class _Run:
             width=self.width,
             height=self.height,
             steps=settings.steps - 1,  # denoising steps run: the count image.progress reports
+            inherited=rec is not None,
         )
-        self.usage["denoising_steps"] += done.steps
-        self.usage["model_forwards"] += gen.forwards
-        self.usage["images"] += 1
+        if rec is None:
+            self.usage["denoising_steps"] += settings.steps - 1
+            self.usage["model_forwards"] += gen.forwards
+            self.usage["images"] += 1
         self._account(done)
-        self.trajectory.add(
+        self._record(
             iteration=it,
             stage=stage.value,
             image=image_id,
@@ -315,7 +376,11 @@ class _Run:
             seconds=done.seconds,
             prefilled_tokens=done.prefilled_tokens,
             cached_tokens=cached,
+            rng_vae=rng_vae,
+            rng=rng_state(self.generator),
+            **self._lineage_flags(rec),
         )
+        done.trajectory = self.trajectory.to_dict(None, it, dict(self.usage))
         yield done
         return image_id
 
@@ -328,18 +393,60 @@ class _Run:
         record = self.trajectory.to_dict(final_image_id, iterations, dict(self.usage))
         return Done(final_image_id, iterations, record["seconds"], dict(self.usage), record)
 
+    # ---- follow-ups (a fork that adds a user instruction after the final image) ----------------
+    def _follow_up_pending(self) -> bool:
+        if self.replay:
+            return self.replay[0]["stage"] == "instruction"
+        return self.pending_instruction is not None
+
+    def _follow_up(self, it: int) -> str:
+        """Put the final image in the context (where the last stage left it out) and return the new
+        instruction; recorded as an "instruction" stage so a fork of this fork replays it."""
+        rec = self.replay.popleft() if self.replay else None
+        instruction = rec["instruction"] if rec else self.pending_instruction
+        if rec is None:
+            self.pending_instruction = None
+        last = next(s for s in reversed(self.trajectory.stages) if s.get("image"))
+        rng_vae, appended = None, None
+        if not last["appended_to_context"]:
+            if rec is not None:
+                set_rng_state(self.generator, rec["rng_vae"])
+            rng_vae, appended = rng_state(self.generator), last["image"]
+            image = Image.fromarray(self.last_pixels)
+            self.contexts.add(_Item("image", image=image, resize=False), self.generator)
+        if rec is not None:
+            set_rng_state(self.generator, rec["rng"])
+        self._record(
+            iteration=it + 1,
+            stage="instruction",
+            instruction=instruction,
+            appended_image=appended,
+            rng_vae=rng_vae,
+            rng=rng_state(self.generator),
+            **self._lineage_flags(rec),
+        )
+        return instruction
+
     # ---- the guided protocol -------------------------------------------------------------------
     def guided(self) -> Iterator[Event]:
-        p = self.params
         self._start_context()
-        final_id, it = None, 0
-        for it in range(1, p.max_iterations + 1):
-            last = it == p.max_iterations
-            plan_template = "plan_first" if it == 1 else "plan_next"
-            yield from self._text_stage(it, Stage.plan, render(plan_template, p.prompt, p.templates), p.plan)
+        final_id, it = yield from self._guided_rounds(1, self.params.prompt, "plan_first")
+        while self._follow_up_pending():
+            instruction = self._follow_up(it)
+            final_id, it = yield from self._guided_rounds(it + 1, instruction, "plan_next")
+        yield self._done(final_id, it)
+
+    def _guided_rounds(self, first: int, prompt: str, first_template: str) -> Iterator[Event]:
+        """Iterations first .. first + max_iterations - 1 toward `prompt`, until one is correct."""
+        p = self.params
+        final_id, it, end = None, first, first + p.max_iterations - 1
+        for it in range(first, end + 1):
+            last = it == end
+            plan_template = first_template if it == first else "plan_next"
+            yield from self._text_stage(it, Stage.plan, render(plan_template, prompt, p.templates), p.plan)
             final_id = yield from self._image_stage(it, Stage.draft, p.draft, append=True)
             reflection = yield from self._text_stage(
-                it, Stage.reflect, render("reflect", p.prompt, p.templates), p.reflect
+                it, Stage.reflect, render("reflect", prompt, p.templates), p.reflect
             )
             verdict = parse_reflection(reflection.text).verdict
             if verdict != Verdict.correct:
@@ -347,11 +454,24 @@ class _Run:
             yield IterationCompleted(it, verdict, final_id)
             if verdict == Verdict.correct:
                 break
-        yield self._done(final_id, it)
+        return final_id, it
 
     # ---- the interleaved protocol --------------------------------------------------------------
     def _choose(self, logits: torch.Tensor) -> int:
-        """The model's next token after a finished text (or the prompt): image, text, or the end."""
+        """The model's next token after a finished text (or the prompt): image, text, or the end.
+        While a fork replays, the parent's recorded next stage decides (its draws are restored)."""
+        tok = self.engine.tokenizer
+        if self.replay:
+            kind = self.replay[0]["stage"]
+            token = (
+                tok.start_of_image
+                if kind in IMAGE_STAGES
+                else tok.eos_id
+                if kind == "instruction"
+                else tok.bos_id
+            )
+            self.history.append(token)
+            return token
         if self.logits_processor is not None:
             logits = self.logits_processor(list(self.history), logits)
         s = self.params.plan
@@ -360,19 +480,29 @@ class _Run:
         return token
 
     def interleaved(self) -> Iterator[Event]:
-        p, tok = self.params, self.engine.tokenizer
         self._start_context()
-        self.contexts.add(_Item("user", INTERLEAVED_PROMPT.replace("{prompt}", p.prompt)))
-        it, images, last_kind = 0, 0, None
+        final_id, it = yield from self._interleaved_rounds(0, self.params.prompt)
+        while self._follow_up_pending():
+            instruction = self._follow_up(it)
+            new_id, it = yield from self._interleaved_rounds(it, instruction)
+            final_id = new_id or final_id
+        yield self._done(final_id, it)
+
+    def _interleaved_rounds(self, first: int, prompt: str) -> Iterator[Event]:
+        """The model's own loop after the user text for `prompt`, at most max_iterations plans and
+        2 * max_iterations images, iterations numbered after `first`."""
+        p, tok = self.params, self.engine.tokenizer
+        self.contexts.add(_Item("user", INTERLEAVED_PROMPT.replace("{prompt}", prompt)))
+        it, images, last_kind = first, 0, None
         final_id, verdict, refine_next = None, Verdict.unknown, False
         next_token = self._choose(self.contexts.last_logits)
         while True:
             if next_token == tok.bos_id:  # a text segment
                 stage = Stage.reflect if last_kind == "image" else Stage.plan
                 if stage == Stage.plan:
-                    if it and final_id:
+                    if it > first and final_id:
                         yield IterationCompleted(it, verdict, final_id)
-                    if it == p.max_iterations:
+                    if it == first + p.max_iterations:
                         break
                     it += 1
                 settings = p.reflect if stage == Stage.reflect else p.plan
@@ -391,7 +521,7 @@ class _Run:
             elif next_token == tok.start_of_image:  # the model asks for an image
                 if images == 2 * p.max_iterations:
                     break
-                it = max(it, 1)
+                it = max(it, first + 1)
                 stage = Stage.refine if refine_next else Stage.draft
                 final_id = yield from self._image_stage(
                     it, stage, p.refine if refine_next else p.draft, append=True
@@ -400,6 +530,6 @@ class _Run:
                 next_token = tok.bos_id  # every image is followed by its inspection
             else:  # end of sequence (or anything else): the model is done
                 break
-        if it and final_id:
+        if it > first and final_id:
             yield IterationCompleted(it, verdict, final_id)
-        yield self._done(final_id, it)
+        return final_id, it

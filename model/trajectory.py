@@ -4,7 +4,10 @@ One record per stage, in order: the instruction the pipeline added (if any), the
 wrote (plans, reflections) with its verdict, or the image it drew (by its image id, e.g.
 `it1-draft`, with the exact settings), plus timings and token counts. The image id is the same
 everywhere: the API serves it at /v1/generations/{job}/images/{image_id}, and `strokes generate`
-(and the client's example script) write it to the file `{image_id}.png`. `strokes generate` writes it as
+(and the client's example script) write it to the file `{image_id}.png`. For forks and resumes
+(model/fork.py) each stage also records the random generator's state after it (`rng`, and
+`rng_vae` before an image's VAE posterior draw); a fork's record names its `parent` and marks
+replayed stages `inherited`. `strokes generate` writes it as
 trajectory.json beside the images; the service stores it with the job.
 """
 
@@ -24,6 +27,7 @@ class Trajectory:
     params: GenerationParams
     seed: int
     stages: list[dict[str, Any]] = field(default_factory=list)
+    parent: dict[str, Any] | None = None  # a fork's lineage (model/fork.py): job, fork point, edit
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, **record: Any) -> dict[str, Any]:
@@ -51,6 +55,7 @@ class Trajectory:
                 "templates": dict(p.templates),
                 "starting_image": p.input_image is not None,
             },
+            "parent": self.parent,
             "stages": self.stages,
             "iterations": iterations,
             "final_image": final_image_id,

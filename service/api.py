@@ -40,6 +40,7 @@ from service.keys import JobStatus
 from service.metrics import ApiMetrics
 from service.schemas import ErrorResponse, GenerationRequest, Health, Job, Readiness
 from service.settings import Settings, SettingsDep, get_settings
+from service.steering import steering
 from service.store import Store, connect
 from service.wire import IMAGE_FIELD_PREFIX, IMAGE_ID
 
@@ -172,7 +173,9 @@ after the terminal event (exactly one per job: job.completed, job.failed or job.
 | iteration.completed | iteration, verdict, image |
 | job.completed | final_image, iterations, timings, usage |
 | job.failed | error {type, message} |
-| job.canceled | |
+| job.canceled | (a pause that expired: reason pause_expired, error) |
+| job.paused | iteration, stage, text, expires_at: the job waits (status paused) for continue or cancel |
+| job.resumed | iteration, stage, edited: continued, queued again |
 | error | error {type, message}: the event store failed; reconnect with Last-Event-ID |
 """
 
@@ -258,7 +261,9 @@ async def cancel_generation(
     job_id: str, response: Response, store: StoreDep, settings: SettingsDep, owner: OwnerDep, blobs: BlobsDep
 ) -> Job:
     async def work() -> str:
-        await jobs.find(store, job_id, owner)
+        job = await jobs.find(store, job_id, owner)
+        if job["status"] == JobStatus.paused.value and await steering(store).cancel_paused(job_id):
+            return "canceled"  # a paused job ends at once
         outcome, _ = await store.cancel(job_id)
         if outcome == "missing":
             raise NotFound("no such generation")
@@ -533,6 +538,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs_ui.install(app)
     app.include_router(openai_images.router)  # POST /v1/images/generations, /v1/images/edits
     studio.install(app)  # the page at /studio/, / redirecting there, GET /v1/info
+    from service.steering_api import router as steering_router  # here: it imports this module
+
+    app.include_router(steering_router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -16,7 +16,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from service import images as imagelib
-from service import webhooks
+from service import keys, webhooks
 from service.blobs import BlobStore, presign_refs
 from service.errors import (
     IdempotencyKeyReused,
@@ -110,6 +110,8 @@ def view(job: dict[str, str], position: int | None = None) -> Job:
         timings=timings or None,
         usage=_json(job, "usage"),
         error=_json(job, "error"),
+        parent=_json(job, "parent"),
+        paused=_json(job, "paused") if status == "paused" else None,
         links=links(job["id"]),
     )
 
@@ -159,11 +161,16 @@ async def submit(
         raise InvalidRequest(
             "Idempotency-Key must be 1-255 printable ASCII characters", param="Idempotency-Key"
         )
-    record = request.job_record()
+    record, fork = request.job_record(), None
+    if request.fork is not None:  # the parent's request and context (service/steering.py)
+        fork = await asyncio.wait_for(_fork(store, owner, request, blobs), deadline_s)
+        record = {**fork.record, "pause_after": record["pause_after"], "preview_every": request.preview_every}
+    elif request.prompt is None:
+        raise InvalidRequest("prompt: required (or fork an earlier generation)", param="prompt")
     params_from_record(record, None, settings.max_side)  # GenerationParams.validate() has the last word
     if request.webhook_url is not None:
         await _check_webhook(settings, request.webhook_url)
-    upload = None
+    upload = fork.upload if fork is not None else None
     if request.input_image is not None:
         try:
             upload = await run_in_threadpool(
@@ -186,7 +193,7 @@ async def submit(
         fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events))
     try:
         job, replayed = await asyncio.wait_for(
-            _enqueue(store, job_id, owner, request, record, idempotency_key, fields, blobs), deadline_s
+            _enqueue(store, job_id, owner, request, record, idempotency_key, fields, blobs, fork), deadline_s
         )
     except (QueueFull, IdempotencyKeyReused):  # surely no job: drop its input now
         await _drop(blobs, stored_input)
@@ -216,6 +223,22 @@ async def _check_webhook(settings: Settings, url: str) -> None:
         raise InvalidRequest(f"webhook_url {exc}", param="webhook_url") from exc
 
 
+async def _fork(store: Store, owner: str, request: GenerationRequest, blobs: BlobStore):
+    from service.schemas import FORK_INHERITS
+    from service.steering import steering
+
+    inherited = sorted(request.model_fields_set & FORK_INHERITS)
+    if inherited:
+        raise InvalidRequest(
+            f"{inherited[0]}: a fork runs with its parent's parameters; leave it out", param=inherited[0]
+        )
+    try:
+        parent = await find(store, request.fork.job_id, owner)
+    except NotFound:
+        raise NotFound("no such generation to fork", param="fork.job_id") from None
+    return await steering(store).fork_job(parent, request.fork.model_dump(), blobs)
+
+
 async def _enqueue(
     store: Store,
     job_id: str,
@@ -225,7 +248,13 @@ async def _enqueue(
     idempotency_key: str | None,
     fields: dict[str, Any],
     blobs: BlobStore,
+    fork=None,
 ) -> tuple[Job, bool]:
+    if fork is not None:  # the context record first: a worker may take the job as soon as it is queued
+        from service.steering import steering
+
+        await steering(store).put_steer(job_id, fork.steer)
+        fields = {**fields, **fork.fields}
     result = await store.enqueue(
         job_id,
         owner=owner,
@@ -234,6 +263,8 @@ async def _enqueue(
         idempotency_key=idempotency_key,
         fields=fields,
     )
+    if result.outcome != "ok" and fork is not None:
+        await store.r.delete(keys.steer(job_id))
     if result.outcome == "full":
         raise QueueFull(await store.retry_after())
     if result.outcome == "conflict":

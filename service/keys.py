@@ -20,6 +20,8 @@ One module so the data layout can be read in one place (arq's constants.py). All
 | strokes:owner:{owner}:jobs  | zset   | the owner's job ids by creation time (ms), for GET /v1/generations |
 | strokes:webhooks            | stream | webhook outbox: events to deliver, consumer group WEBHOOK_GROUP |
 | strokes:webhooks:dead       | stream | webhook deliveries given up after `webhook_retry_for_s`      |
+| strokes:steer:{id}          | string | a fork's or paused job's context record (service/steering.py) |
+| strokes:paused              | zset   | paused job id -> when its pause expires (ms)                 |
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ WEBHOOK_OUTBOX = PREFIX + "webhooks"
 WEBHOOK_GROUP = "dispatchers"
 WEBHOOK_DEAD = PREFIX + "webhooks:dead"
 BLOB_SWEEP_LOCK = PREFIX + "blobs:sweep"  # images live in the blob store (service/blobs.py), never here
+PAUSED = PREFIX + "paused"
 
 # A consumer name no worker ever uses and that never heartbeats: entries handed back (SIGTERM,
 # retry after a failure) are moved to it, so every worker's reclaim step sees them at once and
@@ -58,6 +61,10 @@ def events(job_id: str) -> str:
 
 def trajectory(job_id: str) -> str:
     return f"{PREFIX}trajectory:{job_id}"
+
+
+def steer(job_id: str) -> str:
+    return f"{PREFIX}steer:{job_id}"
 
 
 def heartbeat(worker: str) -> str:
@@ -80,6 +87,7 @@ class JobStatus(str, Enum):
 
     queued = "queued"  # accepted, durable, waiting for a worker (or handed back by one)
     running = "running"  # a worker holds it under the attempt number in the job hash
+    paused = "paused"  # stopped at a pause point, holding no worker (service/steering.py)
     succeeded = "succeeded"  # terminal: job.completed was emitted
     failed = "failed"  # terminal: job.failed was emitted, and the job is in the dead letters
     canceled = "canceled"  # terminal: job.canceled was emitted

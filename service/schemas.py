@@ -115,6 +115,49 @@ TemplateName = Literal[tuple(sorted(TEMPLATE_NAMES))]  # type: ignore[valid-type
 WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
 
 
+class ForkRequest(BaseModel):
+    """Start from a completed stage of an earlier generation of the same key (docs/steering.md)."""
+
+    model_config = _STRICT
+
+    job_id: str = Field(max_length=64, description="the parent generation")
+    iteration: int | None = Field(None, ge=1, le=64, description="with stage: the fork point")
+    stage: Literal["plan", "draft", "reflect", "refine", "instruction"] | None = Field(
+        None, description="start from the boundary after this stage of that iteration"
+    )
+    text: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description="replaces that stage's text (plan, reflect, instruction)",
+    )
+    instruction: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description="instead of a stage: a follow-up instruction after the parent's final image",
+    )
+
+    @field_validator("text", "instruction")
+    @classmethod
+    def _no_control_tokens(cls, value: str | None) -> str | None:
+        return _steering_text(value)
+
+
+def _steering_text(value: str | None) -> str | None:
+    """A caller's words for the context (an edit, an instruction): the prompt's rules."""
+    if value is not None:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        _reject_control_tokens(value, "the text")
+    return value
+
+
+# Request fields a fork takes from its parent (it may set only fork, pause_after, preview_every).
+FORK_INHERITS = frozenset(
+    {"prompt", "protocol", "width", "height", "max_iterations", "draft", "refine", "plan", "reflect"}
+    | {"seed", "think", "templates", "input_image"}
+)
+
+
 class GenerationRequest(BaseModel):
     """POST /v1/generations: one process-driven generation."""
 
@@ -134,7 +177,9 @@ class GenerationRequest(BaseModel):
         },
     )
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: str | None = Field(
+        None, min_length=1, max_length=MAX_PROMPT_CHARS, description="required, except for a fork"
+    )
     protocol: Literal["guided", "interleaved"] = "guided"
     width: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
     height: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
@@ -154,6 +199,10 @@ class GenerationRequest(BaseModel):
         max_length=24 * 1024 * 1024,
         description="start image (edit): base64 or a data: URL of a PNG, JPEG or WebP",
     )
+    fork: ForkRequest | None = Field(None, description="start from a stage of an earlier generation")
+    pause_after: list[Literal["plan", "reflect"]] = Field(
+        default_factory=list, max_length=2, description="pause (status paused) after these stages"
+    )
 
     webhook_url: str | None = Field(
         None,
@@ -166,7 +215,9 @@ class GenerationRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, value: str) -> str:
+    def _prompt(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if not value.strip():
             raise ValueError("must not be blank")
         if "\x00" in value:
@@ -254,6 +305,40 @@ class StageSummary(BaseModel):
     image: ImageRef | None = None
 
 
+class ParentRef(BaseModel):
+    """Where a fork started: the parent and the stage after which it went on."""
+
+    job_id: str
+    iteration: int | None = None
+    stage: str | None = None
+
+
+class PauseInfo(BaseModel):
+    """What a paused job waits for: continue (POST .../continue) or cancel, before expires_at."""
+
+    iteration: int
+    stage: str
+    text: str | None = None
+    expires_at: float
+
+
+class ContinueRequest(BaseModel):
+    """POST /v1/generations/{id}/continue."""
+
+    model_config = _STRICT
+
+    text: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description="replace the paused stage's text (else go on unchanged)",
+    )
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        return _steering_text(value)
+
+
 class JobLinks(BaseModel):
     self: str
     events: str
@@ -265,7 +350,7 @@ class Job(BaseModel):
 
     id: str
     object: Literal["generation"] = "generation"
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    status: Literal["queued", "running", "paused", "succeeded", "failed", "canceled"]
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -280,6 +365,8 @@ class Job(BaseModel):
     timings: dict[str, float] | None = None
     usage: dict[str, int] | None = None
     error: ErrorDetail | None = None
+    parent: ParentRef | None = None
+    paused: PauseInfo | None = None
     links: JobLinks
 
 

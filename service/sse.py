@@ -108,7 +108,7 @@ class Feed:
                 )
                 if not batch:
                     status = await store.r.hget(keys.job(self.job_id), "status")
-                    if status is not None and status.decode() in ("queued", "running"):
+                    if status is not None and status.decode() in ("queued", "running", "paused"):
                         continue
                     # Finished (or expired): read once more, since the terminal event may have
                     # landed between the blocking read and the status check.

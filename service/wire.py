@@ -36,6 +36,8 @@ ITERATION_COMPLETED = "iteration.completed"
 JOB_COMPLETED = "job.completed"
 JOB_FAILED = "job.failed"
 JOB_CANCELED = "job.canceled"
+JOB_PAUSED = "job.paused"  # steering (service/steering.py): stopped at a pause point, no worker
+JOB_RESUMED = "job.resumed"  # continued: queued again
 TERMINAL_EVENTS = frozenset({JOB_COMPLETED, JOB_FAILED, JOB_CANCELED})
 EVENT_NAMES = (
     JOB_QUEUED,
@@ -48,6 +50,8 @@ EVENT_NAMES = (
     JOB_COMPLETED,
     JOB_FAILED,
     JOB_CANCELED,
+    JOB_PAUSED,
+    JOB_RESUMED,
 )
 
 IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -164,6 +168,7 @@ class Translator:
             prefilled_tokens=event.prefilled_tokens,
             cached_tokens=event.cached_tokens,
             generated_tokens=event.generated_tokens,
+            inherited=event.inherited or None,
         )
         summary = {
             "iteration": event.iteration,
@@ -174,7 +179,10 @@ class Translator:
             "image": image,
         }
         self.stages.append({k: v for k, v in summary.items() if v is not None})
-        return Wire(STAGE_COMPLETED, data, {"stages": self.stages})
+        fields: dict[str, Any] = {"stages": self.stages}
+        if event.trajectory is not None:  # forks of an unfinished job start from it (steering.py)
+            fields["partial_trajectory"] = event.trajectory
+        return Wire(STAGE_COMPLETED, data, fields)
 
     def completed(self, done: Done, timings: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(job.completed data, job-hash fields) for the pipeline's Done event."""

@@ -40,7 +40,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry as SyncRetry
 
-from model.events import Done, StageCompleted, StageStarted
+from model.events import Done, Paused, StageCompleted, StageStarted
 from model.events import Event as PipelineEvent
 from model.params import GenerationParams, InvalidParams
 from service import blobs as bloblib
@@ -51,6 +51,7 @@ from service.keys import JobStatus
 from service.metrics import WorkerMetrics
 from service.schemas import params_from_record
 from service.settings import Settings
+from service.steering import steering
 from service.store import Store, connect
 from service.wire import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, Translator, Wire
 
@@ -286,6 +287,7 @@ class Worker:
         if now - self._last_reclaim < self.settings.reclaim_interval_s:
             return
         self._last_reclaim = now
+        await steering(self.store).expire_pauses()  # pauses left unanswered end here
         claimed = await self.store.reclaim(self.name)
         if claimed:
             log.info("claimed a pending job", extra={"entry_id": claimed[0], "from_worker": claimed[1]})
@@ -298,6 +300,8 @@ class Worker:
         if job_id is None:  # the entry was trimmed away: nothing to run
             await self.store.ack(entry_id)
             return None
+        if await steering(self.store).route(self.name, entry_id, job_id):
+            return None  # a resume or fork whose context is warm on another worker: handed there
         return entry_id, job_id
 
     async def start(self, entry_id: str, job_id: str) -> ActiveJob | None:
@@ -333,7 +337,10 @@ class Worker:
         lost | retry (error) | failed (error)."""
         try:
             params = await self._params(job)
-        except PermanentError as exc:
+            params, extra = await steering(self.store).prepare_run(
+                job.job_id, job.record, params, self.images, self.pipeline
+            )
+        except (PermanentError, LookupError, InvalidParams) as exc:  # steering: a fork or resume
             return "failed", {"type": "invalid_job", "message": str(exc)}
         loop = asyncio.get_running_loop()
         publisher = Publisher(self, job, loop)
@@ -342,7 +349,7 @@ class Worker:
             return self._should_cancel(job)
 
         def produce() -> Done | None:
-            events = self.pipeline.run(params, should_cancel)
+            events = self.pipeline.run(params, should_cancel, **extra)
             try:
                 return consume(events)
             finally:
@@ -375,7 +382,7 @@ class Worker:
                         prefilled_tokens=event.prefilled_tokens,
                         cached_tokens=event.cached_tokens,
                     )
-                if isinstance(event, Done):
+                if isinstance(event, (Done, Paused)):
                     return event
             return None
 
@@ -398,7 +405,7 @@ class Worker:
             if job.reason is not None:
                 return self._interrupted(job), None
             return "retry", {"type": "generation_failed", "message": "the pipeline ended without a result"}
-        return "succeeded", done
+        return ("paused" if isinstance(done, Paused) else "succeeded"), done
 
     def _should_cancel(self, job: ActiveJob) -> bool:
         """The pipeline's check between tokens and steps. Besides the flags set from the event
@@ -452,6 +459,8 @@ class Worker:
                 ),
             )
             result = "succeeded" if ok else "lost"
+            if ok:
+                await steering(s).mark_warm(job.job_id, self.name, self.pipeline)  # for its forks
         elif outcome == "canceled":
             ok = await self._through_outage(
                 job,
@@ -477,6 +486,14 @@ class Worker:
                 ),
             )
             result = "failed" if ok else "lost"
+        elif outcome == "paused":  # steering: the context is stored, the job released
+            await steering(s).mark_warm(job.job_id, self.name, self.pipeline)
+            state = await self._through_outage(
+                job, lambda: steering(s).pause(job.job_id, job.attempt, payload)
+            )
+            if state == "cancel":
+                return await self.finish(job, "canceled", None)
+            result = "paused" if state == "paused" else "lost"
         elif outcome in ("handback", "retry"):
             state = await self._through_outage(
                 job, lambda: s.requeue(job.job_id, job.attempt, outcome, payload)

@@ -127,3 +127,53 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
         assert out.returncode == 2, (args, out.stderr)
         assert "Traceback" not in out.stderr and expected in out.stderr, out.stderr
         assert out.stderr.strip().splitlines()[-1].startswith(f"strokes {args[0]}: error: ")
+
+
+def _generate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*STROKES, "generate", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_forks_a_saved_trajectory_with_an_edit(own_tiny, tmp_path):
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "start.png")
+    parent, child, same = tmp_path / "parent", tmp_path / "child", tmp_path / "same"
+    common = ["--checkpoint", str(own_tiny), "--width", "64", "--height", "64", "--steps", "3"]
+    out = _generate(*common, "--out", str(parent), "--max-iterations", "1", "--max-text-tokens", "5")
+    assert out.returncode == 2 and "prompt" in out.stderr  # neither a prompt nor --fork
+    out = _generate(
+        *common, "--out", str(parent), "--max-iterations", "1", "--max-text-tokens", "5", "--seed", "4",
+        "--image", str(tmp_path / "start.png"), "make it blue",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (parent / "input.png").is_file()
+    fork = ["--checkpoint", str(own_tiny), "--fork", str(parent / "trajectory.json")]
+
+    out = _generate(*fork, "--out", str(same), "--at", "1/plan")
+    assert out.returncode == 0, out.stderr
+    before = json.loads((parent / "trajectory.json").read_text())
+    after = json.loads((same / "trajectory.json").read_text())
+    keys = ("iteration", "stage", "text", "image", "rng", "rng_vae")
+    assert [{k: s.get(k) for k in keys} for s in after["stages"]] == [
+        {k: s.get(k) for k in keys} for s in before["stages"]
+    ]
+    for stage in before["stages"]:
+        if "image" in stage:
+            with Image.open(parent / stage["image"]) as a, Image.open(same / stage["image"]) as b:
+                assert a.tobytes() == b.tobytes()
+
+    edit = "The intermediate step is correct. It is blue."
+    out = _generate(*fork, "--out", str(child), "--at", "1/reflect", "--text", edit)
+    assert out.returncode == 0, out.stderr
+    assert "(from the parent)" in out.stdout
+    edited = json.loads((child / "trajectory.json").read_text())
+    assert [s["stage"] for s in edited["stages"]] == ["plan", "draft", "reflect"]
+    assert edited["stages"][-1]["text"] == edit and edited["parent"]["stage"] == "reflect"
+    assert edited["parent"]["replaced_text"] == before["stages"][2]["text"]
+
+    for args, expected in [
+        (["--at", "1/plan", "--text", "<|im_end|>"], "fork.text"),
+        (["--at", "1/draft", "--text", "green"], "fork.text"),
+        (["--at", "4/plan"], "fork.stage"),
+        (["--at", "plan"], "--at"),
+    ]:
+        out = _generate(*fork, "--out", str(tmp_path / "bad"), *args)
+        assert out.returncode == 2 and expected in out.stderr, (args, out.stderr)

@@ -1,0 +1,388 @@
+"""Steering on the service side: forks, pause points, continue, cancel while paused, pause expiry.
+
+The model does the exactness (model/fork.py: a context rebuilt from a trajectory equals the
+parent's). This module stores what a worker needs to rebuild one, and moves jobs in and out of
+the `paused` status with its own fenced Lua scripts (the same discipline as store.py):
+
+    fork      POST /v1/generations with `fork`: the parent (same owner, else 404) must have a
+              trajectory (succeeded, or paused); the fork point is checked against it (422 naming
+              fork.stage / fork.text / fork.instruction). The new job's request is the parent's
+              (seed made explicit); it goes through the same admission as any job. Its steer record
+              (keys.steer) holds the parent's trajectory, the fork point and the image keys.
+    pause     a job with `pause_after` stops after such a stage: the worker stores the trajectory
+              so far as the job's steer record and runs PAUSE: running -> paused (fenced on the
+              attempt), queue entry acknowledged (no worker, no GPU holds it), job.paused with
+              iteration, stage, text and expires_at, and an entry in the expiry zset.
+    continue  paused -> queued with a new queue entry and job.resumed; the next attempt (any
+              worker) forks the steer record at the paused stage, with the caller's text if any.
+    warm      a worker that paused or finished a job keeps its KV caches (model/warm.py) and names
+              itself in the job hash (`warm_worker`; a fork inherits its parent's). The worker that
+              polls a resume or fork of another live, idle worker's job hands the queue entry to
+              that worker (XCLAIM: it reads its own pending entries first), once; if that worker
+              dies meanwhile the ordinary reclaim gives the entry to any other, which rebuilds.
+    cancel    paused -> canceled at once (one terminal event).
+    expiry    workers sweep the zset: a pause unanswered for `pause_timeout_s` ends canceled with
+              error type `pause_expired` (one terminal event).
+
+Knows nothing of tensors: the worker side hands model objects through (prepare_run).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.params import InvalidParams
+from service import images as imagelib
+from service import keys
+from service.errors import NotFound, NotReady
+from service.keys import JobStatus
+from service.store import Store, _s
+from service.wire import IMAGE_FIELD_PREFIX
+
+# KEYS: job, events, jobs, paused     ARGV: attempt, group, maxlen, expires_ms, data, paused_json
+_PAUSE = r"""
+local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'entry_id', 'cancel', 'id')
+if j[1] == 'paused' and j[2] == ARGV[1] then return {'paused'} end  -- a retry whose reply was lost
+if j[1] ~= 'running' or j[2] ~= ARGV[1] then return {'fenced'} end
+if j[4] == '1' then return {'cancel'} end
+redis.call('HSET', KEYS[1], 'status', 'paused', 'worker', '', 'paused', ARGV[6])
+if j[3] then redis.call('XACK', KEYS[3], ARGV[2], j[3]) end
+redis.call('ZADD', KEYS[4], ARGV[4], j[5])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'job.paused', 'attempt', ARGV[1],
+           'data', ARGV[5])
+return {'paused'}
+"""
+
+# KEYS: job, events, jobs, queued, paused     ARGV: job_id, maxlen, data
+_CONTINUE = r"""
+local j = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if j[1] ~= 'paused' then return {'not_paused', j[1] or ''} end
+local entry = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'entry_id', entry)
+redis.call('HDEL', KEYS[1], 'paused')
+redis.call('INCR', KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'job.resumed', 'attempt', j[2],
+           'data', ARGV[3])
+return {'queued'}
+"""
+
+# A paused job ends (canceled): the same steps as store.py's finalize, minus the queue entry (a
+# paused job's entry is already acknowledged). KEYS: job, events, paused
+# ARGV: job_id, maxlen, events_ttl, result_ttl, data, error ('' for none), expired_before_ms ('' any)
+_END_PAUSED = r"""
+local j = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if j[1] ~= 'paused' then redis.call('ZREM', KEYS[3], ARGV[1]) return {'not_paused', j[1] or ''} end
+if ARGV[7] ~= '' then
+  local due = redis.call('ZSCORE', KEYS[3], ARGV[1])
+  if due and tonumber(due) > tonumber(ARGV[7]) then return {'not_due'} end
+end
+local t = redis.call('TIME')
+local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', now, 'worker', '', 'cancel', '1')
+redis.call('HDEL', KEYS[1], 'paused')
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[6]) end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'job.canceled', 'attempt', j[2],
+           'data', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return {'canceled'}
+"""
+
+
+# KEYS: job, jobs     ARGV: this worker, entry_id, group, heartbeat prefix, job_id
+_ROUTE = r"""
+local w = redis.call('HGET', KEYS[1], 'warm_worker')
+if not w or w == '' or w == ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'warm_worker')  -- routed once at most: no ping-pong
+local beat = redis.call('GET', ARGV[4] .. w)
+-- gone, or busy with another job (its heartbeat names the job it runs): rebuild here instead
+if not beat or (beat ~= '' and beat ~= ARGV[5]) then return 0 end
+redis.call('XCLAIM', KEYS[2], ARGV[3], w, 0, ARGV[2], 'JUSTID')
+return 1
+"""
+
+
+@dataclass
+class ForkJob:
+    """What the API needs to enqueue a fork: its request record, job-hash fields, steer record,
+    and the parent's input image (copied to the fork, as an upload would be)."""
+
+    record: dict[str, Any]
+    fields: dict[str, Any]
+    steer: dict[str, Any]
+    upload: tuple[bytes, int, int] | None = None
+
+
+def steering(store: Store) -> Steering:
+    """The store's Steering (its scripts registered once per client)."""
+    found = getattr(store, "_steering", None)
+    if found is None:
+        found = store._steering = Steering(store)
+    return found
+
+
+@dataclass
+class Steering:
+    store: Store
+    scripts: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        r = self.store.r
+        self.scripts = {
+            "pause": r.register_script(_PAUSE),
+            "continue": r.register_script(_CONTINUE),
+            "end": r.register_script(_END_PAUSED),
+            "route": r.register_script(_ROUTE),
+        }
+
+    @property
+    def settings(self):
+        return self.store.settings
+
+    # -- API side ---------------------------------------------------------------------------------
+
+    async def trajectory_of(self, job: dict[str, str]) -> dict[str, Any]:
+        """The trajectory of a job to fork: the whole one when it succeeded, else its stages so far
+        (paused, running, failed, canceled: what its last attempt completed)."""
+        status = job["status"]
+        if status == JobStatus.succeeded.value:
+            raw = await self.store.get_trajectory(job["id"])
+            if raw is None:
+                raise NotFound("the parent's trajectory has expired", param="fork.job_id")
+            return json.loads(raw)
+        if status == "paused":
+            steer = await self.get_steer(job["id"])
+            if steer is None:
+                raise NotFound("the parent's trajectory has expired", param="fork.job_id")
+            return steer["trajectory"]
+        if not job.get("partial_trajectory"):
+            raise NotReady(f"the parent ({status}) has no completed stage yet", param="fork.job_id")
+        return json.loads(job["partial_trajectory"])
+
+    async def fork_job(self, parent: dict[str, str], fork: dict[str, Any], blobs) -> ForkJob:
+        """Check a fork request against its parent (found for the caller already)."""
+        from model.fork import ForkPoint, plan_fork
+
+        if fork.get("instruction") is not None and parent["status"] != JobStatus.succeeded.value:
+            raise InvalidParams(
+                "fork.instruction", "a follow-up needs a finished parent; fork at a stage instead"
+            )
+        trajectory = await self.trajectory_of(parent)
+        point = ForkPoint(
+            iteration=fork.get("iteration"),
+            stage=fork.get("stage"),
+            text=fork.get("text"),
+            instruction=fork.get("instruction"),
+            parent=parent["id"],
+        )
+        cut = plan_fork(trajectory, point)  # InvalidParams naming fork.* -> 422
+        record = json.loads(parent["request"])
+        record.pop("fork", None)
+        record.pop("pause_after", None)
+        record["seed"] = int(trajectory["seed"])  # the parent's actual draws, even if it chose at random
+        record["fork"] = {k: v for k, v in fork.items() if v is not None}
+        images = {}
+        for name in cut.needed_images():  # each where the attempt that drew it stored it
+            image_id = name.removesuffix(".png")
+            ref = json.loads(parent.get(IMAGE_FIELD_PREFIX + image_id) or "{}")
+            if "attempt" not in ref:
+                raise NotFound(f"the parent's image {image_id} is gone", param="fork.job_id")
+            images[name] = imagelib.storage_key(parent["id"], int(ref["attempt"]), image_id)
+        steer = {"trajectory": trajectory, "point": _point(point), "images": images, "lineage": cut.lineage}
+        upload = None
+        if trajectory["settings"].get("starting_image"):
+            from service.jobs import INPUT_IMAGE_ID
+
+            png = await blobs.get(imagelib.storage_key(parent["id"], 0, INPUT_IMAGE_ID))
+            if png is None:  # deleted when the parent ended, unless STROKES_BLOB_KEEP_INPUTS
+                raise NotFound(
+                    "the parent's input image is gone (it is deleted when its job ends)", param="fork.job_id"
+                )
+            h, w = imagelib.decode_png(png).shape[:2]
+            upload = (png, w, h)
+        parent_ref = {"job_id": parent["id"], "iteration": point.iteration, "stage": point.stage}
+        fields: dict[str, Any] = {"parent": parent_ref}
+        if parent.get("warm_worker"):
+            fields["warm_worker"] = parent["warm_worker"]  # the parent's caches are warm there
+        return ForkJob(record, fields, steer, upload)
+
+    async def put_steer(self, job_id: str, steer: dict[str, Any]) -> None:
+        ttl = self.settings.result_ttl_s + self.settings.pause_timeout_s
+        await self.store.r.set(keys.steer(job_id), json.dumps(steer, separators=(",", ":")), ex=ttl)
+
+    async def get_steer(self, job_id: str) -> dict[str, Any] | None:
+        raw = await self.store.r.get(keys.steer(job_id))
+        return None if raw is None else json.loads(raw)
+
+    async def continue_job(self, job: dict[str, str], text: str | None) -> str:
+        """paused -> queued (with the paused stage's text replaced when `text`). Returns the
+        outcome: queued | not_paused."""
+        from model.fork import ForkPoint, check_edit, plan_fork
+
+        job_id = job["id"]
+        if job["status"] != "paused":
+            raise NotReady(f"the job is {job['status']}, not paused", param="status")
+        steer = await self.get_steer(job_id)
+        if steer is None:
+            raise NotFound("the paused job's context has expired")
+        point = steer["point"]
+        if text is not None:
+            check_edit(text, "text")
+            try:
+                plan_fork(steer["trajectory"], ForkPoint(point["iteration"], point["stage"], text=text))
+            except InvalidParams as exc:
+                raise InvalidParams("text", exc.message) from None
+            steer["point"] = {**point, "text": text}
+            await self.put_steer(job_id, steer)
+        data = {
+            "job_id": job_id,
+            "iteration": point["iteration"],
+            "stage": point["stage"],
+            "edited": text is not None,
+        }
+        s = self.settings
+        result = await self.scripts["continue"](
+            keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.PAUSED],
+            args=[job_id, s.events_maxlen, json.dumps(data)],
+        )
+        if _s(result[0]) != "queued":
+            raise NotReady(f"the job is {_s(result[1])}, not paused", param="status")
+        return "queued"
+
+    async def cancel_paused(self, job_id: str) -> bool:
+        """Cancel a paused job at once; False when it is not paused (store.cancel handles it)."""
+        data = {"job_id": job_id, "reason": "canceled while paused"}
+        return await self._end(job_id, data, None, "") == "canceled"
+
+    async def expire_pauses(self, limit: int = 20) -> int:
+        """End pauses left unanswered past their time (workers call this on their reclaim beat)."""
+        now_ms = int(time.time() * 1000)
+        due = await self.store.r.zrangebyscore(keys.PAUSED, "-inf", now_ms, start=0, num=limit)
+        ended = 0
+        for raw in due:
+            job_id = _s(raw)
+            error = {
+                "type": "pause_expired",
+                "message": f"the pause was not answered within {self.settings.pause_timeout_s} s",
+            }
+            data = {"job_id": job_id, "reason": "pause_expired", "error": error}
+            ended += await self._end(job_id, data, error, str(now_ms)) == "canceled"
+        return ended
+
+    async def _end(self, job_id: str, data: dict, error: dict | None, before_ms: str) -> str:
+        s = self.settings
+        job = await self.store.r.hget(keys.job(job_id), "attempt")
+        data = {**data, "attempt": int(job or 0)}
+        result = await self.scripts["end"](
+            keys=[keys.job(job_id), keys.events(job_id), keys.PAUSED],
+            args=[
+                job_id,
+                s.events_maxlen,
+                s.events_ttl_s,
+                s.result_ttl_s,
+                json.dumps(data),
+                json.dumps(error) if error else "",
+                before_ms,
+            ],
+        )
+        return _s(result[0])
+
+    # -- worker side ------------------------------------------------------------------------------
+
+    async def prepare_run(
+        self, job_id: str, record: dict[str, Any], params, blobs, pipeline=None
+    ) -> tuple[Any, dict[str, Any]]:
+        """(params, extra keyword arguments of Pipeline.run) for a job: `fork` when it has a steer
+        record (a fork, or a resume after a pause), `pause_after` when it asked for pauses, and
+        `warm_key` when the pipeline keeps warm contexts (the model's does)."""
+        from model.fork import ForkPoint, plan_fork
+
+        extra: dict[str, Any] = {}
+        if pipeline is not None and hasattr(pipeline, "warm"):
+            if pipeline.warm is None:
+                from model.warm import WarmContexts
+
+                pipeline.warm = WarmContexts(self.settings.warm_device_bytes, self.settings.warm_host_bytes)
+            extra["warm_key"] = job_id
+        if record.get("pause_after"):
+            extra["pause_after"] = tuple(record["pause_after"])
+        steer = await self.get_steer(job_id) if (record.get("fork") or record.get("pause_after")) else None
+        if steer is None:
+            if record.get("fork"):
+                raise LookupError("the fork's parent record has expired")
+            return params, extra
+        p = steer["point"]
+        point = ForkPoint(p.get("iteration"), p.get("stage"), p.get("text"), p.get("instruction"))
+        fork = plan_fork(steer["trajectory"], point)
+        fork.lineage = steer.get("lineage") or steer["trajectory"].get("parent")
+        for name, key in steer["images"].items():
+            png = await blobs.get(key)
+            if png is None:
+                raise LookupError(f"the image {name} of the context has expired")
+            fork.images[name] = imagelib.decode_png(png)
+        extra["fork"] = fork
+        return params.replace(seed=int(steer["trajectory"]["seed"])), extra
+
+    async def route(self, worker: str, entry_id: str, job_id: str) -> bool:
+        """True when the entry went to the worker holding the job's warm context (not ours)."""
+        result = await self.scripts["route"](
+            keys=[keys.job(job_id), keys.JOBS],
+            args=[worker, entry_id, keys.GROUP, keys.HEARTBEAT_PREFIX, job_id],
+        )
+        return int(result) == 1
+
+    async def mark_warm(self, job_id: str, worker: str, pipeline) -> None:
+        """Name this worker in the job hash when it keeps the job's caches (after a pause or end)."""
+        warm = getattr(pipeline, "warm", None)
+        if warm is not None and warm.holds(job_id):
+            await self.store.r.hset(keys.job(job_id), "warm_worker", worker)
+
+    async def pause(self, job_id: str, attempt: int, paused) -> str:
+        """The worker's end of an attempt that paused: keep the trajectory so far as the steer record,
+        then PAUSE. Returns paused | cancel (cancel was requested: finish as canceled) | fenced."""
+        s = self.settings
+        trajectory = paused.trajectory
+        old = await self.get_steer(job_id)
+        images = {
+            st["image"]: imagelib.storage_key(job_id, attempt, st["image"].removesuffix(".png"))
+            for st in trajectory["stages"]
+            if st.get("image")
+        }
+        point = {"iteration": paused.iteration, "stage": paused.stage.value}
+        lineage = (old or {}).get("lineage") or trajectory.get("parent")
+        await self.put_steer(
+            job_id, {"trajectory": trajectory, "point": point, "images": images, "lineage": lineage}
+        )
+        expires_at = time.time() + s.pause_timeout_s
+        info = {**point, "text": paused.text, "expires_at": round(expires_at, 3)}
+        data = {"job_id": job_id, "attempt": attempt, **info, "waiting_for": "continue or cancel"}
+        result = await self.scripts["pause"](
+            keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.PAUSED],
+            args=[
+                attempt,
+                keys.GROUP,
+                s.events_maxlen,
+                int(expires_at * 1000),
+                json.dumps(data),
+                json.dumps(info),
+            ],
+        )
+        return _s(result[0])
+
+
+def _point(point) -> dict[str, Any]:
+    out = {
+        "iteration": point.iteration,
+        "stage": point.stage,
+        "text": point.text,
+        "instruction": point.instruction,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+__all__ = ["ForkJob", "Steering", "steering"]
