@@ -188,7 +188,7 @@ class Steering:
         record["fork"] = {k: v for k, v in fork.items() if v is not None}
         images = {}
         for name in cut.needed_images():  # each where the attempt that drew it stored it
-            image_id = name.removesuffix(".png")
+            image_id = name
             ref = json.loads(parent.get(IMAGE_FIELD_PREFIX + image_id) or "{}")
             if "attempt" not in ref:
                 raise NotFound(f"the parent's image {image_id} is gone", param="fork.job_id")
@@ -349,7 +349,7 @@ class Steering:
         trajectory = paused.trajectory
         old = await self.get_steer(job_id)
         images = {
-            st["image"]: imagelib.storage_key(job_id, attempt, st["image"].removesuffix(".png"))
+            st["image"]: imagelib.storage_key(job_id, attempt, st["image"])
             for st in trajectory["stages"]
             if st.get("image")
         }

@@ -157,7 +157,10 @@ def test_generate_forks_a_saved_trajectory_with_an_edit(own_tiny, tmp_path):
     ]
     for stage in before["stages"]:
         if "image" in stage:
-            with Image.open(parent / stage["image"]) as a, Image.open(same / stage["image"]) as b:
+            with (
+                Image.open(parent / f"{stage['image']}.png") as a,
+                Image.open(same / f"{stage['image']}.png") as b,
+            ):
                 assert a.tobytes() == b.tobytes()
 
     edit = "The intermediate step is correct. It is blue."

@@ -37,7 +37,7 @@ def params(**changes) -> GenerationParams:
 
 def run(engine, p, fork=None, processor=None):
     events = list(Pipeline(engine).run(p, fork=fork, logits_processor=processor))
-    images = {f"{e.image_id}.png": e.pixels for e in events if isinstance(e, ImageCompleted)}
+    images = {e.image_id: e.pixels for e in events if isinstance(e, ImageCompleted)}
     return events, events[-1].trajectory, images
 
 
@@ -117,7 +117,7 @@ def test_interleaved_forks_replay_the_models_own_choices(own_engine):
     for it, stage in dict.fromkeys(kinds):  # the same from warm caches (logits kept per boundary)
         fork = fork_of(parent, images, ForkPoint(it, stage))
         events = list(warm.run(params_from_trajectory(parent), fork=fork, logits_processor=steer))
-        child_images = {f"{e.image_id}.png": e.pixels for e in events if isinstance(e, ImageCompleted)}
+        child_images = {e.image_id: e.pixels for e in events if isinstance(e, ImageCompleted)}
         assert_same_run(parent, images, events[-1].trajectory, child_images)
     assert warm.warm.hits == len(dict.fromkeys(kinds))
 
@@ -148,7 +148,7 @@ def test_an_edited_plan_is_drawn_from(own_engine, guided):
     point = ForkPoint(1, "plan", text="<ins>draw a green cube</ins> <des>a green cube</des>")
     _, child, child_images = run(own_engine, params_from_trajectory(parent), fork_of(parent, images, point))
     assert child["stages"][0]["text"] == point.text
-    assert not np.array_equal(child_images["it1-draft.png"], images["it1-draft.png"])
+    assert not np.array_equal(child_images["it1-draft"], images["it1-draft"])
 
 
 def test_a_follow_up_instruction_runs_new_iterations_and_can_itself_be_forked_exactly(own_engine, guided):
@@ -160,7 +160,7 @@ def test_a_follow_up_instruction_runs_new_iterations_and_can_itself_be_forked_ex
     stages = child["stages"]
     assert comparable({"stages": stages[:8]}) == comparable(parent)
     assert stages[8]["stage"] == "instruction" and stages[8]["iteration"] == 3
-    assert stages[8]["appended_image"] == "it2-refine.png"  # the final image enters the context
+    assert stages[8]["appended_image"] == "it2-refine"  # the final image enters the context
     assert stages[9]["stage"] == "plan" and "now make the cube green" in stages[9]["instruction"]
     assert events[-1].iterations == 4 and events[-1].final_image_id.startswith("it4-")
     for s in stages[8:]:
@@ -212,7 +212,7 @@ def test_a_paused_run_continued_unchanged_equals_the_uninterrupted_run(own_engin
             break
         assert last.stage.value in ("plan", "reflect") and last.text == last.trajectory["stages"][-1]["text"]
         point = ForkPoint(last.iteration, last.stage.value)
-        loaded = {f"{e.image_id}.png": e.pixels for e in events if isinstance(e, ImageCompleted)}
+        loaded = {e.image_id: e.pixels for e in events if isinstance(e, ImageCompleted)}
         fork = plan_fork(last.trajectory, point).load_images(loaded.__getitem__)
     assert comparable(last.trajectory) == comparable(parent)
     assert len(seen) > len(images)  # each resume re-emitted the images it inherited
@@ -241,7 +241,7 @@ def test_forks_from_warm_contexts_equal_rebuilt_ones_and_prefill_nothing_of_the_
         fork = fork_of(parent, images, ForkPoint(it, stage))
         events = list(pipeline.run(params_from_trajectory(parent), fork=fork, warm_key=f"fork-{n}"))
         child = events[-1].trajectory
-        child_images = {f"{e.image_id}.png": e.pixels for e in events if isinstance(e, ImageCompleted)}
+        child_images = {e.image_id: e.pixels for e in events if isinstance(e, ImageCompleted)}
         assert_same_run(parent, images, child, child_images)
         done = [e for e in events if isinstance(e, StageCompleted)]
         assert sum(e.prefilled_tokens for e in done[:n]) == 0  # the prefix came from warm caches
