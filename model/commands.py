@@ -74,7 +74,14 @@ def _generate(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from model.events import ImageCompleted, ImageProgress, StageCompleted, StageStarted, TextDelta
+    from model.events import (
+        NO_IMAGE_MESSAGE,
+        ImageCompleted,
+        ImageProgress,
+        StageCompleted,
+        StageStarted,
+        TextDelta,
+    )
     from model.loading import load_engine
     from model.params import GenerationParams, ImageSettings, TextSettings
     from model.pipeline import Pipeline
@@ -107,7 +114,7 @@ def _generate(args: argparse.Namespace) -> int:
     engine = load_engine(args.checkpoint, device=args.device, dtype=args.dtype)
     print(f"loaded in {engine.load_seconds:.1f} s", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    trajectory = None
+    trajectory, final = None, None
     for event in Pipeline(engine).run(params):
         if isinstance(event, StageStarted):
             print(f"\n[iteration {event.iteration}] {event.stage.value}: ", end="", flush=True)
@@ -132,13 +139,18 @@ def _generate(args: argparse.Namespace) -> int:
                 flush=True,
             )
         elif event.name == "done":
-            trajectory = event.trajectory
-            print(
-                f"\n\nfinal image: {out / (event.final_image_id or 'none')}.png after {event.iterations} "
-                f"iteration(s), {event.seconds:.1f} s"
-            )
+            trajectory, final = event.trajectory, event.final_image_id
+            if final is not None:
+                print(
+                    f"\n\nfinal image: {out / final}.png after {event.iterations} "
+                    f"iteration(s), {event.seconds:.1f} s"
+                )
     (out / "trajectory.json").write_text(json.dumps(trajectory, indent=2, ensure_ascii=False) + "\n")
     print(f"trajectory: {out / 'trajectory.json'}")
+    if final is None:
+        # The same outcome as the API's job.failed {type: no_image}: no picture, a non-zero exit.
+        print(f"strokes generate: {NO_IMAGE_MESSAGE}", file=sys.stderr)
+        return 1
     return 0
 
 

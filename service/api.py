@@ -195,8 +195,8 @@ async def create_generation(
         job, replayed = await jobs.submit(
             store, settings, owner, body, idempotency_key, deadline_s=settings.redis_deadline_s
         )
-    except errors.QueueFull:
-        metrics.rejections.labels("queue_full").inc()
+    except (errors.QueueFull, errors.QuotaExceeded) as exc:
+        metrics.rejections.labels(exc.type).inc()
         raise
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"

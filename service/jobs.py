@@ -14,14 +14,17 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from service import budget
 from service import images as imagelib
 from service.errors import (
     IdempotencyKeyReused,
     InvalidImage,
     InvalidRequest,
     NotFound,
+    OverBudget,
     PayloadTooLarge,
     QueueFull,
+    QuotaExceeded,
 )
 from service.keys import JobStatus
 from service.schemas import GenerationRequest, Job, params_from_record
@@ -137,6 +140,15 @@ async def submit(
         )
     record = request.job_record()
     params_from_record(record, None, settings.max_side)  # GenerationParams.validate() has the last word
+    try:
+        estimate = budget.check(
+            record,
+            max_cost=settings.max_job_cost,
+            max_positions=settings.max_positions,
+            max_events=settings.events_maxlen // settings.max_attempts,
+        )
+    except budget.OverBudget as exc:
+        raise OverBudget(str(exc), param=exc.limit) from exc
     upload = None
     if request.input_image is not None:
         try:
@@ -148,7 +160,7 @@ async def submit(
         except imagelib.InvalidUpload as exc:
             raise InvalidImage(str(exc), param="input_image") from exc
     return await asyncio.wait_for(
-        _enqueue(store, settings, owner, request, record, idempotency_key, upload), deadline_s
+        _enqueue(store, settings, owner, request, record, idempotency_key, upload, estimate), deadline_s
     )
 
 
@@ -160,6 +172,7 @@ async def _enqueue(
     record: dict[str, Any],
     idempotency_key: str | None,
     upload: tuple[bytes, int, int] | None,
+    estimate: budget.Estimate,
 ) -> tuple[Job, bool]:
     job_id = new_job_id()
     fields: dict[str, Any] = {}
@@ -179,11 +192,15 @@ async def _enqueue(
         body_hash=request.fingerprint(),
         idempotency_key=idempotency_key,
         fields=fields,
+        # every attempt's events fit: a job within budget never loses events to trimming
+        events_maxlen=estimate.events * settings.max_attempts,
     )
     if result.outcome != "ok" and stored_input is not None:
         await images.delete(stored_input)
     if result.outcome == "full":
         raise QueueFull(await store.retry_after())
+    if result.outcome == "quota":
+        raise QuotaExceeded(settings.key_max_jobs, await store.retry_after())
     if result.outcome == "conflict":
         raise IdempotencyKeyReused(
             "this Idempotency-Key was used with a different request body", param="Idempotency-Key"

@@ -41,7 +41,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry as SyncRetry
 
-from model.events import Done, StageCompleted, StageStarted
+from model.events import NO_IMAGE_MESSAGE, Done, StageCompleted, StageStarted
 from model.events import Event as PipelineEvent
 from model.params import GenerationParams, InvalidParams
 from service import images as imagelib
@@ -57,6 +57,7 @@ from service.wire import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, Translator, Wi
 log = logging.getLogger("strokes.worker")
 T = TypeVar("T")
 TRANSIENT = (RedisError, OSError, TimeoutError)
+EXIT_FATAL = 3  # the process exit status after a fatal device error (a supervisor restarts it)
 
 
 class Pipeline(Protocol):
@@ -74,6 +75,24 @@ class PermanentError(Exception):
     """The job cannot succeed on any attempt (bad parameters, its input image expired)."""
 
 
+class FatalError(Exception):
+    """The device or the process is broken (e.g. a CUDA error poisons the context): the job was
+    handed back with its cause written, and the worker exits (its supervisor restarts it)."""
+
+
+# Errors after which the CUDA context (or the process) cannot be trusted with another job.
+_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "NCCL error")
+
+
+def is_fatal(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or any(marker in str(exc) for marker in _FATAL_MARKERS)
+
+
+def error_of(exc: BaseException) -> dict[str, str]:
+    """The job's error for an exception: its real cause, type and message."""
+    return {"type": "generation_failed", "message": f"{type(exc).__name__}: {exc}"[:500]}
+
+
 @dataclass
 class ActiveJob:
     job_id: str
@@ -84,7 +103,7 @@ class ActiveJob:
     translator: Translator
     began: float = field(default_factory=time.time)
     stop: threading.Event = field(default_factory=threading.Event)
-    reason: str | None = None  # why stop was set: cancel | lease_lost | shutdown
+    reason: str | None = None  # why stop was set: cancel | lease_lost | shutdown | error
     next_probe: float = 0.0  # monotonic time of the pipeline thread's next look at Redis
 
     def interrupt(self, reason: str) -> None:
@@ -131,6 +150,7 @@ class Publisher:
         self.queue: asyncio.Queue[tuple[Wire, bytes | None] | None] = asyncio.Queue()
         self.slots = threading.Semaphore(max_pending)
         self.lost = False
+        self.error: Exception | None = None  # a failure of the job's own (not Redis being away)
         self.seq = 0
         self.task = loop.create_task(self._run(), name=f"publish-{job.job_id}")
 
@@ -160,10 +180,10 @@ class Publisher:
             except LeaseLost:
                 self.lost = True
                 self.job.interrupt("lease_lost")
-            except Exception:
+            except Exception as exc:
                 log.exception("publishing failed")
-                self.lost = True
-                self.job.interrupt("lease_lost")
+                self.error, self.lost = exc, True
+                self.job.interrupt("error")
             finally:
                 for _ in items:
                     self.slots.release()
@@ -217,6 +237,7 @@ class Worker:
         # The one thread that runs torch: pass the executor the model was loaded on (see torch_thread).
         self._executor = executor or torch_thread()
         self._probe: redis.Redis | None = None  # sync client of the pipeline thread (cancel checks)
+        self.exit_code = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -243,6 +264,10 @@ class Worker:
                     log.warning("redis unavailable, retrying: %s", exc)
                     await self._sleep(backoff)
                     backoff = min(2.0, backoff * 2)
+                except FatalError as exc:
+                    log.critical("the device is broken, exiting: %s", exc)
+                    self.exit_code = EXIT_FATAL
+                    break
         finally:
             beat.cancel()
             try:
@@ -272,8 +297,7 @@ class Worker:
         self.metrics.busy.set(1)
         try:
             with slog.job_context(job.job_id, job.attempt):
-                outcome, payload = await self.run_job(job)
-                await self.finish(job, outcome, payload)
+                await self.run_and_finish(job)
         finally:
             self.job = None
             self.metrics.busy.set(0)
@@ -328,6 +352,27 @@ class Worker:
         return ActiveJob(
             job_id, entry_id, started.attempt, started.takeover, record, Translator(job_id, started.attempt)
         )
+
+    async def run_and_finish(self, job: ActiveJob) -> None:
+        """Run the job and record its outcome. No exception of the job's own (the pipeline, the
+        translation of its events, encoding its images, building its result) leaves this method:
+        it ends the job with job.failed carrying the cause. Only Redis being away (the loop
+        retries; reclaim recovers the job) and a fatal device error (the job is handed back with
+        its cause written, then the process exits) go further."""
+        try:
+            outcome, payload = await self.run_job(job)
+            await self.finish(job, outcome, payload)
+        except LeaseLost:
+            self.metrics.jobs.labels("lost").inc()
+        except TRANSIENT:
+            raise
+        except Exception as exc:
+            log.exception("the job failed outside the pipeline")
+            cause = error_of(exc)
+            if is_fatal(exc):
+                await self.finish(job, "retry", cause)
+                raise FatalError(cause["message"]) from exc
+            await self.finish(job, "failed", cause)
 
     async def run_job(self, job: ActiveJob) -> tuple[str, Any]:
         """Run the pipeline; returns (outcome, payload): succeeded (Done) | canceled | handback |
@@ -386,6 +431,8 @@ class Worker:
         except Exception as exc:
             done, error = None, exc
         await publisher.close()  # every queued event is written (or refused) before the outcome
+        if publisher.error is not None:
+            return "retry", error_of(publisher.error)
         if publisher.lost or isinstance(error, LeaseLost):
             return "lost", None
         if error is not None:
@@ -394,11 +441,15 @@ class Worker:
             if isinstance(error, InvalidParams):  # the model's own limits (e.g. its largest side)
                 return "failed", {"type": "invalid_request", "message": str(error)}
             log.error("pipeline failed", exc_info=error)
-            return "retry", {"type": "generation_failed", "message": f"{type(error).__name__}: {error}"[:500]}
+            if is_fatal(error):
+                raise error
+            return "retry", error_of(error)
         if done is None:
             if job.reason is not None:
                 return self._interrupted(job), None
             return "retry", {"type": "generation_failed", "message": "the pipeline ended without a result"}
+        if done.final_image_id is None:  # the model chose to stop before drawing anything
+            return "failed", {"type": "no_image", "message": NO_IMAGE_MESSAGE}
         return "succeeded", done
 
     def _should_cancel(self, job: ActiveJob) -> bool:
@@ -590,7 +641,7 @@ async def serve_worker(
     name: str,
     metrics: WorkerMetrics,
     executor: concurrent.futures.ThreadPoolExecutor | None = None,
-) -> None:
+) -> int:
     client = connect(
         settings.redis_url,
         timeout_s=max(5.0, settings.poll_block_ms / 1000 + 3),
@@ -606,6 +657,7 @@ async def serve_worker(
         await worker.run()
     finally:
         await store.close()
+    return worker.exit_code
 
 
 def run_worker(args) -> int:
@@ -631,8 +683,7 @@ def run_worker(args) -> int:
     metrics.model_load_seconds.set(time.perf_counter() - began)
     metrics.observe_gpu()
     log.info("model loaded", extra={"seconds": round(time.perf_counter() - began, 3)})
-    asyncio.run(serve_worker(settings, pipeline, name, metrics, executor))
-    return 0
+    return asyncio.run(serve_worker(settings, pipeline, name, metrics, executor))
 
 
 def register(subparsers) -> None:

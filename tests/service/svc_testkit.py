@@ -107,6 +107,8 @@ class Proc:
 def env_with(redis_url: str, **settings: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STROKES_")}
     env.update({"STROKES_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    # The test's redis-server may have just started: reclaim at once unless a test sets the grace.
+    env["STROKES_RESTART_GRACE_S"] = "0"
     env.update({f"STROKES_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 

@@ -36,7 +36,7 @@ async def test_admission_never_accepts_beyond_the_cap_under_concurrency(store: S
     results = await asyncio.gather(*[_enqueue(store, f"j{i}") for i in range(60)])
     assert sum(r.outcome == "ok" for r in results) == 10
     assert sum(r.outcome == "full" for r in results) == 50
-    assert int(await store.r.get(keys.QUEUED)) == 10
+    assert await store.queue_depth() == 10
     assert await store.r.xlen(keys.JOBS) == 10
 
 
@@ -109,7 +109,7 @@ async def test_cancel_of_a_queued_job_ends_it_and_the_job_never_starts(store: St
     await _enqueue(store, "j1")
     assert await store.cancel("j1") == ("canceled", None)
     assert await store.cancel("j1") == ("terminal", "canceled")  # idempotent
-    assert int(await store.r.get(keys.QUEUED)) == 0
+    assert await store.queue_depth() == 0
     await store.heartbeat("w1")
     entry_id, job_id = await store.poll("w1", 100)
     assert (await store.start(job_id, entry_id, "w1")).outcome == "skip"
