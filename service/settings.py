@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     restart_grace_s: float | None = Field(None, ge=0)
     poll_block_ms: int = 1000
     cancel_poll_s: float = 0.05  # the pipeline thread reads the cancel flag at most this often
-    redis_outage_grace_s: float = 30.0  # a worker keeps a job this long while Redis is unreachable
+    handback_wait_s: float = Field(0.5, ge=0)  # SIGTERM: a step still running after this is dropped
     events_maxlen: int = 50000  # events kept per job, all attempts; requests that could emit more are refused
     job_deadline_s: float = Field(1800.0, gt=0)  # a running attempt is failed after this long
     progress_timeout_s: float = Field(300.0, gt=0)  # no event for this long: failed, the worker exits

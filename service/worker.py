@@ -8,8 +8,13 @@ fences a new attempt), run (the pipeline in a thread; every event is published u
 fence), finish (terminal state, hand-back or retry). A heartbeat task keeps the lease and checks
 that the attempt still holds the job. The pipeline asks `should_cancel()` between tokens and
 denoising steps; it turns true on cancel, on lease loss and on SIGTERM, which hands the job back
-at once and exits 0. The worker reconnects to Redis by itself, keeping a job through an outage of
-up to `redis_outage_grace_s`.
+at once (within `handback_wait_s`, even mid-step) and exits 0. The worker reconnects to Redis by
+itself and keeps its job through an outage of any length.
+
+A job never kills the worker: an exception of its own ends it with job.failed and the real cause;
+only a fatal device error (the job is handed back with its cause written) ends the process, with
+exit status 3. A job gets a deadline and a progress lease (no event for `progress_timeout_s`: failed,
+and the process exits, since a hung kernel cannot be interrupted).
 
 torch and the model are imported only when the pipeline is built, so importing this module (the
 `strokes` CLI does) stays light.
@@ -103,7 +108,8 @@ class ActiveJob:
     translator: Translator
     began: float = field(default_factory=time.time)
     stop: threading.Event = field(default_factory=threading.Event)
-    reason: str | None = None  # why stop was set: cancel | lease_lost | shutdown | error
+    reason: str | None = None  # why stop was set: cancel | lease_lost | shutdown | error | deadline
+    progress_at: float = field(default_factory=time.monotonic)  # the pipeline's last event
     next_probe: float = 0.0  # monotonic time of the pipeline thread's next look at Redis
 
     def interrupt(self, reason: str) -> None:
@@ -158,6 +164,7 @@ class Publisher:
         """From the pipeline thread. Raises LeaseLost once the attempt has lost the job."""
         if self.lost:
             raise LeaseLost(self.job.job_id)
+        self.job.progress_at = time.monotonic()
         self.slots.acquire()
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (wire, png))
 
@@ -238,16 +245,36 @@ class Worker:
         self._executor = executor or torch_thread()
         self._probe: redis.Redis | None = None  # sync client of the pipeline thread (cancel checks)
         self.exit_code = 0
+        self._handback: asyncio.Task | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """SIGTERM/SIGINT: take no new job; hand the running one back at its next step."""
+        """SIGTERM/SIGINT: take no new job; hand the running one back at its next step, or, if
+        that step is long (a VAE decode), within handback_wait_s from here (see _hand_back)."""
         if not self.stopping.is_set():
             log.info("stop requested", extra={"worker": self.name})
         self.stopping.set()
         if self.job is not None:
             self.job.interrupt("shutdown")
+            if self._handback is None:
+                self._handback = asyncio.get_running_loop().create_task(self._hand_back(self.job))
+
+    async def _hand_back(self, job: ActiveJob) -> None:
+        """The job did not stop within handback_wait_s of SIGTERM: hand it back from here, under
+        its attempt's fence (whatever the pipeline thread still computes is refused), and exit
+        the process at once: a thread in the middle of a kernel cannot be stopped otherwise."""
+        await asyncio.sleep(self.settings.handback_wait_s)
+        if self.job is not job:
+            return  # it stopped by itself and was handed back in order
+        try:
+            state = await asyncio.wait_for(self.store.requeue(job.job_id, job.attempt, "handback"), 2.0)
+            log.info("handed back mid-step: %s; exiting", state)
+            await asyncio.wait_for(self.store.drop_heartbeat(self.name), 1.0)
+        except (*TRANSIENT, asyncio.TimeoutError) as exc:
+            log.warning("could not hand the job back (it is reclaimed after the lease): %s", exc)
+        logging.shutdown()
+        os._exit(0)
 
     async def run(self) -> None:
         await self._until_redis(self.store.ensure_group)
@@ -437,7 +464,7 @@ class Worker:
             return "lost", None
         if error is not None:
             if job.reason is not None:  # we asked it to stop, and it stopped
-                return self._interrupted(job), None
+                return self._interrupted(job)
             if isinstance(error, InvalidParams):  # the model's own limits (e.g. its largest side)
                 return "failed", {"type": "invalid_request", "message": str(error)}
             log.error("pipeline failed", exc_info=error)
@@ -446,7 +473,7 @@ class Worker:
             return "retry", error_of(error)
         if done is None:
             if job.reason is not None:
-                return self._interrupted(job), None
+                return self._interrupted(job)
             return "retry", {"type": "generation_failed", "message": "the pipeline ended without a result"}
         if done.final_image_id is None:  # the model chose to stop before drawing anything
             return "failed", {"type": "no_image", "message": NO_IMAGE_MESSAGE}
@@ -482,9 +509,12 @@ class Worker:
             job.interrupt("cancel")
         return job.stop.is_set()
 
-    @staticmethod
-    def _interrupted(job: ActiveJob) -> str:
-        return {"cancel": "canceled", "shutdown": "handback", "lease_lost": "lost"}[job.reason or "cancel"]
+    def _interrupted(self, job: ActiveJob) -> tuple[str, Any]:
+        if job.reason == "deadline":
+            message = f"the job ran longer than its deadline of {self.settings.job_deadline_s:g} s"
+            return "failed", {"type": "deadline_exceeded", "message": message}
+        outcome = {"cancel": "canceled", "shutdown": "handback", "lease_lost": "lost", "error": "lost"}
+        return outcome[job.reason or "cancel"], None
 
     async def finish(self, job: ActiveJob, outcome: str, payload: Any) -> None:
         s = self.store
@@ -563,17 +593,14 @@ class Worker:
         return {"attempt_run_s": round(time.time() - job.began, 4)}
 
     async def _through_outage(self, job: ActiveJob, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a Redis operation of a running job, retrying through an outage of up to
-        redis_outage_grace_s; after that the job is lost here (reclaim recovers it)."""
-        deadline = time.monotonic() + self.settings.redis_outage_grace_s
+        """Run a Redis operation of a running job, retrying while Redis is away, however long.
+        Giving the job up would not help anyone: while this worker lives, its heartbeat comes
+        back with Redis and nobody may reclaim the job; the attempt's fence settles the rest."""
         delay = 0.05
         while True:
             try:
                 return await op()
             except TRANSIENT as exc:
-                if time.monotonic() > deadline:
-                    job.interrupt("lease_lost")
-                    raise LeaseLost(job.job_id) from exc
                 log.warning("redis unavailable during a job, retrying: %s", exc)
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
@@ -606,6 +633,8 @@ class Worker:
                         job.interrupt("lease_lost")
                     elif cancel:
                         job.interrupt("cancel")
+                    else:
+                        await self._check_progress(job)
                 if time.monotonic() - last_trim > 60:
                     last_trim = time.monotonic()
                     await self.store.trim_queue()
@@ -616,6 +645,28 @@ class Worker:
             await asyncio.sleep(
                 min(self.settings.heartbeat_interval_s, 0.5) if job else self.settings.heartbeat_interval_s
             )
+
+    async def _check_progress(self, job: ActiveJob) -> None:
+        """The job's deadline (stop at the next step, job.failed deadline_exceeded) and its
+        progress lease: no event for progress_timeout_s means a hung kernel; the job is failed
+        with that cause and the process exits (its supervisor starts a fresh one)."""
+        s = self.settings
+        if time.time() - job.began > s.job_deadline_s:
+            job.interrupt("deadline")
+        stalled = time.monotonic() - job.progress_at
+        if stalled > s.progress_timeout_s and self.job is job:
+            error = {
+                "type": "no_progress",
+                "message": f"the job made no progress for {stalled:.0f} s (limit {s.progress_timeout_s:g} s)",
+            }
+            log.critical("%s; failing it and exiting", error["message"])
+            data = {"job_id": job.job_id, "attempt": job.attempt, "error": error}
+            await self.store.finish(
+                job.job_id, job.attempt, JobStatus.failed, JOB_FAILED, data, fields={"error": error}
+            )
+            await self.store.drop_heartbeat(self.name)
+            logging.shutdown()
+            os._exit(EXIT_FATAL)
 
 
 # ---- command ------------------------------------------------------------------------------------
@@ -629,6 +680,27 @@ def torch_thread() -> concurrent.futures.ThreadPoolExecutor:
     0.20 s when they ran on two). The event loop's thread never touches tensors.
     """
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+
+
+def cpu_share(settings: Settings) -> int:
+    """Torch threads of a CPU worker: STROKES_TORCH_THREADS, else OMP_NUM_THREADS, else this
+    process's cores divided by STROKES_LOCAL_WORKERS (workers on one machine that each take every
+    core fight over them: two 256 px jobs took 100 s each, against 12 s alone)."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // settings.local_workers)
+
+
+def size_torch_threads(settings: Settings) -> int:
+    """On the torch thread (OpenMP's thread count is per calling thread): set and return it."""
+    import torch
+
+    threads = cpu_share(settings)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def default_name(device: str) -> str:
@@ -674,6 +746,9 @@ def run_worker(args) -> int:
     from model.config import CheckpointError  # the worker loads torch anyway
 
     executor = torch_thread()
+    if args.device == "cpu":
+        threads = executor.submit(size_torch_threads, settings).result()
+        log.info("torch threads sized", extra={"threads": threads})
     try:
         pipeline = executor.submit(factory, str(args.checkpoint), args.device, args.dtype).result()
     except CheckpointError as exc:  # a missing, partial or mismatched folder; a device not there
