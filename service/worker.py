@@ -46,7 +46,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry as SyncRetry
 
-from model.events import NO_IMAGE_MESSAGE, Done, StageCompleted, StageStarted
+from model.events import NO_IMAGE_MESSAGE, Done, StageCompleted, StageStarted, TextDelta
 from model.events import Event as PipelineEvent
 from model.params import GenerationParams, InvalidParams
 from service import images as imagelib
@@ -219,6 +219,37 @@ class Publisher:
             if result.cancel:
                 job.interrupt("cancel")
         worker.metrics.events.inc(len(emits))
+
+
+class DeltaBuffer:
+    """Coalesces a text stage's token pieces into fewer text.delta events: a delta goes out when
+    it holds `max_pieces` pieces or `max_s` has passed since the last one went out (so a slow
+    model's tokens go out one by one, at once), and before any other event. The text is carried
+    whole, so the deltas still concatenate to exactly the stage's text."""
+
+    def __init__(self, max_pieces: int, max_s: float):
+        self.max_pieces, self.max_s = max_pieces, max_s
+        self.held: list[TextDelta] = []
+        self.last = time.monotonic()
+
+    def add(self, event: TextDelta) -> TextDelta | None:
+        if self.held and (self.held[0].iteration, self.held[0].stage) != (event.iteration, event.stage):
+            out = self.flush()  # another stage's text (no event between): send the old, hold the new
+            self.held = [event]
+            return out
+        self.held.append(event)
+        if len(self.held) >= self.max_pieces or time.monotonic() - self.last >= self.max_s:
+            return self.flush()
+        return None
+
+    def flush(self) -> TextDelta | None:
+        if not self.held:
+            return None
+        first = self.held[0]
+        merged = TextDelta(first.iteration, first.stage, "".join(e.delta for e in self.held))
+        self.held = []
+        self.last = time.monotonic()
+        return merged
 
 
 class Worker:
@@ -423,14 +454,27 @@ class Worker:
                 if close is not None:
                     close()  # unwinds the pipeline (its finally blocks free its buffers)
 
+        deltas = DeltaBuffer(self.settings.delta_max_tokens, self.settings.delta_max_ms / 1000)
+
+        def publish(event: PipelineEvent) -> None:
+            wire = job.translator.translate(event)
+            if wire is not None:
+                png = imagelib.encode_png(wire.image[1]) if wire.image is not None else None
+                publisher.submit(wire, png)  # PNG encoding stays on this thread
+
         def consume(events: Iterator[PipelineEvent]) -> Done | None:
             for event in events:
+                if isinstance(event, TextDelta):
+                    merged = deltas.add(event)
+                    if merged is not None:
+                        publish(merged)
+                    continue
+                held = deltas.flush()  # every other event goes out after the text before it
+                if held is not None:
+                    publish(held)
                 if isinstance(event, StageStarted):
                     slog.set_stage(event.stage.value)
-                wire = job.translator.translate(event)
-                if wire is not None:
-                    png = imagelib.encode_png(wire.image[1]) if wire.image is not None else None
-                    publisher.submit(wire, png)  # PNG encoding stays on this thread
+                publish(event)
                 if isinstance(event, StageCompleted):
                     log.info(
                         "stage completed",
