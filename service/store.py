@@ -269,6 +269,19 @@ class Store:
                 )
         return out
 
+    async def stream_info(self, job_id: str) -> tuple[str, str, bool] | None:
+        """(first kept event id, last event id, whether events were trimmed away) or None."""
+        try:
+            info = await self.r.xinfo_stream(keys.events(job_id))
+        except ResponseError:  # no such stream
+            return None
+        first, last = info.get("first-entry"), info.get("last-generated-id")
+        if not first or last is None:
+            return None
+        added = info.get("entries-added")
+        trimmed = added is not None and int(added) > int(info["length"])
+        return _s(first[0]), _s(last), trimmed
+
     async def get_trajectory(self, job_id: str) -> str | None:
         raw = await self.r.get(keys.trajectory(job_id))
         return None if raw is None else _s(raw)
