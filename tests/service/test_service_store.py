@@ -97,11 +97,12 @@ async def test_a_retried_emit_is_applied_once_and_a_retried_finish_is_not_refuse
 async def test_reclaim_leaves_jobs_of_live_workers_however_long_they_run(store: Store):
     await _enqueue(store, "j1")
     await _take(store, "w1")
-    await asyncio.sleep(0.3)  # the entry is idle; the lease (heartbeat key) is what counts
-    assert await store.reclaim("w2") is None
-    await store.r.pexpire(keys.heartbeat("w1"), 1)
-    await asyncio.sleep(0.05)
     job = await store.get_job("j1")
+    # The entry has been idle for an hour (XCLAIM ... IDLE sets that without waiting); the lease
+    # (the heartbeat key) is what counts.
+    await store.r.xclaim(keys.JOBS, keys.GROUP, "w1", 0, [job["entry_id"]], idle=3_600_000, justid=True)
+    assert await store.reclaim("w2") is None
+    await store.r.delete(keys.heartbeat("w1"))  # the lease ran out
     assert await store.reclaim("w2") == (job["entry_id"], "w1")
 
 
