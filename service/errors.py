@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -108,6 +109,8 @@ UNAVAILABLE_REPLIES = ("OOM", "READONLY", "LOADING", "MASTERDOWN", "BUSY", "NORE
 
 
 def redis_unavailable(exc: Exception) -> bool:
+    if isinstance(exc, (OutOfMemoryError, ReadOnlyError)):  # redis-py strips the code from these
+        return True
     text = str(exc)
     return any(text.startswith(code) or f": {code} " in text for code in UNAVAILABLE_REPLIES)
 

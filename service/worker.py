@@ -197,6 +197,14 @@ class Publisher:
 
     async def _send(self, items: list[tuple[Wire, bytes | None]]) -> None:
         worker, job = self.worker, self.job
+        if any(png is not None for _wire, png in items):
+            # Images are written outside the fenced scripts (they may go to a blob store): check
+            # first that this attempt still holds the job, so a stale attempt writes none.
+            held, _cancel = await worker._through_outage(
+                job, lambda: worker.store.lease(job.job_id, job.attempt)
+            )
+            if not held:
+                raise LeaseLost(job.job_id)
         for wire, png in items:
             if png is not None and wire.image is not None:
                 key = imagelib.storage_key(job.job_id, job.attempt, wire.image[0])

@@ -1,0 +1,232 @@
+"""Fault drills with real processes (API, workers, redis-server) and the tiny model: a job the
+model ends without an image, a worker paused past its lease, Redis killed and restarted from its
+AOF, hostile cursors, a trimmed log, budgets and quotas. Every wait is on a condition (an event,
+a job state, a log line, a process exit); the only timed pause is the length of a Redis outage."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+import redis
+from svc_testkit import QUICK, SLOW, TERMINAL, start_api, start_worker, stream_events, submit, wait_for
+
+from model.events import NO_IMAGE_MESSAGE
+from service import keys
+
+pytestmark = pytest.mark.slow
+
+# On the tiny checkpoint the interleaved model ends this prompt before it asks for an image.
+NO_IMAGE = {"prompt": "a red cube", "protocol": "interleaved", "width": 128, "height": 128}
+FAST_LEASE = {"lease_ttl_s": 2, "heartbeat_interval_s": 0.5, "reclaim_interval_s": 0.2, "cancel_poll_s": 0}
+
+
+def _job(base: str, job_id: str) -> dict:
+    return httpx.get(f"{base}/v1/generations/{job_id}", timeout=5).json()
+
+
+def _ended(base: str, job_id: str) -> dict | None:
+    try:
+        reply = httpx.get(f"{base}/v1/generations/{job_id}", timeout=5)
+    except httpx.HTTPError:
+        return None
+    if reply.status_code != 200:
+        return None  # 503 while Redis is away
+    job = reply.json()
+    return job if job["status"] in ("succeeded", "failed", "canceled") else None
+
+
+def test_interleaved_job_without_an_image_fails_clearly_and_the_worker_runs_the_next(
+    redis_url, tiny_checkpoint, logdir, procs
+):
+    api, base = start_api(redis_url, logdir)
+    worker = start_worker(redis_url, tiny_checkpoint, logdir, "solo")
+    procs += [api, worker]
+    job = submit(base, NO_IMAGE)
+    events = stream_events(base, job["id"])
+    assert [e.event for e in events if e.event in TERMINAL] == ["job.failed"]
+    error = {"type": "no_image", "message": NO_IMAGE_MESSAGE}
+    assert events[-1].json()["error"] == error
+    view = _job(base, job["id"])
+    assert (view["status"], view["error"], view["final_image"]) == ("failed", {**error, "param": None}, None)
+    assert worker.alive()
+    after = submit(base, QUICK)
+    assert stream_events(base, after["id"])[-1].event == "job.completed"
+    assert worker.alive()
+
+
+def test_a_worker_paused_past_its_lease_is_taken_over_and_writes_nothing_when_it_wakes(
+    redis_url, tiny_checkpoint, logdir, procs
+):
+    api, base = start_api(redis_url, logdir)
+    procs.append(api)
+    workers = {
+        name: start_worker(redis_url, tiny_checkpoint, logdir, name, **FAST_LEASE) for name in ("a", "b")
+    }
+    procs += list(workers.values())
+    job = submit(base, SLOW)
+    first = stream_events(base, job["id"], stop=lambda e: e.event == "image.progress")
+    victim = next(e.json()["worker"] for e in first if e.event == "job.started")
+    workers[victim].signal(signal.SIGSTOP)
+    try:
+        events = stream_events(base, job["id"])  # taken over by the other worker, to its end
+    finally:
+        workers[victim].signal(signal.SIGCONT)
+    started = [e.json() for e in events if e.event == "job.started"]
+    assert [(s["attempt"], s["takeover"]) for s in started] == [(1, False), (2, True)]
+    assert events[-1].event == "job.completed" and sum(e.event in TERMINAL for e in events) == 1
+
+    client = redis.Redis.from_url(redis_url)
+    before = (client.xrange(keys.events(job["id"])), client.hgetall(keys.job(job["id"])))
+    stale_images = sorted(client.scan_iter(keys.image(f"{job['id']}/1/*")))
+    # The woken worker finds its lease gone and drops the job; its log says so.
+    wait_for(lambda: "job ended: lost" in workers[victim].output(), 60, 0.1, "the stale attempt to give up")
+    after = (client.xrange(keys.events(job["id"])), client.hgetall(keys.job(job["id"])))
+    assert after == before  # no event, no status, no field
+    assert sorted(client.scan_iter(keys.image(f"{job['id']}/1/*"))) == stale_images  # no image
+    client.close()
+    assert workers[victim].alive()
+
+
+@pytest.mark.parametrize("outage_s", [0.5, 6.0], ids=["shorter-than-lease", "longer-than-lease"])
+def test_redis_kill_9_and_restart_from_the_aof_loses_no_job_and_robs_no_live_worker(
+    private_redis, tiny_checkpoint, logdir, procs, outage_s
+):
+    settings = {**FAST_LEASE, "restart_grace_s": 3}  # the default: a lease and a heartbeat, rounded up
+    admin = redis.Redis.from_url(private_redis.url)
+    admin.config_set("appendfsync", "always")  # every 202 is on disk before the kill
+    api, base = start_api(private_redis.url, logdir)
+    procs.append(api)
+    for name in ("a", "b"):
+        procs.append(start_worker(private_redis.url, tiny_checkpoint, logdir, name, **settings))
+    jobs = [submit(base, {**SLOW, "max_iterations": 1, "seed": i}) for i in range(2)]
+    jobs += [submit(base, {**QUICK, "seed": i}) for i in range(2)]
+    wait_for(
+        lambda: sum(_job(base, j["id"])["status"] == "running" for j in jobs) == 2,
+        60,
+        0.05,
+        "two jobs running",
+    )
+    private_redis.proc.kill()  # kill -9
+    private_redis.proc.wait()
+    private_redis.proc = None
+    time.sleep(outage_s)  # the outage's length (heartbeat keys expire during the longer one)
+    private_redis.start()  # same port and folder: the AOF brings everything back
+    admin.config_set("appendfsync", "always")
+    for job in jobs:
+        assert (
+            wait_for(lambda j=job: _ended(base, j["id"]), 120, 0.2, f"{job['id']} to end")["status"]
+            == "succeeded"
+        )
+    for job in jobs:
+        events = stream_events(base, job["id"])
+        names = [e.event for e in events]
+        assert names.count("job.completed") == 1 and sum(n in TERMINAL for n in names) == 1
+        started = [e.json() for e in events if e.event == "job.started"]
+        assert [s["takeover"] for s in started] == [False], (job["id"], started)  # one attempt each
+    admin.close()
+
+
+def test_oversize_and_ahead_of_stream_cursors(redis_url, tiny_checkpoint, logdir, procs):
+    api, base = start_api(redis_url, logdir)
+    procs.append(api)
+    queued = submit(base, QUICK)  # no worker yet: it waits
+    url = f"{base}/v1/generations/{queued['id']}/events"
+    for headers, params, param in [
+        ({"Last-Event-ID": "18446744073709551616-0"}, None, "Last-Event-ID"),
+        (None, {"after": "0-18446744073709551616"}, "after"),
+        (None, {"after": "18446744073709551616-0"}, "after"),
+    ]:
+        reply = httpx.get(url, headers=headers, params=params, timeout=5)
+        assert reply.status_code == 422, reply.text
+        assert reply.json()["error"]["param"] == param
+    biggest = {"Last-Event-ID": "18446744073709551615-18446744073709551615"}
+    with httpx.stream("GET", url, headers=biggest, timeout=5) as reply:
+        assert reply.status_code == 200  # the largest valid id is a cursor like any other
+
+    procs.append(start_worker(redis_url, tiny_checkpoint, logdir, "solo", cancel_poll_s=0))
+    running = submit(base, SLOW)
+    reader = threading.Thread(target=stream_events, args=(base, running["id"]), daemon=True)
+    reader.start()  # the shared reader of this job is busy
+    stream_events(base, running["id"], stop=lambda e: e.event == "image.progress")
+    ahead: list = []
+    late = threading.Thread(
+        target=lambda: ahead.extend(stream_events(base, running["id"], last_event_id="99999999999999-0")),
+        daemon=True,
+    )
+    late.start()
+    assert httpx.delete(f"{base}/v1/generations/{running['id']}", timeout=5).status_code == 202
+    late.join(30)
+    assert not late.is_alive(), "the ahead-of-stream stream stayed open after the terminal event"
+    assert ahead == []  # nothing at or before its cursor is sent
+    reader.join(30)
+    assert not reader.is_alive()
+    done = httpx.get(
+        f"{base}/v1/generations/{running['id']}/events",
+        headers={"Last-Event-ID": "99999999999999-0"},
+        timeout=5,
+    )
+    assert done.status_code == 204
+
+
+def test_a_trimmed_log_resumed_from_0_says_so_with_a_gap_event(redis_url, tiny_checkpoint, logdir, procs):
+    api, base = start_api(redis_url, logdir)
+    procs += [api, start_worker(redis_url, tiny_checkpoint, logdir, "solo")]
+    job = submit(base, QUICK)
+    full = stream_events(base, job["id"])
+    client = redis.Redis.from_url(redis_url)
+    client.xtrim(keys.events(job["id"]), maxlen=3, approximate=False)  # as a smaller events_maxlen would have
+    client.close()
+    resumed = stream_events(base, job["id"])
+    assert resumed[0].event == "gap" and resumed[0].id is None
+    gap = resumed[0].json()
+    assert (gap["after"], gap["next"]) == ("0", full[-3].id)
+    assert [(e.id, e.event) for e in resumed[1:]] == [(e.id, e.event) for e in full[-3:]]
+    # a cursor inside what is kept resumes without a gap
+    assert [e.id for e in stream_events(base, job["id"], last_event_id=full[-3].id)] == [
+        e.id for e in full[-2:]
+    ]
+
+
+def test_budget_quota_impossible_parameters_and_redis_refusals_are_clear_answers(redis_url, logdir, procs):
+    api, base = start_api(redis_url, logdir, key_max_jobs=2, max_job_cost=16_000_000)
+    procs.append(api)
+    post = lambda body: httpx.post(f"{base}/v1/generations", json=body, timeout=10)  # noqa: E731
+    bomb = {
+        "prompt": "x",
+        "max_iterations": 8,
+        "draft": {"steps": 200},
+        "refine": {"steps": 200},
+        "preview_every": 1,
+    }
+    reply = post(bomb)
+    assert reply.status_code == 422, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "budget_exceeded" and error["param"] == "max_job_cost"
+    assert "16,000,000" in error["message"] and "token-steps" in error["message"]
+
+    long_texts = {**QUICK, "max_iterations": 8, "plan": {"max_tokens": 4096}, "reflect": {"max_tokens": 4096}}
+    reply = post(long_texts)
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == "max_positions", reply.text
+    assert "32,768" in reply.json()["error"]["message"]
+
+    reply = post({**QUICK, "plan": {"do_sample": True, "temperature": 1e-300}})
+    assert reply.status_code == 422 and "temperature" in reply.json()["error"]["param"]
+
+    client = redis.Redis.from_url(redis_url)
+    client.config_set("maxmemory", 1)  # Redis out of memory: writes refused with OOM
+    try:
+        reply = post({**QUICK, "seed": 9})
+    finally:
+        client.config_set("maxmemory", 0)
+        client.close()
+    assert reply.status_code == 503 and reply.headers["Retry-After"], reply.text
+
+    assert post(QUICK).status_code == 202 and post(QUICK).status_code == 202
+    reply = post(QUICK)
+    assert reply.status_code == 429 and reply.json()["error"]["type"] == "quota_exceeded"
+    assert int(reply.headers["Retry-After"]) >= 1
