@@ -5,7 +5,6 @@ a job state, a log line, a process exit); the only timed pause is the length of 
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
