@@ -294,3 +294,19 @@ class ScriptedPipeline:
             {"generated_tokens": 4 * self.iterations},
             {"version": 1, "prompt": params.prompt},
         )
+
+
+class LongStepPipeline:
+    """A pipeline whose first image step does not return for a minute and does not look at
+    should_cancel meanwhile, like a VAE decode of a large image (`--pipeline
+    svc_testkit:long_step_pipeline`, with tests/service on PYTHONPATH)."""
+
+    def run(self, params: GenerationParams, should_cancel: Callable[[], bool]) -> Iterator:
+        yield StageStarted(1, Stage.draft)
+        yield ImageProgress(1, Stage.draft, 1, 2)
+        time.sleep(60)  # the long step itself: the worker must not wait for it on SIGTERM
+        yield ImageProgress(1, Stage.draft, 2, 2)
+
+
+def long_step_pipeline(checkpoint: str, device: str, dtype: str | None = None) -> LongStepPipeline:
+    return LongStepPipeline()

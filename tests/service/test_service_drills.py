@@ -8,11 +8,24 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from svc_testkit import QUICK, SLOW, TERMINAL, start_api, start_worker, stream_events, submit, wait_for
+from svc_testkit import (
+    QUICK,
+    SLOW,
+    TERMINAL,
+    Proc,
+    env_with,
+    start_api,
+    start_worker,
+    stream_events,
+    submit,
+    wait_for,
+    wait_workers,
+)
 
 from model.events import NO_IMAGE_MESSAGE
 from service import keys
@@ -229,3 +242,29 @@ def test_budget_quota_impossible_parameters_and_redis_refusals_are_clear_answers
     reply = post(QUICK)
     assert reply.status_code == 429 and reply.json()["error"]["type"] == "quota_exceeded"
     assert int(reply.headers["Retry-After"]) >= 1
+
+
+def test_sigterm_in_the_middle_of_a_long_step_hands_the_job_back_within_a_second(
+    redis_url, tiny_checkpoint, logdir, procs
+):
+    api, base = start_api(redis_url, logdir)
+    procs.append(api)
+    env = env_with(redis_url)
+    env["PYTHONPATH"] = str(Path(__file__).parent)
+    args = ["worker", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--name", "decoding"]
+    worker = Proc(
+        [*args, "--pipeline", "svc_testkit:long_step_pipeline"], env, logdir / "worker-decoding.log"
+    )
+    procs.append(worker)
+    wait_workers(redis_url, {"decoding": worker})
+    job = submit(base, QUICK)
+    stream_events(base, job["id"], stop=lambda e: e.event == "image.progress")  # inside the long step
+    sent = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    assert time.monotonic() - sent < 1.5, "the worker waited for the step to end"
+    view = _job(base, job["id"])
+    assert (view["status"], view["attempt"]) == ("queued", 1)
+    events = stream_events(base, job["id"], stop=lambda e: e.event == "job.queued" and e.json().get("reason"))
+    assert events[-1].json()["reason"] == "handback"
+    assert [e.event for e in events].count("image.progress") == 1  # the step's result is dropped

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from service import keys
 from service.keys import JobStatus
@@ -183,3 +184,11 @@ async def test_waitaof_is_used_only_where_the_server_has_it(store: Store):
     major, minor = (int(p) for p in info["redis_version"].split(".")[:2])
     assert await store.supports_waitaof() == ((major, minor) >= (7, 2))
     assert (await _enqueue(store, "j1")).outcome == "ok"  # either way the accept path works
+
+
+async def test_workers_silent_for_three_leases_leave_the_workers_set(store: Store):
+    stale_ms = (time.time() - 3 * store.settings.lease_ttl_s - 1) * 1000
+    await store.r.zadd(keys.WORKERS, {"crashed": stale_ms})
+    await store.heartbeat("alive")
+    assert await store.r.zrange(keys.WORKERS, 0, -1) == [b"alive"]
+    assert await store.live_workers() == 1
