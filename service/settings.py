@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     max_side: int = 1024  # largest width/height a request may ask for (BAGEL's bound)
     max_job_cost: int = Field(16_000_000, ge=1)  # token-steps per job (service/budget.py's formula)
     max_positions: int = Field(32768, ge=1)  # the model's max_position_embeddings
-    key_max_jobs: int = Field(20, ge=0)  # queued + running jobs per API key (0: no quota)
+    key_max_jobs: int = Field(20, ge=0)  # queued + running jobs per API key (0: none; no keys: none)
 
     # Job life
     max_attempts: int = Field(3, ge=1)  # failures (errors or dead workers) before the dead letters

@@ -204,7 +204,7 @@ class Store:
             "1" if idempotency_key else "0",
             s.idempotency_ttl_s,
             events_maxlen or s.events_maxlen,
-            s.key_max_jobs,
+            s.key_max_jobs if s.api_keys else 0,  # without API keys there is no key to hold to it
             *_pairs(fields),
         ]
         script_keys = [

@@ -692,6 +692,8 @@ class Worker:
                     await self.store.trim_queue()
             except TRANSIENT as exc:
                 log.warning("heartbeat failed: %s", exc)
+                if job is not None:  # the pipeline waits on Redis, not on a hung kernel
+                    job.progress_at = time.monotonic()
             except Exception:
                 log.exception("heartbeat error")
             await asyncio.sleep(

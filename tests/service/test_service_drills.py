@@ -205,9 +205,13 @@ def test_a_trimmed_log_resumed_from_0_says_so_with_a_gap_event(redis_url, tiny_c
 
 
 def test_budget_quota_impossible_parameters_and_redis_refusals_are_clear_answers(redis_url, logdir, procs):
-    api, base = start_api(redis_url, logdir, key_max_jobs=2, max_job_cost=16_000_000)
+    api, base = start_api(redis_url, logdir, key_max_jobs=2, max_job_cost=16_000_000, api_keys="k1,k2")
     procs.append(api)
-    post = lambda body: httpx.post(f"{base}/v1/generations", json=body, timeout=10)  # noqa: E731
+
+    def post(body: dict, key: str = "k1") -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.post(f"{base}/v1/generations", json=body, headers=headers, timeout=10)
+
     bomb = {
         "prompt": "x",
         "max_iterations": 8,
@@ -242,6 +246,7 @@ def test_budget_quota_impossible_parameters_and_redis_refusals_are_clear_answers
     reply = post(QUICK)
     assert reply.status_code == 429 and reply.json()["error"]["type"] == "quota_exceeded"
     assert int(reply.headers["Retry-After"]) >= 1
+    assert post(QUICK, key="k2").status_code == 202  # another key has its own quota
 
 
 def test_sigterm_in_the_middle_of_a_long_step_hands_the_job_back_within_a_second(

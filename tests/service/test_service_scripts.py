@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from service import keys
 from service.keys import JobStatus
@@ -103,6 +104,7 @@ async def test_enqueue_twice_is_one_job_one_entry_one_place(store: Store, twice:
 
 async def test_the_key_quota_counts_queued_and_running_jobs_and_frees_on_the_end(store: Store, twice: Twice):
     store.settings.key_max_jobs = 2
+    store.settings.api_keys = [SecretStr("a"), SecretStr("b")]  # quotas hold API keys to them
     assert (await _enqueue(store, "a1", owner="a")).outcome == "ok"
     assert (await _enqueue(store, "a2", owner="a")).outcome == "ok"
     assert (await _enqueue(store, "b1", owner="b")).outcome == "ok"  # quotas are per key
