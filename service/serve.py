@@ -199,7 +199,7 @@ def run_serve(args) -> int:
         except SystemExit as exc:  # our signal handler (0), or uvicorn failing to start (3)
             code = exc.code if isinstance(exc.code, int) else 1
         # A worker that failed (a bad checkpoint, say) fails `strokes serve` too.
-        return code or (worker.code or 0)
+        return code or (1 if worker.code else 0)
     finally:
         stopping.set()
         stop_child(worker.proc if worker is not None else None)

@@ -310,3 +310,16 @@ class LongStepPipeline:
 
 def long_step_pipeline(checkpoint: str, device: str, dtype: str | None = None) -> LongStepPipeline:
     return LongStepPipeline()
+
+
+class DeviceErrorPipeline(ScriptedPipeline):
+    """ScriptedPipeline, except that the prompt "device error" breaks the (pretend) device."""
+
+    def run(self, params: GenerationParams, should_cancel: Callable[[], bool]) -> Iterator:
+        if params.prompt == "device error":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        yield from super().run(params, should_cancel)
+
+
+def device_error_pipeline(checkpoint: str, device: str, dtype: str | None = None) -> DeviceErrorPipeline:
+    return DeviceErrorPipeline(steps=2)

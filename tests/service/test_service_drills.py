@@ -19,6 +19,7 @@ from svc_testkit import (
     TERMINAL,
     Proc,
     env_with,
+    free_port,
     start_api,
     start_worker,
     stream_events,
@@ -249,19 +250,24 @@ def test_budget_quota_impossible_parameters_and_redis_refusals_are_clear_answers
     assert post(QUICK, key="k2").status_code == 202  # another key has its own quota
 
 
+def _long_step_worker(redis_url, checkpoint, logdir, **settings) -> Proc:
+    env = env_with(redis_url, **settings)
+    env["PYTHONPATH"] = str(Path(__file__).parent)
+    args = ["worker", "--checkpoint", str(checkpoint), "--device", "cpu", "--name", "decoding"]
+    worker = Proc(
+        [*args, "--pipeline", "svc_testkit:long_step_pipeline"], env, logdir / "worker-decoding.log"
+    )
+    wait_workers(redis_url, {"decoding": worker})
+    return worker
+
+
 def test_sigterm_in_the_middle_of_a_long_step_hands_the_job_back_within_a_second(
     redis_url, tiny_checkpoint, logdir, procs
 ):
     api, base = start_api(redis_url, logdir)
     procs.append(api)
-    env = env_with(redis_url)
-    env["PYTHONPATH"] = str(Path(__file__).parent)
-    args = ["worker", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--name", "decoding"]
-    worker = Proc(
-        [*args, "--pipeline", "svc_testkit:long_step_pipeline"], env, logdir / "worker-decoding.log"
-    )
+    worker = _long_step_worker(redis_url, tiny_checkpoint, logdir)
     procs.append(worker)
-    wait_workers(redis_url, {"decoding": worker})
     job = submit(base, QUICK)
     stream_events(base, job["id"], stop=lambda e: e.event == "image.progress")  # inside the long step
     sent = time.monotonic()
@@ -273,3 +279,51 @@ def test_sigterm_in_the_middle_of_a_long_step_hands_the_job_back_within_a_second
     events = stream_events(base, job["id"], stop=lambda e: e.event == "job.queued" and e.json().get("reason"))
     assert events[-1].json()["reason"] == "handback"
     assert [e.event for e in events].count("image.progress") == 1  # the step's result is dropped
+
+
+def test_a_job_without_progress_past_its_lease_fails_and_the_worker_exits_for_a_restart(
+    redis_url, tiny_checkpoint, logdir, procs
+):
+    api, base = start_api(redis_url, logdir)
+    procs.append(api)
+    worker = _long_step_worker(
+        redis_url, tiny_checkpoint, logdir, progress_timeout_s=2, heartbeat_interval_s=0.5
+    )
+    procs.append(worker)
+    job = submit(base, QUICK)
+    events = stream_events(base, job["id"])  # the step hangs; the progress lease ends the job
+    assert events[-1].event == "job.failed"
+    assert events[-1].json()["error"]["type"] == "no_progress"
+    assert worker.wait(10) == 3  # a hung kernel cannot be interrupted: exit, to be restarted
+
+
+def test_strokes_serve_outlives_a_job_that_breaks_its_worker(redis_url, tiny_checkpoint, tmp_path):
+    port = free_port()
+    env = env_with(redis_url, max_attempts=1)
+    env["PYTHONPATH"] = str(Path(__file__).parent)
+    cmd = ["serve", "--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]
+    serve = Proc(
+        [*cmd, "--redis-url", redis_url, "--pipeline", "svc_testkit:device_error_pipeline"],
+        env,
+        tmp_path / "serve.log",
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _healthy(base), 60, 0.1, "strokes serve to answer")
+        broken = submit(base, {**QUICK, "prompt": "device error"})
+        events = stream_events(base, broken["id"])
+        assert events[-1].event == "job.failed"
+        assert "CUDA error: an illegal memory access" in events[-1].json()["error"]["message"]
+        after = submit(base, QUICK)  # taken by the worker `strokes serve` started in its place
+        assert stream_events(base, after["id"])[-1].event == "job.completed"
+        assert serve.alive()
+        assert "the worker exited with 3; restarting it" in serve.output()
+    finally:
+        serve.stop()
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(base + "/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
