@@ -4,9 +4,11 @@ Loopback only, bounded by --minutes. The driver starts a private redis-server (A
 and two CPU workers on the tiny checkpoint (each worker's torch threads sized to its share of the
 cores: STROKES_LOCAL_WORKERS=2), submits --jobs small jobs (each with its own Idempotency-Key, and
 retried on 503/connection errors, so a POST whose reply was lost is not a second job), and while
-they run: kills a random worker every few seconds with SIGKILL or SIGTERM at random (and starts a
-new one in its place), and restarts Redis once (a clean shutdown, which flushes the AOF) when about
-a third of the jobs have ended. At the end it reads every accepted job's event log from Redis.
+they run (the chaos phase, the first --chaos-share of the time): kills a random ready worker (one
+whose model is loaded) every --kill-every seconds on average with SIGKILL or SIGTERM at random,
+starting a new one in its place, and restarts Redis once (a clean shutdown, which flushes the AOF)
+when about a third of the jobs have ended. Then it lets the rest drain, without faults, until every
+job has ended or --minutes is up. At the end it reads every accepted job's event log from Redis.
 
 Reports: accepted, completed, failed (by cause), canceled, terminal events per job (must be exactly
 one), lost (accepted and never ended, or gone: must be 0), jobs completed twice (must be 0), attempts
@@ -80,6 +82,7 @@ class Cluster:
         self.base = f"http://127.0.0.1:{self.port}"
         self.api = self._spawn(["api", "--port", str(self.port)], "api")
         self.workers: dict[int, subprocess.Popen] = {}
+        self.names: dict[int, str] = {}
         self.generation = 0
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
@@ -91,6 +94,7 @@ class Cluster:
     def start_worker(self, slot: int) -> None:
         self.generation += 1
         name = f"w{slot}-{self.generation}"
+        self.names[slot] = name
         args = ["worker", "--checkpoint", str(self.checkpoint), "--device", "cpu", "--name", name]
         self.workers[slot] = self._spawn(args, name)
 
@@ -129,6 +133,14 @@ def submit_all(base: str, count: int, deadline: float) -> list[str]:
                     float(reply.headers.get("Retry-After", "0.5")) if reply.status_code == 429 else 0.2
                 )
     return accepted
+
+
+def client_exists(client: redis.Redis, worker: str) -> bool:
+    """The worker heartbeats: its model is loaded and its loop runs."""
+    try:
+        return bool(client.exists(keys.heartbeat(worker)))
+    except redis.RedisError:
+        return False
 
 
 def ended(client: redis.Redis, job_ids: list[str]) -> int:
@@ -181,7 +193,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--minutes", type=float, default=10.0, help="the whole run's bound")
-    parser.add_argument("--kill-every", type=float, default=4.0, help="mean seconds between worker kills")
+    parser.add_argument("--kill-every", type=float, default=15.0, help="mean seconds between worker kills")
+    parser.add_argument("--chaos-share", type=float, default=0.6, help="share of --minutes with faults")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -227,6 +240,7 @@ def main() -> int:
         submitter.start()
         log(f"submitting {args.jobs} jobs; workers killed every ~{args.kill_every} s")
         next_kill = time.monotonic() + rng.expovariate(1 / args.kill_every)
+        chaos_until = began + args.minutes * 60 * args.chaos_share
         while time.monotonic() < deadline:
             time.sleep(0.25)
             done = ended(client, list(submitter_out))
@@ -237,8 +251,9 @@ def main() -> int:
                 server.stop()  # SIGTERM: redis flushes its AOF and exits
                 server.start()
                 redis_restarted_at = round(time.monotonic() - began, 1)
-            if time.monotonic() >= next_kill:
-                slot = rng.choice([0, 1])
+            ready = [slot for slot in (0, 1) if client_exists(client, cluster.names[slot])]
+            if time.monotonic() >= next_kill and time.monotonic() < chaos_until and ready:
+                slot = rng.choice(ready)
                 sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
                 proc = cluster.workers[slot]
                 proc.send_signal(sig)
