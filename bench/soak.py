@@ -25,6 +25,7 @@ import collections
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -285,6 +286,7 @@ def main() -> int:
         cluster.stop()
         client.close()
         server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     ok = (
         result["lost"] == 0
         and result["completed_twice"] == 0

@@ -1,6 +1,5 @@
-"""The GPU worker: loads the model once, then takes jobs from the queue and runs them.
-
-`strokes worker --checkpoint DIR --device cuda:0|cpu --redis-url URL [--metrics-port P]`
+"""The GPU worker loop: takes jobs from the queue and runs them on the loaded pipeline
+(`strokes worker` is in worker_cli.py, event publishing in publisher.py).
 
 The loop is a chain of small named steps (arq's worker): reclaim (take over a job whose worker's
 heartbeat expired), poll (own pending entries first, then a new one), start (the `start` script
@@ -16,8 +15,8 @@ only a fatal device error (the job is handed back with its cause written) ends t
 exit status 3. A job gets a deadline and a progress lease (no event for `progress_timeout_s`: failed,
 and the process exits, since a hung kernel cannot be interrupted).
 
-torch and the model are imported only when the pipeline is built, so importing this module (the
-`strokes` CLI does) stays light.
+torch and the model are imported only when the pipeline is built, so importing this module stays
+light.
 """
 
 from __future__ import annotations
@@ -27,18 +26,12 @@ import concurrent.futures
 import contextlib
 import contextvars
 import gc
-import importlib
 import json
 import logging
 import os
-import signal
-import socket
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import redis
@@ -54,10 +47,11 @@ from service import keys as keyspace
 from service import logging as slog
 from service.keys import JobStatus
 from service.metrics import WorkerMetrics
+from service.publisher import ActiveJob, DeltaBuffer, LeaseLost, Publisher
 from service.schemas import params_from_record
 from service.settings import Settings
-from service.store import Store, connect
-from service.wire import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, Translator, Wire
+from service.store import Store
+from service.wire import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, Translator
 
 log = logging.getLogger("strokes.worker")
 T = TypeVar("T")
@@ -70,10 +64,6 @@ class Pipeline(Protocol):
 
 
 PipelineFactory = Callable[[str, str, "str | None"], Pipeline]
-
-
-class LeaseLost(Exception):
-    """This attempt no longer holds the job (it was taken over): stop, write nothing more."""
 
 
 class PermanentError(Exception):
@@ -98,166 +88,11 @@ def error_of(exc: BaseException) -> dict[str, str]:
     return {"type": "generation_failed", "message": f"{type(exc).__name__}: {exc}"[:500]}
 
 
-@dataclass
-class ActiveJob:
-    job_id: str
-    entry_id: str
-    attempt: int
-    takeover: bool
-    record: dict[str, Any]
-    translator: Translator
-    began: float = field(default_factory=time.time)
-    stop: threading.Event = field(default_factory=threading.Event)
-    reason: str | None = None  # why stop was set: cancel | lease_lost | shutdown | error | deadline
-    progress_at: float = field(default_factory=time.monotonic)  # the pipeline's last event
-    next_probe: float = 0.0  # monotonic time of the pipeline thread's next look at Redis
-
-    def interrupt(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-        self.stop.set()
-
-
-def load_pipeline(checkpoint: str, device: str, dtype: str | None = None) -> Pipeline:
-    """The real pipeline: BAGEL loaded once onto `device`."""
-    from model.loading import load_engine
-    from model.pipeline import Pipeline as ModelPipeline
-
-    return ModelPipeline(load_engine(checkpoint, device=device, dtype=dtype))
-
-
-def factory_from_path(path: str) -> PipelineFactory:
-    """`module:callable` -> the callable (an alternative pipeline for tests or plugins)."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name or "load_pipeline")
-
-
 def release_accelerator_memory() -> None:
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-class Publisher:
-    """Publishes one attempt's events in order, off the pipeline's thread.
-
-    The pipeline thread only queues (a bounded number of) events and goes on computing; this task
-    sends whatever has queued up in one round trip (images first, then the fenced emits), so
-    Redis latency is not added to every token and denoising step. A refused emit (the attempt lost
-    the job) or a cancel flag in a reply interrupts the job, which the pipeline sees at its next
-    should_cancel() check.
-    """
-
-    def __init__(
-        self, worker: Worker, job: ActiveJob, loop: asyncio.AbstractEventLoop, max_pending: int = 2048
-    ):
-        self.worker, self.job, self.loop = worker, job, loop
-        self.queue: asyncio.Queue[tuple[Wire, bytes | None] | None] = asyncio.Queue()
-        self.slots = threading.Semaphore(max_pending)
-        self.lost = False
-        self.error: Exception | None = None  # a failure of the job's own (not Redis being away)
-        self.seq = 0
-        self.task = loop.create_task(self._run(), name=f"publish-{job.job_id}")
-
-    def submit(self, wire: Wire, png: bytes | None) -> None:
-        """From the pipeline thread. Raises LeaseLost once the attempt has lost the job."""
-        if self.lost:
-            raise LeaseLost(self.job.job_id)
-        self.job.progress_at = time.monotonic()
-        self.slots.acquire()
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (wire, png))
-
-    async def close(self) -> None:
-        """Flush everything queued; afterwards `lost` says whether all of it was accepted."""
-        await self.queue.put(None)
-        await self.task
-
-    async def _run(self) -> None:
-        done = False
-        while not done:
-            batch = [await self.queue.get()]
-            while not self.queue.empty() and len(batch) < 512:
-                batch.append(self.queue.get_nowait())
-            done = batch[-1] is None
-            items = [item for item in batch if item is not None]
-            try:
-                if items and not self.lost:
-                    await self._send(items)
-            except LeaseLost:
-                self.lost = True
-                self.job.interrupt("lease_lost")
-            except Exception as exc:
-                log.exception("publishing failed")
-                self.error, self.lost = exc, True
-                self.job.interrupt("error")
-            finally:
-                for _ in items:
-                    self.slots.release()
-
-    async def _send(self, items: list[tuple[Wire, bytes | None]]) -> None:
-        worker, job = self.worker, self.job
-        if any(png is not None for _wire, png in items):
-            # Images are written outside the fenced scripts (they may go to a blob store): check
-            # first that this attempt still holds the job, so a stale attempt writes none.
-            held, _cancel = await worker._through_outage(
-                job, lambda: worker.store.lease(job.job_id, job.attempt)
-            )
-            if not held:
-                raise LeaseLost(job.job_id)
-        for wire, png in items:
-            if png is not None and wire.image is not None:
-                key = imagelib.storage_key(job.job_id, job.attempt, wire.image[0])
-                await worker._through_outage(
-                    job, lambda k=key, p=png: worker.images.put(k, p, worker.settings.result_ttl_s)
-                )
-        emits = []
-        for wire, _png in items:
-            if wire.name or wire.fields:
-                self.seq += 1
-                emits.append((self.seq, wire.name, wire.data, wire.fields))
-        if not emits:
-            return
-        results = await worker._through_outage(
-            job, lambda: worker.store.emit_many(job.job_id, job.attempt, emits)
-        )
-        for result in results:
-            if not result.ok:
-                raise LeaseLost(job.job_id)
-            if result.cancel:
-                job.interrupt("cancel")
-        worker.metrics.events.inc(len(emits))
-
-
-class DeltaBuffer:
-    """Coalesces a text stage's token pieces into fewer text.delta events: a delta goes out when
-    it holds `max_pieces` pieces or `max_s` has passed since the last one went out (so a slow
-    model's tokens go out one by one, at once), and before any other event. The text is carried
-    whole, so the deltas still concatenate to exactly the stage's text."""
-
-    def __init__(self, max_pieces: int, max_s: float):
-        self.max_pieces, self.max_s = max_pieces, max_s
-        self.held: list[TextDelta] = []
-        self.last = time.monotonic()
-
-    def add(self, event: TextDelta) -> TextDelta | None:
-        if self.held and (self.held[0].iteration, self.held[0].stage) != (event.iteration, event.stage):
-            out = self.flush()  # another stage's text (no event between): send the old, hold the new
-            self.held = [event]
-            return out
-        self.held.append(event)
-        if len(self.held) >= self.max_pieces or time.monotonic() - self.last >= self.max_s:
-            return self.flush()
-        return None
-
-    def flush(self) -> TextDelta | None:
-        if not self.held:
-            return None
-        first = self.held[0]
-        merged = TextDelta(first.iteration, first.stage, "".join(e.delta for e in self.held))
-        self.held = []
-        self.last = time.monotonic()
-        return merged
 
 
 class Worker:
@@ -723,7 +558,7 @@ class Worker:
             os._exit(EXIT_FATAL)
 
 
-# ---- command ------------------------------------------------------------------------------------
+# ---- the torch thread -----------------------------------------------------------------------------
 
 
 def torch_thread() -> concurrent.futures.ThreadPoolExecutor:
@@ -734,111 +569,3 @@ def torch_thread() -> concurrent.futures.ThreadPoolExecutor:
     0.20 s when they ran on two). The event loop's thread never touches tensors.
     """
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
-
-
-def cpu_share(settings: Settings) -> int:
-    """Torch threads of a CPU worker: STROKES_TORCH_THREADS, else OMP_NUM_THREADS, else this
-    process's cores divided by STROKES_LOCAL_WORKERS (workers on one machine that each take every
-    core fight over them: two 256 px jobs took 100 s each, against 12 s alone)."""
-    if settings.torch_threads:
-        return settings.torch_threads
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // settings.local_workers)
-
-
-def size_torch_threads(settings: Settings) -> int:
-    """On the torch thread (OpenMP's thread count is per calling thread): set and return it."""
-    import torch
-
-    threads = cpu_share(settings)
-    torch.set_num_threads(threads)
-    return threads
-
-
-def default_name(device: str) -> str:
-    return f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
-
-
-async def serve_worker(
-    settings: Settings,
-    pipeline: Pipeline,
-    name: str,
-    metrics: WorkerMetrics,
-    executor: concurrent.futures.ThreadPoolExecutor | None = None,
-) -> int:
-    client = connect(
-        settings.redis_url,
-        timeout_s=max(5.0, settings.poll_block_ms / 1000 + 3),
-        connect_timeout_s=2.0,
-        max_connections=32,
-    )
-    store = Store(client, settings)
-    worker = Worker(store, pipeline, settings, name, metrics, executor=executor)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.request_stop)
-    try:
-        await worker.run()
-    finally:
-        await store.close()
-    return worker.exit_code
-
-
-def run_worker(args) -> int:
-    overrides = {"redis_url": args.redis_url} if args.redis_url else {}
-    settings = Settings(**overrides)
-    slog.setup(settings.log_level, "worker")
-    metrics = WorkerMetrics()
-    if args.metrics_port:
-        metrics.serve(args.metrics_port, args.metrics_host)
-    name = args.name or default_name(args.device)
-    factory = factory_from_path(args.pipeline) if args.pipeline else load_pipeline
-    began = time.perf_counter()
-    log.info("loading the model", extra={"checkpoint": str(args.checkpoint), "device": args.device})
-    from model.config import CheckpointError  # the worker loads torch anyway
-
-    executor = torch_thread()
-    if args.device == "cpu":
-        threads = executor.submit(size_torch_threads, settings).result()
-        log.info("torch threads sized", extra={"threads": threads})
-    try:
-        pipeline = executor.submit(factory, str(args.checkpoint), args.device, args.dtype).result()
-    except CheckpointError as exc:  # a missing, partial or mismatched folder; a device not there
-        log.error("cannot load the model: %s", exc)
-        executor.shutdown()
-        return 2
-    metrics.model_load_seconds.set(time.perf_counter() - began)
-    metrics.observe_gpu()
-    log.info("model loaded", extra={"seconds": round(time.perf_counter() - began, 3)})
-    code = asyncio.run(serve_worker(settings, pipeline, name, metrics, executor))
-    # Everything is handed back and closed: skip the interpreter's teardown (freeing the model and
-    # torch's destructors take seconds on a busy machine, and a supervisor waits for our exit).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("worker", help="run a GPU worker: load the model, take jobs from Redis")
-    p.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=os.environ.get("STROKES_CHECKPOINT"),
-        required=not os.environ.get("STROKES_CHECKPOINT"),
-        help="model folder (official BAGEL-7B-MoT layout); default $STROKES_CHECKPOINT",
-    )
-    p.add_argument("--device", default=os.environ.get("STROKES_DEVICE", "cuda:0"), help="cuda:N or cpu")
-    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: per device)")
-    p.add_argument("--redis-url", default=None, help="default: $STROKES_REDIS_URL")
-    p.add_argument("--name", default=None, help="consumer name, unique per worker (default host-device-pid)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    p.add_argument("--metrics-host", default="0.0.0.0")
-    p.add_argument(
-        "--pipeline",
-        default=None,
-        help="module:callable(checkpoint, device, dtype) building another pipeline (tests, plugins)",
-    )
-    p.set_defaults(func=run_worker)
