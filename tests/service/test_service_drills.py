@@ -327,3 +327,35 @@ def _healthy(base: str) -> bool:
         return httpx.get(base + "/readyz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_open_streams_cap_holds_under_a_burst_and_frees_its_slots(redis_url, logdir, procs):
+    api, base = start_api(redis_url, logdir, sse_max_streams=3)
+    procs.append(api)
+    job = submit(base, QUICK)  # no worker: its stream stays open
+    url = f"{base}/v1/generations/{job['id']}/events"
+    statuses: list[int] = []
+    opened = threading.Barrier(41)  # 40 clients and the test
+    release = threading.Event()
+
+    def client() -> None:
+        with httpx.stream("GET", url, timeout=httpx.Timeout(10, read=60)) as reply:
+            statuses.append(reply.status_code)
+            opened.wait()
+            if reply.status_code == 200:
+                release.wait(30)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    opened.wait(30)
+    assert sorted(statuses) == [200] * 3 + [503] * 37
+    release.set()
+    for thread in threads:
+        thread.join(30)
+
+    def a_slot_is_free() -> bool:
+        with httpx.stream("GET", url, timeout=httpx.Timeout(10, read=60)) as reply:
+            return reply.status_code == 200
+
+    wait_for(a_slot_is_free, 30, 0.1, "the slots of the closed streams to be given back")
