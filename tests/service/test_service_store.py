@@ -192,3 +192,17 @@ async def test_workers_silent_for_three_leases_leave_the_workers_set(store: Stor
     await store.heartbeat("alive")
     assert await store.r.zrange(keys.WORKERS, 0, -1) == [b"alive"]
     assert await store.live_workers() == 1
+
+
+async def test_only_an_idle_worker_reclaims_and_a_restarted_redis_waits_for_the_heartbeats(store: Store):
+    await _enqueue(store, "dead-job")
+    await _enqueue(store, "busy-job")
+    await _take(store, "dead")
+    await _take(store, "busy")
+    await store.r.delete(keys.heartbeat("dead"))  # its lease ran out
+    assert await store.reclaim("busy") is None  # busy with its own job: it would sit behind it
+    store.settings.restart_grace_s = 3600  # as if Redis had just restarted: no one may reclaim yet
+    assert await store.reclaim("idle") is None
+    store.settings.restart_grace_s = 0
+    job = await store.get_job("dead-job")
+    assert await store.reclaim("idle") == (job["entry_id"], "dead")
