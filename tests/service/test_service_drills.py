@@ -30,6 +30,7 @@ from svc_testkit import (
 
 from model.events import NO_IMAGE_MESSAGE
 from service import keys
+from service.client import iter_sse
 
 pytestmark = pytest.mark.slow
 
@@ -167,11 +168,19 @@ def test_oversize_and_ahead_of_stream_cursors(redis_url, tiny_checkpoint, logdir
     reader.start()  # the shared reader of this job is busy
     stream_events(base, running["id"], stop=lambda e: e.event == "image.progress")
     ahead: list = []
-    late = threading.Thread(
-        target=lambda: ahead.extend(stream_events(base, running["id"], last_event_id="99999999999999-0")),
-        daemon=True,
-    )
+    connected = threading.Event()
+
+    def follow_from_ahead() -> None:
+        url = f"{base}/v1/generations/{running['id']}/events"
+        headers = {"Last-Event-ID": "99999999999999-0"}
+        with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(10, read=60)) as reply:
+            assert reply.status_code == 200
+            connected.set()
+            ahead.extend(iter_sse(reply.iter_lines()))
+
+    late = threading.Thread(target=follow_from_ahead, daemon=True)
     late.start()
+    assert connected.wait(30), "the ahead-of-stream client did not connect"
     assert httpx.delete(f"{base}/v1/generations/{running['id']}", timeout=5).status_code == 202
     late.join(30)
     assert not late.is_alive(), "the ahead-of-stream stream stayed open after the terminal event"
