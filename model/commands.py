@@ -90,13 +90,19 @@ def _generate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if params.input_image is not None:  # kept beside the trajectory, so that it can be forked
         Image.fromarray(params.input_image).save(out / "input.png")
-    trajectory = None
+    trajectory, final = None, None
     for event in Pipeline(engine).run(params, fork=fork):
         _print_event(event, out)
         if event.name == "done":
-            trajectory = event.trajectory
+            trajectory, final = event.trajectory, event.final_image_id
     (out / "trajectory.json").write_text(json.dumps(trajectory, indent=2, ensure_ascii=False) + "\n")
     print(f"trajectory: {out / 'trajectory.json'}")
+    if final is None:
+        from model.events import NO_IMAGE_MESSAGE
+
+        # The same outcome as the API's job.failed {type: no_image}: no picture, a non-zero exit.
+        print(f"strokes generate: {NO_IMAGE_MESSAGE}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -196,9 +202,9 @@ def _print_event(event, out: Path) -> None:
             end="",
             flush=True,
         )
-    elif event.name == "done":
+    elif event.name == "done" and event.final_image_id is not None:
         print(
-            f"\n\nfinal image: {out / (event.final_image_id or 'none')}.png after {event.iterations} "
+            f"\n\nfinal image: {out / event.final_image_id}.png after {event.iterations} "
             f"iteration(s), {event.seconds:.1f} s"
         )
 

@@ -320,6 +320,37 @@ class Engine:
         return to_uint8(pixels.float())
 
 
+class VisibleText:
+    """The one rule for what of a decoded text the client sees, applied alike to the streamed
+    pieces (TextStep.delta) and to the final text: after <|im_start|>, up to the next
+    <|im_start|> or <|im_end|> (control-token pieces are dropped, and so is what follows them).
+    So the deltas concatenate to exactly `TextDecoding.text`."""
+
+    def __init__(self, bos_text: str, eos_text: str):
+        self.bos, self.eos = bos_text, eos_text
+        self.raw = bos_text  # everything decoded so far, as the reference decodes it
+        self.sent = ""  # the visible text handed out as deltas
+        self.cut = False  # a control token ended the visible text
+
+    def rule(self, raw: str) -> str:
+        return raw.split(self.eos)[0].split(self.bos)[1]
+
+    def push(self, piece: str) -> str:
+        if self.cut or not piece:
+            return ""
+        self.raw += piece
+        text = self.rule(self.raw)
+        self.cut = len(self.raw) > len(self.bos) + len(text)  # something was cut off
+        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
+        self.sent += delta
+        return delta
+
+    def rest(self, text: str) -> str:
+        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
+        self.sent += delta
+        return delta
+
+
 class TextDecoding:
     """Decode text token by token after `cache`; iterate for `TextStep`s.
 
@@ -358,6 +389,8 @@ class TextDecoding:
         engine, cache, tok = self.engine, self.cache, self.engine.tokenizer
         start = (cache.length, cache.rope)
         stream = tok.stream_decoder()
+        bos_text, eos_text = tok.decode([tok.bos_id]), tok.decode([tok.eos_id])
+        visible = VisibleText(bos_text, eos_text)
         token = tok.bos_id
         step = engine.decode_stepper(cache, self.max_tokens)
         try:
@@ -372,16 +405,17 @@ class TextDecoding:
                     self.stop_token = token
                     break
                 self.ids.append(token)
-                yield TextStep(token, stream.push(token), logits)
-            tail = stream.flush()
+                yield TextStep(token, visible.push(stream.push(token)), logits)
+            tail = visible.push(stream.flush())
             if tail:
                 yield TextStep(-1, tail, torch.empty(0))
         finally:
             cache.truncate(*start)
         # The reference's result: decode(bos + ids), cut at <|im_end|>, after <|im_start|>.
-        raw = tok.decode([tok.bos_id, *self.ids])
-        bos_text, eos_text = tok.decode([tok.bos_id]), tok.decode([tok.eos_id])
-        self.text = raw.split(eos_text)[0].split(bos_text)[1]
+        self.text = visible.rule(tok.decode([tok.bos_id, *self.ids]))
+        rest = visible.rest(self.text)  # what the streamed pieces lacked (a decoder's clean-up)
+        if rest:
+            yield TextStep(-1, rest, torch.empty(0))
         if self.commit:
             self.prefilled, self.next_logits = engine.append_generated_text(cache, self.text)
 

@@ -152,6 +152,12 @@ class IterationCompleted(Event):
     image_id: str  # the iteration's final image (the refinement if there was one, else the draft)
 
 
+# A generation in which the model drew no image (the interleaved protocol lets the model stop
+# whenever it likes) is a failure: `strokes generate` exits 1, the API's job ends job.failed with
+# error {type: "no_image", message: NO_IMAGE_MESSAGE}.
+NO_IMAGE_MESSAGE = "the model ended the generation without drawing an image"
+
+
 @dataclass
 class Paused(Event):
     """The run stopped after a stage the caller asked to pause after (`pause_after`). `trajectory`
@@ -173,7 +179,7 @@ class Done(Event):
     """The generation finished. `trajectory` is the JSON record of every stage (see trajectory.py)."""
 
     name: ClassVar[str] = "done"
-    final_image_id: str
+    final_image_id: str | None  # None: the model ended without drawing (NO_IMAGE_MESSAGE)
     iterations: int
     seconds: float
     usage: dict[str, int]

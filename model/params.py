@@ -66,6 +66,9 @@ DRAFT_DEFAULTS = ImageSettings()
 REFINE_DEFAULTS = ImageSettings(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
 
 
+MIN_TEMPERATURE = 0.01
+
+
 @dataclass(frozen=True)
 class TextSettings:
     """How one text stage (a plan or a reflection) is decoded."""
@@ -77,8 +80,9 @@ class TextSettings:
     def validate(self, prefix: str) -> None:
         if not 1 <= self.max_tokens <= 4096:
             raise InvalidParams(f"{prefix}.max_tokens", "must be between 1 and 4096")
-        if not (math.isfinite(self.temperature) and 0.0 < self.temperature <= 2.0):
-            raise InvalidParams(f"{prefix}.temperature", "must be in (0, 2]")
+        # Below MIN_TEMPERATURE, logits / temperature overflows float32 and sampling can only fail.
+        if not (math.isfinite(self.temperature) and MIN_TEMPERATURE <= self.temperature <= 2.0):
+            raise InvalidParams(f"{prefix}.temperature", f"must be in [{MIN_TEMPERATURE}, 2]")
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,11 @@ after the terminal event (exactly one per job: job.completed, job.failed or job.
 | job.paused | iteration, stage, text, expires_at: the job waits (status paused) for continue or cancel |
 | job.resumed | iteration, stage, edited: continued, queued again |
 | error | error {type, message}: the event store failed; reconnect with Last-Event-ID |
+| gap | after, next, message: events after your cursor were trimmed; the stream goes on from `next` (no `id:`) |
+
+A cursor (`Last-Event-ID` or `?after=`) is `0` or `<ms>-<seq>` with each part at most 2^64-1;
+anything else is a 422. A cursor ahead of the job's last event gets the stream's end, and nothing
+before it.
 """
 
 
@@ -214,8 +219,8 @@ async def create_generation(
         job, replayed = await jobs.submit(
             store, settings, owner, body, idempotency_key, deadline_s=settings.redis_deadline_s, blobs=blobs
         )
-    except errors.QueueFull:
-        metrics.rejections.labels("queue_full").inc()
+    except (errors.QueueFull, errors.QuotaExceeded) as exc:
+        metrics.rejections.labels(exc.type).inc()
         raise
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -304,27 +309,37 @@ async def generation_events(
         OptionalStr, Query(pattern=sse.CURSOR.pattern, description="resume after this event id")
     ] = None,
 ):
-    cursor = last_event_id or after or "0"
+    if last_event_id is not None:
+        cursor = sse.parse_cursor(last_event_id, "Last-Event-ID")
+    else:
+        cursor = sse.parse_cursor(after or "0", "after")
 
-    async def check() -> bool:
+    async def check() -> sse.Resume | None:
         job = await jobs.find(store, job_id, owner)
-        if JobStatus(job["status"]).terminal:
-            return bool(await store.read_events(job_id, cursor, count=1))
-        return True
+        resume = await sse.resume_point(store, job_id, cursor)
+        if JobStatus(job["status"]).terminal and not await store.read_events(
+            job_id, resume.read_from, count=1
+        ):
+            return None
+        return resume
 
-    if not await bounded(settings, check()):
+    resume = await bounded(settings, check())
+    if resume is None:
         return Response(status_code=204)
-    if request.app.state.open_streams >= settings.sse_max_streams:
+    state = request.app.state
+    # Checked and taken in one step (no await between): the cap holds under any concurrency.
+    if state.open_streams >= settings.sse_max_streams:
         raise Unavailable("too many open event streams; retry shortly")
+    state.open_streams += 1
     return EventSourceResponse(
-        _counted(request, sse.events(request.app.state.hub, job_id, cursor, settings, metrics)),
+        _counted(request, sse.events(state.hub, job_id, resume, settings, metrics)),
         ping=settings.sse_ping_s,
         send_timeout=settings.sse_send_timeout_s,
     )
 
 
 async def _counted(request: Request, stream):
-    request.app.state.open_streams += 1
+    """The stream's slot (taken by the route) is given back when the stream ends."""
     try:
         async for item in stream:
             yield item

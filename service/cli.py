@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 COMMAND_MODULES: list[str] = [
     "model.commands",
     "service.api",
-    "service.worker",
+    "service.worker_cli",
     "service.serve",
     "service.demo",
     "service.bench",

@@ -14,6 +14,8 @@ from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -84,6 +86,22 @@ class QueueFull(ServiceError):
         self.retry_after = retry_after
 
 
+class OverBudget(ServiceError):
+    status, type = 422, "budget_exceeded"
+
+
+class QuotaExceeded(ServiceError):
+    status, type = 429, "quota_exceeded"
+
+    def __init__(self, limit: int, retry_after: int):
+        super().__init__(
+            f"this API key has {limit} queued or running jobs, its limit (STROKES_KEY_MAX_JOBS); "
+            f"retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
+        self.retry_after = retry_after
+
+
 class Unavailable(ServiceError):
     status, type = 503, "service_unavailable"
 
@@ -98,6 +116,17 @@ class GenerationTimedOut(ServiceError):
 
 class GenerationFailed(ServiceError):
     status, type = 500, "generation_failed"
+
+
+# Error replies of a Redis that is up but cannot serve now (also inside a script's error message).
+UNAVAILABLE_REPLIES = ("OOM", "READONLY", "LOADING", "MASTERDOWN", "BUSY", "NOREPLICAS", "TRYAGAIN")
+
+
+def redis_unavailable(exc: Exception) -> bool:
+    if isinstance(exc, (OutOfMemoryError, ReadOnlyError)):  # redis-py strips the code from these
+        return True
+    text = str(exc)
+    return any(text.startswith(code) or f": {code} " in text for code in UNAVAILABLE_REPLIES)
 
 
 def error_body(type_: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -242,6 +271,21 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
     app.add_exception_handler(TimeoutError, _redis_down)  # the per-request Redis deadline
+
+    @app.exception_handler(RedisResponseError)
+    async def _redis_refused(request: Request, exc: RedisResponseError):
+        # Out of memory, a read-only replica, a dataset still loading, a busy script: Redis is
+        # there but cannot take the request now. Anything else is our bug (500).
+        if redis_unavailable(exc):
+            log.warning("redis refused the request: %s", exc)
+            return error_response(
+                503,
+                Unavailable.type,
+                "the job store cannot take requests right now; retry shortly",
+                headers={"Retry-After": "5"},
+            )
+        log.exception("redis error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal error")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

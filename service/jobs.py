@@ -15,16 +15,18 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from service import budget, keys, webhooks
 from service import images as imagelib
-from service import keys, webhooks
 from service.blobs import BlobStore, presign_refs
 from service.errors import (
     IdempotencyKeyReused,
     InvalidImage,
     InvalidRequest,
     NotFound,
+    OverBudget,
     PayloadTooLarge,
     QueueFull,
+    QuotaExceeded,
 )
 from service.keys import JobStatus
 from service.schemas import GenerationRequest, Job, params_from_record
@@ -168,6 +170,15 @@ async def submit(
     elif request.prompt is None:
         raise InvalidRequest("prompt: required (or fork an earlier generation)", param="prompt")
     params_from_record(record, None, settings.max_side)  # GenerationParams.validate() has the last word
+    try:
+        estimate = budget.check(
+            record,
+            max_cost=settings.max_job_cost,
+            max_positions=settings.max_positions,
+            max_events=settings.events_maxlen // settings.max_attempts,
+        )
+    except budget.OverBudget as exc:
+        raise OverBudget(str(exc), param=exc.limit) from exc
     if request.webhook_url is not None:
         await _check_webhook(settings, request.webhook_url)
     upload = fork.upload if fork is not None else None
@@ -193,9 +204,22 @@ async def submit(
         fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events))
     try:
         job, replayed = await asyncio.wait_for(
-            _enqueue(store, job_id, owner, request, record, idempotency_key, fields, blobs, fork), deadline_s
+            _enqueue(
+                store,
+                settings,
+                job_id,
+                owner,
+                request,
+                record,
+                idempotency_key,
+                fields,
+                blobs,
+                estimate,
+                fork,
+            ),
+            deadline_s,
         )
-    except (QueueFull, IdempotencyKeyReused):  # surely no job: drop its input now
+    except (QueueFull, QuotaExceeded, IdempotencyKeyReused):  # surely no job: drop its input now
         await _drop(blobs, stored_input)
         raise
     # (On a Redis error or timeout we cannot tell whether the job exists: its input stays, and the
@@ -241,6 +265,7 @@ async def _fork(store: Store, owner: str, request: GenerationRequest, blobs: Blo
 
 async def _enqueue(
     store: Store,
+    settings: Settings,
     job_id: str,
     owner: str,
     request: GenerationRequest,
@@ -248,6 +273,7 @@ async def _enqueue(
     idempotency_key: str | None,
     fields: dict[str, Any],
     blobs: BlobStore,
+    estimate: budget.Estimate,
     fork=None,
 ) -> tuple[Job, bool]:
     if fork is not None:  # the context record first: a worker may take the job as soon as it is queued
@@ -262,11 +288,15 @@ async def _enqueue(
         body_hash=request.fingerprint(),
         idempotency_key=idempotency_key,
         fields=fields,
+        # every attempt's events fit: a job within budget never loses events to trimming
+        events_maxlen=estimate.events * settings.max_attempts,
     )
     if result.outcome != "ok" and fork is not None:
         await store.r.delete(keys.steer(job_id))
     if result.outcome == "full":
         raise QueueFull(await store.retry_after())
+    if result.outcome == "quota":
+        raise QuotaExceeded(settings.key_max_jobs, await store.retry_after())
     if result.outcome == "conflict":
         raise IdempotencyKeyReused(
             "this Idempotency-Key was used with a different request body", param="Idempotency-Key"

@@ -6,7 +6,8 @@ One module so the data layout can be read in one place (arq's constants.py). All
 | key                         | type   | what                                                        |
 |-----------------------------|--------|-------------------------------------------------------------|
 | strokes:jobs                | stream | the queue: one entry `{job_id}` per job, consumer group GROUP |
-| strokes:queued              | string | jobs accepted and not yet started (the admission counter)   |
+| strokes:queued:jobs         | set    | job-hash keys of queued jobs (the admission count = SCARD)   |
+| strokes:owner:{o}:active    | set    | job-hash keys of an API key's queued and running jobs (quota) |
 | strokes:dead                | stream | dead letters: jobs that failed for good, with their error    |
 | strokes:workers             | zset   | worker name -> last heartbeat (ms), for /readyz and metrics |
 | strokes:worker_info         | hash   | worker name -> JSON {device, at}: what GET /v1/info reports  |
@@ -33,7 +34,9 @@ PREFIX = "strokes:"
 
 JOBS = PREFIX + "jobs"
 GROUP = "workers"
-QUEUED = PREFIX + "queued"
+# Admission is counted as sets of job-hash keys, not counters: adding or removing a member twice
+# changes nothing (scripts are safe to retry), and a set can be checked against the job hashes.
+QUEUED = PREFIX + "queued:jobs"
 DEAD_LETTERS = PREFIX + "dead"
 WORKERS = PREFIX + "workers"
 WORKER_INFO = PREFIX + "worker_info"
@@ -65,6 +68,10 @@ def trajectory(job_id: str) -> str:
 
 def steer(job_id: str) -> str:
     return f"{PREFIX}steer:{job_id}"
+
+
+def owner_active(owner: str) -> str:
+    return f"{PREFIX}owner:{owner or '-'}:active"
 
 
 def heartbeat(worker: str) -> str:

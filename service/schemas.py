@@ -18,6 +18,7 @@ from model.params import (
     DRAFT_DEFAULTS,
     MAX_SIDE,
     MIN_SIDE,
+    MIN_TEMPERATURE,
     REFINE_DEFAULTS,
     SIZE_MULTIPLE,
     GenerationParams,
@@ -95,7 +96,7 @@ class _TextSettingsBase(BaseModel):
 
     max_tokens: int = Field(512, ge=1, le=4096)
     do_sample: bool = False
-    temperature: float = Field(0.3, gt=0.0, le=2.0)
+    temperature: float = Field(0.3, ge=MIN_TEMPERATURE, le=2.0)
 
     def to_settings(self) -> TextSettings:
         return TextSettings(**self.model_dump())

@@ -108,11 +108,47 @@ def _die_with_parent() -> None:
 
 
 def _exit_with(worker: subprocess.Popen, stopping: threading.Event, what: str = "worker") -> None:
-    """The worker is half of the service: if it dies, stop the API too (SIGTERM to ourselves)."""
+    """A child that is half of the service (the webhook dispatcher): if it dies, stop the API too."""
     code = worker.wait()
     if code != 0 and not stopping.is_set():
         print(f"strokes serve: the {what} exited with {code}; stopping", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+EXIT_CANNOT_LOAD = 2  # the worker's status when the checkpoint or device is unusable
+MAX_RESTARTS = 5  # worker restarts within RESTART_WINDOW_S before `strokes serve` gives up
+RESTART_WINDOW_S = 60.0
+
+
+class WorkerSupervisor:
+    """Runs the worker child and restarts it when it dies (a fatal device error exits 3, a hung
+    job exits after its progress lease, kill -9): `strokes serve` outlives failing jobs. A worker
+    that cannot load its model (exit 2), or that dies too often, stops the API too."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], stopping: threading.Event):
+        self.cmd, self.env, self.stopping = cmd, env, stopping
+        self.proc = self._spawn()
+        self.code: int | None = None  # set when the supervisor gave up
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(self.cmd, env=self.env, preexec_fn=_die_with_parent)
+
+    def watch(self) -> None:
+        restarts: list[float] = []
+        while True:
+            code = self.proc.wait()
+            if self.stopping.is_set():
+                return
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW_S]
+            if code == EXIT_CANNOT_LOAD or len(restarts) >= MAX_RESTARTS:
+                self.code = code or 1
+                print(f"strokes serve: the worker exited with {code}; stopping", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            print(f"strokes serve: the worker exited with {code}; restarting it", file=sys.stderr, flush=True)
+            restarts.append(now)
+            self.proc = self._spawn()
 
 
 def run_serve(args) -> int:
@@ -137,7 +173,7 @@ def run_serve(args) -> int:
             redis = PrivateRedis(Path(tmp))
             redis.start()
             redis_url = redis.url
-        env = {**os.environ, "STROKES_REDIS_URL": redis_url}
+        env = {**os.environ, "STROKES_REDIS_URL": redis_url, "STROKES_LOCAL_WORKERS": "1"}
         if tmp is not None and "STROKES_BLOB_DIR" not in os.environ:
             env["STROKES_BLOB_DIR"] = str(Path(tmp) / "blobs")  # private Redis, private images
         cmd = [
@@ -156,8 +192,8 @@ def run_serve(args) -> int:
             cmd += ["--metrics-port", str(args.worker_metrics_port)]
         if args.pipeline:
             cmd += ["--pipeline", args.pipeline]
-        worker = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
-        threading.Thread(target=_exit_with, args=(worker, stopping), daemon=True).start()
+        worker = WorkerSupervisor(cmd, env, stopping)
+        threading.Thread(target=worker.watch, daemon=True).start()
         if Settings().webhook_secret is not None:  # webhooks (issue 11): the dispatcher beside them
             webhook_cmd = [sys.executable, "-m", "service.cli", "webhooks", "--redis-url", redis_url]
             dispatcher = subprocess.Popen(webhook_cmd, env=env, preexec_fn=_die_with_parent)
@@ -191,10 +227,10 @@ def run_serve(args) -> int:
         except SystemExit as exc:  # our signal handler (0), or uvicorn failing to start (3)
             code = exc.code if isinstance(exc.code, int) else 1
         # A worker that failed (a bad checkpoint, say) fails `strokes serve` too.
-        return code or (1 if worker.poll() not in (None, 0) else 0)
+        return code or (1 if worker.code else 0)
     finally:
         stopping.set()
-        stop_child(worker)
+        stop_child(worker.proc if worker is not None else None)
         stop_child(dispatcher)
         if redis is not None:
             redis.stop()

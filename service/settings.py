@@ -34,16 +34,28 @@ class Settings(BaseSettings):
     max_body_bytes: int = 16 * 1024 * 1024
     max_input_pixels: int = 4096 * 4096  # decompression-bomb guard for input images
     max_side: int = 1024  # largest width/height a request may ask for (BAGEL's bound)
+    max_job_cost: int = Field(16_000_000, ge=1)  # token-steps per job (service/budget.py's formula)
+    max_positions: int = Field(32768, ge=1)  # the model's max_position_embeddings
+    key_max_jobs: int = Field(20, ge=0)  # queued + running jobs per API key (0: none; no keys: none)
 
     # Job life
     max_attempts: int = Field(3, ge=1)  # failures (errors or dead workers) before the dead letters
     heartbeat_interval_s: float = 2.0
     lease_ttl_s: float = 10.0  # a worker whose heartbeat is older than this has lost its jobs
     reclaim_interval_s: float = 1.0
+    # Nothing is reclaimed until Redis has been up this long (default: a lease + a heartbeat), so
+    # live workers re-establish their heartbeats after a Redis restart before anyone reclaims.
+    restart_grace_s: float | None = Field(None, ge=0)
     poll_block_ms: int = 1000
     cancel_poll_s: float = 0.05  # the pipeline thread reads the cancel flag at most this often
-    redis_outage_grace_s: float = 30.0  # a worker keeps a job this long while Redis is unreachable
-    events_maxlen: int = 20000  # cap on events kept per job (MAXLEN ~)
+    handback_wait_s: float = Field(0.5, ge=0)  # SIGTERM: a step still running after this is dropped
+    events_maxlen: int = 50000  # events kept per job, all attempts; requests that could emit more are refused
+    job_deadline_s: float = Field(1800.0, gt=0)  # a running attempt is failed after this long
+    progress_timeout_s: float = Field(300.0, gt=0)  # no event for this long: failed, the worker exits
+    delta_max_tokens: int = Field(16, ge=1)  # text.delta coalescing: at most this many pieces ...
+    delta_max_ms: int = Field(100, ge=0)  # ... or this old, whichever comes first
+    torch_threads: int = Field(0, ge=0)  # CPU workers' torch threads; 0: cores / local_workers
+    local_workers: int = Field(1, ge=1)  # workers sharing this machine's cores
     events_ttl_s: int = 3600  # the event log is kept this long after the terminal event
     result_ttl_s: int = 86400  # job hash, images and trajectory are kept this long after the end
     idempotency_ttl_s: int = 86400

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
 from service import keys
-from service.errors import error_body
+from service.errors import InvalidRequest, error_body
 from service.metrics import ApiMetrics
 from service.settings import Settings
 from service.store import Event, Store
@@ -35,12 +35,58 @@ from service.wire import TERMINAL_EVENTS
 log = logging.getLogger("strokes.sse")
 
 CURSOR = re.compile(r"^(0|\d{1,20}-\d{1,20})$")
+MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit numbers
 TRANSIENT = (RedisError, OSError, TimeoutError)
+GAP = "gap"
 
 
 def _key(event_id: str) -> tuple[int, int]:
     ms, _, seq = event_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def parse_cursor(value: str, param: str) -> str:
+    """A client's cursor, or InvalidRequest (422): `0` or `<ms>-<seq>`, each part <= 2^64-1."""
+    if not CURSOR.match(value) or any(part > MAX_ID_PART for part in _key(value)):
+        raise InvalidRequest(
+            f"{param} must be 0 or an event id <ms>-<seq> (each part at most {MAX_ID_PART})", param=param
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a client's stream starts. `cursor`: the client's own (only later ids are sent);
+    `read_from`: where reading starts (the cursor, or the stream's last id when the cursor is
+    ahead of it, so a shared reader never waits beyond the stream); `gap`: the first kept event
+    when events after the cursor were trimmed away."""
+
+    cursor: str
+    read_from: str
+    gap: str | None = None
+
+
+async def resume_point(store: Store, job_id: str, cursor: str) -> Resume:
+    info = await store.stream_info(job_id)
+    if info is None:
+        return Resume(cursor, cursor)
+    first, last, trimmed = info
+    read_from = last if _key(cursor) > _key(last) else cursor
+    gap = first if trimmed and _key(cursor) < _key(first) else None
+    return Resume(cursor, read_from, gap)
+
+
+def gap_event(job_id: str, resume: Resume) -> ServerSentEvent:
+    """The documented notice for a resume from before the oldest kept event (no `id:`, so the
+    client's Last-Event-ID stays its own)."""
+    data = {
+        "job_id": job_id,
+        "after": resume.cursor,
+        "next": resume.gap,
+        "message": "events after your cursor were trimmed from the job's log; the stream goes on from "
+        "the oldest kept event. GET the job for its current state.",
+    }
+    return ServerSentEvent(data=json.dumps(data), event=GAP)
 
 
 def encode(events: list[Event], links: Callable[[Event], Event] | None = None) -> bytes:
@@ -172,13 +218,16 @@ def _error_event() -> bytes:
 
 
 async def events(
-    hub: EventHub, job_id: str, cursor: str, settings: Settings, metrics: ApiMetrics
+    hub: EventHub, job_id: str, resume: Resume, settings: Settings, metrics: ApiMetrics
 ) -> AsyncIterator[ServerSentEvent | bytes]:
     metrics.sse_streams.inc()
+    cursor = resume.read_from
     feed, queue, catch_up = hub.subscribe(job_id, cursor)
     try:
         yield ServerSentEvent(comment="stream open", retry=settings.sse_retry_ms)
-        last = _key(cursor)
+        if resume.gap is not None:
+            yield gap_event(job_id, resume)
+        last = _key(resume.cursor)
         if catch_up:  # from before what the shared reader holds: read on our own first
             while True:
                 try:
@@ -209,11 +258,10 @@ async def events(
                     break
                 events = item.events
                 fresh = events if _key(events[0].id) > last else [e for e in events if _key(e.id) > last]
-                if not fresh:
-                    continue
-                out.append(item.data if fresh is events else encode(fresh, hub.links))
-                last = _key(fresh[-1].id)
-                if fresh[-1].name in TERMINAL_EVENTS:
+                if fresh:
+                    out.append(item.data if fresh is events else encode(fresh, hub.links))
+                    last = _key(fresh[-1].id)
+                if item.terminal:  # the job's last event, even one at or before the cursor
                     ended = True
                     break
             if out:

@@ -39,72 +39,10 @@ from service import images as imagelib
 from service import keys
 from service.errors import NotFound, NotReady
 from service.keys import JobStatus
-from service.store import Store, _s
+from service.store import Store, _s, load_script
 from service.wire import IMAGE_FIELD_PREFIX
 
-# KEYS: job, events, jobs, paused     ARGV: attempt, group, maxlen, expires_ms, data, paused_json
-_PAUSE = r"""
-local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'entry_id', 'cancel', 'id')
-if j[1] == 'paused' and j[2] == ARGV[1] then return {'paused'} end  -- a retry whose reply was lost
-if j[1] ~= 'running' or j[2] ~= ARGV[1] then return {'fenced'} end
-if j[4] == '1' then return {'cancel'} end
-redis.call('HSET', KEYS[1], 'status', 'paused', 'worker', '', 'paused', ARGV[6])
-if j[3] then redis.call('XACK', KEYS[3], ARGV[2], j[3]) end
-redis.call('ZADD', KEYS[4], ARGV[4], j[5])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', 'job.paused', 'attempt', ARGV[1],
-           'data', ARGV[5])
-return {'paused'}
-"""
-
-# KEYS: job, events, jobs, queued, paused     ARGV: job_id, maxlen, data
-_CONTINUE = r"""
-local j = redis.call('HMGET', KEYS[1], 'status', 'attempt')
-if j[1] ~= 'paused' then return {'not_paused', j[1] or ''} end
-local entry = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1])
-redis.call('HSET', KEYS[1], 'status', 'queued', 'entry_id', entry)
-redis.call('HDEL', KEYS[1], 'paused')
-redis.call('INCR', KEYS[4])
-redis.call('ZREM', KEYS[5], ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'job.resumed', 'attempt', j[2],
-           'data', ARGV[3])
-return {'queued'}
-"""
-
-# A paused job ends (canceled): the same steps as store.py's finalize, minus the queue entry (a
-# paused job's entry is already acknowledged). KEYS: job, events, paused
-# ARGV: job_id, maxlen, events_ttl, result_ttl, data, error ('' for none), expired_before_ms ('' any)
-_END_PAUSED = r"""
-local j = redis.call('HMGET', KEYS[1], 'status', 'attempt')
-if j[1] ~= 'paused' then redis.call('ZREM', KEYS[3], ARGV[1]) return {'not_paused', j[1] or ''} end
-if ARGV[7] ~= '' then
-  local due = redis.call('ZSCORE', KEYS[3], ARGV[1])
-  if due and tonumber(due) > tonumber(ARGV[7]) then return {'not_due'} end
-end
-local t = redis.call('TIME')
-local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
-redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', now, 'worker', '', 'cancel', '1')
-redis.call('HDEL', KEYS[1], 'paused')
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[6]) end
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'job.canceled', 'attempt', j[2],
-           'data', ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {'canceled'}
-"""
-
-
-# KEYS: job, jobs     ARGV: this worker, entry_id, group, heartbeat prefix, job_id
-_ROUTE = r"""
-local w = redis.call('HGET', KEYS[1], 'warm_worker')
-if not w or w == '' or w == ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[1], 'warm_worker')  -- routed once at most: no ping-pong
-local beat = redis.call('GET', ARGV[4] .. w)
--- gone, or busy with another job (its heartbeat names the job it runs): rebuild here instead
-if not beat or (beat ~= '' and beat ~= ARGV[5]) then return 0 end
-redis.call('XCLAIM', KEYS[2], ARGV[3], w, 0, ARGV[2], 'JUSTID')
-return 1
-"""
+STEERING_SCRIPTS = ("pause", "continue", "end_paused", "route")  # service/lua/{name}.lua
 
 
 @dataclass
@@ -133,12 +71,7 @@ class Steering:
 
     def __post_init__(self) -> None:
         r = self.store.r
-        self.scripts = {
-            "pause": r.register_script(_PAUSE),
-            "continue": r.register_script(_CONTINUE),
-            "end": r.register_script(_END_PAUSED),
-            "route": r.register_script(_ROUTE),
-        }
+        self.scripts = {name: r.register_script(load_script(name)) for name in STEERING_SCRIPTS}
 
     @property
     def settings(self):
@@ -278,7 +211,7 @@ class Steering:
         s = self.settings
         job = await self.store.r.hget(keys.job(job_id), "attempt")
         data = {**data, "attempt": int(job or 0)}
-        result = await self.scripts["end"](
+        result = await self.scripts["end_paused"](
             keys=[keys.job(job_id), keys.events(job_id), keys.PAUSED],
             args=[
                 job_id,
@@ -362,7 +295,7 @@ class Steering:
         info = {**point, "text": paused.text, "expires_at": round(expires_at, 3)}
         data = {"job_id": job_id, "attempt": attempt, **info, "waiting_for": "continue or cancel"}
         result = await self.scripts["pause"](
-            keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.PAUSED],
+            keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.PAUSED, keys.QUEUED],
             args=[
                 attempt,
                 keys.GROUP,

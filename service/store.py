@@ -5,9 +5,15 @@ event because every state change is one Lua script that checks the job's state f
 write of a worker carries its attempt number as a fencing token: once a job is taken over, the
 old attempt's events, completion and acknowledgement are all refused.
 
+Every script lives in service/lua/<name>.lua (with prelude.lua in front) and is idempotent under
+retry: the client re-sends a command whose reply was lost, so running a script twice with the same
+arguments must leave the same state as once (tests/service/test_service_scripts.py runs each
+twice). Admission is counted as sets of job keys (keys.QUEUED, keys.owner_active), reconciled
+against the job hashes whenever they look full, so no retry, crash or restart makes the cap drift.
+
 Life of a job (keys.py has the key layout):
-    enqueue   admission check (queue cap) + job hash + queue entry + job.queued, one script;
-              then WAITAOF on the same connection where the server has it (Redis/Valkey >= 7.2)
+    enqueue   admission (queue cap, the key's quota) + job hash + queue entry + job.queued, one
+              script; then WAITAOF on the same connection where the server has it (Redis >= 7.2)
     start     a worker got the entry: queued/running -> running, attempt += 1, job.started.
               A job that was `running` is a takeover (its worker died): that counts as a failure
     emit      append an event (and update the job hash) if the attempt still holds the job
@@ -15,8 +21,10 @@ Life of a job (keys.py has the key layout):
     requeue   hand the job back (SIGTERM) or retry it after an error: the entry moves to the
               never-alive HANDBACK consumer, so the next reclaim of any worker picks it up first
     cancel    queued: canceled at once; running: a flag the worker sees at its next event
-    reclaim   move one pending entry whose owner has no heartbeat key to the caller. The lease is
-              the heartbeat key's TTL, not the entry's idle time: a slow live worker is never robbed
+    reclaim   move one pending entry whose owner has no heartbeat key to an idle caller. The lease
+              is the heartbeat key's TTL, not the entry's idle time: a slow live worker is never
+              robbed; nothing is reclaimed until Redis has been up for a lease (after a restart,
+              live workers write their heartbeats again first)
 Payloads are JSON; nothing is pickled.
 """
 
@@ -25,7 +33,9 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -39,299 +49,33 @@ from service.settings import Settings
 
 # ---- Lua ----------------------------------------------------------------------------------------
 
-# >>> webhooks (issue 11): copy an event that the job subscribed to into the webhook outbox. The
-# job hash has webhook_url and webhook_events (",name,name,", see service/webhooks.py); called
-# right after every XADD of an event a webhook may want (finalize, start, emit).
-_WEBHOOK = (
-    r"""
-local function webhook(jobkey, event, data, event_id)
-  local w = redis.call('HMGET', jobkey, 'webhook_url', 'webhook_events', 'id')
-  if w[1] and w[2] and string.find(w[2], ',' .. event .. ',', 1, true) then
-    redis.call('XADD', '"""
-    + keys.WEBHOOK_OUTBOX
-    + r"""', '*', 'job_id', w[3], 'event', event, 'event_id', event_id, 'url', w[1], 'data', data)
-  end
-end
-"""
-)
-# <<< webhooks
-
-_PRELUDE = (
-    _WEBHOOK
-    + r"""
-local function clock()
-  local t = redis.call('TIME')
-  return t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
-end
-
--- The one way a job ends: state, terminal event, expiry, acknowledgement, dead letter.
--- C = {job, events, jobs, dead, group, maxlen, events_ttl, result_ttl}
-local function finalize(C, status, event, data, attempt, now)
-  local j = redis.call('HMGET', C.job, 'entry_id', 'id')
-  redis.call('HSET', C.job, 'status', status, 'finished_at', now, 'worker', '')
-  local id = redis.call('XADD', C.events, 'MAXLEN', '~', C.maxlen, '*',
-                        'event', event, 'attempt', tostring(attempt), 'data', data)
-  webhook(C.job, event, data, id)  -- webhooks (issue 11)
-  redis.call('EXPIRE', C.events, C.events_ttl)
-  redis.call('EXPIRE', C.job, C.result_ttl)
-  if j[1] then redis.call('XACK', C.jobs, C.group, j[1]) end
-  if status == 'failed' then
-    redis.call('XADD', C.dead, 'MAXLEN', '~', 100000, '*',
-               'job_id', j[2], 'attempt', tostring(attempt), 'data', data, 'at', now)
-  end
-end
-"""
+LUA_DIR = Path(__file__).resolve().parent / "lua"
+SCRIPT_NAMES = (
+    "enqueue",
+    "start",
+    "emit",
+    "finish",
+    "requeue",
+    "cancel",
+    "reclaim",
+    "trim",
+    "position",
+    "reconcile",
 )
 
-# KEYS: job, jobs, queued, events, idem, owner_jobs
-# ARGV: job_id, cap, request, owner, body_hash, has_idem, idem_ttl, maxlen, index_ttl, index_max,
-#       [field, value]...
-_ENQUEUE = (
-    _PRELUDE
-    + r"""
-if ARGV[6] == '1' then
-  local seen = redis.call('HMGET', KEYS[5], 'job_id', 'body_hash')
-  if seen[1] then
-    if seen[2] ~= ARGV[5] then return {'conflict', seen[1]} end
-    return {'duplicate', seen[1]}
-  end
-end
-local depth = tonumber(redis.call('GET', KEYS[3]) or '0')
-if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
-local now = clock()
-local entry = redis.call('XADD', KEYS[2], '*', 'job_id', ARGV[1])
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'queued', 'attempt', '0', 'failures', '0',
-           'cancel', '0', 'owner', ARGV[4], 'request', ARGV[3], 'body_hash', ARGV[5],
-           'created_at', now, 'entry_id', entry)
-for i = 11, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
--- The owner's job list (GET /v1/generations): newest kept, the key expires with the owner's
--- activity; ids whose job hash has expired are dropped by the reader.
-redis.call('ZADD', KEYS[6], math.floor(tonumber(now) * 1000), ARGV[1])
-redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -(tonumber(ARGV[10]) + 1))
-redis.call('EXPIRE', KEYS[6], ARGV[9])
-redis.call('INCR', KEYS[3])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'event', 'job.queued', 'attempt', '0',
-           'data', cjson.encode({job_id = ARGV[1], attempt = 0, position = depth + 1}))
-if ARGV[6] == '1' then
-  redis.call('HSET', KEYS[5], 'job_id', ARGV[1], 'body_hash', ARGV[5])
-  redis.call('EXPIRE', KEYS[5], ARGV[7])
-end
-return {'ok', entry, tostring(depth + 1)}
-"""
-)
 
-# KEYS: job, jobs, queued, events, dead
-# ARGV: entry_id, group, worker, max_attempts, maxlen, events_ttl, result_ttl
-_START = (
-    _PRELUDE
-    + r"""
-local C = {job = KEYS[1], jobs = KEYS[2], events = KEYS[4], dead = KEYS[5], group = ARGV[2],
-           maxlen = ARGV[5], events_ttl = ARGV[6], result_ttl = ARGV[7]}
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
-  return {'gone'}
-end
-local j = redis.call('HMGET', KEYS[1], 'status', 'entry_id', 'cancel', 'failures', 'id')
-local status = j[1]
-if j[2] ~= ARGV[1] or (status ~= 'queued' and status ~= 'running') then
-  redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
-  return {'skip', status or ''}
-end
-if status == 'queued' and tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then
-  redis.call('DECR', KEYS[3])
-end
-local takeover = status == 'running'
-local failures = tonumber(j[4] or '0')
-if takeover then
-  failures = failures + 1
-  redis.call('HSET', KEYS[1], 'failures', failures)
-end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-local now = clock()
-if j[3] == '1' then
-  finalize(C, 'canceled', 'job.canceled', cjson.encode({job_id = j[5], attempt = attempt}), attempt, now)
-  return {'canceled', tostring(attempt)}
-end
-if failures >= tonumber(ARGV[4]) then
-  local err = {type = 'worker_lost', message = 'the job lost its worker on ' .. failures .. ' attempts'}
-  redis.call('HSET', KEYS[1], 'error', cjson.encode(err))
-  finalize(C, 'failed', 'job.failed', cjson.encode({job_id = j[5], attempt = attempt, error = err}),
-           attempt, now)
-  return {'dead', tostring(attempt)}
-end
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3], 'attempt_started_at', now, 'seq', '0')
-redis.call('HSETNX', KEYS[1], 'started_at', now)
-local started = cjson.encode({job_id = j[5], attempt = attempt, worker = ARGV[3], takeover = takeover})
-local started_id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', 'job.started',
-                              'attempt', tostring(attempt), 'data', started)
-webhook(KEYS[1], 'job.started', started, started_id)  -- webhooks (issue 11)
-return {'run', tostring(attempt), takeover and '1' or '0'}
-"""
-)
+def load_script(name: str) -> str:
+    """service/lua/{name}.lua with the shared prelude in front (the webhook outbox's key filled in)."""
+    prelude = (LUA_DIR / "prelude.lua").read_text().replace("{{WEBHOOK_OUTBOX}}", keys.WEBHOOK_OUTBOX)
+    return prelude + "\n" + (LUA_DIR / f"{name}.lua").read_text()
 
-# KEYS: job, events     ARGV: attempt, event ('' for none), data, maxlen, [field, value]...
-# KEYS: job, events     ARGV: attempt, seq, event ('' for none), data, maxlen, [field, value]...
-# `seq` numbers an attempt's emits from 1: a retried emit whose reply was lost is not applied twice.
-_EMIT = (
-    _WEBHOOK  # webhooks (issue 11)
-    + r"""
-local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'cancel', 'seq')
-if j[1] ~= 'running' or j[2] ~= ARGV[1] then return {'fenced'} end
-if tonumber(ARGV[2]) <= tonumber(j[4] or '0') then return {'ok', '', j[3] or '0'} end
-redis.call('HSET', KEYS[1], 'seq', ARGV[2])
-local id = ''
-if ARGV[3] ~= '' then
-  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-                  'event', ARGV[3], 'attempt', ARGV[1], 'data', ARGV[4])
-  webhook(KEYS[1], ARGV[3], ARGV[4], id)  -- webhooks (issue 11)
-end
-if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
-return {'ok', id, j[3] or '0'}
-"""
-)
 
-# KEYS: job, events, jobs, dead, trajectory, stats
-# ARGV: attempt, status, event, data, group, maxlen, events_ttl, result_ttl, trajectory, [field, value]...
-_FINISH = (
-    _PRELUDE
-    + r"""
-local C = {job = KEYS[1], events = KEYS[2], jobs = KEYS[3], dead = KEYS[4], group = ARGV[5],
-           maxlen = ARGV[6], events_ttl = ARGV[7], result_ttl = ARGV[8]}
-local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'attempt_started_at')
-if j[1] == ARGV[2] and j[2] == ARGV[1] then return {'ok'} end  -- a retry whose reply was lost
-if j[1] ~= 'running' or j[2] ~= ARGV[1] then return {'fenced'} end
-if #ARGV > 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
-if ARGV[9] ~= '' then redis.call('SET', KEYS[5], ARGV[9], 'EX', ARGV[8]) end
-local now = clock()
-if ARGV[2] == 'succeeded' and j[3] then
-  local run = tonumber(now) - tonumber(j[3])
-  local old = tonumber(redis.call('HGET', KEYS[6], 'run_seconds_ewma') or tostring(run))
-  redis.call('HSET', KEYS[6], 'run_seconds_ewma', tostring(0.8 * old + 0.2 * run))
-end
-finalize(C, ARGV[2], ARGV[3], ARGV[4], ARGV[1], now)
-return {'ok'}
-"""
-)
+def load_scripts() -> dict[str, str]:
+    """Every script of the store, read once."""
+    return {name: load_script(name) for name in SCRIPT_NAMES}
 
-# KEYS: job, events, jobs, queued, dead
-# ARGV: attempt, reason (handback|retry), group, handback consumer, max_attempts, error json or '',
-#       maxlen, events_ttl, result_ttl
-_REQUEUE = (
-    _PRELUDE
-    + r"""
-local C = {job = KEYS[1], events = KEYS[2], jobs = KEYS[3], dead = KEYS[5], group = ARGV[3],
-           maxlen = ARGV[7], events_ttl = ARGV[8], result_ttl = ARGV[9]}
-local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'entry_id', 'cancel', 'id')
-if j[1] == 'queued' and j[2] == ARGV[1] then return {'queued'} end  -- a retry whose reply was lost
-if j[1] ~= 'running' or j[2] ~= ARGV[1] then return {'fenced'} end
-local now = clock()
-local attempt = tonumber(ARGV[1])
-if j[4] == '1' then
-  finalize(C, 'canceled', 'job.canceled', cjson.encode({job_id = j[5], attempt = attempt}), attempt, now)
-  return {'canceled'}
-end
-local err = nil
-if ARGV[6] ~= '' then err = cjson.decode(ARGV[6]) end
-if ARGV[2] == 'retry' then
-  local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-  if failures >= tonumber(ARGV[5]) then
-    redis.call('HSET', KEYS[1], 'error', ARGV[6])
-    finalize(C, 'failed', 'job.failed', cjson.encode({job_id = j[5], attempt = attempt, error = err}),
-             attempt, now)
-    return {'dead'}
-  end
-end
-redis.call('XCLAIM', KEYS[3], ARGV[3], ARGV[4], 0, j[3], 'JUSTID')
-redis.call('HSET', KEYS[1], 'status', 'queued', 'worker', '')
-redis.call('INCR', KEYS[4])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'event', 'job.queued', 'attempt', ARGV[1],
-           'data', cjson.encode({job_id = j[5], attempt = attempt, reason = ARGV[2], error = err}))
-return {'queued'}
-"""
-)
 
-# KEYS: job, events, jobs, queued, dead     ARGV: group, maxlen, events_ttl, result_ttl
-_CANCEL = (
-    _PRELUDE
-    + r"""
-local C = {job = KEYS[1], events = KEYS[2], jobs = KEYS[3], dead = KEYS[5], group = ARGV[1],
-           maxlen = ARGV[2], events_ttl = ARGV[3], result_ttl = ARGV[4]}
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
-local j = redis.call('HMGET', KEYS[1], 'status', 'id', 'attempt')
-if j[1] ~= 'queued' and j[1] ~= 'running' then return {'terminal', j[1]} end
-redis.call('HSET', KEYS[1], 'cancel', '1')
-if j[1] == 'queued' then
-  if tonumber(redis.call('GET', KEYS[4]) or '0') > 0 then redis.call('DECR', KEYS[4]) end
-  finalize(C, 'canceled', 'job.canceled', cjson.encode({job_id = j[2], attempt = tonumber(j[3])}),
-           j[3], clock())
-  return {'canceled'}
-end
-return {'canceling'}
-"""
-)
-
-# KEYS: jobs     ARGV: group, worker, heartbeat prefix
-_RECLAIM = r"""
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 100)
-for _, p in ipairs(pending) do
-  local id, owner = p[1], p[2]
-  if owner ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. owner) == 0 then
-    local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
-    if #claimed > 0 then return {id, owner} end
-  end
-end
-return {}
-"""
-
-# KEYS: jobs     ARGV: group
-# Trim only what every reader is done with: ids below both the group's last-delivered id and its
-# oldest pending entry (default XTRIM would also drop pending and undelivered jobs).
-_TRIM = r"""
-local function older(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or (am == bm and as < bs)
-end
-local floor = nil
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local name, last
-  for i = 1, #g, 2 do
-    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
-  end
-  if name == ARGV[1] then floor = last end
-end
-if not floor then return 0 end
-local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
-if tonumber(summary[1]) > 0 and older(summary[2], floor) then floor = summary[2] end
-return redis.call('XTRIM', KEYS[1], 'MINID', floor)
-"""
-
-# KEYS: jobs     ARGV: group, entry_id, limit -> 1-based position of a queued entry
-_POSITION = r"""
-local last = '0-0'
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local name, ld
-  for i = 1, #g, 2 do
-    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then ld = g[i + 1] end
-  end
-  if name == ARGV[1] then last = ld end
-end
-local ahead = redis.call('XRANGE', KEYS[1], '(' .. last, ARGV[2], 'COUNT', ARGV[3])
-return math.max(1, #ahead)
-"""
-
-SCRIPTS = {
-    "enqueue": _ENQUEUE,
-    "start": _START,
-    "emit": _EMIT,
-    "finish": _FINISH,
-    "requeue": _REQUEUE,
-    "cancel": _CANCEL,
-    "reclaim": _RECLAIM,
-    "trim": _TRIM,
-    "position": _POSITION,
-}
+SCRIPTS = load_scripts()
 
 
 # ---- results ------------------------------------------------------------------------------------
@@ -450,7 +194,10 @@ class Store:
         body_hash: str,
         idempotency_key: str | None,
         fields: dict[str, Any] | None = None,
+        events_maxlen: int | None = None,
     ) -> Enqueued:
+        """Admit one job. `events_maxlen` bounds its event stream (budget.py; default the setting).
+        Outcomes: ok | duplicate | conflict (Idempotency-Key) | full (queue cap) | quota (key)."""
         s = self.settings
         idem = keys.idempotency(owner, idempotency_key) if idempotency_key else keys.idempotency(owner, "")
         args = [
@@ -461,7 +208,8 @@ class Store:
             body_hash,
             "1" if idempotency_key else "0",
             s.idempotency_ttl_s,
-            s.events_maxlen,
+            events_maxlen or s.events_maxlen,
+            s.key_max_jobs if s.api_keys else 0,  # without API keys there is no key to hold to it
             s.jobs_index_ttl_s,
             s.jobs_index_max,
             *_pairs(fields),
@@ -472,6 +220,7 @@ class Store:
             keys.QUEUED,
             keys.events(job_id),
             idem,
+            keys.owner_active(owner),
             keys.owner_jobs(owner),
         ]
         if await self.supports_waitaof():
@@ -488,8 +237,8 @@ class Store:
         outcome = _s(result[0])
         if outcome == "ok":
             return Enqueued("ok", job_id, position=int(result[2]))
-        if outcome == "full":
-            return Enqueued("full", depth=int(result[1]))
+        if outcome in ("full", "quota"):
+            return Enqueued(outcome, depth=int(result[1]))
         return Enqueued(outcome, _s(result[1]))
 
     async def get_job(self, job_id: str) -> dict[str, str] | None:
@@ -528,6 +277,19 @@ class Store:
                 )
         return out
 
+    async def stream_info(self, job_id: str) -> tuple[str, str, bool] | None:
+        """(first kept event id, last event id, whether events were trimmed away) or None."""
+        try:
+            info = await self.r.xinfo_stream(keys.events(job_id))
+        except ResponseError:  # no such stream
+            return None
+        first, last = info.get("first-entry"), info.get("last-generated-id")
+        if not first or last is None:
+            return None
+        added = info.get("entries-added")
+        trimmed = added is not None and int(added) > int(info["length"])
+        return _s(first[0]), _s(last), trimmed
+
     async def get_trajectory(self, job_id: str) -> str | None:
         raw = await self.r.get(keys.trajectory(job_id))
         return None if raw is None else _s(raw)
@@ -536,8 +298,11 @@ class Store:
         horizon = time.time() * 1000 - self.settings.lease_ttl_s * 1000
         return int(await self.r.zcount(keys.WORKERS, horizon, "+inf"))
 
+    async def queue_depth(self) -> int:
+        return int(await self.r.scard(keys.QUEUED))
+
     async def queue_stats(self) -> QueueStats:
-        depth = int(await self.r.get(keys.QUEUED) or 0)
+        depth = await self.queue_depth()
         lag, pending = None, 0
         try:
             for group in await self.r.xinfo_groups(keys.JOBS):
@@ -559,10 +324,13 @@ class Store:
     # -- worker side ----------------------------------------------------------------------------
 
     async def heartbeat(self, worker: str, job_id: str = "") -> None:
+        """Renew the lease; workers silent for 3 leases (dead ones) leave the workers set."""
         ttl_ms = int(self.settings.lease_ttl_s * 1000)
+        now_ms = time.time() * 1000
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.set(keys.heartbeat(worker), job_id, px=ttl_ms)
-            pipe.zadd(keys.WORKERS, {worker: time.time() * 1000})
+            pipe.zadd(keys.WORKERS, {worker: now_ms})
+            pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms - 3 * ttl_ms)
             await pipe.execute()
 
     async def drop_heartbeat(self, worker: str) -> None:
@@ -573,8 +341,11 @@ class Store:
 
     async def reclaim(self, worker: str) -> tuple[str, str] | None:
         """Take one pending entry whose owner's lease expired; returns (entry_id, old_owner)."""
+        s = self.settings
+        grace = s.restart_grace_s if s.restart_grace_s is not None else s.lease_ttl_s + s.heartbeat_interval_s
+        min_uptime = math.ceil(grace)
         result = await self.scripts["reclaim"](
-            keys=[keys.JOBS], args=[keys.GROUP, worker, keys.HEARTBEAT_PREFIX]
+            keys=[keys.JOBS], args=[keys.GROUP, worker, keys.HEARTBEAT_PREFIX, min_uptime]
         )
         return (_s(result[0]), _s(result[1])) if result else None
 
@@ -613,6 +384,7 @@ class Store:
                 s.events_maxlen,
                 s.events_ttl_s,
                 s.result_ttl_s,
+                uuid.uuid4().hex,  # this call's token: a retry of it is recognised
             ],
         )
         outcome = _s(result[0])
@@ -675,6 +447,7 @@ class Store:
                 keys.DEAD_LETTERS,
                 keys.trajectory(job_id),
                 keys.STATS,
+                keys.QUEUED,
             ],
             args=[
                 attempt,
@@ -720,6 +493,8 @@ class Store:
         return held, cancel == b"1"
 
     async def trim_queue(self) -> int:
+        """Housekeeping of the workers: trim the queue stream, check the admission set."""
+        await self.scripts["reconcile"](keys=[keys.QUEUED], args=[])
         try:
             return int(await self.scripts["trim"](keys=[keys.JOBS], args=[keys.GROUP]))
         except ResponseError:

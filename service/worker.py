@@ -1,6 +1,5 @@
-"""The GPU worker: loads the model once, then takes jobs from the queue and runs them.
-
-`strokes worker --checkpoint DIR --device cuda:0|cpu --redis-url URL [--metrics-port P]`
+"""The GPU worker loop: takes jobs from the queue and runs them on the loaded pipeline
+(`strokes worker` is in worker_cli.py, event publishing in publisher.py).
 
 The loop is a chain of small named steps (arq's worker): reclaim (take over a job whose worker's
 heartbeat expired), poll (own pending entries first, then a new one), start (the `start` script
@@ -8,11 +7,16 @@ fences a new attempt), run (the pipeline in a thread; every event is published u
 fence), finish (terminal state, hand-back or retry). A heartbeat task keeps the lease and checks
 that the attempt still holds the job. The pipeline asks `should_cancel()` between tokens and
 denoising steps; it turns true on cancel, on lease loss and on SIGTERM, which hands the job back
-at once and exits 0. The worker reconnects to Redis by itself, keeping a job through an outage of
-up to `redis_outage_grace_s`.
+at once (within `handback_wait_s`, even mid-step) and exits 0. The worker reconnects to Redis by
+itself and keeps its job through an outage of any length.
 
-torch and the model are imported only when the pipeline is built, so importing this module (the
-`strokes` CLI does) stays light.
+A job never kills the worker: an exception of its own ends it with job.failed and the real cause;
+only a fatal device error (the job is handed back with its cause written) ends the process, with
+exit status 3. A job gets a deadline and a progress lease (no event for `progress_timeout_s`: failed,
+and the process exits, since a hung kernel cannot be interrupted).
+
+torch and the model are imported only when the pipeline is built, so importing this module stays
+light.
 """
 
 from __future__ import annotations
@@ -22,17 +26,11 @@ import concurrent.futures
 import contextlib
 import contextvars
 import gc
-import importlib
 import json
 import logging
 import os
-import signal
-import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import redis
@@ -40,7 +38,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry as SyncRetry
 
-from model.events import Done, Paused, StageCompleted, StageStarted
+from model.events import NO_IMAGE_MESSAGE, Done, Paused, StageCompleted, StageStarted, TextDelta
 from model.events import Event as PipelineEvent
 from model.params import GenerationParams, InvalidParams
 from service import blobs as bloblib
@@ -49,15 +47,17 @@ from service import keys as keyspace
 from service import logging as slog
 from service.keys import JobStatus
 from service.metrics import WorkerMetrics
+from service.publisher import ActiveJob, DeltaBuffer, LeaseLost, Publisher
 from service.schemas import params_from_record
 from service.settings import Settings
 from service.steering import steering
-from service.store import Store, connect
-from service.wire import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, Translator, Wire
+from service.store import Store
+from service.wire import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, Translator
 
 log = logging.getLogger("strokes.worker")
 T = TypeVar("T")
 TRANSIENT = (RedisError, OSError, TimeoutError)
+EXIT_FATAL = 3  # the process exit status after a fatal device error (a supervisor restarts it)
 
 
 class Pipeline(Protocol):
@@ -67,129 +67,32 @@ class Pipeline(Protocol):
 PipelineFactory = Callable[[str, str, "str | None"], Pipeline]
 
 
-class LeaseLost(Exception):
-    """This attempt no longer holds the job (it was taken over): stop, write nothing more."""
-
-
 class PermanentError(Exception):
     """The job cannot succeed on any attempt (bad parameters, its input image expired)."""
 
 
-@dataclass
-class ActiveJob:
-    job_id: str
-    entry_id: str
-    attempt: int
-    takeover: bool
-    record: dict[str, Any]
-    translator: Translator
-    began: float = field(default_factory=time.time)
-    stop: threading.Event = field(default_factory=threading.Event)
-    reason: str | None = None  # why stop was set: cancel | lease_lost | shutdown
-    next_probe: float = 0.0  # monotonic time of the pipeline thread's next look at Redis
-
-    def interrupt(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-        self.stop.set()
+class FatalError(Exception):
+    """The device or the process is broken (e.g. a CUDA error poisons the context): the job was
+    handed back with its cause written, and the worker exits (its supervisor restarts it)."""
 
 
-def load_pipeline(checkpoint: str, device: str, dtype: str | None = None) -> Pipeline:
-    """The real pipeline: BAGEL loaded once onto `device`."""
-    from model.loading import load_engine
-    from model.pipeline import Pipeline as ModelPipeline
-
-    return ModelPipeline(load_engine(checkpoint, device=device, dtype=dtype))
+# Errors after which the CUDA context (or the process) cannot be trusted with another job.
+_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "NCCL error")
 
 
-def factory_from_path(path: str) -> PipelineFactory:
-    """`module:callable` -> the callable (an alternative pipeline for tests or plugins)."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name or "load_pipeline")
+def is_fatal(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or any(marker in str(exc) for marker in _FATAL_MARKERS)
+
+
+def error_of(exc: BaseException) -> dict[str, str]:
+    """The job's error for an exception: its real cause, type and message."""
+    return {"type": "generation_failed", "message": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def release_accelerator_memory() -> None:
     # Collect the finished job's cycles, but keep the CUDA allocator's cached blocks: emptying it
     # after every job makes the next one pay cudaMalloc again (the caches are sized per job anyway).
     gc.collect()
-
-
-class Publisher:
-    """Publishes one attempt's events in order, off the pipeline's thread.
-
-    The pipeline thread only queues (a bounded number of) events and goes on computing; this task
-    sends whatever has queued up in one round trip (images first, then the fenced emits), so
-    Redis latency is not added to every token and denoising step. A refused emit (the attempt lost
-    the job) or a cancel flag in a reply interrupts the job, which the pipeline sees at its next
-    should_cancel() check.
-    """
-
-    def __init__(
-        self, worker: Worker, job: ActiveJob, loop: asyncio.AbstractEventLoop, max_pending: int = 2048
-    ):
-        self.worker, self.job, self.loop = worker, job, loop
-        self.queue: asyncio.Queue[tuple[Wire, bytes | None] | None] = asyncio.Queue()
-        self.slots = threading.Semaphore(max_pending)
-        self.lost = False
-        self.seq = 0
-        self.task = loop.create_task(self._run(), name=f"publish-{job.job_id}")
-
-    def submit(self, wire: Wire, png: bytes | None) -> None:
-        """From the pipeline thread. Raises LeaseLost once the attempt has lost the job."""
-        if self.lost:
-            raise LeaseLost(self.job.job_id)
-        self.slots.acquire()
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (wire, png))
-
-    async def close(self) -> None:
-        """Flush everything queued; afterwards `lost` says whether all of it was accepted."""
-        await self.queue.put(None)
-        await self.task
-
-    async def _run(self) -> None:
-        done = False
-        while not done:
-            batch = [await self.queue.get()]
-            while not self.queue.empty() and len(batch) < 512:
-                batch.append(self.queue.get_nowait())
-            done = batch[-1] is None
-            items = [item for item in batch if item is not None]
-            try:
-                if items and not self.lost:
-                    await self._send(items)
-            except LeaseLost:
-                self.lost = True
-                self.job.interrupt("lease_lost")
-            except Exception:
-                log.exception("publishing failed")
-                self.lost = True
-                self.job.interrupt("lease_lost")
-            finally:
-                for _ in items:
-                    self.slots.release()
-
-    async def _send(self, items: list[tuple[Wire, bytes | None]]) -> None:
-        worker, job = self.worker, self.job
-        for wire, png in items:
-            if png is not None and wire.image is not None:
-                key = imagelib.storage_key(job.job_id, job.attempt, wire.image[0])
-                await worker._through_outage(job, lambda k=key, p=png: worker.images.put(k, p))
-        emits = []
-        for wire, _png in items:
-            if wire.name or wire.fields:
-                self.seq += 1
-                emits.append((self.seq, wire.name, wire.data, wire.fields))
-        if not emits:
-            return
-        results = await worker._through_outage(
-            job, lambda: worker.store.emit_many(job.job_id, job.attempt, emits)
-        )
-        for result in results:
-            if not result.ok:
-                raise LeaseLost(job.job_id)
-            if result.cancel:
-                job.interrupt("cancel")
-        worker.metrics.events.inc(len(emits))
 
 
 class Worker:
@@ -215,16 +118,37 @@ class Worker:
         # The one thread that runs torch: pass the executor the model was loaded on (see torch_thread).
         self._executor = executor or torch_thread()
         self._probe: redis.Redis | None = None  # sync client of the pipeline thread (cancel checks)
+        self.exit_code = 0
+        self._handback: asyncio.Task | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """SIGTERM/SIGINT: take no new job; hand the running one back at its next step."""
+        """SIGTERM/SIGINT: take no new job; hand the running one back at its next step, or, if
+        that step is long (a VAE decode), within handback_wait_s from here (see _hand_back)."""
         if not self.stopping.is_set():
             log.info("stop requested", extra={"worker": self.name})
         self.stopping.set()
         if self.job is not None:
             self.job.interrupt("shutdown")
+            if self._handback is None:
+                self._handback = asyncio.get_running_loop().create_task(self._hand_back(self.job))
+
+    async def _hand_back(self, job: ActiveJob) -> None:
+        """The job did not stop within handback_wait_s of SIGTERM: hand it back from here, under
+        its attempt's fence (whatever the pipeline thread still computes is refused), and exit
+        the process at once: a thread in the middle of a kernel cannot be stopped otherwise."""
+        await asyncio.sleep(self.settings.handback_wait_s)
+        if self.job is not job:
+            return  # it stopped by itself and was handed back in order
+        try:
+            state = await asyncio.wait_for(self.store.requeue(job.job_id, job.attempt, "handback"), 2.0)
+            log.info("handed back mid-step: %s; exiting", state)
+            await asyncio.wait_for(self.store.drop_heartbeat(self.name), 1.0)
+        except (*TRANSIENT, asyncio.TimeoutError) as exc:
+            log.warning("could not hand the job back (it is reclaimed after the lease): %s", exc)
+        logging.shutdown()
+        os._exit(0)
 
     async def run(self) -> None:
         await self._until_redis(self.store.ensure_group)
@@ -241,6 +165,10 @@ class Worker:
                     log.warning("redis unavailable, retrying: %s", exc)
                     await self._sleep(backoff)
                     backoff = min(2.0, backoff * 2)
+                except FatalError as exc:
+                    log.critical("the device is broken, exiting: %s", exc)
+                    self.exit_code = EXIT_FATAL
+                    break
         finally:
             beat.cancel()
             try:
@@ -270,8 +198,7 @@ class Worker:
         self.metrics.busy.set(1)
         try:
             with slog.job_context(job.job_id, job.attempt):
-                outcome, payload = await self.run_job(job)
-                await self.finish(job, outcome, payload)
+                await self.run_and_finish(job)
         finally:
             self.job = None
             self.metrics.busy.set(0)
@@ -332,6 +259,27 @@ class Worker:
             job_id, entry_id, started.attempt, started.takeover, record, Translator(job_id, started.attempt)
         )
 
+    async def run_and_finish(self, job: ActiveJob) -> None:
+        """Run the job and record its outcome. No exception of the job's own (the pipeline, the
+        translation of its events, encoding its images, building its result) leaves this method:
+        it ends the job with job.failed carrying the cause. Only Redis being away (the loop
+        retries; reclaim recovers the job) and a fatal device error (the job is handed back with
+        its cause written, then the process exits) go further."""
+        try:
+            outcome, payload = await self.run_job(job)
+            await self.finish(job, outcome, payload)
+        except LeaseLost:
+            self.metrics.jobs.labels("lost").inc()
+        except TRANSIENT:
+            raise
+        except Exception as exc:
+            log.exception("the job failed outside the pipeline")
+            cause = error_of(exc)
+            if is_fatal(exc):
+                await self.finish(job, "retry", cause)
+                raise FatalError(cause["message"]) from exc
+            await self.finish(job, "failed", cause)
+
     async def run_job(self, job: ActiveJob) -> tuple[str, Any]:
         """Run the pipeline; returns (outcome, payload): succeeded (Done) | canceled | handback |
         lost | retry (error) | failed (error)."""
@@ -357,14 +305,27 @@ class Worker:
                 if close is not None:
                     close()  # unwinds the pipeline (its finally blocks free its buffers)
 
+        deltas = DeltaBuffer(self.settings.delta_max_tokens, self.settings.delta_max_ms / 1000)
+
+        def publish(event: PipelineEvent) -> None:
+            wire = job.translator.translate(event)
+            if wire is not None:
+                png = imagelib.encode_png(wire.image[1]) if wire.image is not None else None
+                publisher.submit(wire, png)  # PNG encoding stays on this thread
+
         def consume(events: Iterator[PipelineEvent]) -> Done | None:
             for event in events:
+                if isinstance(event, TextDelta):
+                    merged = deltas.add(event)
+                    if merged is not None:
+                        publish(merged)
+                    continue
+                held = deltas.flush()  # every other event goes out after the text before it
+                if held is not None:
+                    publish(held)
                 if isinstance(event, StageStarted):
                     slog.set_stage(event.stage.value)
-                wire = job.translator.translate(event)
-                if wire is not None:
-                    png = imagelib.encode_png(wire.image[1]) if wire.image is not None else None
-                    publisher.submit(wire, png)  # PNG encoding stays on this thread
+                publish(event)
                 if isinstance(event, StageCompleted):
                     log.info(
                         "stage completed",
@@ -392,20 +353,28 @@ class Worker:
         except Exception as exc:
             done, error = None, exc
         await publisher.close()  # every queued event is written (or refused) before the outcome
+        if publisher.error is not None:
+            return "retry", error_of(publisher.error)
         if publisher.lost or isinstance(error, LeaseLost):
             return "lost", None
         if error is not None:
             if job.reason is not None:  # we asked it to stop, and it stopped
-                return self._interrupted(job), None
+                return self._interrupted(job)
             if isinstance(error, InvalidParams):  # the model's own limits (e.g. its largest side)
                 return "failed", {"type": "invalid_request", "message": str(error)}
             log.error("pipeline failed", exc_info=error)
-            return "retry", {"type": "generation_failed", "message": f"{type(error).__name__}: {error}"[:500]}
+            if is_fatal(error):
+                raise error
+            return "retry", error_of(error)
         if done is None:
             if job.reason is not None:
-                return self._interrupted(job), None
+                return self._interrupted(job)
             return "retry", {"type": "generation_failed", "message": "the pipeline ended without a result"}
-        return ("paused" if isinstance(done, Paused) else "succeeded"), done
+        if isinstance(done, Paused):
+            return "paused", done
+        if done.final_image_id is None:  # the model chose to stop before drawing anything
+            return "failed", {"type": "no_image", "message": NO_IMAGE_MESSAGE}
+        return "succeeded", done
 
     def _should_cancel(self, job: ActiveJob) -> bool:
         """The pipeline's check between tokens and steps. Besides the flags set from the event
@@ -437,9 +406,12 @@ class Worker:
             job.interrupt("cancel")
         return job.stop.is_set()
 
-    @staticmethod
-    def _interrupted(job: ActiveJob) -> str:
-        return {"cancel": "canceled", "shutdown": "handback", "lease_lost": "lost"}[job.reason or "cancel"]
+    def _interrupted(self, job: ActiveJob) -> tuple[str, Any]:
+        if job.reason == "deadline":
+            message = f"the job ran longer than its deadline of {self.settings.job_deadline_s:g} s"
+            return "failed", {"type": "deadline_exceeded", "message": message}
+        outcome = {"cancel": "canceled", "shutdown": "handback", "lease_lost": "lost", "error": "lost"}
+        return outcome[job.reason or "cancel"], None
 
     async def finish(self, job: ActiveJob, outcome: str, payload: Any) -> None:
         s = self.store
@@ -530,17 +502,14 @@ class Worker:
         return {"attempt_run_s": round(time.time() - job.began, 4)}
 
     async def _through_outage(self, job: ActiveJob, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a Redis operation of a running job, retrying through an outage of up to
-        redis_outage_grace_s; after that the job is lost here (reclaim recovers it)."""
-        deadline = time.monotonic() + self.settings.redis_outage_grace_s
+        """Run a Redis operation of a running job, retrying while Redis is away, however long.
+        Giving the job up would not help anyone: while this worker lives, its heartbeat comes
+        back with Redis and nobody may reclaim the job; the attempt's fence settles the rest."""
         delay = 0.05
         while True:
             try:
                 return await op()
             except TRANSIENT as exc:
-                if time.monotonic() > deadline:
-                    job.interrupt("lease_lost")
-                    raise LeaseLost(job.job_id) from exc
                 log.warning("redis unavailable during a job, retrying: %s", exc)
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
@@ -573,19 +542,45 @@ class Worker:
                         job.interrupt("lease_lost")
                     elif cancel:
                         job.interrupt("cancel")
+                    else:
+                        await self._check_progress(job)
                 if time.monotonic() - last_trim > 60:
                     last_trim = time.monotonic()
                     await self.store.trim_queue()
             except TRANSIENT as exc:
                 log.warning("heartbeat failed: %s", exc)
+                if job is not None:  # the pipeline waits on Redis, not on a hung kernel
+                    job.progress_at = time.monotonic()
             except Exception:
                 log.exception("heartbeat error")
             await asyncio.sleep(
                 min(self.settings.heartbeat_interval_s, 0.5) if job else self.settings.heartbeat_interval_s
             )
 
+    async def _check_progress(self, job: ActiveJob) -> None:
+        """The job's deadline (stop at the next step, job.failed deadline_exceeded) and its
+        progress lease: no event for progress_timeout_s means a hung kernel; the job is failed
+        with that cause and the process exits (its supervisor starts a fresh one)."""
+        s = self.settings
+        if time.time() - job.began > s.job_deadline_s:
+            job.interrupt("deadline")
+        stalled = time.monotonic() - job.progress_at
+        if stalled > s.progress_timeout_s and self.job is job:
+            error = {
+                "type": "no_progress",
+                "message": f"the job made no progress for {stalled:.0f} s (limit {s.progress_timeout_s:g} s)",
+            }
+            log.critical("%s; failing it and exiting", error["message"])
+            data = {"job_id": job.job_id, "attempt": job.attempt, "error": error}
+            await self.store.finish(
+                job.job_id, job.attempt, JobStatus.failed, JOB_FAILED, data, fields={"error": error}
+            )
+            await self.store.drop_heartbeat(self.name)
+            logging.shutdown()
+            os._exit(EXIT_FATAL)
 
-# ---- command ------------------------------------------------------------------------------------
+
+# ---- the torch thread -----------------------------------------------------------------------------
 
 
 def torch_thread() -> concurrent.futures.ThreadPoolExecutor:
@@ -596,113 +591,3 @@ def torch_thread() -> concurrent.futures.ThreadPoolExecutor:
     0.20 s when they ran on two). The event loop's thread never touches tensors.
     """
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
-
-
-def default_name(device: str) -> str:
-    return f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
-
-
-async def serve_worker(
-    settings: Settings,
-    pipeline: Pipeline,
-    name: str,
-    metrics: WorkerMetrics,
-    executor: concurrent.futures.ThreadPoolExecutor | None = None,
-) -> None:
-    client = connect(
-        settings.redis_url,
-        timeout_s=max(5.0, settings.poll_block_ms / 1000 + 3),
-        connect_timeout_s=2.0,
-        max_connections=32,
-    )
-    store = Store(client, settings)
-    images = bloblib.open_store(settings)
-    worker = Worker(store, pipeline, settings, name, metrics, images=images, executor=executor)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.request_stop)
-    try:
-        await worker.run()
-    finally:
-        await images.close()
-        await store.close()
-
-
-def run_worker(args) -> int:
-    overrides = {"redis_url": args.redis_url} if args.redis_url else {}
-    settings = Settings(**overrides)
-    slog.setup(settings.log_level, "worker")
-    metrics = WorkerMetrics()
-    from model import devices as devicelib
-
-    args.device, why = devicelib.resolve(args.device)
-    devices = args.devices.split(",") if args.devices else [args.device]  # several: model/parallel.py
-    args.device, metrics.devices = devices[0], devices
-    if args.metrics_port:
-        try:
-            metrics.serve(args.metrics_port, args.metrics_host)
-        except OSError as exc:  # a port in use: one line, not a traceback
-            log.error(
-                "cannot serve metrics on %s:%s: %s", args.metrics_host, args.metrics_port, exc.strerror or exc
-            )
-            return 2
-    name = args.name or default_name(args.device)
-    factory = factory_from_path(args.pipeline) if args.pipeline else load_pipeline
-    if len(devices) > 1 and not args.pipeline:
-        from model.parallel import load_parallel_pipeline
-
-        def factory(checkpoint, device, dtype):
-            return load_parallel_pipeline(checkpoint, devices, dtype)
-
-    began = time.perf_counter()
-    log.info(
-        "loading the model", extra={"checkpoint": str(args.checkpoint), "device": args.device, "why": why}
-    )
-    from model.config import CheckpointError  # the worker loads torch anyway
-
-    executor = torch_thread()
-    try:
-        pipeline = executor.submit(factory, str(args.checkpoint), args.device, args.dtype).result()
-    except CheckpointError as exc:  # a missing, partial or mismatched folder; a device not there
-        log.error("cannot load the model: %s", exc)
-        executor.shutdown()
-        return 2
-    metrics.model_load_seconds.set(time.perf_counter() - began)
-    metrics.observe_gpu()
-    log.info("model loaded", extra={"seconds": round(time.perf_counter() - began, 3)})
-    from service.studio import publish_worker  # the studio's /v1/info shows the device
-
-    publish_worker(settings.redis_url, name, args.device)
-    asyncio.run(serve_worker(settings, pipeline, name, metrics, executor))
-    return 0
-
-
-def register(subparsers) -> None:
-    from model import devices
-
-    p = subparsers.add_parser("worker", help="run a GPU worker: load the model, take jobs from Redis")
-    p.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=os.environ.get("STROKES_CHECKPOINT"),
-        required=not os.environ.get("STROKES_CHECKPOINT"),
-        help="model folder (official BAGEL-7B-MoT layout); default $STROKES_CHECKPOINT",
-    )
-    p.add_argument("--device", default=devices.default(), help=devices.HELP)
-    p.add_argument(
-        "--devices",
-        default=os.environ.get("STROKES_DEVICES"),
-        help="several devices for one worker, e.g. cuda:0,cuda:1,cuda:2: guidance branches run in "
-        "parallel, one per device (overrides --device)",
-    )
-    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: per device)")
-    p.add_argument("--redis-url", default=None, help="Redis to use (default: $STROKES_REDIS_URL)")
-    p.add_argument("--name", default=None, help="consumer name, unique per worker (default host-device-pid)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics server")
-    p.add_argument(
-        "--pipeline",
-        default=None,
-        help="module:callable(checkpoint, device, dtype) building another pipeline (tests, plugins)",
-    )
-    p.set_defaults(func=run_worker)

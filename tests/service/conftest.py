@@ -15,7 +15,14 @@ from service.store import Store, connect
 
 @pytest.fixture
 def settings(redis_url: str, tmp_path: Path) -> Settings:
-    return Settings(redis_url=redis_url, queue_cap=50, mean_job_seconds=7.0, blob_dir=tmp_path / "blobs")
+    # restart_grace_s=0: the session's redis-server has just started; reclaim may act at once.
+    return Settings(
+        redis_url=redis_url,
+        queue_cap=50,
+        mean_job_seconds=7.0,
+        restart_grace_s=0,
+        blob_dir=tmp_path / "blobs",
+    )
 
 
 @pytest.fixture

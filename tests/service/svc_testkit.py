@@ -108,6 +108,8 @@ class Proc:
 def env_with(redis_url: str, **settings: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STROKES_")}
     env.update({"STROKES_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    # The test's redis-server may have just started: reclaim at once unless a test sets the grace.
+    env["STROKES_RESTART_GRACE_S"] = "0"
     env.update({f"STROKES_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
@@ -314,3 +316,32 @@ class ScriptedPipeline:
             {"generated_tokens": 4 * self.iterations},
             {"version": 1, "prompt": params.prompt},
         )
+
+
+class LongStepPipeline:
+    """A pipeline whose first image step does not return for a minute and does not look at
+    should_cancel meanwhile, like a VAE decode of a large image (`--pipeline
+    svc_testkit:long_step_pipeline`, with tests/service on PYTHONPATH)."""
+
+    def run(self, params: GenerationParams, should_cancel: Callable[[], bool]) -> Iterator:
+        yield StageStarted(1, Stage.draft)
+        yield ImageProgress(1, Stage.draft, 1, 2)
+        time.sleep(60)  # the long step itself: the worker must not wait for it on SIGTERM
+        yield ImageProgress(1, Stage.draft, 2, 2)
+
+
+def long_step_pipeline(checkpoint: str, device: str, dtype: str | None = None) -> LongStepPipeline:
+    return LongStepPipeline()
+
+
+class DeviceErrorPipeline(ScriptedPipeline):
+    """ScriptedPipeline, except that the prompt "device error" breaks the (pretend) device."""
+
+    def run(self, params: GenerationParams, should_cancel: Callable[[], bool]) -> Iterator:
+        if params.prompt == "device error":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        yield from super().run(params, should_cancel)
+
+
+def device_error_pipeline(checkpoint: str, device: str, dtype: str | None = None) -> DeviceErrorPipeline:
+    return DeviceErrorPipeline(steps=2)

@@ -234,7 +234,10 @@ def test_cancel_of_a_queued_and_of_a_running_job(service: Service):
     assert len(late) <= 1, "denoising went on for more than one step after the cancel"
     assert httpx.delete(f"{service.base}/v1/generations/{running['id']}", timeout=5).status_code == 200
 
-    time.sleep(1.5)  # the worker is free now: the canceled queued job must still never start
+    # The worker is free now, and takes entries in order: once a job submitted after the
+    # canceled one has completed, the worker has passed the canceled job's entry.
+    later = submit(service.base, QUICK)
+    assert stream_events(service.base, later["id"])[-1].event == "job.completed"
     events = [e.event for e in stream_events(service.base, queued["id"])]
     assert events == ["job.queued", "job.canceled"]
     assert _status(service.base, queued["id"])["started_at"] is None

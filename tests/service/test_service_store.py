@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from service import keys
 from service.keys import JobStatus
@@ -36,7 +37,7 @@ async def test_admission_never_accepts_beyond_the_cap_under_concurrency(store: S
     results = await asyncio.gather(*[_enqueue(store, f"j{i}") for i in range(60)])
     assert sum(r.outcome == "ok" for r in results) == 10
     assert sum(r.outcome == "full" for r in results) == 50
-    assert int(await store.r.get(keys.QUEUED)) == 10
+    assert await store.queue_depth() == 10
     assert await store.r.xlen(keys.JOBS) == 10
 
 
@@ -97,11 +98,12 @@ async def test_a_retried_emit_is_applied_once_and_a_retried_finish_is_not_refuse
 async def test_reclaim_leaves_jobs_of_live_workers_however_long_they_run(store: Store):
     await _enqueue(store, "j1")
     await _take(store, "w1")
-    await asyncio.sleep(0.3)  # the entry is idle; the lease (heartbeat key) is what counts
-    assert await store.reclaim("w2") is None
-    await store.r.pexpire(keys.heartbeat("w1"), 1)
-    await asyncio.sleep(0.05)
     job = await store.get_job("j1")
+    # The entry has been idle for an hour (XCLAIM ... IDLE sets that without waiting); the lease
+    # (the heartbeat key) is what counts.
+    await store.r.xclaim(keys.JOBS, keys.GROUP, "w1", 0, [job["entry_id"]], idle=3_600_000, justid=True)
+    assert await store.reclaim("w2") is None
+    await store.r.delete(keys.heartbeat("w1"))  # the lease ran out
     assert await store.reclaim("w2") == (job["entry_id"], "w1")
 
 
@@ -109,7 +111,7 @@ async def test_cancel_of_a_queued_job_ends_it_and_the_job_never_starts(store: St
     await _enqueue(store, "j1")
     assert await store.cancel("j1") == ("canceled", None)
     assert await store.cancel("j1") == ("terminal", "canceled")  # idempotent
-    assert int(await store.r.get(keys.QUEUED)) == 0
+    assert await store.queue_depth() == 0
     await store.heartbeat("w1")
     entry_id, job_id = await store.poll("w1", 100)
     assert (await store.start(job_id, entry_id, "w1")).outcome == "skip"
@@ -182,3 +184,25 @@ async def test_waitaof_is_used_only_where_the_server_has_it(store: Store):
     major, minor = (int(p) for p in info["redis_version"].split(".")[:2])
     assert await store.supports_waitaof() == ((major, minor) >= (7, 2))
     assert (await _enqueue(store, "j1")).outcome == "ok"  # either way the accept path works
+
+
+async def test_workers_silent_for_three_leases_leave_the_workers_set(store: Store):
+    stale_ms = (time.time() - 3 * store.settings.lease_ttl_s - 1) * 1000
+    await store.r.zadd(keys.WORKERS, {"crashed": stale_ms})
+    await store.heartbeat("alive")
+    assert await store.r.zrange(keys.WORKERS, 0, -1) == [b"alive"]
+    assert await store.live_workers() == 1
+
+
+async def test_only_an_idle_worker_reclaims_and_a_restarted_redis_waits_for_the_heartbeats(store: Store):
+    await _enqueue(store, "dead-job")
+    await _enqueue(store, "busy-job")
+    await _take(store, "dead")
+    await _take(store, "busy")
+    await store.r.delete(keys.heartbeat("dead"))  # its lease ran out
+    assert await store.reclaim("busy") is None  # busy with its own job: it would sit behind it
+    store.settings.restart_grace_s = 3600  # as if Redis had just restarted: no one may reclaim yet
+    assert await store.reclaim("idle") is None
+    store.settings.restart_grace_s = 0
+    job = await store.get_job("dead-job")
+    assert await store.reclaim("idle") == (job["entry_id"], "dead")

@@ -139,22 +139,33 @@ async def test_cancel_stops_running_job_within_one_step(store: Store, fast: Sett
 
 
 async def test_stale_attempt_stops_and_writes_nothing_after_losing_its_lease(store: Store, fast: Settings):
-    worker = _worker(store, fast, "w1", ScriptedPipeline(steps=200, step_s=0.02))
-    task = asyncio.create_task(worker.run())
+    stale = _worker(store, fast, "w1", ScriptedPipeline(steps=200, step_s=0.02))
+    task = asyncio.create_task(stale.run())
     await _submit(store, "j1")
-    await _until(lambda: store.r.hget(keys.job("j1"), "worker"), what="start")
-    await asyncio.sleep(0.2)
-    # Another worker takes the job over, as reclaim + start do after a lease expiry.
-    entry_id = (await store.get_job("j1"))["entry_id"]
-    await Store(store.r, fast.model_copy(update={"lease_ttl_s": 30})).heartbeat("other")
-    await store.r.xclaim(keys.JOBS, keys.GROUP, "other", 0, [entry_id], justid=True)
-    await store.r.hset(keys.job("j1"), mapping={"attempt": 2, "worker": "other"})
-    await _until(lambda: asyncio.sleep(0, worker.job is None), what="the worker to drop the job")
-    count = await store.r.xlen(keys.events("j1"))
-    await asyncio.sleep(0.3)
-    assert await store.r.xlen(keys.events("j1")) == count  # nothing more from attempt 1
-    await _stop((worker, task))
-    assert worker.metrics.jobs.labels("lost")._value.get() == 1
+
+    async def progressing():
+        return any(e.name == "image.progress" for e in await store.read_events("j1"))
+
+    await _until(progressing, what="denoising to start")
+
+    # w1's heartbeats stop reaching Redis (a paused or partitioned process); its lease runs out.
+    async def silent(*args, **kwargs):
+        return None
+
+    stale.store.heartbeat = silent
+    await store.r.delete(keys.heartbeat("w1"))
+    taker = _worker(store, fast, "w2", ScriptedPipeline(steps=2))
+    taker_task = asyncio.create_task(taker.run())
+    assert await _terminal(store, "j1") == "succeeded"
+    await _until(lambda: asyncio.sleep(0, stale.job is None), what="the stale attempt to stop")
+    # Once its job is dropped, the stale attempt's publisher is closed: it can write no more.
+    events = await store.read_events("j1")
+    takeover = next(i for i, e in enumerate(events) if e.name == "job.started" and e.attempt == 2)
+    assert all(e.attempt == 2 for e in events[takeover:])  # nothing from attempt 1 after it
+    assert [e.name for e in events].count("job.completed") == 1
+    assert (await store.get_job("j1"))["attempt"] == "2"
+    await _stop((stale, task), (taker, taker_task))
+    assert stale.metrics.jobs.labels("lost")._value.get() == 1
 
 
 async def test_stop_request_hands_the_running_job_back_to_another_worker(store: Store, fast: Settings):

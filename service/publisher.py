@@ -1,0 +1,165 @@
+"""Publishing one attempt's events: the job being run (ActiveJob), text-delta coalescing
+(DeltaBuffer) and the Publisher that writes events off the pipeline's thread under the attempt's
+fence. The worker loop (worker.py) owns these; nothing here runs the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from model.events import TextDelta
+from service import images as imagelib
+from service.wire import Translator, Wire
+
+if TYPE_CHECKING:
+    from service.worker import Worker
+
+log = logging.getLogger("strokes.worker")
+
+
+class LeaseLost(Exception):
+    """This attempt no longer holds the job (it was taken over): stop, write nothing more."""
+
+
+@dataclass
+class ActiveJob:
+    job_id: str
+    entry_id: str
+    attempt: int
+    takeover: bool
+    record: dict[str, Any]
+    translator: Translator
+    began: float = field(default_factory=time.time)
+    stop: threading.Event = field(default_factory=threading.Event)
+    reason: str | None = None  # why stop was set: cancel | lease_lost | shutdown | error | deadline
+    progress_at: float = field(default_factory=time.monotonic)  # the pipeline's last event
+    next_probe: float = 0.0  # monotonic time of the pipeline thread's next look at Redis
+
+    def interrupt(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.stop.set()
+
+
+class Publisher:
+    """Publishes one attempt's events in order, off the pipeline's thread.
+
+    The pipeline thread only queues (a bounded number of) events and goes on computing; this task
+    sends whatever has queued up in one round trip (images first, then the fenced emits), so
+    Redis latency is not added to every token and denoising step. A refused emit (the attempt lost
+    the job) or a cancel flag in a reply interrupts the job, which the pipeline sees at its next
+    should_cancel() check.
+    """
+
+    def __init__(
+        self, worker: Worker, job: ActiveJob, loop: asyncio.AbstractEventLoop, max_pending: int = 2048
+    ):
+        self.worker, self.job, self.loop = worker, job, loop
+        self.queue: asyncio.Queue[tuple[Wire, bytes | None] | None] = asyncio.Queue()
+        self.slots = threading.Semaphore(max_pending)
+        self.lost = False
+        self.error: Exception | None = None  # a failure of the job's own (not Redis being away)
+        self.seq = 0
+        self.task = loop.create_task(self._run(), name=f"publish-{job.job_id}")
+
+    def submit(self, wire: Wire, png: bytes | None) -> None:
+        """From the pipeline thread. Raises LeaseLost once the attempt has lost the job."""
+        if self.lost:
+            raise LeaseLost(self.job.job_id)
+        self.job.progress_at = time.monotonic()
+        self.slots.acquire()
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (wire, png))
+
+    async def close(self) -> None:
+        """Flush everything queued; afterwards `lost` says whether all of it was accepted."""
+        await self.queue.put(None)
+        await self.task
+
+    async def _run(self) -> None:
+        done = False
+        while not done:
+            batch = [await self.queue.get()]
+            while not self.queue.empty() and len(batch) < 512:
+                batch.append(self.queue.get_nowait())
+            done = batch[-1] is None
+            items = [item for item in batch if item is not None]
+            try:
+                if items and not self.lost:
+                    await self._send(items)
+            except LeaseLost:
+                self.lost = True
+                self.job.interrupt("lease_lost")
+            except Exception as exc:
+                log.exception("publishing failed")
+                self.error, self.lost = exc, True
+                self.job.interrupt("error")
+            finally:
+                for _ in items:
+                    self.slots.release()
+
+    async def _send(self, items: list[tuple[Wire, bytes | None]]) -> None:
+        worker, job = self.worker, self.job
+        if any(png is not None for _wire, png in items):
+            # Images are written outside the fenced scripts (they may go to a blob store): check
+            # first that this attempt still holds the job, so a stale attempt writes none.
+            held, _cancel = await worker._through_outage(
+                job, lambda: worker.store.lease(job.job_id, job.attempt)
+            )
+            if not held:
+                raise LeaseLost(job.job_id)
+        for wire, png in items:
+            if png is not None and wire.image is not None:
+                key = imagelib.storage_key(job.job_id, job.attempt, wire.image[0])
+                await worker._through_outage(job, lambda k=key, p=png: worker.images.put(k, p))
+        emits = []
+        for wire, _png in items:
+            if wire.name or wire.fields:
+                self.seq += 1
+                emits.append((self.seq, wire.name, wire.data, wire.fields))
+        if not emits:
+            return
+        results = await worker._through_outage(
+            job, lambda: worker.store.emit_many(job.job_id, job.attempt, emits)
+        )
+        for result in results:
+            if not result.ok:
+                raise LeaseLost(job.job_id)
+            if result.cancel:
+                job.interrupt("cancel")
+        worker.metrics.events.inc(len(emits))
+
+
+class DeltaBuffer:
+    """Coalesces a text stage's token pieces into fewer text.delta events: a delta goes out when
+    it holds `max_pieces` pieces or `max_s` has passed since the last one went out (so a slow
+    model's tokens go out one by one, at once), and before any other event. The text is carried
+    whole, so the deltas still concatenate to exactly the stage's text."""
+
+    def __init__(self, max_pieces: int, max_s: float):
+        self.max_pieces, self.max_s = max_pieces, max_s
+        self.held: list[TextDelta] = []
+        self.last = time.monotonic()
+
+    def add(self, event: TextDelta) -> TextDelta | None:
+        if self.held and (self.held[0].iteration, self.held[0].stage) != (event.iteration, event.stage):
+            out = self.flush()  # another stage's text (no event between): send the old, hold the new
+            self.held = [event]
+            return out
+        self.held.append(event)
+        if len(self.held) >= self.max_pieces or time.monotonic() - self.last >= self.max_s:
+            return self.flush()
+        return None
+
+    def flush(self) -> TextDelta | None:
+        if not self.held:
+            return None
+        first = self.held[0]
+        merged = TextDelta(first.iteration, first.stage, "".join(e.delta for e in self.held))
+        self.held = []
+        self.last = time.monotonic()
+        return merged
