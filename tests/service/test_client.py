@@ -301,19 +301,42 @@ def test_create_retries_a_429_after_retry_after_with_the_same_key(redis_server, 
         api.stop()
 
 
-def test_the_readme_script_runs(service: Service, tmp_path: Path):
-    """The complete script of clients/python/README.md, as written, against the service."""
+def _run_readme_script(service: Service, tmp_path: Path, heading: str) -> str:
+    """The first Python block after `heading` in clients/python/README.md, run as written against
+    the service; its output."""
     readme = (ROOT / "clients" / "python" / "README.md").read_text()
-    script = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    section = readme.split(f"\n{heading}\n", 1)[1]
+    script = section.split("```python\n", 1)[1].split("```", 1)[0]
     script = script.replace("http://127.0.0.1:8000", service.base)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "clients" / "python")}
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_readme_script_runs(service: Service, tmp_path: Path):
+    """The complete script of clients/python/README.md, as written, against the service."""
+    _run_readme_script(service, tmp_path, "## A complete script")
     with Image.open(tmp_path / "out" / "final.png") as final:
         assert final.size == (256, 256)
     trajectory = json.loads((tmp_path / "out" / "trajectory.json").read_text())
     for stage in trajectory["stages"]:
         if "image" in stage:
             assert (tmp_path / "out" / f"{stage['image']}.png").exists()
+
+
+def test_the_readme_steering_script_runs(service: Service, tmp_path: Path):
+    """The steering script of clients/python/README.md, as written: pause, own plan, fork, follow-up."""
+    out = _run_readme_script(service, tmp_path, "## Steering")
+    paused, resumed, fork, follow = out.splitlines()
+    assert paused.startswith("paused plan ")
+    plan = "<ins>draw a red cube on a blue sphere</ins> <des>a glossy red cube on a matte blue sphere</des>"
+    assert resumed == f"succeeded {plan}"
+    assert fork.startswith("fork of ParentRef(") and fork.endswith(
+        "iteration=1, stage='reflect') -> it1-refine"
+    )
+    assert follow.startswith("follow-up: 2 iterations, final image it2-")
+    with Image.open(tmp_path / "green.png") as final:
+        assert final.size == (256, 256)
