@@ -28,6 +28,7 @@ from strokes_client import (
     Client,
     GenerationFailed,
     ImageProgress,
+    JobCanceled,
     JobCompleted,
     JobPaused,
     JobQueued,
@@ -214,7 +215,9 @@ async def test_async_client_steering_wait_through_pauses_and_cancel_while_paused
         assert ended.status == "canceled"  # it waited through both pauses, to the end
         with pytest.raises(GenerationFailed):
             await client.wait(job.id, raise_on_failure=True)
-        names = [event.name async for event in client.events(job.id)]
+        events = [event async for event in client.events(job.id)]
+        assert isinstance(events[-1], JobCanceled) and events[-1].reason == "canceled while paused"
+        names = [event.name for event in events]
         assert names.count("job.paused") == 2 and names.count("job.resumed") == 1
         assert names[-1] == "job.canceled" and sum(n in ("job.completed", "job.failed") for n in names) == 0
 

@@ -114,6 +114,8 @@ class JobFailed(Event):
 @dataclass(frozen=True)
 class JobCanceled(Event):
     name: ClassVar[str] = "job.canceled"
+    reason: str | None = None  # a paused job's end: "canceled while paused" | "pause_expired"
+    error: dict[str, Any] | None = None  # pause_expired: {type, message}
 
 
 @dataclass(frozen=True)
