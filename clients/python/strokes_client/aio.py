@@ -143,7 +143,7 @@ class AsyncClient:
                 if event.terminal:
                     break
                 if event.name == "job.paused" and not through_pauses:
-                    job = await self.get(job_id)  # an earlier pause, already resumed, goes on
+                    job = await self.get(job_id)  # else a pause already answered: go on
                     if job.is_paused:
                         return job
                 if deadline is not None and time.monotonic() >= deadline:

@@ -1,4 +1,5 @@
-"""What the API answers, as typed objects: jobs, image references, list pages, errors.
+"""What the API answers, as typed objects: jobs (with a fork's parent and a pause), image
+references, list pages, errors.
 
 Every object keeps the JSON it was built from in `raw`, and unknown fields are ignored, so a newer
 server's additions never break an older client.
