@@ -174,6 +174,7 @@ class Steering:
             await self.put_steer(job_id, steer)
         data = {
             "job_id": job_id,
+            "attempt": int(job.get("attempt") or 0),  # every event's data names its attempt
             "iteration": point["iteration"],
             "stage": point["stage"],
             "edited": text is not None,

@@ -7,8 +7,19 @@ import email.utils
 import time
 
 import httpx
+import pytest
 from strokes_client import _base
-from strokes_client.events import ImageProgress, SSEParser, StageCompleted, UnknownEvent, iter_raw, parse
+from strokes_client.events import (
+    ImageProgress,
+    JobPaused,
+    JobResumed,
+    SSEParser,
+    StageCompleted,
+    UnknownEvent,
+    iter_raw,
+    parse,
+)
+from strokes_client.models import Job, ParentRef, PauseInfo
 
 
 def _reply(status: int, **headers: str) -> httpx.Response:
@@ -69,3 +80,55 @@ def test_the_event_stream_parser_and_typed_events():
     assert isinstance(future, UnknownEvent) and future.event == "some.future.event" and future.data["new"]
     done = parse("2-0", "stage.completed", '{"job_id": "gen_x", "attempt": 1, "stage": "plan", "extra": 1}')
     assert isinstance(done, StageCompleted) and done.stage == "plan" and done.image is None
+
+
+def test_steering_events_and_the_paused_job():
+    paused = parse(
+        "3-0",
+        "job.paused",
+        '{"job_id": "gen_x", "attempt": 1, "iteration": 1, "stage": "plan", "text": "<ins>a</ins>",'
+        ' "expires_at": 1796041958.272, "waiting_for": "continue or cancel"}',
+    )
+    assert isinstance(paused, JobPaused) and not paused.terminal
+    assert (paused.iteration, paused.stage, paused.text, paused.expires_at) == (
+        1,
+        "plan",
+        "<ins>a</ins>",
+        1796041958.272,
+    )
+    resumed = parse(
+        "4-0",
+        "job.resumed",
+        '{"job_id": "gen_x", "attempt": 1, "iteration": 1, "stage": "plan", "edited": true}',
+    )
+    assert isinstance(resumed, JobResumed) and resumed.edited and resumed.attempt == 1
+    replayed = parse(
+        "5-0", "stage.completed", '{"job_id": "gen_x", "attempt": 2, "stage": "plan", "inherited": true}'
+    )
+    assert isinstance(replayed, StageCompleted) and replayed.inherited
+
+    view = {"id": "gen_y", "status": "paused", "created_at": 1.0, "attempt": 1, "request": {}}
+    job = Job.from_json(
+        {
+            **view,
+            "parent": {"job_id": "gen_x", "iteration": 1, "stage": "reflect"},
+            "paused": {"iteration": 1, "stage": "plan", "text": "t", "expires_at": 9.5},
+        }
+    )
+    assert job.is_paused and not job.done
+    assert job.parent == ParentRef("gen_x", 1, "reflect") and job.paused == PauseInfo(1, "plan", "t", 9.5)
+    assert Job.from_json({**view, "status": "queued"}).parent is None
+    # wait() returns a paused job unless it waits through pauses, and always an ended one
+    assert _base.wait_is_over(job, through_pauses=False) and not _base.wait_is_over(job, through_pauses=True)
+    assert _base.wait_is_over(Job.from_json({**view, "status": "canceled"}), through_pauses=True)
+
+
+def test_fork_requests_need_no_prompt():
+    fork = _base.fork_spec("gen_x", iteration=1, stage="plan", text=None)
+    assert fork == {"job_id": "gen_x", "iteration": 1, "stage": "plan"}
+    body = _base.generation_body(None, {"fork": fork, "pause_after": ["reflect"], "width": None})
+    assert body == {"fork": fork, "pause_after": ["reflect"]}
+    assert _base.fork_spec("gen_x", instruction="green") == {"job_id": "gen_x", "instruction": "green"}
+    with pytest.raises(TypeError, match="prompt"):
+        _base.generation_body(None, {"width": 64})
+    assert _base.continue_body(None) == {} and _base.continue_body("x") == {"text": "x"}

@@ -1,9 +1,12 @@
 """The Python client (clients/python) against the real service: API and worker subprocesses, the
 tiny model, a real redis-server. Covers create/get/list/cancel/wait/events/download in both
-flavours, a reconnect mid-stream across an API restart, and the 429 retry with Retry-After."""
+flavours, a reconnect mid-stream across an API restart, the 429 retry with Retry-After, and
+steering (pause, resume with an edited plan, fork with an edited stage, follow-up, cancel while
+paused, `wait` stopping at a pause or waiting through it)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -23,9 +26,14 @@ from strokes_client import (
     APIError,
     AsyncClient,
     Client,
+    GenerationFailed,
     ImageProgress,
+    JobCanceled,
     JobCompleted,
+    JobPaused,
     JobQueued,
+    JobResumed,
+    ParentRef,
     StageCompleted,
     StageStarted,
     TextDelta,
@@ -139,6 +147,81 @@ async def test_async_client_cancel_wait_and_list(service: Service):
         assert waited.status == "succeeded" and waited.final_image is not None
 
 
+PLAN = "<ins>draw a green cube</ins> <des>a green cube on a blue sphere</des>"
+REFLECTION = "The intermediate step is correct. The cube is on the sphere."
+
+
+def test_sync_client_steering_pause_resume_with_an_edited_plan_fork_and_follow_up(service: Service):
+    with Client(service.base) as client:
+        job = client.create(QUICK, seed=51, pause_after=["plan"])
+        paused = client.wait(job.id, timeout_s=60)  # returns at the pause
+        assert paused.status == "paused" and paused.is_paused and not paused.done
+        assert paused.paused is not None and (paused.paused.iteration, paused.paused.stage) == (1, "plan")
+        assert paused.paused.expires_at > time.time() and paused.paused.text
+        pause_event = None
+        for event in client.events(job.id):  # the stream stays open while paused: stop at the pause
+            if isinstance(event, JobPaused):
+                pause_event = event
+                break
+        assert pause_event is not None and pause_event.text == paused.paused.text
+        assert pause_event.stage == "plan" and pause_event.expires_at == paused.paused.expires_at
+
+        resumed = client.resume(job.id, text=PLAN)
+        assert resumed.status in ("queued", "running") and resumed.paused is None
+        done = client.wait(job.id, timeout_s=60, raise_on_failure=True)
+        assert done.status == "succeeded" and done.stages[0]["text"] == PLAN
+        assert [s["stage"] for s in done.stages] == ["plan", "draft", "reflect", "refine"]
+        after = list(client.events(job.id, after=pause_event.id))
+        assert isinstance(after[0], JobResumed) and after[0].edited and after[0].stage == "plan"
+        assert isinstance(after[-1], JobCompleted) and after[-1].attempt == 2
+        with pytest.raises(APIError) as info:
+            client.resume(job.id)
+        assert info.value.status == 409
+
+        fork = client.fork(job.id, 1, "reflect", text=REFLECTION)
+        assert fork.parent == ParentRef(job.id, 1, "reflect") and fork.request["fork"]["text"] == REFLECTION
+        fork = client.wait(fork.id, timeout_s=60, raise_on_failure=True)
+        assert [(s["stage"], s.get("text")) for s in fork.stages[:2]] == [("plan", PLAN), ("draft", None)]
+        # the inherited draft is the parent's, bitwise
+        assert client.download_image(fork.id, "it1-draft") == client.download_image(job.id, "it1-draft")
+        assert (fork.stages[2]["text"], fork.stages[2]["verdict"]) == (REFLECTION, "correct")
+        assert fork.final_image is not None and fork.final_image.id == "it1-draft"
+
+        follow = client.follow_up(job.id, "now make the cube green")
+        assert follow.parent == ParentRef(job.id, None, None)
+        follow = client.wait(follow.id, timeout_s=60, raise_on_failure=True)
+        assert follow.iterations == 2 and follow.final_image.id.startswith("it2-")
+        with pytest.raises(APIError) as info:
+            client.fork(job.id, 1, "draft", text="a green cube")
+        assert info.value.status == 422 and info.value.param == "fork.text"
+
+
+async def test_async_client_steering_wait_through_pauses_and_cancel_while_paused(service: Service):
+    async with AsyncClient(service.base) as client:
+        job = await client.create(QUICK, seed=52, pause_after=["plan", "reflect"])
+        # A second waiter that someone else's steering does not stop: it returns only at the end.
+        through = asyncio.create_task(client.wait(job.id, timeout_s=120, through_pauses=True))
+        paused = await client.wait(job.id, timeout_s=60)
+        assert paused.status == "paused" and paused.paused.stage == "plan"
+        await client.resume(job.id)
+        # wait follows the events from the start: the old pause at the plan does not stop it
+        paused = await client.wait(job.id, timeout_s=60)
+        assert paused.status == "paused" and (paused.paused.iteration, paused.paused.stage) == (1, "reflect")
+        assert paused.attempt == 2 and [s["stage"] for s in paused.stages] == ["plan", "draft", "reflect"]
+
+        canceled = await client.cancel(job.id)
+        assert canceled.status == "canceled" and canceled.paused is None  # at once: no worker holds it
+        ended = await through
+        assert ended.status == "canceled"  # it waited through both pauses, to the end
+        with pytest.raises(GenerationFailed):
+            await client.wait(job.id, raise_on_failure=True)
+        events = [event async for event in client.events(job.id)]
+        assert isinstance(events[-1], JobCanceled) and events[-1].reason == "canceled while paused"
+        names = [event.name for event in events]
+        assert names.count("job.paused") == 2 and names.count("job.resumed") == 1
+        assert names[-1] == "job.canceled" and sum(n in ("job.completed", "job.failed") for n in names) == 0
+
+
 def test_events_resume_across_an_api_restart(service: Service):
     """The API dies mid-stream (SIGKILL) and comes back on the same port: the client reconnects
     with Last-Event-ID and the events it yields are exactly the job's log, once each, in order."""
@@ -221,19 +304,42 @@ def test_create_retries_a_429_after_retry_after_with_the_same_key(redis_server, 
         api.stop()
 
 
-def test_the_readme_script_runs(service: Service, tmp_path: Path):
-    """The complete script of clients/python/README.md, as written, against the service."""
+def _run_readme_script(service: Service, tmp_path: Path, heading: str) -> str:
+    """The first Python block after `heading` in clients/python/README.md, run as written against
+    the service; its output."""
     readme = (ROOT / "clients" / "python" / "README.md").read_text()
-    script = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    section = readme.split(f"\n{heading}\n", 1)[1]
+    script = section.split("```python\n", 1)[1].split("```", 1)[0]
     script = script.replace("http://127.0.0.1:8000", service.base)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "clients" / "python")}
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_readme_script_runs(service: Service, tmp_path: Path):
+    """The complete script of clients/python/README.md, as written, against the service."""
+    _run_readme_script(service, tmp_path, "## A complete script")
     with Image.open(tmp_path / "out" / "final.png") as final:
         assert final.size == (256, 256)
     trajectory = json.loads((tmp_path / "out" / "trajectory.json").read_text())
     for stage in trajectory["stages"]:
         if "image" in stage:
             assert (tmp_path / "out" / f"{stage['image']}.png").exists()
+
+
+def test_the_readme_steering_script_runs(service: Service, tmp_path: Path):
+    """The steering script of clients/python/README.md, as written: pause, own plan, fork, follow-up."""
+    out = _run_readme_script(service, tmp_path, "## Steering")
+    paused, resumed, fork, follow = out.splitlines()
+    assert paused.startswith("paused plan ")
+    plan = "<ins>draw a red cube on a blue sphere</ins> <des>a glossy red cube on a matte blue sphere</des>"
+    assert resumed == f"succeeded {plan}"
+    assert fork.startswith("fork of ParentRef(") and fork.endswith(
+        "iteration=1, stage='reflect') -> it1-refine"
+    )
+    assert follow.startswith("follow-up: 2 iterations, final image it2-")
+    with Image.open(tmp_path / "green.png") as final:
+        assert final.size == (256, 256)

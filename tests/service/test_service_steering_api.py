@@ -17,8 +17,8 @@ from model.events import ImageCompleted
 from model.loading import load_engine
 from model.params import GenerationParams, ImageSettings, TextSettings
 from model.pipeline import Pipeline
+from service import blobs, keys
 from service import images as imagelib
-from service import keys
 from service.settings import Settings
 from service.store import Store
 
@@ -46,10 +46,9 @@ def finished_run(tiny_checkpoint):
 async def _finish(store: Store, job_id: str, trajectory: dict, images: dict) -> None:
     """What the worker's attempt 1 writes for a succeeded job."""
     fields = {"status": "succeeded", "attempt": "1"}
+    blob_store = blobs.open_store(store.settings)
     for image_id, pixels in images.items():
-        await imagelib.RedisImageStore(store.r).put(
-            imagelib.storage_key(job_id, 1, image_id), imagelib.encode_png(pixels), 3600
-        )
+        await blob_store.put(imagelib.storage_key(job_id, 1, image_id), imagelib.encode_png(pixels))
         fields[f"img:{image_id}"] = json.dumps({"id": image_id, "attempt": 1})
     await store.r.hset(keys.job(job_id), mapping=fields)
     await store.r.set(keys.trajectory(job_id), json.dumps(trajectory))
@@ -77,7 +76,7 @@ async def test_a_fork_is_admitted_like_any_job_and_takes_its_parents_request(
         assert job["request"]["prompt"] == QUICK["prompt"] and job["request"]["seed"] == trajectory["seed"]
         assert len(await store.r.keys(keys.steer("*"))) == 1  # the duplicates' records were dropped
         steer = json.loads(await store.r.get(keys.steer(job["id"])))
-        assert steer["images"] == {"it1-draft.png": imagelib.storage_key(parent["id"], 1, "it1-draft")}
+        assert steer["images"] == {"it1-draft": imagelib.storage_key(parent["id"], 1, "it1-draft")}
         assert (await client.post("/v1/generations", json=QUICK)).status_code == 202  # the queue is now full
         full = await client.post(
             "/v1/generations", json={"fork": {"job_id": parent["id"], "instruction": "green"}}

@@ -20,14 +20,25 @@ from strokes_client.events import (
     IterationCompleted,
     JobCanceled,
     JobCompleted,
+    JobPaused,
     JobQueued,
+    JobResumed,
     JobStarted,
     StageCompleted,
     StageStarted,
     TextDelta,
     UnknownEvent,
 )
-from strokes_client.models import APIError, GenerationFailed, ImageRef, Job, Page, StrokesError
+from strokes_client.models import (
+    APIError,
+    GenerationFailed,
+    ImageRef,
+    Job,
+    Page,
+    ParentRef,
+    PauseInfo,
+    StrokesError,
+)
 from strokes_client.sync import Client
 
 __version__ = "0.1.0"
@@ -44,9 +55,13 @@ __all__ = [
     "Job",
     "JobCanceled",
     "JobCompleted",
+    "JobPaused",
     "JobQueued",
+    "JobResumed",
     "JobStarted",
     "Page",
+    "ParentRef",
+    "PauseInfo",
     "StageCompleted",
     "StageStarted",
     "StrokesError",

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from strokes_client.models import APIError
+from strokes_client.models import APIError, GenerationFailed, Job
 
 RETRY_STATUSES = frozenset({429, 503})
 USER_AGENT = "strokes-client-python/0.1"
@@ -88,9 +88,25 @@ def should_retry(options: Options, attempt: int, response: httpx.Response) -> fl
 def generation_body(request: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, Any]:
     body = dict(request or {})
     body.update({k: v for k, v in fields.items() if v is not None})
-    if "prompt" not in body:
-        raise TypeError("a generation needs a prompt")
+    if "prompt" not in body and "fork" not in body:
+        raise TypeError("a generation needs a prompt (or a fork)")
     return body
+
+
+def fork_spec(job_id: str, **point: Any) -> dict[str, Any]:
+    """The request's `fork` object: the parent and either a stage (with an optional new text) or
+    a follow-up instruction (docs/steering.md)."""
+    return {"job_id": job_id, **{k: v for k, v in point.items() if v is not None}}
+
+
+def continue_body(text: str | None) -> dict[str, Any]:
+    return {} if text is None else {"text": text}
+
+
+def wait_is_over(job: Job, through_pauses: bool) -> bool:
+    """`wait` returns a job that ended, and one that is paused (it makes no progress until its
+    owner resumes or cancels it) unless told to wait through pauses."""
+    return job.done or (job.is_paused and not through_pauses)
 
 
 def create_headers(idempotency_key: str | None, wait_s: float | None) -> dict[str, str]:
@@ -115,3 +131,10 @@ def list_params(status: str | None, limit: int, after: str | None) -> dict[str, 
     if after:
         params["after"] = after
     return params
+
+
+def finished(job: Job, raise_on_failure: bool) -> Job:
+    """What `wait` returns: the job, or GenerationFailed when asked and it ended unsucceeded."""
+    if raise_on_failure and job.done and job.status != "succeeded":
+        raise GenerationFailed(job)
+    return job

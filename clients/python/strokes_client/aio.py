@@ -23,7 +23,7 @@ from strokes_client import _base
 from strokes_client._base import Options
 from strokes_client.events import Event as StreamEvent
 from strokes_client.events import SSEParser, StreamError, aiter_raw, parse
-from strokes_client.models import APIError, GenerationFailed, Job, Page, StrokesError
+from strokes_client.models import APIError, Job, Page, StrokesError
 
 
 class AsyncClient:
@@ -125,20 +125,51 @@ class AsyncClient:
         return Job.from_json((await self._request("DELETE", f"/v1/generations/{job_id}")).json())
 
     async def wait(
-        self, job_id: str, *, timeout_s: float | None = None, raise_on_failure: bool = False
+        self,
+        job_id: str,
+        *,
+        timeout_s: float | None = None,
+        raise_on_failure: bool = False,
+        through_pauses: bool = False,
     ) -> Job:
-        """Block until the job ends (following its events); TimeoutError after `timeout_s`."""
+        """Until the job ends or pauses (following its events); it returns a paused job unless
+        `through_pauses`. As `Client.wait`."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        job = await self.get(job_id)
+        if _base.wait_is_over(job, through_pauses):
+            return _base.finished(job, raise_on_failure)
         async with contextlib.aclosing(self._events(job_id, None, deadline)) as events:
             async for event in events:
                 if event.terminal:
                     break
+                if event.name == "job.paused" and not through_pauses:
+                    job = await self.get(job_id)  # else a pause already answered: go on
+                    if job.is_paused:
+                        return job
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"generation {job_id} did not end in time")
-        job = await self.get(job_id)
-        if raise_on_failure and job.status != "succeeded":
-            raise GenerationFailed(job)
-        return job
+        return _base.finished(await self.get(job_id), raise_on_failure)
+
+    # -- steering (docs/steering.md) ------------------------------------------------------------
+
+    async def fork(
+        self, job_id: str, iteration: int, stage: str, *, text: str | None = None, **fields: Any
+    ) -> Job:
+        """A new job that starts after a stage of job `job_id`, its text optionally replaced.
+        As `Client.fork`."""
+        fork = _base.fork_spec(job_id, iteration=iteration, stage=stage, text=text)
+        return await self.create(fork=fork, **fields)
+
+    async def follow_up(self, job_id: str, instruction: str, **fields: Any) -> Job:
+        """A new job that goes on from the final image toward `instruction`. As `Client.follow_up`."""
+        return await self.create(fork=_base.fork_spec(job_id, instruction=instruction), **fields)
+
+    async def resume(self, job_id: str, *, text: str | None = None) -> Job:
+        """Continue a paused job, unchanged or with the paused stage's text replaced by `text`.
+        As `Client.resume`."""
+        body = _base.continue_body(text)
+        reply = await self._request("POST", f"/v1/generations/{job_id}/continue", json=body)
+        return Job.from_json(reply.json())
 
     def events(self, job_id: str, *, after: str | None = None) -> AsyncIterator[StreamEvent]:
         """The job's events, typed, from the start (or after event id `after`) to the terminal

@@ -85,6 +85,7 @@ class StageCompleted(Event):
     prefilled_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
+    inherited: bool = False  # a fork or resume replayed this stage from its parent
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,31 @@ class JobFailed(Event):
 @dataclass(frozen=True)
 class JobCanceled(Event):
     name: ClassVar[str] = "job.canceled"
+    reason: str | None = None  # a paused job's end: "canceled while paused" | "pause_expired"
+    error: dict[str, Any] | None = None  # pause_expired: {type, message}
+
+
+@dataclass(frozen=True)
+class JobPaused(Event):
+    """Steering: the job stopped after a stage it was asked to pause after (`pause_after`); it
+    waits for `Client.resume` or `Client.cancel` until `expires_at` (Unix seconds)."""
+
+    name: ClassVar[str] = "job.paused"
+    iteration: int = 0
+    stage: str = ""
+    text: str | None = None
+    expires_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class JobResumed(Event):
+    """Steering: the paused job was continued (`edited`: with the paused stage's text replaced);
+    it is queued again and its next attempt runs on from the pause."""
+
+    name: ClassVar[str] = "job.resumed"
+    iteration: int = 0
+    stage: str = ""
+    edited: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +169,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         JobCompleted,
         JobFailed,
         JobCanceled,
+        JobPaused,
+        JobResumed,
         StreamError,
     )
 }

@@ -1,4 +1,5 @@
-"""What the API answers, as typed objects: jobs, image references, list pages, errors.
+"""What the API answers, as typed objects: jobs (with a fork's parent and a pause), image
+references, list pages, errors.
 
 Every object keeps the JSON it was built from in `raw`, and unknown fields are ignored, so a newer
 server's additions never break an older client.
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+PAUSED = "paused"
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,44 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
+class ParentRef:
+    """Where a fork started: the parent job and the stage after which it went on (both None for a
+    follow-up instruction after the parent's final image)."""
+
+    job_id: str
+    iteration: int | None = None
+    stage: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> ParentRef | None:
+        if not data:
+            return None
+        return cls(data["job_id"], data.get("iteration"), data.get("stage"))
+
+
+@dataclass(frozen=True)
+class PauseInfo:
+    """What a paused job waits for: `resume` (optionally replacing `text`) or `cancel`, before
+    `expires_at` (Unix seconds; then it ends canceled with error type `pause_expired`)."""
+
+    iteration: int
+    stage: str
+    text: str | None
+    expires_at: float
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> PauseInfo | None:
+        if not data:
+            return None
+        return cls(int(data["iteration"]), data["stage"], data.get("text"), float(data["expires_at"]))
+
+
+@dataclass(frozen=True)
 class Job:
     """A generation, as `GET /v1/generations/{id}` shows it."""
 
     id: str
-    status: str  # queued | running | succeeded | failed | canceled
+    status: str  # queued | running | paused | succeeded | failed | canceled
     created_at: float
     attempt: int
     request: dict[str, Any]
@@ -57,11 +92,18 @@ class Job:
     timings: dict[str, float] | None = None
     usage: dict[str, int] | None = None
     error: dict[str, Any] | None = None
+    parent: ParentRef | None = None  # a fork's parent and fork point
+    paused: PauseInfo | None = None  # set while status is paused
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
+        """It ended (succeeded, failed, canceled). A paused job is not done."""
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def is_paused(self) -> bool:
+        return self.status == PAUSED
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Job:
@@ -82,6 +124,8 @@ class Job:
             timings=data.get("timings"),
             usage=data.get("usage"),
             error=data.get("error"),
+            parent=ParentRef.from_json(data.get("parent")),
+            paused=PauseInfo.from_json(data.get("paused")),
             raw=data,
         )
 

@@ -22,7 +22,7 @@ from strokes_client import _base
 from strokes_client._base import Options
 from strokes_client.events import Event as StreamEvent
 from strokes_client.events import SSEParser, StreamError, iter_raw, parse
-from strokes_client.models import APIError, GenerationFailed, Job, Page, StrokesError
+from strokes_client.models import APIError, Job, Page, StrokesError
 
 
 class Client:
@@ -120,19 +120,57 @@ class Client:
         """Cancel (idempotent). A running job stops at its next step; `wait` for its end."""
         return Job.from_json(self._request("DELETE", f"/v1/generations/{job_id}").json())
 
-    def wait(self, job_id: str, *, timeout_s: float | None = None, raise_on_failure: bool = False) -> Job:
-        """Block until the job ends (following its events); TimeoutError after `timeout_s`."""
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout_s: float | None = None,
+        raise_on_failure: bool = False,
+        through_pauses: bool = False,
+    ) -> Job:
+        """Block until the job ends or pauses (following its events), and return it.
+
+        A paused job (status `paused`, `job.paused` says where) makes no progress until you
+        `resume` or `cancel` it, so it is returned; `through_pauses=True` waits for the end instead
+        (someone else steers the job). `raise_on_failure`: GenerationFailed when it ended failed or
+        canceled. TimeoutError after `timeout_s`."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        job = self.get(job_id)
+        if _base.wait_is_over(job, through_pauses):
+            return _base.finished(job, raise_on_failure)
         with contextlib.closing(self._events(job_id, None, deadline)) as events:
             for event in events:
                 if event.terminal:
                     break
+                if event.name == "job.paused" and not through_pauses:
+                    job = self.get(job_id)  # else a pause already answered: go on
+                    if job.is_paused:
+                        return job
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"generation {job_id} did not end in time")
-        job = self.get(job_id)
-        if raise_on_failure and job.status != "succeeded":
-            raise GenerationFailed(job)
-        return job
+        return _base.finished(self.get(job_id), raise_on_failure)
+
+    # -- steering (docs/steering.md) ------------------------------------------------------------
+
+    def fork(self, job_id: str, iteration: int, stage: str, *, text: str | None = None, **fields: Any) -> Job:
+        """A new job that starts after `stage` ("plan", "draft", "reflect", "refine",
+        "instruction") of `iteration` of job `job_id` (finished, paused, or past that stage), with
+        that stage's text replaced by `text` when given (a plan, a reflection, an instruction).
+        It runs with the parent's prompt, parameters and seed; `fields` may add `pause_after`,
+        `preview_every` and create's `idempotency_key` and `wait`."""
+        fork = _base.fork_spec(job_id, iteration=iteration, stage=stage, text=text)
+        return self.create(fork=fork, **fields)
+
+    def follow_up(self, job_id: str, instruction: str, **fields: Any) -> Job:
+        """A new job that goes on from the final image of the succeeded job `job_id` toward a new
+        instruction ("now make the cube green"), in the same context. `fields` as for `fork`."""
+        return self.create(fork=_base.fork_spec(job_id, instruction=instruction), **fields)
+
+    def resume(self, job_id: str, *, text: str | None = None) -> Job:
+        """Continue a paused job (POST .../continue): unchanged, or with the paused stage's text
+        replaced by `text`. Returns the job, queued again. APIError 409 when it is not paused."""
+        body = _base.continue_body(text)
+        return Job.from_json(self._request("POST", f"/v1/generations/{job_id}/continue", json=body).json())
 
     def events(self, job_id: str, *, after: str | None = None) -> Iterator[StreamEvent]:
         """The job's events, typed, from the start (or after event id `after`) to the terminal
