@@ -192,3 +192,39 @@ def test_pause_after_the_plan_edit_and_continue(base, browser):
     assert not p.page.query_selector_all("li.stage .steer textarea")  # the pause editor is gone
     p.check_clean()
     context.close()
+
+
+def test_cards_appear_in_the_jobs_order_when_a_burst_meets_the_clock(base, browser):
+    """After a reconnect, a resumed stream brings several stages in one burst: a reflection that
+    started and completed and a refinement that started. The page's one-second clock (which keeps
+    running cards' times fresh) may fire before the frame that draws the burst; it must not draw the
+    running refinement's card ahead of the reflection's (window.__seen, as in the restart test)."""
+    context = browser.new_context()
+    p = Page(context, base)
+    p.open()
+    seen = p.page.evaluate(
+        """async () => {
+        const { JobView } = await import('/studio/job.js');
+        const hooks = { steering: false, announce() {}, fork: async () => {} };
+        const view = new JobView(null, 'gen_burst', hooks);
+        document.getElementById('branches').append(view.el);
+        const frame = () => new Promise((resolve) => requestAnimationFrame(() => resolve()));
+        const send = (event, data) => view.onEvent({ id: null, event, data: JSON.stringify(data) });
+        send('job.started', { attempt: 1 });
+        send('stage.started', { iteration: 1, stage: 'plan', ts: 1 });
+        send('stage.completed', { iteration: 1, stage: 'plan', seconds: 0.1, text: 'a plan' });
+        await frame();
+        window.__seen = [];
+        send('stage.started', { iteration: 1, stage: 'reflect', ts: 2 });
+        send('stage.completed', { iteration: 1, stage: 'reflect', seconds: 0.1, text: 'wrong', verdict: 'wrong' });
+        send('stage.started', { iteration: 1, stage: 'refine', ts: 3 });
+        view.tick(); // the clock, before the frame
+        await frame();
+        await frame();
+        view.close();
+        return window.__seen;
+    }"""
+    )
+    assert seen == ["1:reflect", "1:refine"]
+    p.check_clean()
+    context.close()
