@@ -156,8 +156,29 @@ def test_fork_from_an_edited_plan_opens_beside_its_parent(base, browser):
     ARTIFACTS.mkdir(exist_ok=True)
     p.page.screenshot(path=str(ARTIFACTS / "studio-fork.png"), full_page=True)
 
+    # A follow-up after the parent's final image: a third branch, opened right after its parent.
+    p.page.click(f".job[data-job='{parent}'] .steer-job button:has-text('Continue with an instruction')")
+    p.page.fill(f".job[data-job='{parent}'] .steer-job textarea", "now make the cube green")
+    p.page.click(f".job[data-job='{parent}'] .steer-job button:has-text('Start the new branch')")
+    p.page.wait_for_url(re.compile(f"job=(?!{parent}|{child})gen_"))
+    follow = p.page.url.split("job=")[1]
+    p.page.wait_for_selector(f".job[data-job='{follow}'][data-status=succeeded]", timeout=120000)
+    assert p.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.job)") == [
+        parent,
+        follow,
+        child,
+    ]
+    job = _job(base, follow)
+    assert job["parent"]["job_id"] == parent
+    cards = p.page.eval_on_selector_all(
+        f".job[data-job='{follow}'] li.stage",
+        "els => els.map(e => e.dataset.iteration + ':' + e.dataset.stage)",
+    )
+    assert cards == [f"{s['iteration']}:{s['stage']}" for s in job["stages"]]
+    assert any(c.startswith("2:") for c in cards), cards  # new iterations after the parent's
+
     # The shared link of the branch opens it beside its parent again.
-    p.page.reload()
+    p.page.goto(f"{base}/studio/?job={child}")
     p.page.wait_for_selector(f".job[data-job='{child}'][data-status=succeeded]")
     p.page.wait_for_selector(f".job[data-job='{parent}'][data-status=succeeded]")
     assert p.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.job)") == [parent, child]
