@@ -199,6 +199,14 @@ def test_pause_after_the_plan_edit_and_continue(base, browser):
     assert job["status"] == "paused" and job["paused"]["stage"] == "plan"
     area = "li.stage[data-stage=plan] .steer textarea"
     assert p.page.input_value(area) == job["paused"]["text"]
+    # The link opened elsewhere while it waits: the same editor on the same stage.
+    other = browser.new_context()
+    q = Page(other, base)
+    q.open(f"/?job={job_id}")
+    q.wait_status("paused")
+    assert q.page.input_value(area) == job["paused"]["text"]
+    q.check_clean()
+    other.close()
     p.page.fill(area, EDITED_PLAN)
     p.page.click("li.stage[data-stage=plan] .steer button:has-text('Continue with this text')")
     p.wait_status("succeeded", 120)
