@@ -9,9 +9,10 @@ import { parsePlan, STAGE_LABEL, splitReflection } from "./state.js";
 export function makeCard(n, stage) {
   const label = `${STAGE_LABEL[stage]}, iteration ${n}`;
   const card = { time: h("span", { class: "time" }), steer: h("div", { class: "steer" }) };
-  const head = h("div", { class: "stage-head" }, h("h5", { text: STAGE_LABEL[stage] }), card.time);
+  card.lineage = h("span", { class: "lineage", hidden: true });
+  const head = h("div", { class: "stage-head" }, h("h5", { text: STAGE_LABEL[stage] || stage }), card.lineage, card.time);
   const body = [];
-  if (stage === "plan" || stage === "reflect") {
+  if (stage === "plan" || stage === "reflect" || stage === "instruction") {
     card.badge = h("span", { class: "badge", hidden: true });
     card.ins = h("dd", { class: "ins" });
     card.des = h("dd", { class: "des" });
@@ -33,6 +34,11 @@ export function makeCard(n, stage) {
 // io: {finalId, loadImage(img, ref), download(ref)}
 export function drawCard(card, s, io) {
   card.li.dataset.status = s.status;
+  // A fork's stages up to the fork point are its parent's, replayed; an edited one holds the
+  // person's words.
+  card.li.classList.toggle("inherited", s.inherited && !s.edited);
+  card.lineage.hidden = !(s.inherited || s.edited);
+  card.lineage.textContent = s.edited ? "your edit" : s.inherited ? "inherited" : "";
   const elapsed = s.startedTs ? Math.max(0, Date.now() / 1000 - s.startedTs) : null;
   card.time.textContent =
     s.seconds != null ? seconds(s.seconds) : s.status === "running" ? `running${elapsed != null ? ` · ${Math.floor(elapsed)} s` : "…"}` : s.status;
@@ -42,6 +48,11 @@ export function drawCard(card, s, io) {
 
 function drawText(card, s) {
   card.text.setAttribute("aria-busy", s.status === "running" ? "true" : "false");
+  if (s.stage === "instruction") {
+    card.parts.hidden = true;
+    card.raw.textContent = s.text;
+    return;
+  }
   if (s.stage === "plan") {
     const plan = parsePlan(s.text);
     const tagged = plan.ins != null || plan.des != null;

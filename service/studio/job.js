@@ -199,7 +199,17 @@ export class JobView {
     const dirty = this.dirty;
     this.dirty = new Set();
     if (dirty.has("all")) return this.renderAll(true);
-    for (const key of dirty) {
+    // Cards are created in the order of the job (iteration, then stage), whatever the order in
+    // which their keys were marked.
+    const order = (key) => {
+      const [kind, n, stage] = key.split(":");
+      return kind === "job" ? [-1, 0] : [Number(n), stage ? STAGES.indexOf(stage) : -1];
+    };
+    const keys = [...dirty].sort((a, b) => {
+      const [x, y] = [order(a), order(b)];
+      return x[0] - y[0] || x[1] - y[1];
+    });
+    for (const key of keys) {
       const [kind, n, stage] = key.split(":");
       if (kind === "job") this.renderHeader();
       else if (stage) this.renderStage(Number(n), stage);
@@ -235,8 +245,14 @@ export class JobView {
   tick() {
     if (TERMINAL.has(this.state.status)) return clearInterval(this.ticker);
     if (this.state.status === "queued" && (this.ticks = (this.ticks || 0) + 1) % 2 === 0) this.pollQueue();
+    // Only the running clocks of cards already drawn: a card is created by flush() alone, in the
+    // pipeline's order. (A stage whose events arrived in the same burst as an earlier stage's,
+    // e.g. after a reconnect, would otherwise get its card from here first, before the earlier
+    // stage's card, which flush() then inserts ahead of it.)
     for (const it of Object.values(this.state.iterations)) {
-      for (const s of Object.values(it.stages)) if (s.status === "running") this.renderStage(it.n, s.stage);
+      for (const s of Object.values(it.stages)) {
+        if (s.status === "running" && this.cards.has(`it:${it.n}:${s.stage}`)) this.renderStage(it.n, s.stage);
+      }
     }
   }
 

@@ -2,8 +2,9 @@
 // the job's view). Pure data: no DOM. reduce() applies one event and says what changed, so the
 // view redraws only that ("job" for the header, "it:N:stage" for one stage card).
 
-export const STAGES = ["plan", "draft", "reflect", "refine"];
-export const STAGE_LABEL = { plan: "Plan", draft: "Draft", reflect: "Reflection", refine: "Refinement" };
+// A follow-up fork's iteration opens with the person's instruction (stage "instruction").
+export const STAGES = ["instruction", "plan", "draft", "reflect", "refine"];
+export const STAGE_LABEL = { instruction: "Instruction", plan: "Plan", draft: "Draft", reflect: "Reflection", refine: "Refinement" };
 export const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 
 export function newState(id) {
@@ -23,6 +24,7 @@ export function newState(id) {
     error: null,
     note: null, // a line about the job's life: handed back, taken over, reconnecting
     paused: null, // {iteration, stage, text, expires_at} while the job waits for the person
+    resumed: false, // continued after a pause: the next attempt replays the stages so far
     lastEventId: null,
   };
 }
@@ -38,6 +40,8 @@ function stageOf(state, iteration, stage) {
     seconds: null,
     verdict: null,
     instruction: null,
+    inherited: false, // replayed from the parent (a fork) or from before a pause, not computed anew
+    edited: false, // the person's words replaced this stage's text
     image: null,
     preview: null,
     step: 0,
@@ -57,12 +61,13 @@ export function reduce(state, name, d) {
       break;
     case "job.started":
       if (d.attempt !== state.attempt && Object.keys(state.iterations).length) {
-        state.iterations = {}; // a new attempt runs the whole pipeline again
+        // A new attempt runs the pipeline again (a continued pause replays the stages so far).
+        state.iterations = {};
         changed.add("all");
-        state.note = d.takeover
-          ? "Another worker took the job over and started again."
-          : "The job started again.";
+        if (state.resumed) state.note = null;
+        else state.note = d.takeover ? "Another worker took the job over and started again." : "The job started again.";
       }
+      state.resumed = false;
       state.status = "running";
       state.attempt = d.attempt;
       state.position = null;
@@ -88,14 +93,20 @@ export function reduce(state, name, d) {
     }
     case "stage.completed": {
       const s = stageOf(state, d.iteration, d.stage);
+      const fork = state.request?.fork;
       Object.assign(s, {
         status: "done",
         seconds: d.seconds ?? null,
         verdict: d.verdict ?? null,
         instruction: d.refine_instruction ?? null,
         image: d.image ?? null,
+        // Replayed stages of a fork are its parent's; those a resumed pause replays are the
+        // job's own. The fork point's stage holds the person's words when the fork gave `text`.
+        inherited: Boolean(d.inherited && (state.parent || fork)),
+        edited: Boolean(fork && fork.text != null && fork.iteration === d.iteration && fork.stage === d.stage),
       });
       if (d.text != null) s.text = d.text;
+      else if (d.instruction != null) s.text = d.instruction;
       if (d.steps) s.step = s.steps = d.steps;
       changed.add(key());
       break;
@@ -112,8 +123,10 @@ export function reduce(state, name, d) {
       break;
     case "job.resumed":
       if (state.paused) changed.add(`it:${state.paused.iteration}:${state.paused.stage}`);
-      state.status = "running";
+      state.status = "queued";
       state.paused = null;
+      state.resumed = true;
+      state.note = "Continued: back in the queue.";
       break;
     case "job.completed":
       state.status = "succeeded";
@@ -152,9 +165,11 @@ export function absorbView(state, job, stages = true) {
   state.request = job.request;
   state.createdAt = job.created_at;
   state.parent = job.parent ?? null;
+  if (job.status === "paused" && job.paused) state.paused = { ...job.paused, text: job.paused.text ?? "" };
+  else if (job.status !== "paused" && state.status === "paused") state.paused = null;
   state.inputImage = (job.images || []).find((ref) => ref.stage === "input") ?? null;
   state.position = job.queue_position ?? null;
-  if (TERMINAL.has(job.status) || !Object.keys(state.iterations).length) state.status = job.status;
+  if (TERMINAL.has(job.status) || job.status === "paused" || !Object.keys(state.iterations).length) state.status = job.status;
   if (job.final_image) state.finalImage = job.final_image;
   if (job.timings) state.timings = job.timings;
   if (job.usage) state.usage = job.usage;

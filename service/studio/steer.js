@@ -16,9 +16,9 @@ let uid = 0;
 
 function editor(view, slot, { label, value, submitText, onSubmit, extra }) {
   const id = `steer-${view.id}-${++uid}`;
-  const area = h("textarea", { id, rows: 3 });
+  const area = h("textarea", { id, rows: 3, "aria-describedby": `${id}-error` });
   area.value = value;
-  const message = h("p", { class: "field-error", role: "alert" });
+  const message = h("p", { id: `${id}-error`, class: "field-error", role: "alert" });
   const form = h(
     "form",
     { class: "steer-form" },
@@ -33,11 +33,15 @@ function editor(view, slot, { label, value, submitText, onSubmit, extra }) {
     const button = form.querySelector("button[type=submit]");
     button.disabled = true;
     message.textContent = "";
+    area.removeAttribute("aria-invalid");
     try {
       await onSubmit(area.value, form);
       form.remove();
     } catch (err) {
+      // A 422 names the field (fork.text, fork.instruction, text): it is this editor's text.
       message.textContent = describe(err);
+      if (err.status === 422) area.setAttribute("aria-invalid", "true");
+      area.focus();
       button.disabled = false;
     }
   });

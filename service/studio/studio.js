@@ -9,6 +9,7 @@ import { JobView } from "./job.js";
 const api = new Api();
 const $ = (id) => document.getElementById(id);
 const RECENT = "strokes.recent";
+const GALLERY_PAGE = 12;
 let info = null;
 let views = []; // JobViews on screen, left to right
 let inputImage = null; // data: URL of the dropped starting image
@@ -210,11 +211,14 @@ async function openJob(id, { push = false } = {}) {
   refreshGallery();
 }
 
-// A new branch from `view`'s job: the same request, with the fork (and no starting image: the
-// branch starts from the parent's context).
+// A new branch from `view`'s job. A fork runs with its parent's request and actual seed, so the
+// body carries only the fork point (and the previews this page wants); any other generation
+// field next to `fork` is a 422.
 async function forkFrom(view, fork) {
-  const { input_image: _ignored, ...request } = view.state.request || {};
-  const job = await api.post("/v1/generations", { ...request, fork });
+  const body = { fork };
+  const previews = view.state.request?.preview_every;
+  if (previews != null) body.preview_every = previews;
+  const job = await api.post("/v1/generations", body);
   remember(job.id);
   const child = new JobView(api, job.id, hooks);
   views.push(child);
@@ -246,12 +250,16 @@ async function submit(event) {
 
 // -- gallery --------------------------------------------------------------------------------------
 
-async function listJobs() {
+// One page of the caller's jobs, newest first (GET /v1/generations), from `after` on; on a server
+// without the job list, the jobs this browser started. -> {jobs, next}
+async function listJobs(after) {
   if (info?.features.job_list) {
     try {
-      const page = await api.get("/v1/generations?limit=24");
+      const query = new URLSearchParams({ limit: String(GALLERY_PAGE) });
+      if (after) query.set("after", after);
+      const page = await api.get(`/v1/generations?${query}`);
       $("gallery-note").textContent = "";
-      return page.data;
+      return { jobs: page.data, next: page.has_more ? page.next_cursor : null };
     } catch (err) {
       if (!(err instanceof ApiError && err.status === 405)) throw err;
     }
@@ -261,11 +269,14 @@ async function listJobs() {
   const jobs = await Promise.all(ids.map((id) => api.get(`/v1/generations/${id}`).catch(() => null)));
   const alive = jobs.filter(Boolean);
   localStorage.setItem(RECENT, JSON.stringify(alive.map((job) => job.id)));
-  return alive;
+  return { jobs: alive, next: null };
 }
 
 let galleryBusy = null;
-async function refreshGallery() {
+let galleryNext = null; // next_cursor of the last page shown, while there are more
+
+// `more`: append the next page; else show the first page again.
+async function refreshGallery(more = false) {
   if (info?.auth_required && !api.key) {
     $("gallery-note").textContent = "Enter the API key to see your generations.";
     return;
@@ -273,11 +284,16 @@ async function refreshGallery() {
   if (galleryBusy) return galleryBusy;
   galleryBusy = (async () => {
     try {
-      const jobs = await listJobs();
+      const { jobs, next } = await listJobs(more === true ? galleryNext : null);
       const list = $("gallery-list");
-      for (const img of list.querySelectorAll("img[src^='blob:']")) URL.revokeObjectURL(img.src);
-      list.replaceChildren(...jobs.map(galleryItem));
-      if (!jobs.length) $("gallery-note").textContent ||= "No generations yet.";
+      if (more !== true) {
+        for (const img of list.querySelectorAll("img[src^='blob:']")) URL.revokeObjectURL(img.src);
+        list.replaceChildren();
+      }
+      list.append(...jobs.map(galleryItem));
+      galleryNext = next;
+      $("gallery-more").hidden = !next;
+      if (!list.childElementCount) $("gallery-note").textContent ||= "No generations yet.";
     } catch (err) {
       $("gallery-note").textContent = describe(err);
     } finally {
@@ -302,10 +318,11 @@ function galleryItem(job) {
   }
   const button = h(
     "button",
-    { type: "button", class: "gallery-item", "data-job": job.id, "aria-label": `Open “${prompt}”, ${job.status}, ${when}`, onclick: () => openJob(job.id, { push: true }) },
+    { type: "button", class: "gallery-item", "data-job": job.id, "aria-label": `Open “${prompt}”${job.parent ? ", a branch" : ""}, ${job.status}, ${when}`, onclick: () => openJob(job.id, { push: true }) },
     h("span", { class: "thumb" }, ref ? img : null),
     h("span", { class: "gallery-prompt", text: prompt }),
     h("span", { class: "gallery-status", "data-status": job.status, text: job.status }),
+    job.parent ? h("span", { class: "gallery-branch", text: "a branch" }) : null,
   );
   return h("li", {}, button);
 }
@@ -349,7 +366,8 @@ function wire() {
     api.setKey("");
     announce("API key forgotten.");
   });
-  $("gallery-refresh").addEventListener("click", refreshGallery);
+  $("gallery-refresh").addEventListener("click", () => refreshGallery());
+  $("gallery-more").addEventListener("click", () => refreshGallery(true));
   window.addEventListener("popstate", () => {
     const id = new URL(location.href).searchParams.get("job");
     if (id) openJob(id);
