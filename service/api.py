@@ -53,6 +53,25 @@ OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
 # ---- dependencies -------------------------------------------------------------------------------
 
 
+def reject_unknown_query(request: Request) -> None:
+    """A query parameter the route does not read is a 422 naming it: a misspelt `?limt=` or
+    `?statuss=` would otherwise be ignored without a word."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None:
+        return
+    known = _query_names(dependant)
+    for name in request.query_params:
+        if name not in known:
+            raise errors.InvalidRequest(f"unknown query parameter {name!r}", param=name or "query")
+
+
+def _query_names(dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
 def get_store(request: Request) -> Store:
     return request.app.state.store
 
@@ -543,6 +562,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # docs_ui serves /docs and /redoc with local assets
         redoc_url=None,
+        dependencies=[Depends(reject_unknown_query)],
     )
     app.state.metrics = metrics
     app.state.open_streams = 0

@@ -3,17 +3,22 @@ equal to one process running the branches one after another; NCCL when two GPUs 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY
 
 from model.events import ImageCompleted
 from model.loading import load_engine
 from model.params import GenerationParams, ImageSettings, TextSettings
 from model.pipeline import Pipeline
+
+# Not imported from conftest: spawned ranks import this module as a plain file, where `conftest`
+# names whichever conftest.py comes first on sys.path (tests/conftest.py in a whole-suite run).
+TINY = Path(__file__).resolve().parents[1] / "fixtures" / "golden" / "tiny_ckpt"
 
 SETTINGS = ImageSettings(steps=6, cfg_img_scale=2.0, cfg_interval=(0.4, 1.0))  # 3, then 1 branch
 PARAMS = GenerationParams(

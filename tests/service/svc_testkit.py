@@ -3,10 +3,13 @@ and a scripted pipeline for in-process worker tests."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -105,9 +108,15 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
 
+# The local blob store shared by this session's API and worker processes (a test may name its own).
+BLOB_DIR = Path(tempfile.mkdtemp(prefix="strokes-test-blobs-"))
+atexit.register(shutil.rmtree, BLOB_DIR, ignore_errors=True)
+
+
 def env_with(redis_url: str, **settings: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STROKES_")}
     env.update({"STROKES_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env["STROKES_BLOB_DIR"] = str(BLOB_DIR)
     # The test's redis-server may have just started: reclaim at once unless a test sets the grace.
     env["STROKES_RESTART_GRACE_S"] = "0"
     env.update({f"STROKES_{k.upper()}": str(v) for k, v in settings.items()})

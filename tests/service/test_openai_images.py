@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import redis
 from PIL import Image
 from svc_testkit import QUICK, ROOT, Proc, env_with, start_api, start_worker, wait_workers
 
@@ -128,9 +129,14 @@ async def test_api_keys_apply(settings: Settings):
 
 @pytest.fixture(scope="module")
 def service(redis_server, tiny_checkpoint, tmp_path_factory):
+    # A database of its own: this module's in-process tests use database 0, where this worker
+    # would otherwise take (and finish) the jobs they expect to stay queued.
+    url = redis_server.url.rsplit("/", 1)[0] + "/5"
+    with redis.Redis.from_url(url) as r:
+        r.flushdb()
     logdir = tmp_path_factory.mktemp("openai-logs")
-    api, base = start_api(redis_server.url, logdir)
-    worker = start_worker(redis_server.url, tiny_checkpoint, logdir, "w-openai")
+    api, base = start_api(url, logdir)
+    worker = start_worker(url, tiny_checkpoint, logdir, "w-openai")
     yield base
     worker.stop()
     api.stop()
