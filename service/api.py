@@ -57,7 +57,7 @@ def reject_unknown_query(request: Request) -> None:
     """A query parameter the route does not read is a 422 naming it: a misspelt `?limt=` or
     `?statuss=` would otherwise be ignored without a word."""
     dependant = getattr(request.scope.get("route"), "dependant", None)
-    if dependant is None:
+    if dependant is None or not request.url.path.startswith("/v1/"):  # the API, not the page's URLs
         return
     known = _query_names(dependant)
     for name in request.query_params:

@@ -302,6 +302,16 @@ async def test_unknown_paths_and_methods_are_json_404_and_405(client: httpx.Asyn
     assert (await client.get("/v1/generations/not-an-id")).status_code == 404
 
 
+async def test_an_unknown_query_parameter_is_a_422_naming_it(client: httpx.AsyncClient):
+    reply = await client.get("/v1/generations", params={"limt": "5"})
+    assert reply.status_code == 422 and _error(reply)["param"] == "limt"
+    assert "limt" in _error(reply)["message"]
+    assert (await client.get("/v1/generations", params={"limit": "5"})).status_code == 200
+    # The page's own URLs carry the job in theirs: not the API's business.
+    reply = await client.get("/", params={"job": "gen_x"})
+    assert reply.status_code in (302, 307) and "job=gen_x" in reply.headers["location"]
+
+
 async def test_readyz_needs_redis_and_a_live_worker(client: httpx.AsyncClient, store: Store):
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     reply = await client.get("/readyz")
