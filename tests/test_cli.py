@@ -28,6 +28,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 def test_every_flag_has_help_and_its_default_is_shown(monkeypatch):
     for var in ("STROKES_DEVICE", "STROKES_CHECKPOINT"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps a long default at its hyphens otherwise
     commands = _subcommands(build_parser())
     assert {"api", "worker", "serve", "generate", "conformance", "demo", "openapi"} <= set(commands)
     for name, parser in commands.items():

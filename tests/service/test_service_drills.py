@@ -95,6 +95,9 @@ def test_a_worker_paused_past_its_lease_is_taken_over_and_writes_nothing_when_it
     assert [(s["attempt"], s["takeover"]) for s in started] == [(1, False), (2, True)]
     assert events[-1].event == "job.completed" and sum(e.event in TERMINAL for e in events) == 1
 
+    # The new attempt's worker ends its bookkeeping (e.g. naming itself the warm holder) first.
+    (survivor,) = (proc for name, proc in workers.items() if name != victim)
+    wait_for(lambda: "job ended: succeeded" in survivor.output(), 60, 0.1, "the new attempt to end")
     client = redis.Redis.from_url(redis_url)
     before = (client.xrange(keys.events(job["id"])), client.hgetall(keys.job(job["id"])))
     attempt_1 = BLOB_DIR / job["id"] / "1"  # the images the first attempt stored (the blob store)

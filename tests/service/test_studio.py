@@ -275,7 +275,7 @@ def test_submit_and_watch_every_stage(service, browser):
     job = _job(service["base"], job_id)
     assert job["status"] == "succeeded"
     order = _expected_order(job)
-    assert p.page.evaluate("window.__seen") == order  # each stage appeared once, in order
+    assert _seen(p.page, order) == order  # each stage appeared once, in order
     stages = {s.split(":")[1] for s in order}
     assert {"plan", "draft", "reflect"} <= stages
     _wait_images(p.page, job)
@@ -388,7 +388,7 @@ def test_reload_resumes_and_a_shared_link_shows_everything(service, browser):
     q = Page(other, service["base"])
     q.open(f"/?job={job_id}")
     q.wait_status("succeeded")
-    assert q.page.evaluate("window.__seen") == _expected_order(job)
+    assert _seen(q.page, _expected_order(job)) == _expected_order(job)
     assert q.event_requests[0].get("last-event-id") is None
     _wait_images(q.page, job)
     q.check_clean()
@@ -611,7 +611,7 @@ def test_the_stream_resumes_after_the_api_restarts(service, browser, tmp_path):
         p.wait_status("succeeded", 180)
         assert p.event_requests and re.fullmatch(r"\d+-\d+", p.event_requests[0].get("last-event-id", ""))
         job = _job(base, job_id)
-        assert p.page.evaluate("window.__seen") == _expected_order(job)
+        assert _seen(p.page, _expected_order(job)) == _expected_order(job)
         assert p.page.inner_text(".job .note") == ""
         _wait_images(p.page, job)
         # The cut stream and the retries while the API was away are network errors the browser
@@ -625,6 +625,13 @@ def test_the_stream_resumes_after_the_api_restarts(service, browser, tmp_path):
         context.close()
     finally:
         api.stop()
+
+
+def _seen(page, expected: list[str]) -> list[str]:
+    """The stage cards in the order they appeared, once as many as `expected` are drawn: the
+    job's status can show before the frame that draws its last events."""
+    page.wait_for_function("n => (window.__seen || []).length >= n", arg=len(expected))
+    return page.evaluate("window.__seen")
 
 
 def _healthy(base: str) -> bool:
