@@ -371,7 +371,12 @@ def test_reload_resumes_and_a_shared_link_shows_everything(service, browser):
     # Restored from this tab's storage at once, then resumed from the last event it had.
     p.page.wait_for_selector(f".job[data-job='{job_id}'] li.stage")
     assert p.page.eval_on_selector_all("li.stage", "els => els.length") >= before
-    wait_for(lambda: p.event_requests, 10, what="the events request after the reload")
+    # Playwright's sync API hands over request events only inside its own calls: poll through one.
+    wait_for(
+        lambda: p.page.wait_for_timeout(50) or p.event_requests,
+        10,
+        what="the events request after the reload",
+    )
     assert re.fullmatch(r"\d+-\d+", p.event_requests[0].get("last-event-id", ""))
     p.wait_status("succeeded", 180)
     job = _job(service["base"], job_id)
