@@ -270,11 +270,18 @@ class Steering:
         )
         return int(result) == 1
 
-    async def mark_warm(self, job_id: str, worker: str, pipeline) -> None:
-        """Name this worker in the job hash when it keeps the job's caches (after a pause or end)."""
+    @staticmethod
+    def warm_fields(job_id: str, worker: str, pipeline) -> dict[str, str]:
+        """The job-hash field naming this worker when it keeps the job's caches: written with the
+        job's end (fenced, before the terminal event), so a fork sent on that event finds it."""
         warm = getattr(pipeline, "warm", None)
-        if warm is not None and warm.holds(job_id):
-            await self.store.r.hset(keys.job(job_id), "warm_worker", worker)
+        return {"warm_worker": worker} if warm is not None and warm.holds(job_id) else {}
+
+    async def mark_warm(self, job_id: str, worker: str, pipeline) -> None:
+        """Name this worker in the job hash when it keeps the job's caches (before a pause)."""
+        fields = self.warm_fields(job_id, worker, pipeline)
+        if fields:
+            await self.store.r.hset(keys.job(job_id), mapping=fields)
 
     async def pause(self, job_id: str, attempt: int, paused) -> str:
         """The worker's end of an attempt that paused: keep the trajectory so far as the steer record,

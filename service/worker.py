@@ -418,6 +418,7 @@ class Worker:
         if outcome == "succeeded":
             done: Done = payload
             data, fields = job.translator.completed(done, self._timings(job))
+            fields = {**fields, **steering(s).warm_fields(job.job_id, self.name, self.pipeline)}
             ok = await self._through_outage(
                 job,
                 lambda: s.finish(
@@ -431,8 +432,6 @@ class Worker:
                 ),
             )
             result = "succeeded" if ok else "lost"
-            if ok:
-                await steering(s).mark_warm(job.job_id, self.name, self.pipeline)  # for its forks
         elif outcome == "canceled":
             ok = await self._through_outage(
                 job,
