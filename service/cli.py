@@ -11,6 +11,8 @@ import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+from pydantic import ValidationError
+
 # (module, attribute) pairs; each `register(subparsers)` adds one or more subcommands.
 COMMAND_MODULES: list[str] = [
     "model.commands",
@@ -75,7 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        for error in exc.errors():  # a malformed STROKES_* variable: one line each, no traceback
+            name = "STROKES_" + "_".join(str(part) for part in error["loc"]).upper()
+            print(f"strokes: setting {name} (or its flag): {error['msg']}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

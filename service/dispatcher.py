@@ -75,10 +75,8 @@ class Dispatcher:
     def __init__(self, settings: Settings, name: str, metrics: WebhookMetrics | None = None):
         if settings.webhook_secret is None:
             raise SystemExit("strokes webhooks: STROKES_WEBHOOK_SECRET is not set (whsec_<base64>)")
-        try:
-            self.key = webhooks.secret_bytes(settings.webhook_secret.get_secret_value())
-        except ValueError as exc:
-            raise SystemExit(f"strokes webhooks: STROKES_WEBHOOK_SECRET: {exc}") from exc
+        # well-formed (Settings checks it); several while rotating: one signature per key
+        self.keys = webhooks.secret_keys(settings.webhook_secret.get_secret_value())
         self.settings, self.name = settings, name
         self.metrics = metrics or WebhookMetrics()
         self.r = connect(
@@ -211,7 +209,7 @@ class Dispatcher:
             "Content-Type": "application/json",
             "webhook-id": msg_id,
             "webhook-timestamp": str(stamp),
-            "webhook-signature": webhooks.sign(self.key, msg_id, stamp, body),
+            "webhook-signature": webhooks.sign(self.keys, msg_id, stamp, body),
         }
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         begin = time.perf_counter()

@@ -19,7 +19,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STROKES_", extra="ignore")
+    # hide_input_in_errors: a malformed secret (API keys, S3, webhooks) must not reach the logs
+    model_config = SettingsConfigDict(env_prefix="STROKES_", extra="ignore", hide_input_in_errors=True)
 
     # Redis
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -109,7 +110,9 @@ class Settings(BaseSettings):
     openai_wait_s: float = 600.0  # a non-streaming request waits this long, then cancels its jobs (504)
 
     # Webhooks (docs/webhooks.md)
-    webhook_secret: SecretStr | None = None  # "whsec_<base64>"; unset: a webhook_url is refused
+    # "whsec_<base64>"; several, space-separated and new first, while rotating (service/webhooks.py);
+    # unset: a webhook_url is refused
+    webhook_secret: SecretStr | None = None
     webhook_allow_networks: Annotated[list[str], NoDecode] = []  # CIDRs exempt from the SSRF check
     webhook_timeout_s: float = 10.0  # one delivery attempt
     webhook_retry_for_s: float = 86400.0  # retried this long after the event, then given up
@@ -131,6 +134,17 @@ class Settings(BaseSettings):
             value = [part.strip() for part in value.split(",") if part.strip()]
         for spec in value:
             ipaddress.ip_network(spec, strict=False)  # a malformed CIDR fails at start, not per request
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value):
+        # a malformed secret fails every process at start (the API would accept webhook jobs that
+        # no dispatcher can sign)
+        if value is not None:
+            from service.webhooks import secret_keys
+
+            secret_keys(value.get_secret_value())
         return value
 
     @field_validator("api_keys", mode="before")

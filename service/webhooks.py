@@ -14,7 +14,10 @@ delivery and connects to the address it checked (DNS rebinding cannot swap it in
 Signing (https://www.standardwebhooks.com/): `webhook-id` (the same on every retry of a message),
 `webhook-timestamp` (Unix seconds of this attempt), `webhook-signature` =
 "v1," + base64(HMAC-SHA256(secret, f"{id}.{timestamp}.{body}")), the secret given as
-"whsec_" + base64(key bytes).
+"whsec_" + base64(key bytes). Rotation: STROKES_WEBHOOK_SECRET may hold several secrets separated
+by spaces (new first); every message then carries one signature per secret, space-separated as
+the specification allows, so a receiver still on the old secret and one already on the new one
+both verify it. Drop the old secret once every receiver has switched.
 """
 
 from __future__ import annotations
@@ -160,15 +163,37 @@ def secret_bytes(secret: str) -> bytes:
     """The key of a "whsec_<base64>" secret; raises ValueError for a malformed one."""
     if not secret.startswith(SECRET_PREFIX):
         raise ValueError(f"a webhook secret starts with {SECRET_PREFIX!r}")
-    key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+    try:
+        key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+    except ValueError:
+        raise ValueError("a webhook secret is whsec_ followed by base64") from None
     if len(key) < 16:
         raise ValueError("a webhook secret needs at least 16 bytes of key")
     return key
 
 
-def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+def secret_keys(secrets: str) -> list[bytes]:
+    """The keys of a space-separated list of "whsec_<base64>" secrets (rotation: new first);
+    raises ValueError naming the malformed one."""
+    parts = secrets.split()
+    if not parts:
+        raise ValueError("no secret given")
+    keys = []
+    for n, secret in enumerate(parts, 1):
+        try:
+            keys.append(secret_bytes(secret))
+        except ValueError as exc:
+            raise ValueError(f"secret {n} of {len(parts)}: {exc}") from None
+    return keys
+
+
+def sign(keys: bytes | list[bytes], message_id: str, timestamp: int, body: bytes) -> str:
+    """The webhook-signature header: "v1,<base64>" per key, space-separated."""
     signed = message_id.encode() + b"." + str(timestamp).encode() + b"." + body
-    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+        for key in ([keys] if isinstance(keys, bytes) else keys)
+    )
 
 
 def message_id(job_id: str, event_id: str) -> str:

@@ -95,3 +95,27 @@ def test_a_port_in_use_is_a_one_line_error(taken_port: int, args: list[str]):
     assert done.returncode == 2, output
     assert len(output.strip().splitlines()) == 1, output
     assert str(taken_port) in output and "Traceback" not in output and "API on" not in output
+
+
+@pytest.mark.parametrize(
+    "command, variable, value",
+    [
+        (["api", "--port", "0"], "STROKES_REDIS_TIMEOUT_S", "soon"),
+        (["webhooks"], "STROKES_WEBHOOK_SECRET", "whsec_c2VjcmV0LXRoYXQtbXVzdC1ub3QtbGVhaw== whsec_!!"),
+        (["worker", "--checkpoint", "missing"], "STROKES_QUEUE_CAP", "0"),
+    ],
+    ids=["api", "webhooks", "worker"],
+)
+def test_a_malformed_setting_is_a_one_line_error_that_does_not_echo_it(command, variable, value):
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", variable: value},
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert output.strip().splitlines() == [output.strip()] and output.startswith(f"strokes: setting {variable}")
+    assert "Traceback" not in output and value not in output and "c2VjcmV0" not in output

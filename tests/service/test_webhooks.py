@@ -89,6 +89,22 @@ def test_signature_verifies_with_the_standardwebhooks_package():
         Webhook(SECRET).verify(body + b" ", headers)
 
 
+def test_rotation_signs_with_every_secret_so_old_and_new_receivers_verify():
+    new = "whsec_" + base64.b64encode(b"the-new-key-of-at-least-16").decode()
+    body = webhooks.body("job.failed", "1700000000000-0", json.dumps({"job_id": "gen_y"}))
+    stamp = int(time.time())
+    signature = webhooks.sign(webhooks.secret_keys(f"{new} {SECRET}"), "msg_2", stamp, body)
+    assert len(signature.split(" ")) == 2 and all(s.startswith("v1,") for s in signature.split(" "))
+    headers = {"webhook-id": "msg_2", "webhook-timestamp": str(stamp), "webhook-signature": signature}
+    for secret in (new, SECRET):
+        assert Webhook(secret).verify(body, headers)["data"] == {"job_id": "gen_y"}
+    other = "whsec_" + base64.b64encode(b"a-key-nobody-signed-with").decode()
+    with pytest.raises(Exception, match="signature"):
+        Webhook(other).verify(body, headers)
+    with pytest.raises(ValueError, match="secret 2 of 2"):
+        webhooks.secret_keys(f"{new} whsec_!!")
+
+
 def test_secrets_must_be_whsec_base64():
     for bad in ("abc", "whsec_!!!", "whsec_" + base64.b64encode(b"short").decode()):
         with pytest.raises(ValueError):
