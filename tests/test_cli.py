@@ -117,5 +117,7 @@ def test_a_malformed_setting_is_a_one_line_error_that_does_not_echo_it(command, 
     )
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
-    assert output.strip().splitlines() == [output.strip()] and output.startswith(f"strokes: setting {variable}")
+    assert output.strip().splitlines() == [output.strip()] and output.startswith(
+        f"strokes: setting {variable}"
+    )
     assert "Traceback" not in output and value not in output and "c2VjcmV0" not in output
