@@ -111,7 +111,7 @@ def bench_denoise(engine, reps):
     contexts = [cond, text_uncond, img_uncond]
     rooms = branch_rooms(contexts, n + 2)
     with torch.inference_mode():
-        block = engine._image_block(engine.model.embed_latents(x, 0.5, pos)).expand(3, -1, -1)
+        block = engine.image_block(engine.model.embed_latents(x, 0.5, pos)).expand(3, -1, -1)
         old = old_forward_block(lm, block, contexts, gen)
         new = lm.forward_block(block, rooms, gen=gen)
         assert torch.allclose(old, new, atol=1e-5), "old and new denoising forwards differ"

@@ -22,7 +22,7 @@ from model.warm import Hit
 
 
 @dataclass
-class _Item:
+class ContextItem:
     """Something added to the contexts, kept so that every context can be rebuilt from scratch."""
 
     kind: str  # "system" | "user" | "generated" | "image"
@@ -38,10 +38,10 @@ class Contexts:
     def __init__(self, engine: Engine, warm: Hit | None = None, budget: Budget | None = None):
         self.engine = engine
         self.budget = budget  # the caches' sizes, once per job (model/budget.py); None: defaults
-        self.items: list[_Item] = []
+        self.items: list[ContextItem] = []
         self.prefilled = 0  # tokens run into any cache by appends (rebuilds included)
         self.last_logits: torch.Tensor | None = None  # the model's prediction after the latest text
-        self._ahead: deque[_Item] = deque()  # items a warm start already holds (model/warm.py)
+        self._ahead: deque[ContextItem] = deque()  # items a warm start already holds (model/warm.py)
         if warm is None:
             self._fresh()
         else:
@@ -60,7 +60,7 @@ class Contexts:
         """Tokens already in the caches (text-uncond shares cond's memory)."""
         return self.cond.length + self.img_uncond.length
 
-    def add(self, item: _Item, generator: torch.Generator | None = None) -> None:
+    def add(self, item: ContextItem, generator: torch.Generator | None = None) -> None:
         if self._ahead:  # a warm start: the caches hold this item already
             held = self._ahead.popleft()
             if (held.kind, held.text) != (item.kind, item.text):
@@ -69,7 +69,7 @@ class Contexts:
         self.items.append(item)
         self._apply(item, generator)
 
-    def _apply(self, item: _Item, generator: torch.Generator | None = None) -> None:
+    def _apply(self, item: ContextItem, generator: torch.Generator | None = None) -> None:
         engine = self.engine
         if item.kind in ("system", "user"):
             if item.kind == "user":

@@ -84,7 +84,7 @@ class BranchGroup:
     def _run(self, x: torch.Tensor, t: torch.Tensor, count: int) -> list[torch.Tensor] | None:
         """Run this rank's branches among the first `count` and gather every branch (on the leader)."""
         engine = self.engine
-        block = engine._image_block(engine.model.embed_latents(x, t, self.pos))  # (1, N+2, E)
+        block = engine.image_block(engine.model.embed_latents(x, t, self.pos))  # (1, N+2, E)
         mine = torch.zeros(self.slots, x.shape[0], x.shape[1], device=self.device)  # (S, N, P)
         for branch in range(self.rank, count, self.world):
             mine[branch // self.world] = self._velocity(self.rooms[branch], block).float()

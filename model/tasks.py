@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.contexts import ContextItem, Contexts
 from model.engine import Engine
 from model.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, ImageSettings, TextSettings
-from model.pipeline import Contexts, _Item
 from model.prompts import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 
 
@@ -41,7 +41,7 @@ def _decode(engine: Engine, ctx: Contexts, settings: TextSettings, generator: to
 
 def _think(engine: Engine, ctx: Contexts, settings: TextSettings, generator: torch.Generator) -> str:
     text = _decode(engine, ctx, settings, generator)
-    ctx.add(_Item("generated", text))  # thinking goes to cond only
+    ctx.add(ContextItem("generated", text))  # thinking goes to cond only
     return text
 
 
@@ -81,8 +81,8 @@ def text_to_image(
     generator = torch.Generator().manual_seed(seed)
     ctx = Contexts(engine)
     if think:
-        ctx.add(_Item("system", GEN_THINK_SYSTEM_PROMPT))
-    ctx.add(_Item("user", prompt))
+        ctx.add(ContextItem("system", GEN_THINK_SYSTEM_PROMPT))
+    ctx.add(ContextItem("user", prompt))
     thought = _think(engine, ctx, think_settings, generator) if think else None
     return TaskResult(_draw(engine, ctx, height, width, settings, generator), thought)
 
@@ -101,10 +101,10 @@ def edit_image(
     generator = torch.Generator().manual_seed(seed)
     ctx = Contexts(engine)
     if think:
-        ctx.add(_Item("system", GEN_THINK_SYSTEM_PROMPT))
+        ctx.add(ContextItem("system", GEN_THINK_SYSTEM_PROMPT))
     prepared = engine.prepare_image(image)
-    ctx.add(_Item("image", image=prepared), generator)  # posterior draw first, as the reference
-    ctx.add(_Item("user", instruction))
+    ctx.add(ContextItem("image", image=prepared), generator)  # posterior draw first, as the reference
+    ctx.add(ContextItem("user", instruction))
     thought = _think(engine, ctx, think_settings, generator) if think else None
     return TaskResult(_draw(engine, ctx, prepared.height, prepared.width, settings, generator), thought)
 
@@ -122,8 +122,8 @@ def understand(
     generator = torch.Generator().manual_seed(seed)
     ctx = Contexts(engine)
     if think:
-        ctx.add(_Item("system", VLM_THINK_SYSTEM_PROMPT))
+        ctx.add(ContextItem("system", VLM_THINK_SYSTEM_PROMPT))
     prepared = engine.prepare_image(image)
     engine.append_vit_image(ctx.cond, prepared)
-    ctx.add(_Item("user", question))
+    ctx.add(ContextItem("user", question))
     return TaskResult(text=_decode(engine, ctx, settings, generator))

@@ -55,7 +55,7 @@ class _Entry:
     boundaries: list[Boundary]
     cond: KVCache
     img_uncond: KVCache
-    items: list  # the pipeline's context items (model.pipeline._Item)
+    items: list  # the contexts' items (model.contexts.ContextItem)
     nbytes: int
     on_device: bool
 

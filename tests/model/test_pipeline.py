@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.cancel import Cancelled
 from model.events import (
     Done,
     ImageCompleted,
@@ -20,7 +21,7 @@ from model.events import (
     Verdict,
 )
 from model.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
-from model.pipeline import Cancelled, Pipeline
+from model.pipeline import Pipeline
 
 REFINE = ImageSettings(steps=4, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
 

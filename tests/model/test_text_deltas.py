@@ -1,5 +1,5 @@
 """What a client assembles from the text deltas equals the stored text, by one rule
-(model.engine.VisibleText), and a generation without an image is a clear failure of `strokes
+(model.text_decoding.VisibleText), and a generation without an image is a clear failure of `strokes
 generate`."""
 
 from __future__ import annotations
