@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 # (module, attribute) pairs; each `register(subparsers)` adds one or more subcommands.
 COMMAND_MODULES: list[str] = [
     "model.commands",
-    "service.api",
+    "service.api_cli",
     "service.worker_cli",
     "service.serve",
     "service.demo",
