@@ -16,7 +16,7 @@ from pydantic import ValidationError
 # (module, attribute) pairs; each `register(subparsers)` adds one or more subcommands.
 COMMAND_MODULES: list[str] = [
     "model.commands",
-    "service.api",
+    "service.api_cli",
     "service.worker_cli",
     "service.serve",
     "service.demo",

@@ -14,16 +14,16 @@ terminal event or N seconds, whichever comes first (RFC 7240 `Prefer: wait`).
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from service import jobs, keys
 from service.auth import OwnerDep
+from service.deps import StoreDep, bounded
 from service.errors import InvalidRequest
 from service.keys import JobStatus
 from service.schemas import ErrorResponse, Job
@@ -113,10 +113,6 @@ async def list_jobs(
     return JobList(data=views, next_cursor=next_cursor, has_more=has_more)
 
 
-def _store(request: Request) -> Store:
-    return request.app.state.store
-
-
 @router.get(
     "/v1/generations",
     response_model=JobList,
@@ -128,13 +124,13 @@ def _store(request: Request) -> Store:
 async def list_generations(
     settings: SettingsDep,
     owner: OwnerDep,
-    store: Annotated[Store, Depends(_store)],
+    store: StoreDep,
     status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
     after: Annotated[str | None, Query(max_length=64, description="next_cursor of the previous page")] = None,
 ) -> JobList:
     work = list_jobs(store, owner, status=status.value if status else None, limit=limit, after=after)
-    return await asyncio.wait_for(work, settings.redis_deadline_s)
+    return await bounded(settings, work)
 
 
 # ---- Prefer: wait=N -----------------------------------------------------------------------------

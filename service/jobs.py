@@ -1,6 +1,6 @@
 """What the API does with jobs, apart from HTTP: submit, look up (with ownership), view, cancel.
 
-Routes in api.py call these and only translate to responses; the Redis work is in store.py.
+Routes in routes.py call these and only translate to responses; the Redis work is in store.py.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from service.auth import OwnerDep
 from service.blobs import BlobStore
 from service.errors import GenerationFailed, GenerationTimedOut, InvalidRequest
 from service.openai_schemas import (
+    EDIT_FORM,
     ImageData,
     ImageEditFields,
     ImageGenerationRequest,
@@ -101,9 +102,8 @@ async def submit_all(
                 request.app.state.metrics.submitted.inc()
             ids.append(job.id)
     except errors.ServiceError as exc:
-        await _cancel(
-            store, ids, request.app.state.blobs
-        )  # all n or none: a partial batch would only burn GPU time
+        # all n or none: a partial batch would only burn GPU time
+        await _cancel(store, ids, request.app.state.blobs)
         if exc.param == "input_image":
             exc.param = "image"  # OpenAI's name of the field
         raise
@@ -321,30 +321,6 @@ async def create_images(
     idempotency_key: IdempotencyKey = None,
 ):
     return await _answer(request, response, settings, owner, body, None, idempotency_key, "image_generation")
-
-
-EDIT_FORM = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image", "prompt"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"},
-                        **{
-                            name: {"type": "string", "description": field.description or name}
-                            for name, field in ImageEditFields.model_fields.items()
-                            if name != "prompt"
-                        },
-                        "prompt": {"type": "string"},
-                    },
-                }
-            }
-        },
-    }
-}
 
 
 @router.post(

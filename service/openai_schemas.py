@@ -63,6 +63,31 @@ class ImageEditFields(ImageOptions):
     input_fidelity: Literal["high", "low"] | None = Field(None, description="accepted and ignored")
 
 
+# The edit's multipart body as the document shows it (the route reads the form itself).
+EDIT_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "prompt"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"},
+                        **{
+                            name: {"type": "string", "description": field.description or name}
+                            for name, field in ImageEditFields.model_fields.items()
+                            if name != "prompt"
+                        },
+                        "prompt": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None

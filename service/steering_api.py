@@ -9,8 +9,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from service import jobs
-from service.api import COMMON, OwnerDep, SettingsDep, StoreDep, _errors, bounded
+from service.auth import OwnerDep
+from service.deps import COMMON, StoreDep, bounded, error_responses
 from service.schemas import ContinueRequest, Job
+from service.settings import SettingsDep
 from service.steering import steering
 
 router = APIRouter()
@@ -20,7 +22,7 @@ router = APIRouter()
     "/v1/generations/{job_id}/continue",
     status_code=202,
     response_model=Job,
-    responses=_errors(*COMMON, 400, 409, 413),
+    responses=error_responses(*COMMON, 400, 409, 413),
     summary="Continue a paused generation, unchanged or with the paused stage's text replaced",
 )
 async def continue_generation(
