@@ -175,7 +175,7 @@ def main() -> int:
     parser.add_argument("--uploads", type=int, default=50)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    from model.tiny import make_tiny
+    from model.testing.tiny import make_tiny
 
     tmp = Path(tempfile.mkdtemp(prefix="blob-bench-"))
     procs: list[Proc] = []

@@ -9,7 +9,7 @@ of old + new tokens and index-copies the old cache and the new keys into it:
 so appending the n-th token copies n tokens of keys and values in every layer: O(n) per token,
 O(N^2) over a decode of N tokens. `ReallocatingCache` below is that scheme behind our KVCache
 interface (same (G, T, D) layout, so the attention kernel sees identical inputs; only the append
-differs). `model.kv_cache.KVCache` writes into spare capacity (doubling when full): amortised O(1).
+differs). `model.network.kv_cache.KVCache` writes into spare capacity (doubling when full): amortised O(1).
 
 Two measurements, both on the shared small configuration, 2 threads:
 1. whole decode steps: Engine.decode_text (greedy, end-of-sequence banned so the length is
@@ -44,9 +44,9 @@ from common import (
     write_json,
 )
 
-from model.attention import attention_sdpa
-from model.kv_cache import KVCache
-from model.loading import load_engine
+from model.generation.loading import load_engine
+from model.network.attention import attention_sdpa
+from model.network.kv_cache import KVCache
 
 PROMPT = "A watercolor painting of a lighthouse on a cliff at sunset, with seagulls over the waves."
 WINDOW = 128

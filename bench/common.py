@@ -2,7 +2,7 @@
 
 Every CPU benchmark runs on the shared "small" configuration of DESIGN.md section 5 (LLM hidden 512,
 8 layers, 8 heads, 2 KV heads, intermediate 1408; ViT 256 / 4 layers / 4 heads; VAE ch 64,
-ch_mult (1, 2, 4, 4)), written once by `model.tiny.make_tiny(folder, seed, sizes="small")` into
+ch_mult (1, 2, 4, 4)), written once by `model.testing.tiny.make_tiny(folder, seed, sizes="small")` into
 bench/.ckpt/ (git-ignored) and reused, with torch limited to 2 threads (the cores of the machine).
 """
 
@@ -24,7 +24,7 @@ REPO = BENCH_DIR.parent
 if str(REPO) not in sys.path:  # `python bench/x.py` from anywhere: the repo's model package
     sys.path.insert(0, str(REPO))
 
-from model.tiny import PRESETS, make_tiny  # noqa: E402
+from model.testing.tiny import PRESETS, make_tiny  # noqa: E402
 
 THREADS = 2
 

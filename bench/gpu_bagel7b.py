@@ -56,15 +56,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from model.bagel import Bagel  # noqa: E402
-from model.config import BagelConfig, LLMConfig, ViTConfig  # noqa: E402
-from model.engine import Engine  # noqa: E402
-from model.loading import build_model  # noqa: E402
-from model.params import ImageSettings  # noqa: E402
-from model.prompts import GEN_THINK_SYSTEM_PROMPT  # noqa: E402
-from model.tiny import PRESETS, tiny_config  # noqa: E402
-from model.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
-from model.tokenizer import BagelTokenizer  # noqa: E402
+from model.generation.engine import Engine  # noqa: E402
+from model.generation.loading import build_model  # noqa: E402
+from model.generation.params import ImageSettings  # noqa: E402
+from model.generation.prompts import GEN_THINK_SYSTEM_PROMPT  # noqa: E402
+from model.network.bagel import Bagel  # noqa: E402
+from model.network.config import BagelConfig, LLMConfig, ViTConfig  # noqa: E402
+from model.network.tokenizer import BagelTokenizer  # noqa: E402
+from model.testing.tiny import PRESETS, tiny_config  # noqa: E402
+from model.testing.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "gpu_bagel7b.json"
 DRY_OUT = REPO / "bench" / "results" / "gpu_bagel7b.dry-run.json"
@@ -101,7 +101,7 @@ def bagel7b_config() -> BagelConfig:
 
 @torch.no_grad()
 def randomize_(module: torch.nn.Module, generator: torch.Generator, vae: bool = False) -> None:
-    """Small random values in place, on the module's device (as model/tiny.py does on the CPU)."""
+    """Small random values in place, on the module's device (as model/testing/tiny.py does on the CPU)."""
     for name, p in module.named_parameters():
         if vae:
             std = 0.02 if p.ndim == 1 else p[0].numel() ** -0.5

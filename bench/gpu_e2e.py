@@ -43,12 +43,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from gpu_bagel7b import bagel7b_config, device_info, materialise, synthetic_image  # noqa: E402
 
-from model.engine import Engine  # noqa: E402
-from model.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings  # noqa: E402
-from model.pipeline import Pipeline  # noqa: E402
-from model.tiny import PRESETS, tiny_config  # noqa: E402
-from model.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
-from model.tokenizer import BagelTokenizer  # noqa: E402
+from model.generation.engine import Engine  # noqa: E402
+from model.generation.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings  # noqa: E402
+from model.generation.pipeline import Pipeline  # noqa: E402
+from model.network.tokenizer import BagelTokenizer  # noqa: E402
+from model.testing.tiny import PRESETS, tiny_config  # noqa: E402
+from model.testing.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 PROMPT = "A red kite flying above a small house under a stormy sky."
 STARTED = time.perf_counter()

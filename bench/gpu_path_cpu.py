@@ -16,7 +16,7 @@ each at a time, so load from other processes hits both alike; medians are report
    attention call alone. Old: keys and values repeated per query head (repeat_interleave) for the
    masked kernel. New: the query heads of a group folded into the query axis.
 4. cache growth: a 3-iteration 256^2 guided job's context, appended into the old default cache
-   (1024 slots, doubling when full) vs a cache sized from the job's budget (model/budget.py):
+   (1024 slots, doubling when full) vs a cache sized from the job's budget (model/generation/budget.py):
    reallocations and bytes copied (counted, not timed).
 
 Usage: .venv/bin/python bench/gpu_path_cpu.py [--json bench/results/gpu_path_cpu.json] [--reps N]
@@ -42,15 +42,15 @@ from common import (
 )
 from PIL import Image
 
-import model.static_decode as static_decode
-from model.attention import causal_mask
-from model.budget import job_budget
-from model.decoder import rope_tables, route
-from model.kv_cache import branch_rooms
-from model.loading import load_engine
-from model.params import GenerationParams
-from model.prompts import GEN_THINK_SYSTEM_PROMPT
-from model.static_decode import StaticDecoder
+import model.network.static_decode as static_decode
+from model.generation.budget import job_budget
+from model.generation.loading import load_engine
+from model.generation.params import GenerationParams
+from model.generation.prompts import GEN_THINK_SYSTEM_PROMPT
+from model.network.attention import causal_mask
+from model.network.decoder import rope_tables, route
+from model.network.kv_cache import branch_rooms
+from model.network.static_decode import StaticDecoder
 
 
 def old_forward_block(lm, x, contexts, gen):

@@ -42,10 +42,10 @@ from common import (
 )
 from PIL import Image
 
-from model.engine import Engine
-from model.loading import load_engine
-from model.params import ImageSettings
-from model.prompts import GEN_THINK_SYSTEM_PROMPT
+from model.generation.engine import Engine
+from model.generation.loading import load_engine
+from model.generation.params import ImageSettings
+from model.generation.prompts import GEN_THINK_SYSTEM_PROMPT
 
 PROMPT = "Make the sky stormy and add a red kite flying above the house."
 SIZE = 256

@@ -38,10 +38,17 @@ from common import (
     write_json,
 )
 
-from model.events import Done, ImageCompleted, IterationCompleted, StageCompleted, StageStarted, Verdict
-from model.loading import load_engine
-from model.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings
-from model.pipeline import Pipeline
+from model.generation.events import (
+    Done,
+    ImageCompleted,
+    IterationCompleted,
+    StageCompleted,
+    StageStarted,
+    Verdict,
+)
+from model.generation.loading import load_engine
+from model.generation.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings
+from model.generation.pipeline import Pipeline
 
 PROMPT = "A red fox sitting in a snowy forest clearing at dawn, soft light, detailed fur."
 SIZE = 256

@@ -40,7 +40,7 @@ REPO = BENCH_DIR.parent
 if str(REPO) not in sys.path:  # `python bench/service_overhead.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from model.params import GenerationParams, ImageSettings, TextSettings  # noqa: E402
+from model.generation.params import GenerationParams, ImageSettings, TextSettings  # noqa: E402
 from service.serve import PrivateRedis, free_port  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def log(message: str) -> None:
 def small_checkpoint(seed: int = 0) -> Path:
     """The shared "small" random checkpoint (DESIGN.md section 5), in bench/.ckpt like the other
     CPU benchmarks (written on first use, then reused)."""
-    from model.tiny import make_tiny
+    from model.testing.tiny import make_tiny
 
     folder = Path(os.environ.get("STROKES_BENCH_CKPT", BENCH_DIR / ".ckpt" / f"small-seed{seed}"))
     if not (folder / "tiny_bagel_info.json").is_file():
@@ -270,8 +270,8 @@ def run_through_service(base: str, job: dict) -> dict:
 
 
 def overhead(checkpoint: Path, job: dict, runs: int, label: str) -> dict:
-    from model.loading import load_engine
-    from model.pipeline import Pipeline
+    from model.generation.loading import load_engine
+    from model.generation.pipeline import Pipeline
 
     setup_threads(2)
     pipeline = Pipeline(load_engine(checkpoint, device="cpu"))
@@ -419,7 +419,7 @@ def main() -> int:
     }
 
     tiny = Path(tempfile.mkdtemp(prefix="strokes-tiny-")) / "ckpt"
-    from model.tiny import make_tiny
+    from model.testing.tiny import make_tiny
 
     make_tiny(tiny, seed=0)
     result["overhead_small"] = overhead(small_checkpoint(), SMALL_JOB, args.runs, "small")

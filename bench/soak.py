@@ -203,7 +203,7 @@ def main() -> int:
     began = time.monotonic()
     deadline = began + args.minutes * 60
     tmp = Path(tempfile.mkdtemp(prefix="strokes-soak-"))
-    from model.tiny import make_tiny
+    from model.testing.tiny import make_tiny
 
     checkpoint = make_tiny(tmp / "tiny", seed=0)
     server = PrivateRedis(tmp / "redis")

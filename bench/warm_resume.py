@@ -1,5 +1,6 @@
-"""Resuming or forking a generation from a warm context (the KV caches a worker kept, model/warm.py)
-vs rebuilding the context from the recorded trajectory (model/fork.py: replay every stage).
+"""Resuming or forking a generation from a warm context (the KV caches a worker kept,
+model/generation/warm.py) vs rebuilding the context from the recorded trajectory
+(model/generation/fork.py: replay every stage).
 
 Setup: the shared small configuration (DESIGN.md section 5), 256x256 images, 20 timesteps, greedy
 plans and reflections of 48 tokens (end-of-sequence banned so every text stage does fixed work),
@@ -40,12 +41,12 @@ from common import (
     write_json,
 )
 
-from model.events import Done, ImageCompleted, ImageProgress, StageCompleted, TextDelta
-from model.fork import ForkPoint, params_from_trajectory, plan_fork
-from model.loading import load_engine
-from model.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings
-from model.pipeline import Pipeline
-from model.warm import WarmContexts
+from model.generation.events import Done, ImageCompleted, ImageProgress, StageCompleted, TextDelta
+from model.generation.fork import ForkPoint, params_from_trajectory, plan_fork
+from model.generation.loading import load_engine
+from model.generation.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings
+from model.generation.pipeline import Pipeline
+from model.generation.warm import WarmContexts
 
 SIZE, STEPS, TOKENS, REPEATS = 256, 20, 48, 3
 

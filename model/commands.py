@@ -18,8 +18,8 @@ def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argp
     stderr and exit status 2, not a traceback."""
 
     def run(args: argparse.Namespace) -> int:
-        from model.config import CheckpointError
-        from model.params import InvalidParams
+        from model.generation.params import InvalidParams
+        from model.network.config import CheckpointError
 
         try:
             return command(args)
@@ -33,7 +33,7 @@ def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argp
 def _make_tiny(args: argparse.Namespace) -> int:
     import torch
 
-    from model.tiny import PRESETS, make_tiny
+    from model.testing.tiny import PRESETS, make_tiny
 
     sizes = PRESETS[args.preset]
     overrides = {
@@ -61,7 +61,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 def _conformance(args: argparse.Namespace) -> int:
     from model import devices
-    from model.conformance import run_golden
+    from model.testing.conformance import run_golden
 
     device, why = devices.resolve(args.device)
     print(f"device {device} ({why})", file=sys.stderr)
@@ -76,8 +76,8 @@ def _conformance(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from model.loading import load_engine
-    from model.pipeline import Pipeline
+    from model.generation.loading import load_engine
+    from model.generation.pipeline import Pipeline
 
     out = Path(args.out)
     params, fork = _fork_from(args, out) if args.fork else (_new_params(args), None)
@@ -98,7 +98,7 @@ def _generate(args: argparse.Namespace) -> int:
     (out / "trajectory.json").write_text(json.dumps(trajectory, indent=2, ensure_ascii=False) + "\n")
     print(f"trajectory: {out / 'trajectory.json'}")
     if final is None:
-        from model.events import NO_IMAGE_MESSAGE
+        from model.generation.events import NO_IMAGE_MESSAGE
 
         # The same outcome as the API's job.failed {type: no_image}: no picture, a non-zero exit.
         print(f"strokes generate: {NO_IMAGE_MESSAGE}", file=sys.stderr)
@@ -110,7 +110,7 @@ def _new_params(args: argparse.Namespace):
     import numpy as np
     from PIL import Image
 
-    from model.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
+    from model.generation.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
 
     if not args.prompt:
         raise InvalidParams("prompt", "give a prompt (or --fork a trajectory.json)")
@@ -144,8 +144,8 @@ def _fork_from(args: argparse.Namespace, out: Path):
     import numpy as np
     from PIL import Image
 
-    from model.fork import ForkPoint, params_from_trajectory, plan_fork
-    from model.params import InvalidParams
+    from model.generation.fork import ForkPoint, params_from_trajectory, plan_fork
+    from model.generation.params import InvalidParams
 
     path = Path(args.fork)
     folder = path.parent
@@ -176,7 +176,7 @@ def _fork_from(args: argparse.Namespace, out: Path):
 def _print_event(event, out: Path) -> None:
     from PIL import Image
 
-    from model.events import ImageCompleted, ImageProgress, StageCompleted, StageStarted, TextDelta
+    from model.generation.events import ImageCompleted, ImageProgress, StageCompleted, StageStarted, TextDelta
 
     if isinstance(event, StageStarted):
         print(f"\n[iteration {event.iteration}] {event.stage.value}: ", end="", flush=True)

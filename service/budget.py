@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from model.prompts import DEFAULT_TEMPLATES, GEN_THINK_SYSTEM_PROMPT, INTERLEAVED_PROMPT
+from model.generation.prompts import DEFAULT_TEMPLATES, GEN_THINK_SYSTEM_PROMPT, INTERLEAVED_PROMPT
 
 TOKEN_PIXELS = 16  # pixels per generation-token side (VAE downsample 8 x latent patch 2)
 TEXT_TOKEN_WEIGHT = 64  # a decoded token costs about a 64-token forward (memory-bound decode)

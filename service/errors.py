@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.params import InvalidParams
+from model.generation.params import InvalidParams
 from service.blobs import BlobUnavailable
 
 log = logging.getLogger("strokes.api")

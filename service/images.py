@@ -7,7 +7,7 @@ hash says which attempt each image id points to.
 
 Uploads are decoded defensively: allowed formats only (no FITS & co.), the pixel count checked
 from the header before any decoding (decompression bombs). Then they are reduced to what the
-model will use: RGB with transparency on white, and BAGEL's input resize (model/sizing.py) when
+model will use: RGB with transparency on white, and BAGEL's input resize (model/network/sizing.py) when
 it shrinks the image, so a 4096^2 upload is stored (and costs) what a 1024^2 one does. The model
 applies the same rule again and gets the same pixels: the rule is idempotent on its own output,
 and an image it would enlarge is stored as it came. Re-encoded as PNG without metadata.
@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from model.sizing import resize_size, to_rgb
+from model.network.sizing import resize_size, to_rgb
 
 INPUT_IMAGE_ID = "input"
 ALLOWED_UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from model.events import TextDelta
+from model.generation.events import TextDelta
 from service import images as imagelib
 from service.wire import Translator, Wire
 

@@ -1,6 +1,6 @@
 """Request and response bodies of the HTTP API (pydantic), and the request -> GenerationParams step.
 
-The request mirrors model.params.GenerationParams field for field, with the same ranges, so the
+The request mirrors model.generation.params.GenerationParams field for field, with the same ranges, so the
 OpenAPI document tells clients the real limits; `to_params` then runs GenerationParams.validate()
 as the final word. Unknown fields are rejected (`extra="forbid"`).
 """
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model.params import (
+from model.generation.params import (
     DRAFT_DEFAULTS,
     MAX_SIDE,
     MIN_SIDE,
@@ -25,7 +25,7 @@ from model.params import (
     ImageSettings,
     TextSettings,
 )
-from model.prompts import TEMPLATE_NAMES
+from model.generation.prompts import TEMPLATE_NAMES
 from service.webhooks import EVENTS as WEBHOOK_EVENTS
 
 MAX_PROMPT_CHARS = 4000

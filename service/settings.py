@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = None  # the endpoint clients reach, when not s3_endpoint_url
     pause_timeout_s: int = Field(3600, ge=1)  # a pause unanswered this long ends the job (canceled)
     # A worker keeps the KV caches of its recently paused or finished jobs for resumes and forks
-    # (model/warm.py): this much on its GPU, then this much in host memory (both host on a CPU).
+    # (model/generation/warm.py): this much on its GPU, then this much in host memory (both host on a CPU).
     warm_device_bytes: int = Field(4 * 1024**3, ge=0)
     warm_host_bytes: int = Field(8 * 1024**3, ge=0)
 

@@ -1,6 +1,6 @@
 """Steering on the service side: forks, pause points, continue, cancel while paused, pause expiry.
 
-The model does the exactness (model/fork.py: a context rebuilt from a trajectory equals the
+The model does the exactness (model/generation/fork.py: a context rebuilt from a trajectory equals the
 parent's). This module stores what a worker needs to rebuild one, and moves jobs in and out of
 the `paused` status with its own fenced Lua scripts (the same discipline as store.py):
 
@@ -15,7 +15,7 @@ the `paused` status with its own fenced Lua scripts (the same discipline as stor
               iteration, stage, text and expires_at, and an entry in the expiry zset.
     continue  paused -> queued with a new queue entry and job.resumed; the next attempt (any
               worker) forks the steer record at the paused stage, with the caller's text if any.
-    warm      a worker that paused or finished a job keeps its KV caches (model/warm.py) and names
+    warm      a worker that paused or finished a job keeps its KV caches (model/generation/warm.py) and names
               itself in the job hash (`warm_worker`; a fork inherits its parent's). The worker that
               polls a resume or fork of another live, idle worker's job hands the queue entry to
               that worker (XCLAIM: it reads its own pending entries first), once; if that worker
@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.params import InvalidParams
+from model.generation.params import InvalidParams
 from service import images as imagelib
 from service import keys
 from service.errors import NotFound, NotReady
@@ -99,7 +99,7 @@ class Steering:
 
     async def fork_job(self, parent: dict[str, str], fork: dict[str, Any], blobs) -> ForkJob:
         """Check a fork request against its parent (found for the caller already)."""
-        from model.fork import ForkPoint, plan_fork
+        from model.generation.fork import ForkPoint, plan_fork
 
         if fork.get("instruction") is not None and parent["status"] != JobStatus.succeeded.value:
             raise InvalidParams(
@@ -155,7 +155,7 @@ class Steering:
     async def continue_job(self, job: dict[str, str], text: str | None) -> str:
         """paused -> queued (with the paused stage's text replaced when `text`). Returns the
         outcome: queued | not_paused."""
-        from model.fork import ForkPoint, check_edit, plan_fork
+        from model.generation.fork import ForkPoint, check_edit, plan_fork
 
         job_id = job["id"]
         if job["status"] != "paused":
@@ -234,12 +234,12 @@ class Steering:
         """(params, extra keyword arguments of Pipeline.run) for a job: `fork` when it has a steer
         record (a fork, or a resume after a pause), `pause_after` when it asked for pauses, and
         `warm_key` when the pipeline keeps warm contexts (the model's does)."""
-        from model.fork import ForkPoint, plan_fork
+        from model.generation.fork import ForkPoint, plan_fork
 
         extra: dict[str, Any] = {}
         if pipeline is not None and hasattr(pipeline, "warm"):
             if pipeline.warm is None:
-                from model.warm import WarmContexts
+                from model.generation.warm import WarmContexts
 
                 pipeline.warm = WarmContexts(self.settings.warm_device_bytes, self.settings.warm_host_bytes)
             extra["warm_key"] = job_id

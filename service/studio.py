@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from model.params import MIN_SIDE, SIZE_MULTIPLE
+from model.generation.params import MIN_SIDE, SIZE_MULTIPLE
 from service import keys
 from service.schemas import MAX_PROMPT_CHARS, DraftSettings, GenerationRequest, PlanSettings, ReflectSettings
 from service.settings import Settings, SettingsDep

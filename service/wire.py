@@ -1,6 +1,6 @@
 """What goes on the wire: SSE event names, and pipeline events -> (event name, JSON data).
 
-The pipeline's events (model/events.py) carry pixels and know nothing of jobs or URLs; the
+The pipeline's events (model/generation/events.py) carry pixels and know nothing of jobs or URLs; the
 client's events carry a job id, the attempt that produced them, and image links instead of
 pixels. `Translator` does that mapping for one attempt of one job and keeps the per-attempt
 summary that the job hash shows (stages so far, image links).
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from model.events import (
+from model.generation.events import (
     Done,
     ImageCompleted,
     ImageProgress,
@@ -24,7 +24,7 @@ from model.events import (
     StageStarted,
     TextDelta,
 )
-from model.events import Event as PipelineEvent
+from model.generation.events import Event as PipelineEvent
 
 JOB_QUEUED = "job.queued"
 JOB_STARTED = "job.started"

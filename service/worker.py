@@ -38,9 +38,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry as SyncRetry
 
-from model.events import NO_IMAGE_MESSAGE, Done, Paused, StageCompleted, StageStarted, TextDelta
-from model.events import Event as PipelineEvent
-from model.params import GenerationParams, InvalidParams
+from model.generation.events import NO_IMAGE_MESSAGE, Done, Paused, StageCompleted, StageStarted, TextDelta
+from model.generation.events import Event as PipelineEvent
+from model.generation.params import GenerationParams, InvalidParams
 from service import blobs as bloblib
 from service import images as imagelib
 from service import keys as keyspace

@@ -28,8 +28,8 @@ log = logging.getLogger("strokes.worker")
 
 def load_pipeline(checkpoint: str, device: str, dtype: str | None = None) -> Pipeline:
     """The real pipeline: BAGEL loaded once onto `device`."""
-    from model.loading import load_engine
-    from model.pipeline import Pipeline as ModelPipeline
+    from model.generation.loading import load_engine
+    from model.generation.pipeline import Pipeline as ModelPipeline
 
     return ModelPipeline(load_engine(checkpoint, device=device, dtype=dtype))
 
@@ -100,7 +100,9 @@ def run_worker(args) -> int:
     from model import devices as devicelib
 
     args.device, why = devicelib.resolve(args.device)
-    devices = args.devices.split(",") if args.devices else [args.device]  # several: model/parallel.py
+    devices = (
+        args.devices.split(",") if args.devices else [args.device]
+    )  # several: model/generation/parallel.py
     args.device, metrics.devices = devices[0], devices
     if args.metrics_port:
         try:
@@ -113,7 +115,7 @@ def run_worker(args) -> int:
     name = args.name or default_name(args.device)
     factory = factory_from_path(args.pipeline) if args.pipeline else load_pipeline
     if len(devices) > 1 and not args.pipeline:
-        from model.parallel import load_parallel_pipeline
+        from model.generation.parallel import load_parallel_pipeline
 
         def factory(checkpoint, device, dtype):
             return load_parallel_pipeline(checkpoint, devices, dtype)
@@ -122,7 +124,7 @@ def run_worker(args) -> int:
     log.info(
         "loading the model", extra={"checkpoint": str(args.checkpoint), "device": args.device, "why": why}
     )
-    from model.config import CheckpointError  # the worker loads torch anyway
+    from model.network.config import CheckpointError  # the worker loads torch anyway
 
     executor = torch_thread()
     if args.device == "cpu":

@@ -1,4 +1,4 @@
-"""model/transforms.py against BAGEL.md 5.6 and the official run in tests/fixtures/golden."""
+"""model/network/transforms.py against BAGEL.md 5.6 and the official run in tests/fixtures/golden."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model.transforms import (
+from model.network.transforms import (
     DEFAULT_MAX_PIXELS,
     VAE_TRANSFORM,
     VIT_TRANSFORM,

@@ -1,4 +1,5 @@
-"""model/vae.py against the official BAGEL run recorded in tests/fixtures/golden (tiny FLUX AE, float32)."""
+"""model/network/vae.py against the official BAGEL run recorded in tests/fixtures/golden (tiny FLUX
+AE, float32)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.transforms import to_uint8, unpack_latent
-from model.vae import AutoEncoder, VAEConfig
+from model.network.transforms import to_uint8, unpack_latent
+from model.network.vae import AutoEncoder, VAEConfig
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 CKPT = GOLDEN / "tiny_ckpt"

@@ -1,5 +1,5 @@
 """The bfloat16 path against the float32 golden cases, within the documented bf16 bounds
-(model/conformance.py BF16_TOLERANCE, docs/gpu.md): the CPU stand-in for what a GPU runs."""
+(model/testing/conformance.py BF16_TOLERANCE, docs/gpu.md): the CPU stand-in for what a GPU runs."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import GOLDEN, TINY
 
-import model.decoder
-from model.conformance import run_case, run_golden
-from model.loading import load_engine
+import model.network.decoder
+from model.generation.loading import load_engine
+from model.testing.conformance import run_case, run_golden
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "reference"])
@@ -24,8 +24,10 @@ def test_the_bf16_bounds_catch_an_order_one_error(monkeypatch):
     """A RoPE base off by 100x (a plausible porting slip) passes nowhere near the bounds."""
     torch.set_num_threads(1)
     engine = load_engine(TINY, device="cpu", dtype="bfloat16")
-    real = model.decoder.rope_tables
-    monkeypatch.setattr(model.decoder, "rope_tables", lambda p, d, theta, dt: real(p, d, theta / 100, dt))
+    real = model.network.decoder.rope_tables
+    monkeypatch.setattr(
+        model.network.decoder, "rope_tables", lambda p, d, theta, dt: real(p, d, theta / 100, dt)
+    )
     for case in ("t1_text_gen", "t3_t2i"):
         diffs = run_case(engine, GOLDEN / "cases" / f"{case}.json")
         assert diffs.failures, case

@@ -8,8 +8,8 @@ import sys
 
 from PIL import Image
 
-from model.loading import load_engine
-from model.tiny import make_tiny
+from model.generation.loading import load_engine
+from model.testing.tiny import make_tiny
 
 STROKES = [sys.executable, "-m", "service.cli"]
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 
-from model.conformance import run_golden
+from model.testing.conformance import run_golden
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "reference"])

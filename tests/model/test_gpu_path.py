@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY
 
-from model.attention import attention_reference, attention_sdpa
-from model.kv_cache import branch_rooms
-from model.loading import load_engine, prepare_device
-from model.params import GenerationParams, ImageSettings, TextSettings
-from model.pipeline import Pipeline
-from model.static_decode import MIN_BUCKET, length_bucket
+from model.generation.loading import load_engine, prepare_device
+from model.generation.params import GenerationParams, ImageSettings, TextSettings
+from model.generation.pipeline import Pipeline
+from model.network.attention import attention_reference, attention_sdpa
+from model.network.kv_cache import branch_rooms
+from model.network.static_decode import MIN_BUCKET, length_bucket
 
 STEPS = 300
 
@@ -210,7 +210,7 @@ def test_no_cache_sized_concatenation_during_denoising(engine, monkeypatch):
 def test_prepare_device_and_cuda_checks_without_a_gpu():
     assert prepare_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        from model.config import CheckpointError
+        from model.network.config import CheckpointError
 
         with pytest.raises(CheckpointError, match="CUDA is not available"):
             prepare_device("cuda:1")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.cancel import Cancelled
-from model.events import (
+from model.generation.cancel import Cancelled
+from model.generation.events import (
     Done,
     ImageCompleted,
     ImageProgress,
@@ -20,8 +20,8 @@ from model.events import (
     TextDelta,
     Verdict,
 )
-from model.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
-from model.pipeline import Pipeline
+from model.generation.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
+from model.generation.pipeline import Pipeline
 
 REFINE = ImageSettings(steps=4, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
 

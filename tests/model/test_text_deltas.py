@@ -1,5 +1,5 @@
 """What a client assembles from the text deltas equals the stored text, by one rule
-(model.text_decoding.VisibleText), and a generation without an image is a clear failure of `strokes
+(model.generation.text_decoding.VisibleText), and a generation without an image is a clear failure of `strokes
 generate`."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from model.events import NO_IMAGE_MESSAGE, StageCompleted, TextDelta
-from model.params import GenerationParams, ImageSettings, TextSettings
-from model.pipeline import Pipeline
+from model.generation.events import NO_IMAGE_MESSAGE, StageCompleted, TextDelta
+from model.generation.params import GenerationParams, ImageSettings, TextSettings
+from model.generation.pipeline import Pipeline
 
 
 def test_deltas_concatenate_to_the_stage_text_even_around_control_tokens(own_engine):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from model.events import Verdict
-from model.verdict import parse_reflection
+from model.generation.events import Verdict
+from model.generation.verdict import parse_reflection
 
 CASES = [
     (

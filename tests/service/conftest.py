@@ -36,7 +36,7 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from model.tiny import make_tiny
+    from model.testing.tiny import make_tiny
 
     folder = tmp_path_factory.mktemp("tiny") / "ckpt"
     make_tiny(folder, seed=0)

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import redis
 
-from model.events import (
+from model.generation.events import (
     Done,
     ImageCompleted,
     ImageProgress,
@@ -30,7 +30,7 @@ from model.events import (
     TextDelta,
     Verdict,
 )
-from model.params import GenerationParams
+from model.generation.params import GenerationParams
 from service import keys
 from service.client import SSE, iter_sse
 from service.serve import free_port

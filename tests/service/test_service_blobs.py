@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from PIL import Image
 from svc_testkit import free_port, s3_settings
 
-from model.sizing import DEFAULT_MAX_PIXELS, resize_size
+from model.network.sizing import DEFAULT_MAX_PIXELS, resize_size
 from service import blobs as bloblib
 from service import images as imagelib
 from service import keys
@@ -247,7 +247,7 @@ def test_a_4096_upload_is_stored_at_what_the_model_uses():
 
 def test_the_model_gets_the_same_pixels_from_the_reduced_upload():
     """What the engine feeds BAGEL from the stored image equals what it feeds from the original."""
-    from model.transforms import VAE_TRANSFORM, to_rgb
+    from model.network.transforms import VAE_TRANSFORM, to_rgb
 
     raw = base64.b64decode(_upload(1500, 900, "RGBA"))
     stored, w, h = imagelib.decode_upload(

@@ -67,7 +67,7 @@ def _redis_holds_no_image_bytes(url: str) -> None:
                 values = client.lrange(key, 0, -1) if kind == "list" else list(client.smembers(key))
             assert not any(b"\x89PNG" in v or b"iVBORw0KGgo" in v for v in values), key
             # Trajectories (the finished one, and a job's stages so far) record the generator's
-            # state at every stage for exact forks (model/fork.py): ~7 kB each, and not pixels.
+            # state at every stage for exact forks (model/generation/fork.py): ~7 kB each, and not pixels.
             size = sum(len(RNG_STATE.sub(b"", v)) for v in values)
             assert size < 64 * 1024, (key, size)
     finally:

@@ -29,7 +29,7 @@ from svc_testkit import (
     wait_workers,
 )
 
-from model.events import NO_IMAGE_MESSAGE
+from model.generation.events import NO_IMAGE_MESSAGE
 from service import keys
 from service.client import iter_sse
 

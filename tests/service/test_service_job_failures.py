@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from svc_testkit import ScriptedPipeline
 
-from model.events import NO_IMAGE_MESSAGE, Done, ImageCompleted, Stage, StageStarted
-from model.params import GenerationParams
+from model.generation.events import NO_IMAGE_MESSAGE, Done, ImageCompleted, Stage, StageStarted
+from model.generation.params import GenerationParams
 from service import keys
 from service.metrics import WorkerMetrics
 from service.settings import Settings

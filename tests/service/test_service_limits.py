@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.events import Stage, TextDelta
+from model.generation.events import Stage, TextDelta
 from service import budget
 from service.publisher import DeltaBuffer
 from service.schemas import GenerationRequest

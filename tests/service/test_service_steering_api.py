@@ -13,10 +13,10 @@ import pytest
 import torch
 from test_service_api import QUICK, _client, _error
 
-from model.events import ImageCompleted
-from model.loading import load_engine
-from model.params import GenerationParams, ImageSettings, TextSettings
-from model.pipeline import Pipeline
+from model.generation.events import ImageCompleted
+from model.generation.loading import load_engine
+from model.generation.params import GenerationParams, ImageSettings, TextSettings
+from model.generation.pipeline import Pipeline
 from service import blobs, keys
 from service import images as imagelib
 from service.settings import Settings

@@ -1,10 +1,10 @@
 """Process-driven generation: plan -> draft -> reflect -> refine, iteration after iteration, in
 ONE growing context whose KV caches are reused from stage to stage.
 
-The pipeline yields `model.events` and knows nothing of HTTP or Redis. Two protocols:
+The pipeline yields `model.generation.events` and knows nothing of HTTP or Redis. Two protocols:
 
 - `guided` (default; for the public BAGEL-7B-MoT, which was not trained for this loop): the
-  pipeline drives the stages. It appends a stage instruction (model/prompts.py) as user text,
+  pipeline drives the stages. It appends a stage instruction (model/generation/prompts.py) as user text,
   decodes the plan, generates the draft, appends the draft, asks for and decodes the reflection,
   parses the verdict, and when it is not "correct" generates the refinement (an edit of the draft
   under BAGEL's edit guidance); then the next iteration, until "correct" or max_iterations.
@@ -20,13 +20,13 @@ before it; the model's own texts go to cond only; an image goes to cond (clean V
 ViT tokens) with text-uncond snapshotted after it. Text-uncond is therefore always a prefix of cond
 (it shares cond's memory); image-uncond (texts only) has a cache of its own. One departure:
 generated images re-enter the context at the size they were drawn, where the reference would first
-run its input resize (a no-op from 512 to 1024 px, an upscale below 512). model/contexts.py holds
-the contexts; model/run.py holds one generation's state and the stages both protocols are made of.
+run its input resize (a no-op from 512 to 1024 px, an upscale below 512). model/generation/contexts.py holds
+the contexts; model/generation/run.py holds one generation's state and the stages both protocols are made of.
 
 Steering (docs/steering.md): a run may start from a recorded stage boundary of another (`fork`,
-model/fork.py: the recorded stages are replayed into the contexts, then the protocol runs on),
+model/generation/fork.py: the recorded stages are replayed into the contexts, then the protocol runs on),
 stop after chosen stages (`pause_after`: a `Paused` event), and keep its caches warm for later
-forks (model/warm.py). Every stage records the random generator's state after it, which is what
+forks (model/generation/warm.py). Every stage records the random generator's state after it, which is what
 makes a replay exact.
 """
 
@@ -34,24 +34,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from model.cancel import ShouldCancel, never
-from model.contexts import ContextItem
-from model.engine import Engine
-from model.events import Done, Event, IterationCompleted, Paused, Stage, StageCompleted, Verdict
-from model.fork import Fork
-from model.params import GenerationParams
-from model.prompts import INTERLEAVED_PROMPT, render
-from model.run import Run
-from model.text_decoding import LogitsProcessor
-from model.verdict import parse_reflection
-from model.warm import WarmContexts
+from model.generation.cancel import ShouldCancel, never
+from model.generation.contexts import ContextItem
+from model.generation.engine import Engine
+from model.generation.events import Done, Event, IterationCompleted, Paused, Stage, StageCompleted, Verdict
+from model.generation.fork import Fork
+from model.generation.params import GenerationParams
+from model.generation.prompts import INTERLEAVED_PROMPT, render
+from model.generation.run import Run
+from model.generation.text_decoding import LogitsProcessor
+from model.generation.verdict import parse_reflection
+from model.generation.warm import WarmContexts
 
 
 class Pipeline:
     def __init__(self, engine: Engine, *, reuse_cache: bool = True, warm: WarmContexts | None = None):
         self.engine = engine
         self.reuse_cache = reuse_cache  # False: rebuild every context before every stage (for tests)
-        self.warm = warm  # keeps the contexts of paused and finished runs for forks (model/warm.py)
+        self.warm = (
+            warm  # keeps the contexts of paused and finished runs for forks (model/generation/warm.py)
+        )
 
     def run(
         self,
@@ -65,9 +67,9 @@ class Pipeline:
         """Yield the events of one generation. Raises `Cancelled` when should_cancel() turns True
         (checked between tokens and between denoising steps) and `InvalidParams` on bad input.
 
-        With `fork` (model/fork.py; `params` must be the parent's), the recorded stages are replayed
-        into the contexts (events marked `inherited`, nothing decoded or denoised) and the protocol
-        runs on live from the fork point. With `pause_after` (stage names: plan, reflect), the run
+        With `fork` (model/generation/fork.py; `params` must be the parent's), the recorded stages
+        are replayed into the contexts (events marked `inherited`, nothing decoded or denoised) and
+        the protocol runs on live from the fork point. With `pause_after` (stage names: plan, reflect), the run
         ends with a `Paused` event after the first such stage it computes (replayed ones excepted).
         With a `warm` store and `warm_key`, a fork starts from warm caches where it can, and the
         run's contexts are kept under `warm_key` when it pauses or finishes."""

@@ -4,7 +4,7 @@ then (like the reference) the decoded string re-tokenised and prefilled as T(tex
 Shapes: V=vocabulary.
 
 Each token is fed through the engine's decode step (`Engine.decode_stepper`): on GPU the static
-decoder (model/static_decode.py; CUDA graphs per length bucket, kept across a job's text stages),
+decoder (model/network/static_decode.py; CUDA graphs per length bucket, kept across a job's text stages),
 elsewhere an eager append. What the client sees of the text follows one rule (`VisibleText`), for
 the streamed pieces and the final text alike. Randomness comes only from the caller's generator.
 """
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.cancel import Cancelled, ShouldCancel
-from model.kv_cache import KVCache
-from model.sampler import sample_token
+from model.generation.cancel import Cancelled, ShouldCancel
+from model.generation.sampler import sample_token
+from model.network.kv_cache import KVCache
 
 if TYPE_CHECKING:
-    from model.engine import Engine
+    from model.generation.engine import Engine
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]  # (ids so far, logits (V,)) -> logits
 

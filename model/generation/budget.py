@@ -1,6 +1,6 @@
 """How many tokens a job's contexts can reach, so its KV caches are allocated once, up front.
 
-A cache that runs out of room doubles (model/kv_cache.py): a copy of everything so far, twice the
+A cache that runs out of room doubles (model/network/kv_cache.py): a copy of everything so far, twice the
 memory for a moment, and a new storage that the decode's CUDA graphs must be captured for again.
 A job knows its bounds before it starts: the instructions it will append (tokenised exactly), the
 text stages' max_tokens, the size of every image (VAE latents + ViT tokens), so the caches are
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.config import BagelConfig
-from model.params import GenerationParams
-from model.prompts import GEN_THINK_SYSTEM_PROMPT, INTERLEAVED_PROMPT, render
+from model.generation.params import GenerationParams
+from model.generation.prompts import GEN_THINK_SYSTEM_PROMPT, INTERLEAVED_PROMPT, render
+from model.network.config import BagelConfig
 
 
 @dataclass(frozen=True)

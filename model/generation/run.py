@@ -1,10 +1,10 @@
-"""One generation's state and the stages its protocols (model/pipeline.py) are made of: a text
+"""One generation's state and the stages its protocols (model/generation/pipeline.py) are made of: a text
 stage (an instruction, then the model's text), an image stage (a draft or a refinement under the
 three guidance contexts), and a follow-up instruction after the final image.
 
-Each stage yields its `model.events`, counts its usage, and is recorded in the trajectory together
-with the random generator's state after it and the contexts' boundary after it (model/warm.py).
-During a fork (model/fork.py) a stage is not computed but replayed: the recorded text or image goes
+Each stage yields its `model.generation.events`, counts its usage, and is recorded in the trajectory together
+with the random generator's state after it and the contexts' boundary after it (model/generation/warm.py).
+During a fork (model/generation/fork.py) a stage is not computed but replayed: the recorded text or image goes
 into the contexts and the recorded generator state is restored, so what runs live afterwards is
 exactly what the parent would have run.
 """
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.budget import job_budget
-from model.cancel import ShouldCancel
-from model.contexts import ContextItem, Contexts
-from model.engine import Engine
-from model.events import (
+from model.generation.budget import job_budget
+from model.generation.cancel import ShouldCancel
+from model.generation.contexts import ContextItem, Contexts
+from model.generation.engine import Engine
+from model.generation.events import (
     Done,
     Event,
     ImageCompleted,
@@ -35,14 +35,20 @@ from model.events import (
     StageStarted,
     TextDelta,
 )
-from model.fork import IMAGE_STAGES, Fork, rng_state, set_rng_state
-from model.params import GenerationParams, ImageSettings, InvalidParams, TextSettings, settings_dict
-from model.prompts import GEN_THINK_SYSTEM_PROMPT
-from model.sampler import sample_token
-from model.text_decoding import LogitsProcessor
-from model.trajectory import Trajectory
-from model.verdict import parse_reflection
-from model.warm import Boundary, WarmContexts
+from model.generation.fork import IMAGE_STAGES, Fork, rng_state, set_rng_state
+from model.generation.params import (
+    GenerationParams,
+    ImageSettings,
+    InvalidParams,
+    TextSettings,
+    settings_dict,
+)
+from model.generation.prompts import GEN_THINK_SYSTEM_PROMPT
+from model.generation.sampler import sample_token
+from model.generation.text_decoding import LogitsProcessor
+from model.generation.trajectory import Trajectory
+from model.generation.verdict import parse_reflection
+from model.generation.warm import Boundary, WarmContexts
 
 
 @dataclass
@@ -73,7 +79,8 @@ class Run:
         self.generator = torch.Generator().manual_seed(seed)
         hit = warm.take(fork.stages, engine.device) if (warm is not None and fork and fork.stages) else None
         self.contexts = Contexts(engine, hit, job_budget(engine.cfg, engine.tokenizer.segment, params))
-        # The contexts after each stage, for model/warm.py; those of stages served warm come with it.
+        # The contexts after each stage, for model/generation/warm.py; those of stages served warm
+        # come with it.
         self.boundaries: list[Boundary] = []
         self.warm_boundaries = hit.boundaries if hit else []
         self.trajectory = Trajectory(params, seed, parent=fork.lineage if fork else None)

@@ -4,7 +4,7 @@ Shapes: L=layers, G=kv heads, C=capacity (tokens), D=head_dim, T=tokens.
 
 One `KVCache` holds the keys and values of one growing context (keys stored after k_norm and
 RoPE, as the reference stores them) and the next RoPE position. Appending writes into spare
-capacity. A job sizes its caches once from its budget (model/budget.py), so the storage never moves
+capacity. A job sizes its caches once from its budget (model/generation/budget.py), so the storage never moves
 mid-job (a CUDA graph of the decode stays bound to it); if a budget was short the storage doubles,
 still amortised O(1) per token instead of the reference's O(n) reallocation per call
 (`reallocations` counts it). A `Prefix` is a read-only view of a cache's first
@@ -12,7 +12,7 @@ tokens: BAGEL's text-unconditional context is always a prefix of the conditional
 conditional context only ever appends), so it is a `Prefix` of the same memory, not a copy.
 `fork()` copies a context when two futures must diverge.
 
-A forward writes its block's keys and values right after each context (model/decoder.py), so a
+A forward writes its block's keys and values right after each context (model/network/decoder.py), so a
 context read by a forward must end where its cache ends. `branch_rooms` gives each guidance
 branch such a context once per image: a branch that ends at its cache's end writes into the
 cache's spare room (uncommitted, so nothing changes); a prefix of a cache another branch uses is

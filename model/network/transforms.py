@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from model.sizing import DEFAULT_MAX_PIXELS, resize_size, to_rgb  # noqa: F401 - re-exported; torch-free for the API
+from model.network.sizing import DEFAULT_MAX_PIXELS, resize_size, to_rgb  # noqa: F401 - re-exported; torch-free for the API
 
 
 @dataclass(frozen=True)

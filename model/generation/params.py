@@ -130,7 +130,7 @@ class GenerationParams:
             img = self.input_image
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
                 raise InvalidParams("input_image", "must be an RGB uint8 image")
-        from model.prompts import TEMPLATE_NAMES  # local: prompts imports nothing heavy
+        from model.generation.prompts import TEMPLATE_NAMES  # local: prompts imports nothing heavy
 
         for key, text in self.templates.items():
             if key not in TEMPLATE_NAMES:

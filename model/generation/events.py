@@ -134,8 +134,8 @@ class StageCompleted(Event):
     width: int | None = None
     height: int | None = None
     steps: int | None = None
-    inherited: bool = False  # replayed from a fork's parent (model/fork.py), not computed anew
-    # The trajectory record so far (model/trajectory.py): what a fork of the unfinished run needs.
+    inherited: bool = False  # replayed from a fork's parent (model/generation/fork.py), not computed anew
+    # The trajectory record so far (model/generation/trajectory.py): what a fork of the unfinished run needs.
     trajectory: dict[str, Any] | None = field(default=None, repr=False)
 
     def payload(self) -> dict[str, Any]:
@@ -161,8 +161,8 @@ NO_IMAGE_MESSAGE = "the model ended the generation without drawing an image"
 @dataclass
 class Paused(Event):
     """The run stopped after a stage the caller asked to pause after (`pause_after`). `trajectory`
-    is the record so far; continuing is a fork of it at this stage (model/fork.py), with the stage's
-    text as it is or replaced. Nothing follows this event."""
+    is the record so far; continuing is a fork of it at this stage (model/generation/fork.py), with
+    the stage's text as it is or replaced. Nothing follows this event."""
 
     name: ClassVar[str] = "paused"
     iteration: int

@@ -1,6 +1,7 @@
 """Cancellation of the engine's loops: the caller passes a check, which text decoding
-(model/text_decoding.py) polls before each token and image generation (model/image_generation.py)
-before each denoising step; when it returns True the loop raises `Cancelled`."""
+(model/generation/text_decoding.py) polls before each token and image generation
+(model/generation/image_generation.py) before each denoising step; when it returns True the loop
+raises `Cancelled`."""
 
 from __future__ import annotations
 

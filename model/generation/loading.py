@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from model.bagel import Bagel
-from model.config import BagelConfig, CheckpointError, load_config
-from model.engine import Engine
-from model.tokenizer import BagelTokenizer
-from model.vae import AutoEncoder
+from model.generation.engine import Engine
+from model.network.bagel import Bagel
+from model.network.config import BagelConfig, CheckpointError, load_config
+from model.network.tokenizer import BagelTokenizer
+from model.network.vae import AutoEncoder
 
 REQUIRED_FILES = ("ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt"]

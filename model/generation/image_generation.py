@@ -7,7 +7,7 @@ E=LLM hidden.
 The three contexts are cond, text-unconditional and image-unconditional (BAGEL.md 4.3-5.4); each
 step's image block goes into room after each context (`branch_rooms`), so generation never commits
 to them. The branches a step needs run batched in one forward by default (`Engine.batch_branches`),
-one after another like the reference, or one per device (`Engine.branch_group`, model/parallel.py).
+one after another like the reference, or one per device (`Engine.branch_group`, model/generation/parallel.py).
 No step of the denoising loop waits for the GPU: the schedule is copied to the device once, and
 the decisions (how many branches, which guidance) are taken on its CPU copy.
 
@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.cancel import Cancelled, ShouldCancel
-from model.kv_cache import Context, branch_rooms
-from model.params import ImageSettings
-from model.sampler import combine_guidance, euler_step, guidance_scales, timestep_schedule
-from model.transforms import latent_position_ids
+from model.generation.cancel import Cancelled, ShouldCancel
+from model.generation.params import ImageSettings
+from model.generation.sampler import combine_guidance, euler_step, guidance_scales, timestep_schedule
+from model.network.kv_cache import Context, branch_rooms
+from model.network.transforms import latent_position_ids
 
 if TYPE_CHECKING:
-    from model.engine import Engine
+    from model.generation.engine import Engine
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The official BAGEL input-image size rule and RGB conversion, without torch.
 
-They live apart from model/transforms.py (which re-exports them) so that the API process, which
+They live apart from model/network/transforms.py (which re-exports them) so that the API process, which
 must not import torch, reduces uploads with exactly the rule the model applies (service/images.py).
 """
 

@@ -5,7 +5,7 @@ text-uncond snapshotted just before it; the model's own texts go to cond only; a
 cond (clean VAE latents, then ViT tokens) with text-uncond snapshotted after it. Text-uncond is
 therefore always a prefix of cond (it shares cond's memory); image-uncond has a cache of its own.
 Every item added is kept, so the contexts can be rebuilt from scratch (the VAE posterior draws
-replayed), and a warm start (model/warm.py) begins with caches that already hold some items.
+replayed), and a warm start (model/generation/warm.py) begins with caches that already hold some items.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from model.budget import Budget
-from model.engine import Engine
-from model.warm import Hit
+from model.generation.budget import Budget
+from model.generation.engine import Engine
+from model.generation.warm import Hit
 
 
 @dataclass
@@ -37,11 +37,13 @@ class Contexts:
 
     def __init__(self, engine: Engine, warm: Hit | None = None, budget: Budget | None = None):
         self.engine = engine
-        self.budget = budget  # the caches' sizes, once per job (model/budget.py); None: defaults
+        self.budget = budget  # the caches' sizes, once per job (model/generation/budget.py); None: defaults
         self.items: list[ContextItem] = []
         self.prefilled = 0  # tokens run into any cache by appends (rebuilds included)
         self.last_logits: torch.Tensor | None = None  # the model's prediction after the latest text
-        self._ahead: deque[ContextItem] = deque()  # items a warm start already holds (model/warm.py)
+        self._ahead: deque[ContextItem] = (
+            deque()
+        )  # items a warm start already holds (model/generation/warm.py)
         if warm is None:
             self._fresh()
         else:

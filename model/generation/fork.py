@@ -1,6 +1,6 @@
 """Forks and resumes: a new generation that starts from a completed stage boundary of a recorded one.
 
-Every stage of a trajectory (model/trajectory.py) records what the context needs to be rebuilt
+Every stage of a trajectory (model/generation/trajectory.py) records what the context needs to be rebuilt
 exactly: its instruction and text (text stages), its image file (image stages), and the state of
 the run's one random generator after the stage (`rng`) and, for an image that went back into the
 context, just before its VAE posterior draw (`rng_vae`). A fork replays the parent's stages up to
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.params import (
+from model.generation.params import (
     GenerationParams,
     ImageSettings,
     InvalidParams,

@@ -1,6 +1,6 @@
 """Warm contexts: the KV caches of recently paused or finished runs, kept for forks and resumes.
 
-A fork or a resume normally rebuilds its context by replaying the recorded stages (model/fork.py):
+A fork or a resume normally rebuilds its context by replaying the recorded stages (model/generation/fork.py):
 every token and image of the prefix is prefilled again. When the worker still holds the caches of
 a run whose recorded stages begin with the fork's, the replay starts from a copy of those caches
 cut at the right stage boundary instead, and prefills nothing for that part.
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from model.kv_cache import KVCache, Prefix
+from model.network.kv_cache import KVCache, Prefix
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class _Entry:
     boundaries: list[Boundary]
     cond: KVCache
     img_uncond: KVCache
-    items: list  # the contexts' items (model.contexts.ContextItem)
+    items: list  # the contexts' items (model.generation.contexts.ContextItem)
     nbytes: int
     on_device: bool
 

@@ -14,7 +14,7 @@ with `use_graph=False`) the very same `_forward` runs eagerly, which is how the 
 
 Attention: the query heads of a group are folded into the query axis (a view: query head h reads
 kv head h // (H/G)), so no key or value is copied or repeated; scores and softmax run in float32
-inside scaled_dot_product_attention (model/attention.py says why), never as a bf16 matmul.
+inside scaled_dot_product_attention (model/network/attention.py says why), never as a bf16 matmul.
 
 A decoder is bound to one cache storage (its graphs read those addresses): the engine keeps one per
 job's cache and reuses it, with its graphs, across the job's text stages. Capture binds every CUDA
@@ -29,9 +29,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from model.bagel import Bagel
-from model.decoder import rope_tables
-from model.kv_cache import KVCache
+from model.network.bagel import Bagel
+from model.network.decoder import rope_tables
+from model.network.kv_cache import KVCache
 
 MIN_BUCKET = 256  # slots; also keeps the mask's rows 16-element aligned for the CUDA kernels
 

@@ -1,6 +1,6 @@
 """Inference primitives of BAGEL on explicit KV caches: append text and images to a context, decode
-a latent to pixels, and start the two loops built on them: text decoding (model/text_decoding.py)
-and image generation (model/image_generation.py). The engine yields steps and never does I/O.
+a latent to pixels, and start the two loops built on them: text decoding (model/generation/text_decoding.py)
+and image generation (model/generation/image_generation.py). The engine yields steps and never does I/O.
 
 Shapes: N=latent tokens of an image (h*w, 16 px each), P=packed latent channels (64), M=ViT
 patches, C=ViT hidden, E=LLM hidden, V=vocabulary.
@@ -10,7 +10,7 @@ reference exactly (BAGEL.md 2.3-4.3): a text is T(x) = <|im_start|> x <|im_end|>
 positions; an image block is <|vision_start|> tokens <|vision_end|>, every token at the context's
 current position, which then advances by one. Image generation reads up to three contexts and never
 commits to them; its branches run batched (`batch_branches`) or one per device (`branch_group`,
-model/parallel.py). Text decodes through the static decoder on GPU (CUDA graphs per length bucket,
+model/generation/parallel.py). Text decodes through the static decoder on GPU (CUDA graphs per length bucket,
 kept across a job's stages).
 
 Randomness is explicit: every draw comes from a caller's CPU `torch.Generator` in the reference's
@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.bagel import Bagel
-from model.cancel import ShouldCancel, never
-from model.config import BagelConfig
-from model.image_generation import ImageGeneration, ImageGenerationOptions
-from model.kv_cache import Context, KVCache
-from model.params import ImageSettings
-from model.static_decode import StaticDecoder
-from model.text_decoding import LogitsProcessor, TextDecoding, TextDecodingOptions
-from model.tokenizer import BagelTokenizer
-from model.transforms import (
+from model.generation.cancel import ShouldCancel, never
+from model.generation.image_generation import ImageGeneration, ImageGenerationOptions
+from model.generation.params import ImageSettings
+from model.generation.text_decoding import LogitsProcessor, TextDecoding, TextDecodingOptions
+from model.network.bagel import Bagel
+from model.network.config import BagelConfig
+from model.network.kv_cache import Context, KVCache
+from model.network.static_decode import StaticDecoder
+from model.network.tokenizer import BagelTokenizer
+from model.network.transforms import (
     latent_position_ids,
     pack_latent,
     patchify_vit,
@@ -45,7 +45,7 @@ from model.transforms import (
     unpack_latent,
     vit_position_ids,
 )
-from model.vae import AutoEncoder
+from model.network.vae import AutoEncoder
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Engine:
         self.use_graphs = True
         self._decoder: StaticDecoder | None = None
         self._markers: torch.Tensor | None = None  # (2,) <|vision_start|>, <|vision_end|> ids on the device
-        # Several devices (model/parallel.py): None, or a group that runs one branch per rank.
+        # Several devices (model/generation/parallel.py): None, or a group that runs one branch per rank.
         self.branch_group = None
 
     @property
@@ -232,7 +232,7 @@ class Engine:
         logits_processor: LogitsProcessor | None = None,
         commit: bool = True,
     ) -> TextDecoding:
-        """Decode text after `cache` (model/text_decoding.py); `stop_ids` default to <|im_end|>."""
+        """Decode text after `cache` (model/generation/text_decoding.py); `stop_ids` default to <|im_end|>."""
         options = TextDecodingOptions(
             max_tokens=max_tokens,
             do_sample=do_sample,
@@ -261,7 +261,7 @@ class Engine:
         trace: bool = False,
         preview_every: int = 0,
     ) -> ImageGeneration:
-        """Generate an image under the three contexts (model/image_generation.py)."""
+        """Generate an image under the three contexts (model/generation/image_generation.py)."""
         options = ImageGenerationOptions(
             height=height,
             width=width,

@@ -10,7 +10,7 @@ ODE state; the followers are branch servers that only ever wait for the leader:
 
 - image start (`start_image`): the leader sends each follower the KV prefix of each branch it will
   run (once per image; the branches' contexts do not change while an image is denoised), and
-  the latent grid; the follower builds the block room after it (model/kv_cache.py);
+  the latent grid; the follower builds the block room after it (model/network/kv_cache.py);
 - each step (`step`): the leader broadcasts x_t and t; every rank embeds the same block and runs
   its branches; an all_gather hands every velocity to the leader, which combines them exactly as
   the single-device path does (float32 copies of the same values: bitwise the same result as
@@ -32,8 +32,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from model.kv_cache import Context, KVCache, Prefix, branch_rooms
-from model.transforms import latent_position_ids
+from model.network.kv_cache import Context, KVCache, Prefix, branch_rooms
+from model.network.transforms import latent_position_ids
 
 IMAGE, STEP, END, SHUTDOWN = 1, 2, 3, 4
 
@@ -186,7 +186,7 @@ def _follower(
     import threading
     import time
 
-    from model.loading import load_engine
+    from model.generation.loading import load_engine
 
     parent = os.getppid()
 
@@ -210,8 +210,8 @@ def load_parallel_engine(checkpoint: str, devices: list[str], dtype: str | None 
     daemonic: they end with the worker), all in one process group; `engine.branch_group` set."""
     import multiprocessing
 
-    from model.config import CheckpointError
-    from model.loading import load_engine, prepare_device
+    from model.generation.loading import load_engine, prepare_device
+    from model.network.config import CheckpointError
 
     gpus = [d for d in devices if d != "cpu"]
     if len(set(gpus)) != len(gpus):  # CPU processes may repeat "cpu" (gloo; tests, small setups)
@@ -238,6 +238,6 @@ def load_parallel_engine(checkpoint: str, devices: list[str], dtype: str | None 
 
 def load_parallel_pipeline(checkpoint: str, devices: list[str], dtype: str | None = None):
     """The worker's pipeline over several devices (`strokes worker --devices cuda:0,cuda:1,...`)."""
-    from model.pipeline import Pipeline
+    from model.generation.pipeline import Pipeline
 
     return Pipeline(load_parallel_engine(checkpoint, devices, dtype))
