@@ -12,16 +12,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from model.network.sizing import DEFAULT_MAX_PIXELS, resize_size, to_rgb
 from model.network.transforms import (
-    DEFAULT_MAX_PIXELS,
     VAE_TRANSFORM,
     VIT_TRANSFORM,
     ImageTransform,
     latent_position_ids,
     pack_latent,
     patchify_vit,
-    resize_size,
-    to_rgb,
     to_uint8,
     unpack_latent,
     vit_position_ids,

@@ -34,13 +34,13 @@ from model.generation.text_decoding import LogitsProcessor, TextDecoding, TextDe
 from model.network.bagel import Bagel
 from model.network.config import BagelConfig
 from model.network.kv_cache import Context, KVCache
+from model.network.sizing import to_rgb
 from model.network.static_decode import StaticDecoder
 from model.network.tokenizer import BagelTokenizer
 from model.network.transforms import (
     latent_position_ids,
     pack_latent,
     patchify_vit,
-    to_rgb,
     to_uint8,
     unpack_latent,
     vit_position_ids,

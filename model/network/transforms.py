@@ -1,14 +1,11 @@
 """Image preprocessing and latent packing rules of the official BAGEL code, as pure functions.
 
 Contract (all reproduce the reference bit for bit in float32):
-- `resize_size`: the size rule of `MaxLongEdgeMinShortEdgeResize` (data/transforms.py), with Python's
-  half-to-even `round` and the reference's quirk of using an area ratio as a linear scale in the
-  max_pixels clamp.
+- The size rule (`resize_size`) and `to_rgb` live in model/network/sizing.py, torch-free for the API.
 - `ImageTransform(max_size, min_size, stride, max_pixels)`: resize (PIL bicubic, which is what
   torchvision's functional resize does to a PIL image) then ToTensor + Normalize(0.5, 0.5), giving
   (3, H, W) float32 in [-1, 1]. Real instances: `VAE_TRANSFORM` and `VIT_TRANSFORM`; the reference
   applies the ViT one to the image already resized by the VAE one (two resizes in a row).
-- `to_rgb`: the reference's `pil_img2rgb` (transparency composited on white).
 - `patchify_vit` / `pack_latent`: einsum "chpwq->hwpqc", so a patch vector is ordered (py, px, c) and
   patches go row-major; `unpack_latent` inverts `pack_latent` with a batch axis of 1.
 - `vit_position_ids` / `latent_position_ids`: row * max_per_side + col over the patch grid.
@@ -26,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from model.network.sizing import DEFAULT_MAX_PIXELS, resize_size, to_rgb  # noqa: F401 - re-exported; torch-free for the API
+from model.network.sizing import DEFAULT_MAX_PIXELS, resize_size  # torch-free, so the API can use them
 
 
 @dataclass(frozen=True)
