@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from service import jobs
-from service.api import COMMON, OwnerDep, SettingsDep, StoreDep, _errors, bounded
+from service.api import COMMON, BlobsDep, OwnerDep, SettingsDep, StoreDep, _errors, bounded
 from service.schemas import ContinueRequest, Job
 from service.steering import steering
 
@@ -29,6 +29,7 @@ async def continue_generation(
     store: StoreDep,
     settings: SettingsDep,
     owner: OwnerDep,
+    blobs: BlobsDep,
     body: ContinueRequest | None = None,
 ) -> Job:
     """The job goes back to the queue as an ordinary attempt (any worker runs it): it rebuilds the
@@ -37,7 +38,7 @@ async def continue_generation(
 
     async def work() -> Job:
         job = await jobs.find(store, job_id, owner)
-        await steering(store).continue_job(job, body.text if body else None)
+        await steering(store).continue_job(job, body.text if body else None, blobs)
         response.headers["Location"] = jobs.links(job_id)["self"]
         return await jobs.current_view(store, job_id)
 
