@@ -1,18 +1,24 @@
-"""The blob store: image bytes live here, Redis keeps only references to them.
+"""The blob store: image bytes and trajectories live here, Redis keeps only references to them.
 
 Contract (both backends, one behaviour suite in tests/service/test_service_blobs.py):
-- Keys are `{job_id}/{attempt}/{image_id}` (images.storage_key); `{job_id}/0/input` is the
-  request's input image, everything else a worker's output or preview. A key outside that shape
-  is refused (ValueError): keys become paths and object names.
+- Keys are `{job_id}/{attempt}/{name}`. `{job_id}/0/input` is the request's input image;
+  `{job_id}/{attempt}/{image_id}` an attempt's image or preview (images.storage_key);
+  `{job_id}/{attempt}/trajectory.json` an attempt's trajectory, rewritten at each stage end
+  (wire.trajectory_key); `{job_id}/0/parent_trajectory.json` a fork's copy of its parent's
+  trajectory (wire.parent_trajectory_key; image ids never take these two names). Everything but
+  the input is kept as an output. A key outside that shape is refused (ValueError): keys become
+  paths and object names.
 - `put(key, data)` is atomic: a reader sees all of the bytes or none. The local backend writes a
   temp file (a dot name no key can take) and renames it; an S3 PUT is atomic by itself.
 - `get(key)` -> bytes, or None when there is no such blob (expired, swept, never written).
 - `delete(key)` is idempotent. `job_ended(job_id)` is the one call made where a job ends in any
   way (completed, failed, canceled, dead-lettered): it deletes the job's input unless
-  `blob_keep_inputs`, and never raises (the sweep is the backstop).
-- `sweep()` deletes by age: inputs older than `blob_input_ttl_s`, outputs and previews older than
-  `blob_output_ttl_s`, and (local) temp files of a write that died half-way older than
-  `blob_orphan_s`. So nothing leaks when a process dies mid-write or before `job_ended`.
+  `blob_keep_inputs`, and never raises (the sweep is the backstop). Outputs stay, trajectories
+  included (a fork's copy of its parent's is needed until the fork has run, and is small).
+- `sweep()` deletes by age (from the last write): inputs older than `blob_input_ttl_s`, outputs,
+  previews and trajectories older than `blob_output_ttl_s`, and (local) temp files of a write
+  that died half-way older than `blob_orphan_s`. So nothing leaks when a process dies mid-write
+  or before `job_ended`.
   `sweep_forever` runs it every `blob_sweep_interval_s` in the API, one replica at a time (a
   Redis lock). An S3 lifecycle rule may do the same (deploy/README.md); nothing depends on it.
 - `url(key)` -> a URL a client can GET without the API (S3 with `s3_presign`: a presigned URL
@@ -40,7 +46,7 @@ from typing import Any, Protocol, TypeVar
 from service import keys
 from service.images import INPUT_IMAGE_ID, storage_key
 from service.settings import Settings
-from service.wire import image_url
+from service.wire import BLOB_NAMES, image_url
 
 log = logging.getLogger("strokes.blobs")
 T = TypeVar("T")
@@ -74,6 +80,11 @@ def check_key(key: str) -> re.Match:
     if match is None:
         raise ValueError(f"not a blob key: {key!r}")
     return match
+
+
+def content_type(key: str) -> str:
+    """What a blob of this key holds: a trajectory (JSON) or an image (PNG)."""
+    return "application/json" if check_key(key)["image"] in BLOB_NAMES else "image/png"
 
 
 def max_age(settings: Settings, key: str) -> float:

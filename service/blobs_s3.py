@@ -13,7 +13,7 @@ import contextlib
 import time
 from typing import Any
 
-from service.blobs import BlobUnavailable, _Base, check_key, max_age
+from service.blobs import BlobUnavailable, _Base, check_key, content_type, max_age
 from service.settings import Settings
 
 
@@ -81,8 +81,7 @@ class S3Blobs(_Base):
             raise BlobUnavailable(f"s3 {op}: {exc}") from exc
 
     async def put(self, key: str, data: bytes) -> None:
-        check_key(key)
-        await self._call("put_object", Key=self.prefix + key, Body=data, ContentType="image/png")
+        await self._call("put_object", Key=self.prefix + key, Body=data, ContentType=content_type(key))
 
     async def get(self, key: str) -> bytes | None:
         check_key(key)

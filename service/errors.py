@@ -263,7 +263,7 @@ def install(app: FastAPI) -> None:
         return error_response(
             503,
             Unavailable.type,
-            "the image store is unreachable; retry shortly",
+            "the blob store (images, trajectories) is unreachable; retry shortly",
             headers={"Retry-After": "1"},
         )
 

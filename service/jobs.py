@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from service import budget, keys, webhooks
+from service import budget, webhooks
 from service import images as imagelib
 from service.blobs import BlobStore, presign_refs
 from service.errors import (
@@ -279,7 +279,7 @@ async def _enqueue(
     if fork is not None:  # the context record first: a worker may take the job as soon as it is queued
         from service.steering import steering
 
-        await steering(store).put_steer(job_id, fork.steer)
+        await steering(store).put_fork(job_id, fork, blobs)
         fields = {**fields, **fork.fields}
     result = await store.enqueue(
         job_id,
@@ -292,7 +292,9 @@ async def _enqueue(
         events_maxlen=estimate.events * settings.max_attempts,
     )
     if result.outcome != "ok" and fork is not None:
-        await store.r.delete(keys.steer(job_id))
+        from service.steering import steering
+
+        await steering(store).drop_fork(job_id, blobs)
     if result.outcome == "full":
         raise QueueFull(await store.retry_after())
     if result.outcome == "quota":

@@ -2,6 +2,8 @@
 
 One module so the data layout can be read in one place (arq's constants.py). All keys share the
 `strokes:` prefix; point several deployments at one Redis with different database numbers.
+Redis holds job state, events and references: image bytes and trajectories (the record of every
+stage, with the generator's state at each) live in the blob store (service/blobs.py).
 
 | key                         | type   | what                                                        |
 |-----------------------------|--------|-------------------------------------------------------------|
@@ -12,16 +14,15 @@ One module so the data layout can be read in one place (arq's constants.py). All
 | strokes:workers             | zset   | worker name -> last heartbeat (ms), for /readyz and metrics |
 | strokes:worker_info         | hash   | worker name -> JSON {device, at}: what GET /v1/info reports  |
 | strokes:stats               | hash   | run_seconds_ewma: mean job run time, for Retry-After         |
-| strokes:job:{id}            | hash   | the job: status, attempt, owner, request, results           |
+| strokes:job:{id}            | hash   | the job: status, attempt, owner, request, results, trajectory_key (a blob key) |
 | strokes:events:{id}         | stream | the job's events; entry ids are the SSE ids                 |
-| strokes:trajectory:{id}     | string | the finished job's trajectory (JSON)                        |
 | strokes:blobs:sweep         | string | lock: the API replica sweeping the blob store this interval |
 | strokes:hb:{worker}         | string | a worker's lease: exists while the worker is alive (PX TTL) |
 | strokes:idem:{owner}:{hash} | hash   | Idempotency-Key -> job id and body hash                      |
 | strokes:owner:{owner}:jobs  | zset   | the owner's job ids by creation time (ms), for GET /v1/generations |
 | strokes:webhooks            | stream | webhook outbox: events to deliver, consumer group WEBHOOK_GROUP |
 | strokes:webhooks:dead       | stream | webhook deliveries given up after `webhook_retry_for_s`      |
-| strokes:steer:{id}          | string | a fork's or paused job's context record (service/steering.py) |
+| strokes:steer:{id}          | string | a fork's or paused job's context (service/steering.py): blob keys, fork point |
 | strokes:paused              | zset   | paused job id -> when its pause expires (ms)                 |
 """
 
@@ -45,7 +46,7 @@ HEARTBEAT_PREFIX = PREFIX + "hb:"
 WEBHOOK_OUTBOX = PREFIX + "webhooks"
 WEBHOOK_GROUP = "dispatchers"
 WEBHOOK_DEAD = PREFIX + "webhooks:dead"
-BLOB_SWEEP_LOCK = PREFIX + "blobs:sweep"  # images live in the blob store (service/blobs.py), never here
+BLOB_SWEEP_LOCK = PREFIX + "blobs:sweep"  # images and trajectories live in the blob store, never here
 PAUSED = PREFIX + "paused"
 
 # A consumer name no worker ever uses and that never heartbeats: entries handed back (SIGTERM,
@@ -60,10 +61,6 @@ def job(job_id: str) -> str:
 
 def events(job_id: str) -> str:
     return f"{PREFIX}events:{job_id}"
-
-
-def trajectory(job_id: str) -> str:
-    return f"{PREFIX}trajectory:{job_id}"
 
 
 def steer(job_id: str) -> str:

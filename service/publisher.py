@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from model.generation.events import TextDelta
 from service import images as imagelib
-from service.wire import Translator, Wire
+from service.wire import TRAJECTORY_FIELD, Translator, Wire
 
 if TYPE_CHECKING:
     from service.worker import Worker
@@ -50,10 +50,10 @@ class Publisher:
     """Publishes one attempt's events in order, off the pipeline's thread.
 
     The pipeline thread only queues (a bounded number of) events and goes on computing; this task
-    sends whatever has queued up in one round trip (images first, then the fenced emits), so
-    Redis latency is not added to every token and denoising step. A refused emit (the attempt lost
-    the job) or a cancel flag in a reply interrupts the job, which the pipeline sees at its next
-    should_cancel() check.
+    sends whatever has queued up in one round trip (images and the trajectory so far first, then
+    the fenced emits), so Redis latency is not added to every token and denoising step. A refused
+    emit (the attempt lost the job) or a cancel flag in a reply interrupts the job, which the
+    pipeline sees at its next should_cancel() check.
     """
 
     def __init__(
@@ -104,9 +104,14 @@ class Publisher:
 
     async def _send(self, items: list[tuple[Wire, bytes | None]]) -> None:
         worker, job = self.worker, self.job
-        if any(png is not None for _wire, png in items):
-            # Images are written outside the fenced scripts (they may go to a blob store): check
-            # first that this attempt still holds the job, so a stale attempt writes none.
+        # The trajectory so far: the batch's latest record is enough (the emits below all name
+        # the same blob, and go out together after it is written).
+        trajectory = next((w for w, _png in reversed(items) if w.trajectory is not None), None)
+        if trajectory is not None or any(png is not None for _wire, png in items):
+            # Blobs are written outside the fenced scripts (before the emits that name them):
+            # check first that this attempt still holds the job, so a stale attempt writes none.
+            # (One that loses the job in between writes under its own attempt's keys, which the
+            # fenced emits then refuse to name.)
             held, _cancel = await worker._through_outage(
                 job, lambda: worker.store.lease(job.job_id, job.attempt)
             )
@@ -116,6 +121,9 @@ class Publisher:
             if png is not None and wire.image is not None:
                 key = imagelib.storage_key(job.job_id, job.attempt, wire.image[0])
                 await worker._through_outage(job, lambda k=key, p=png: worker.images.put(k, p))
+        if trajectory is not None:
+            key, body = trajectory.fields[TRAJECTORY_FIELD], trajectory.trajectory
+            await worker._through_outage(job, lambda: worker.images.put(key, body))
         emits = []
         for wire, _png in items:
             if wire.name or wire.fields:

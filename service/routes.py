@@ -30,7 +30,7 @@ from service.schemas import ErrorResponse, GenerationRequest, Health, Job, Readi
 from service.settings import SettingsDep
 from service.steering import steering
 from service.store import Store
-from service.wire import IMAGE_FIELD_PREFIX, IMAGE_ID
+from service.wire import IMAGE_FIELD_PREFIX, IMAGE_ID, TRAJECTORY_FIELD
 
 log = logging.getLogger("strokes.api")
 
@@ -311,18 +311,16 @@ async def generation_image(
     summary="The finished generation's trajectory",
 )
 async def generation_trajectory(
-    job_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep
+    job_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep, blobs: BlobsDep
 ) -> Response:
-    async def work() -> Response:
-        job = await jobs.find(store, job_id, owner)
-        trajectory = await store.get_trajectory(job_id)
-        if trajectory is None:
-            if job["status"] == JobStatus.succeeded.value:
-                raise NotFound("the trajectory has expired")
-            raise errors.NotReady(f"the job is {job['status']}; the trajectory comes with success")
-        return Response(trajectory, media_type="application/json")
-
-    return await bounded(settings, work())
+    job = await bounded(settings, jobs.find(store, job_id, owner))
+    if job["status"] != JobStatus.succeeded.value:
+        raise errors.NotReady(f"the job is {job['status']}; the trajectory comes with success")
+    key = job.get(TRAJECTORY_FIELD)  # the blob the finishing attempt wrote (bounded by blob_timeout_s)
+    trajectory = await blobs.get(key) if key else None
+    if trajectory is None:
+        raise NotFound("the trajectory has expired")
+    return Response(trajectory, media_type="application/json")
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness")

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0)  # CPU workers' torch threads; 0: cores / local_workers
     local_workers: int = Field(1, ge=1)  # workers sharing this machine's cores
     events_ttl_s: int = 3600  # the event log is kept this long after the terminal event
-    result_ttl_s: int = 86400  # job hash, images and trajectory are kept this long after the end
+    result_ttl_s: int = 86400  # the job hash is kept this long after the end (blobs: blob_*_ttl_s)
     idempotency_ttl_s: int = 86400
     # The owner's job list (GET /v1/generations): the newest jobs_index_max ids; the index key
     # expires this long after the owner's last submission (keep it above the longest queue wait

@@ -2,17 +2,23 @@
 
 The model does the exactness (model/generation/fork.py: a context rebuilt from a trajectory equals the
 parent's). This module stores what a worker needs to rebuild one, and moves jobs in and out of
-the `paused` status with its own fenced Lua scripts (the same discipline as store.py):
+the `paused` status with its own fenced Lua scripts (the same discipline as store.py).
+Trajectories live in the blob store, never in Redis: a job's is the blob its hash names
+(`trajectory_key`: {job_id}/{attempt}/trajectory.json, written by the attempt before the fenced
+write that names it), and a steer record names blobs too.
 
     fork      POST /v1/generations with `fork`: the parent (same owner, else 404) must have a
-              trajectory (succeeded, or paused); the fork point is checked against it (422 naming
-              fork.stage / fork.text / fork.instruction). The new job's request is the parent's
-              (seed made explicit); it goes through the same admission as any job. Its steer record
-              (keys.steer) holds the parent's trajectory, the fork point and the image keys.
-    pause     a job with `pause_after` stops after such a stage: the worker stores the trajectory
-              so far as the job's steer record and runs PAUSE: running -> paused (fenced on the
-              attempt), queue entry acknowledged (no worker, no GPU holds it), job.paused with
-              iteration, stage, text and expires_at, and an entry in the expiry zset.
+              trajectory (succeeded, or its stages so far); the fork point is checked against it
+              (422 naming fork.stage / fork.text / fork.instruction). The new job's request is the
+              parent's (seed made explicit); it goes through the same admission as any job. The
+              parent's trajectory is copied to the fork's own blob ({fork}/0/parent_trajectory.json,
+              kept like outputs), so the fork does not depend on its parent's; its steer record
+              (keys.steer) names that copy, the fork point and the image keys.
+    pause     a job with `pause_after` stops after such a stage: the worker writes the trajectory
+              so far (its attempt's blob) and runs PAUSE: running -> paused and the steer record
+              naming that blob (fenced on the attempt), queue entry acknowledged (no worker, no GPU
+              holds it), job.paused with iteration, stage, text and expires_at, and an entry in the
+              expiry zset.
     continue  paused -> queued with a new queue entry and job.resumed; the next attempt (any
               worker) forks the steer record at the paused stage, with the caller's text if any.
     warm      a worker that paused or finished a job keeps its KV caches (model/generation/warm.py) and names
@@ -29,6 +35,7 @@ Knows nothing of tensors: the worker side hands model objects through (prepare_r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -40,19 +47,22 @@ from service import keys
 from service.errors import NotFound, NotReady
 from service.keys import JobStatus
 from service.store import Store, _s, load_script
-from service.wire import IMAGE_FIELD_PREFIX
+from service.wire import IMAGE_FIELD_PREFIX, TRAJECTORY_FIELD, parent_trajectory_key, trajectory_key
 
 STEERING_SCRIPTS = ("pause", "continue", "end_paused", "route")  # service/lua/{name}.lua
 
 
 @dataclass
 class ForkJob:
-    """What the API needs to enqueue a fork: its request record, job-hash fields, steer record,
-    and the parent's input image (copied to the fork, as an upload would be)."""
+    """What the API needs to enqueue a fork: its request record, job-hash fields, steer record
+    (without its trajectory_key: put_fork adds it), the parent's trajectory (JSON, copied to the
+    fork's blob by put_fork) and the parent's input image (copied to the fork, as an upload would
+    be)."""
 
     record: dict[str, Any]
     fields: dict[str, Any]
     steer: dict[str, Any]
+    trajectory: bytes
     upload: tuple[bytes, int, int] | None = None
 
 
@@ -79,23 +89,17 @@ class Steering:
 
     # -- API side ---------------------------------------------------------------------------------
 
-    async def trajectory_of(self, job: dict[str, str]) -> dict[str, Any]:
-        """The trajectory of a job to fork: the whole one when it succeeded, else its stages so far
-        (paused, running, failed, canceled: what its last attempt completed)."""
-        status = job["status"]
-        if status == JobStatus.succeeded.value:
-            raw = await self.store.get_trajectory(job["id"])
-            if raw is None:
-                raise NotFound("the parent's trajectory has expired", param="fork.job_id")
-            return json.loads(raw)
-        if status == "paused":
-            steer = await self.get_steer(job["id"])
-            if steer is None:
-                raise NotFound("the parent's trajectory has expired", param="fork.job_id")
-            return steer["trajectory"]
-        if not job.get("partial_trajectory"):
+    async def trajectory_of(self, job: dict[str, str], blobs) -> bytes:
+        """The trajectory (JSON) of a job to fork, read through its hash's reference: the whole
+        one when it succeeded, else its stages so far (paused, running, failed, canceled: what its
+        last attempt completed; a takeover's new attempt names one at its first stage)."""
+        status, key = job["status"], job.get(TRAJECTORY_FIELD)
+        if not key and status not in (JobStatus.succeeded.value, JobStatus.paused.value):
             raise NotReady(f"the parent ({status}) has no completed stage yet", param="fork.job_id")
-        return json.loads(job["partial_trajectory"])
+        raw = await blobs.get(key) if key else None  # BlobUnavailable: 503
+        if raw is None:
+            raise NotFound("the parent's trajectory has expired", param="fork.job_id")
+        return raw
 
     async def fork_job(self, parent: dict[str, str], fork: dict[str, Any], blobs) -> ForkJob:
         """Check a fork request against its parent (found for the caller already)."""
@@ -105,7 +109,8 @@ class Steering:
             raise InvalidParams(
                 "fork.instruction", "a follow-up needs a finished parent; fork at a stage instead"
             )
-        trajectory = await self.trajectory_of(parent)
+        raw = await self.trajectory_of(parent, blobs)
+        trajectory = json.loads(raw)
         point = ForkPoint(
             iteration=fork.get("iteration"),
             stage=fork.get("stage"),
@@ -126,7 +131,7 @@ class Steering:
             if "attempt" not in ref:
                 raise NotFound(f"the parent's image {image_id} is gone", param="fork.job_id")
             images[name] = imagelib.storage_key(parent["id"], int(ref["attempt"]), image_id)
-        steer = {"trajectory": trajectory, "point": _point(point), "images": images, "lineage": cut.lineage}
+        steer = {"point": _point(point), "images": images, "lineage": cut.lineage}
         upload = None
         if trajectory["settings"].get("starting_image"):
             from service.jobs import INPUT_IMAGE_ID
@@ -142,19 +147,37 @@ class Steering:
         fields: dict[str, Any] = {"parent": parent_ref}
         if parent.get("warm_worker"):
             fields["warm_worker"] = parent["warm_worker"]  # the parent's caches are warm there
-        return ForkJob(record, fields, steer, upload)
+        return ForkJob(record, fields, steer, raw, upload)
+
+    async def put_fork(self, job_id: str, fork: ForkJob, blobs) -> None:
+        """A fork's context, before its job is enqueued (a worker may take it at once): the
+        parent's trajectory copied to the fork's own blob, then the steer record naming it."""
+        key = parent_trajectory_key(job_id)
+        await blobs.put(key, fork.trajectory)
+        await self.put_steer(job_id, {**fork.steer, "trajectory_key": key})
+
+    async def drop_fork(self, job_id: str, blobs) -> None:
+        """Undo put_fork for a fork that was not enqueued (queue full, quota, idempotent replay)."""
+        await self.store.r.delete(keys.steer(job_id))
+        with contextlib.suppress(OSError):  # the sweep removes it later
+            await blobs.delete(parent_trajectory_key(job_id))
+
+    @property
+    def steer_ttl_s(self) -> int:
+        return self.settings.result_ttl_s + self.settings.pause_timeout_s
 
     async def put_steer(self, job_id: str, steer: dict[str, Any]) -> None:
-        ttl = self.settings.result_ttl_s + self.settings.pause_timeout_s
-        await self.store.r.set(keys.steer(job_id), json.dumps(steer, separators=(",", ":")), ex=ttl)
+        """steer: {trajectory_key: a blob key, point: {iteration, stage, text?, instruction?},
+        images: {image id: blob key}, lineage}."""
+        await self.store.r.set(keys.steer(job_id), _json(steer), ex=self.steer_ttl_s)
 
     async def get_steer(self, job_id: str) -> dict[str, Any] | None:
         raw = await self.store.r.get(keys.steer(job_id))
         return None if raw is None else json.loads(raw)
 
-    async def continue_job(self, job: dict[str, str], text: str | None) -> str:
-        """paused -> queued (with the paused stage's text replaced when `text`). Returns the
-        outcome: queued | not_paused."""
+    async def continue_job(self, job: dict[str, str], text: str | None, blobs) -> str:
+        """paused -> queued (with the paused stage's text replaced when `text`, checked against
+        the paused trajectory). Returns the outcome: queued | not_paused."""
         from model.generation.fork import ForkPoint, check_edit, plan_fork
 
         job_id = job["id"]
@@ -166,8 +189,11 @@ class Steering:
         point = steer["point"]
         if text is not None:
             check_edit(text, "text")
+            raw = await blobs.get(steer["trajectory_key"])  # BlobUnavailable: 503
+            if raw is None:
+                raise NotFound("the paused job's context has expired")
             try:
-                plan_fork(steer["trajectory"], ForkPoint(point["iteration"], point["stage"], text=text))
+                plan_fork(json.loads(raw), ForkPoint(point["iteration"], point["stage"], text=text))
             except InvalidParams as exc:
                 raise InvalidParams("text", exc.message) from None
             steer["point"] = {**point, "text": text}
@@ -250,17 +276,21 @@ class Steering:
             if record.get("fork"):
                 raise LookupError("the fork's parent record has expired")
             return params, extra
+        raw = await blobs.get(steer["trajectory_key"])
+        if raw is None:
+            raise LookupError("the trajectory of the context has expired")
+        trajectory = json.loads(raw)
         p = steer["point"]
         point = ForkPoint(p.get("iteration"), p.get("stage"), p.get("text"), p.get("instruction"))
-        fork = plan_fork(steer["trajectory"], point)
-        fork.lineage = steer.get("lineage") or steer["trajectory"].get("parent")
+        fork = plan_fork(trajectory, point)
+        fork.lineage = steer.get("lineage") or trajectory.get("parent")
         for name, key in steer["images"].items():
             png = await blobs.get(key)
             if png is None:
                 raise LookupError(f"the image {name} of the context has expired")
             fork.images[name] = imagelib.decode_png(png)
         extra["fork"] = fork
-        return params.replace(seed=int(steer["trajectory"]["seed"])), extra
+        return params.replace(seed=int(trajectory["seed"])), extra
 
     async def route(self, worker: str, entry_id: str, job_id: str) -> bool:
         """True when the entry went to the worker holding the job's warm context (not ours)."""
@@ -284,10 +314,12 @@ class Steering:
             await self.store.r.hset(keys.job(job_id), mapping=fields)
 
     async def pause(self, job_id: str, attempt: int, paused) -> str:
-        """The worker's end of an attempt that paused: keep the trajectory so far as the steer record,
-        then PAUSE. Returns paused | cancel (cancel was requested: finish as canceled) | fenced."""
+        """The worker's end of an attempt that paused, once it has written the trajectory so far
+        (its attempt's blob, trajectory_key): PAUSE, which writes the steer record naming that blob.
+        Returns paused | cancel (cancel was requested: finish as canceled) | fenced."""
         s = self.settings
         trajectory = paused.trajectory
+        key = trajectory_key(job_id, attempt)
         old = await self.get_steer(job_id)
         images = {
             st["image"]: imagelib.storage_key(job_id, attempt, st["image"])
@@ -296,14 +328,19 @@ class Steering:
         }
         point = {"iteration": paused.iteration, "stage": paused.stage.value}
         lineage = (old or {}).get("lineage") or trajectory.get("parent")
-        await self.put_steer(
-            job_id, {"trajectory": trajectory, "point": point, "images": images, "lineage": lineage}
-        )
+        steer = {"trajectory_key": key, "point": point, "images": images, "lineage": lineage}
         expires_at = time.time() + s.pause_timeout_s
         info = {**point, "text": paused.text, "expires_at": round(expires_at, 3)}
         data = {"job_id": job_id, "attempt": attempt, **info, "waiting_for": "continue or cancel"}
         result = await self.scripts["pause"](
-            keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.PAUSED, keys.QUEUED],
+            keys=[
+                keys.job(job_id),
+                keys.events(job_id),
+                keys.JOBS,
+                keys.PAUSED,
+                keys.QUEUED,
+                keys.steer(job_id),
+            ],
             args=[
                 attempt,
                 keys.GROUP,
@@ -311,9 +348,16 @@ class Steering:
                 int(expires_at * 1000),
                 json.dumps(data),
                 json.dumps(info),
+                _json(steer),
+                self.steer_ttl_s,
+                key,
             ],
         )
         return _s(result[0])
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _point(point) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Response
 
 from service import jobs
 from service.auth import OwnerDep
-from service.deps import COMMON, StoreDep, bounded, error_responses
+from service.deps import COMMON, BlobsDep, StoreDep, bounded, error_responses
 from service.schemas import ContinueRequest, Job
 from service.settings import SettingsDep
 from service.steering import steering
@@ -31,6 +31,7 @@ async def continue_generation(
     store: StoreDep,
     settings: SettingsDep,
     owner: OwnerDep,
+    blobs: BlobsDep,
     body: ContinueRequest | None = None,
 ) -> Job:
     """The job goes back to the queue as an ordinary attempt (any worker runs it): it rebuilds the
@@ -39,7 +40,7 @@ async def continue_generation(
 
     async def work() -> Job:
         job = await jobs.find(store, job_id, owner)
-        await steering(store).continue_job(job, body.text if body else None)
+        await steering(store).continue_job(job, body.text if body else None, blobs)
         response.headers["Location"] = jobs.links(job_id)["self"]
         return await jobs.current_view(store, job_id)
 

@@ -290,10 +290,6 @@ class Store:
         trimmed = added is not None and int(added) > int(info["length"])
         return _s(first[0]), _s(last), trimmed
 
-    async def get_trajectory(self, job_id: str) -> str | None:
-        raw = await self.r.get(keys.trajectory(job_id))
-        return None if raw is None else _s(raw)
-
     async def live_workers(self) -> int:
         horizon = time.time() * 1000 - self.settings.lease_ttl_s * 1000
         return int(await self.r.zcount(keys.WORKERS, horizon, "+inf"))
@@ -435,9 +431,10 @@ class Store:
         event: str,
         data: dict[str, Any],
         *,
-        trajectory: str = "",
         fields: dict[str, Any] | None = None,
     ) -> bool:
+        """The attempt's end, fenced. `fields` go on the job hash with it (a succeeded job's name
+        the trajectory blob the worker wrote just before: wire.TRAJECTORY_FIELD)."""
         s = self.settings
         result = await self.scripts["finish"](
             keys=[
@@ -445,7 +442,6 @@ class Store:
                 keys.events(job_id),
                 keys.JOBS,
                 keys.DEAD_LETTERS,
-                keys.trajectory(job_id),
                 keys.STATS,
                 keys.QUEUED,
             ],
@@ -458,7 +454,6 @@ class Store:
                 s.events_maxlen,
                 s.events_ttl_s,
                 s.result_ttl_s,
-                trajectory,
                 *_pairs(fields),
             ],
         )

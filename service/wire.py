@@ -3,11 +3,14 @@
 The pipeline's events (model/generation/events.py) carry pixels and know nothing of jobs or URLs; the
 client's events carry a job id, the attempt that produced them, and image links instead of
 pixels. `Translator` does that mapping for one attempt of one job and keeps the per-attempt
-summary that the job hash shows (stages so far, image links).
+summary that the job hash shows (stages so far, image links). Trajectories are not sent: they go
+to the blob store as `{job_id}/{attempt}/trajectory.json` (written before the fenced write that
+names it in the job hash, field `trajectory_key`), so Redis holds a reference, never the record.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -56,6 +59,24 @@ EVENT_NAMES = (
 
 IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 IMAGE_FIELD_PREFIX = "img:"  # job-hash field per image id -> {attempt, width, height, ...}
+TRAJECTORY_FIELD = "trajectory_key"  # job-hash field: the blob key of the job's trajectory (so far)
+TRAJECTORY_BLOB = "trajectory.json"  # an attempt's trajectory: {job_id}/{attempt}/trajectory.json
+PARENT_TRAJECTORY_BLOB = "parent_trajectory.json"  # a fork's copy of its parent's: {job_id}/0/...
+BLOB_NAMES = frozenset({TRAJECTORY_BLOB, PARENT_TRAJECTORY_BLOB})  # no image may take these names
+
+
+def trajectory_key(job_id: str, attempt: int) -> str:
+    """The blob key of an attempt's trajectory (each attempt writes its own, like its images)."""
+    return f"{job_id}/{attempt}/{TRAJECTORY_BLOB}"
+
+
+def parent_trajectory_key(job_id: str) -> str:
+    """The blob key of a fork's copy of its parent's trajectory (written by the API at fork time)."""
+    return f"{job_id}/0/{PARENT_TRAJECTORY_BLOB}"
+
+
+def encode_trajectory(trajectory: dict[str, Any]) -> bytes:
+    return json.dumps(trajectory, separators=(",", ":"), default=str).encode()
 
 
 def image_url(job_id: str, image_id: str) -> str:
@@ -69,22 +90,25 @@ def image_ref(job_id: str, image_id: str, width: int, height: int, **extra: Any)
 
 
 def safe_image_id(raw: str) -> str:
-    """Pipeline image ids become URL path segments: keep them to a safe alphabet."""
-    if IMAGE_ID.match(raw):
-        return raw
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", raw).strip("-.")[:128]
-    return cleaned or "image"
+    """Pipeline image ids become URL path segments and blob names: keep them to a safe alphabet,
+    and off the names of the trajectory blobs beside them."""
+    if not IMAGE_ID.match(raw):
+        raw = re.sub(r"[^A-Za-z0-9_.-]", "-", raw).strip("-.")[:128] or "image"
+    return f"image-{raw}" if raw in BLOB_NAMES else raw
 
 
 @dataclass
 class Wire:
-    """One step of publishing: store `image` (if any), then emit `name` with `data` and set
-    `fields` on the job hash, all under the attempt's fence."""
+    """One step of publishing: store `image` and `trajectory` (if any) in the blob store, then emit
+    `name` with `data` and set `fields` on the job hash, all under the attempt's fence.
+    `trajectory` is the record so far as JSON bytes (encoded on the pipeline's thread: the
+    pipeline goes on appending to the lists it holds), stored at fields[TRAJECTORY_FIELD]."""
 
     name: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     fields: dict[str, Any] = field(default_factory=dict)
     image: tuple[str, np.ndarray] | None = None
+    trajectory: bytes | None = None
 
 
 @dataclass
@@ -180,12 +204,15 @@ class Translator:
         }
         self.stages.append({k: v for k, v in summary.items() if v is not None})
         fields: dict[str, Any] = {"stages": self.stages}
-        if event.trajectory is not None:  # forks of an unfinished job start from it (steering.py)
-            fields["partial_trajectory"] = event.trajectory
-        return Wire(STAGE_COMPLETED, data, fields)
+        if event.trajectory is None:
+            return Wire(STAGE_COMPLETED, data, fields)
+        # Forks of an unfinished job start from the record so far (steering.py).
+        fields[TRAJECTORY_FIELD] = trajectory_key(self.job_id, self.attempt)
+        return Wire(STAGE_COMPLETED, data, fields, trajectory=encode_trajectory(event.trajectory))
 
     def completed(self, done: Done, timings: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(job.completed data, job-hash fields) for the pipeline's Done event."""
+        """(job.completed data, job-hash fields) for the pipeline's Done event. The fields name
+        the attempt's trajectory blob, which the worker writes (the whole record) before them."""
         final = self.images.get(safe_image_id(done.final_image_id))
         timings = {**timings, "pipeline_s": round(done.seconds, 4)}
         data = self._data(
@@ -197,5 +224,6 @@ class Translator:
             "usage": dict(done.usage),
             "timings": timings,
             "stages": self.stages,
+            TRAJECTORY_FIELD: trajectory_key(self.job_id, self.attempt),
         }
         return data, fields

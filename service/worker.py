@@ -52,7 +52,14 @@ from service.schemas import params_from_record
 from service.settings import Settings
 from service.steering import steering
 from service.store import Store
-from service.wire import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, Translator
+from service.wire import (
+    JOB_CANCELED,
+    JOB_COMPLETED,
+    JOB_FAILED,
+    Translator,
+    encode_trajectory,
+    trajectory_key,
+)
 
 log = logging.getLogger("strokes.worker")
 T = TypeVar("T")
@@ -419,16 +426,10 @@ class Worker:
             done: Done = payload
             data, fields = job.translator.completed(done, self._timings(job))
             fields = {**fields, **steering(s).warm_fields(job.job_id, self.name, self.pipeline)}
-            ok = await self._through_outage(
+            ok = await self._put_trajectory(job, done.trajectory) and await self._through_outage(
                 job,
                 lambda: s.finish(
-                    job.job_id,
-                    job.attempt,
-                    JobStatus.succeeded,
-                    JOB_COMPLETED,
-                    data,
-                    trajectory=json.dumps(done.trajectory, default=str),
-                    fields=fields,
+                    job.job_id, job.attempt, JobStatus.succeeded, JOB_COMPLETED, data, fields=fields
                 ),
             )
             result = "succeeded" if ok else "lost"
@@ -459,9 +460,11 @@ class Worker:
             result = "failed" if ok else "lost"
         elif outcome == "paused":  # steering: the context is stored, the job released
             await steering(s).mark_warm(job.job_id, self.name, self.pipeline)
-            state = await self._through_outage(
-                job, lambda: steering(s).pause(job.job_id, job.attempt, payload)
-            )
+            state = "fenced"
+            if await self._put_trajectory(job, payload.trajectory):
+                state = await self._through_outage(
+                    job, lambda: steering(s).pause(job.job_id, job.attempt, payload)
+                )
             if state == "cancel":
                 return await self.finish(job, "canceled", None)
             result = "paused" if state == "paused" else "lost"
@@ -482,6 +485,17 @@ class Worker:
         log.info("job ended: %s", result, extra={"outcome": result})
 
     # -- helpers --------------------------------------------------------------------------------------
+
+    async def _put_trajectory(self, job: ActiveJob, trajectory: dict[str, Any]) -> bool:
+        """Write the attempt's trajectory blob, before the fenced script that names it (finish,
+        pause). False, writing nothing, when the attempt no longer holds the job."""
+        held, _cancel = await self._through_outage(job, lambda: self.store.lease(job.job_id, job.attempt))
+        if not held:
+            return False
+        body = encode_trajectory(trajectory)
+        key = trajectory_key(job.job_id, job.attempt)
+        await self._through_outage(job, lambda: self.images.put(key, body))
+        return True
 
     async def _params(self, job: ActiveJob) -> GenerationParams:
         image = None

@@ -1,5 +1,7 @@
 -- Append an event (and update the job hash) if the attempt still holds the job. `seq` numbers an
--- attempt's emits from 1: a retried emit whose reply was lost is not applied twice.
+-- attempt's emits from 1: a retried emit whose reply was lost is not applied twice. The fields of
+-- a stage.completed name the attempt's trajectory blob (trajectory_key, written just before): the
+-- fence keeps a stale attempt's blob from ever being named.
 -- KEYS: job, events     ARGV: attempt, seq, event ('' for none), data, maxlen, [field, value]...
 local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'cancel', 'seq', 'events_maxlen')
 if j[1] ~= 'running' or j[2] ~= ARGV[1] then return {'fenced'} end

@@ -1,6 +1,8 @@
 -- A worker got the queue entry: queued/running -> running, attempt += 1, job.started. A job that
--- was `running` is a takeover (its worker died): that counts as a failure. `token` is fresh per
--- call of the worker, so a retry whose reply was lost answers as the first run did.
+-- was `running` is a takeover (its worker died): that counts as a failure, and the trajectory the
+-- old attempt named is no longer the job's (that attempt may live on and still write its blob;
+-- the new one names its own at its first stage). `token` is fresh per call of the worker, so a
+-- retry whose reply was lost answers as the first run did.
 -- KEYS: job, jobs, queued, events, dead
 -- ARGV: entry_id, group, worker, max_attempts, maxlen, events_ttl, result_ttl, token
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -27,6 +29,7 @@ local failures = tonumber(j[4] or '0')
 if takeover then
   failures = failures + 1
   redis.call('HSET', KEYS[1], 'failures', failures)
+  redis.call('HDEL', KEYS[1], 'trajectory_key')
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'start_token', ARGV[8], 'takeover', takeover and '1' or '0')

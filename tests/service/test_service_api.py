@@ -366,7 +366,7 @@ def test_every_redis_key_has_the_prefix():
         keys.STATS,
         keys.job("a"),
         keys.events("a"),
-        keys.trajectory("a"),
+        keys.steer("a"),
         keys.BLOB_SWEEP_LOCK,
         keys.heartbeat("w"),
         keys.idempotency("o", "k"),

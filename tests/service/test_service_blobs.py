@@ -27,6 +27,7 @@ from service import keys
 from service.settings import Settings
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"x" * 1000
+TRAJECTORY = b'{"version":2,"stages":[{"iteration":1,"stage":"plan","rng":"AAAA"}]}'
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -68,12 +69,26 @@ async def test_keys_outside_the_layout_are_refused(blobs: bloblib.BlobStore, key
         await blobs.get(key)
 
 
+def test_image_ids_never_take_the_names_of_the_trajectory_blobs():
+    from service.wire import safe_image_id
+
+    assert safe_image_id("trajectory.json") == "image-trajectory.json"
+    assert safe_image_id("parent_trajectory.json") == "image-parent_trajectory.json"
+    assert safe_image_id("it1-draft") == "it1-draft"
+    assert bloblib.content_type("gen_a/1/trajectory.json") == "application/json"
+    assert bloblib.content_type("gen_a/1/it1-draft") == "image/png"
+
+
 async def test_job_end_deletes_the_input_and_keeps_the_outputs(blobs: bloblib.BlobStore):
     await blobs.put("gen_b/0/input", PNG)
     await blobs.put("gen_b/1/it1-refine", PNG)
+    await blobs.put("gen_b/1/trajectory.json", TRAJECTORY)  # outputs too: the job's trajectory,
+    await blobs.put("gen_b/0/parent_trajectory.json", TRAJECTORY)  # and a fork's copy of its parent's
     await blobs.job_ended("gen_b")
     assert await blobs.get("gen_b/0/input") is None
     assert await blobs.get("gen_b/1/it1-refine") == PNG
+    assert await blobs.get("gen_b/1/trajectory.json") == TRAJECTORY
+    assert await blobs.get("gen_b/0/parent_trajectory.json") == TRAJECTORY
     await blobs.job_ended("gen_b")  # again, or for a job without an input: nothing to do, no error
     await blobs.job_ended("gen_none")
 
@@ -97,11 +112,15 @@ async def test_sweep_removes_blobs_by_age_outputs_first_then_inputs(
     await blobs.put("gen_d/0/input", PNG)
     await blobs.put("gen_d/1/preview-1-draft-2", PNG)
     await blobs.put("gen_d/1/it1-draft", PNG)
+    await blobs.put("gen_d/1/trajectory.json", TRAJECTORY)
+    await blobs.put("gen_d/0/parent_trajectory.json", TRAJECTORY)
     now = time.time()
     assert await blobs.sweep(now=now) == 0  # everything is fresh
-    assert await blobs.sweep(now=now + blob_settings.blob_output_ttl_s + 5) == 2
+    assert await blobs.sweep(now=now + blob_settings.blob_output_ttl_s + 5) == 4
     assert await blobs.get("gen_d/1/it1-draft") is None
     assert await blobs.get("gen_d/1/preview-1-draft-2") is None
+    assert await blobs.get("gen_d/1/trajectory.json") is None
+    assert await blobs.get("gen_d/0/parent_trajectory.json") is None
     assert await blobs.get("gen_d/0/input") == PNG  # inputs live longer (a job may wait in the queue)
     assert await blobs.sweep(now=now + blob_settings.blob_input_ttl_s + 5) == 1
     assert await blobs.get("gen_d/0/input") is None
@@ -171,6 +190,9 @@ async def test_s3_presigned_url_serves_the_bytes_without_credentials(settings: S
             assert reply.headers["content-type"] == "image/png"
             unsigned = await http.get(url.split("?")[0])
             assert unsigned.status_code == 403
+            await store.put("gen_g/1/trajectory.json", TRAJECTORY)  # stored as what it is
+            reply = await http.get(store.url("gen_g/1/trajectory.json"))
+            assert reply.content == TRAJECTORY and reply.headers["content-type"] == "application/json"
         assert bloblib.open_store(plain).url("gen_g/1/it1-refine") is None  # presigning is opt-in
     finally:
         await store.close()
@@ -247,7 +269,8 @@ def test_a_4096_upload_is_stored_at_what_the_model_uses():
 
 def test_the_model_gets_the_same_pixels_from_the_reduced_upload():
     """What the engine feeds BAGEL from the stored image equals what it feeds from the original."""
-    from model.network.transforms import VAE_TRANSFORM, to_rgb
+    from model.network.sizing import to_rgb
+    from model.network.transforms import VAE_TRANSFORM
 
     raw = base64.b64decode(_upload(1500, 900, "RGBA"))
     stored, w, h = imagelib.decode_upload(

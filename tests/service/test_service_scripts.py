@@ -2,20 +2,24 @@
 was lost, so each script runs here twice with the same arguments, and the whole database after
 the second run must equal the database after the first (entries, counters, events, attempts).
 
-`Twice` wraps the store's scripts: every call the store makes runs the script, snapshots Redis,
-runs it again with the very same keys and arguments, and compares. The scenarios walk each
+`Twice` wraps the store's scripts (and steering's): every call made runs the script, snapshots
+Redis, runs it again with the very same keys and arguments, and compares. The scenarios walk each
 script through its outcomes."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
+from model.generation.events import Paused, Stage
 from service import keys
 from service.keys import JobStatus
+from service.steering import steering
 from service.store import Store
+from service.wire import TRAJECTORY_FIELD, trajectory_key
 
 
 async def snapshot(r) -> dict[str, Any]:
@@ -47,13 +51,15 @@ async def snapshot(r) -> dict[str, Any]:
 
 
 class Twice:
-    """Runs each script of `store` twice per call; records the replies and checks the state."""
+    """Runs each script of `store` (and of the other script tables given) twice per call;
+    records the replies and checks the state."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, *more: dict[str, Any]):
         self.store = store
         self.calls: list[tuple[str, Any, Any]] = []
-        for name, script in list(store.scripts.items()):
-            store.scripts[name] = self._wrap(name, script)
+        for scripts in (store.scripts, *more):
+            for name, script in list(scripts.items()):
+                scripts[name] = self._wrap(name, script)
 
     def _wrap(self, name, script):
         async def run(keys=None, args=None, client=None):
@@ -141,7 +147,9 @@ async def test_finish_requeue_cancel_reclaim_trim_run_twice_change_nothing_more(
     for job_id in ("done", "back", "retry", "queued", "running"):
         assert (await _enqueue(store, job_id)).outcome == "ok"
     assert (await _take(store, "w1"))[0] == "done"
-    assert await store.finish("done", 1, JobStatus.succeeded, "job.completed", {"ok": True})
+    fields = {TRAJECTORY_FIELD: trajectory_key("done", 1)}  # the blob the worker wrote just before
+    assert await store.finish("done", 1, JobStatus.succeeded, "job.completed", {"ok": True}, fields=fields)
+    assert (await store.get_job("done"))[TRAJECTORY_FIELD] == "done/1/trajectory.json"
     assert (await _take(store, "w1"))[0] == "back"
     assert await store.requeue("back", 1, "handback") == "queued"
     # the handed-back entry is reclaimed by an idle worker, once
@@ -182,3 +190,27 @@ async def test_admission_sets_are_reconciled_against_the_job_hashes(store: Store
     await store.r.hset(keys.job("j2"), "status", "succeeded")
     assert (await _enqueue(store, "j3")).outcome == "ok"
     assert await store.queue_depth() == 1
+
+
+async def test_pause_continue_and_end_paused_run_twice_change_nothing_more(store: Store):
+    steer = steering(store)
+    twice = Twice(store, steer.scripts)
+    assert (await _enqueue(store, "p1")).outcome == "ok"
+    assert (await _take(store, "w1"))[0] == "p1"
+    paused = Paused(1, Stage.plan, "a plan", {"seed": 1, "stages": [{"iteration": 1, "stage": "plan"}]})
+    assert await steer.pause("p1", 1, paused) == "paused"
+    # The steer record is written by the fenced script, and names the attempt's trajectory blob.
+    record = json.loads(await store.r.get(keys.steer("p1")))
+    assert record["trajectory_key"] == trajectory_key("p1", 1) == "p1/1/trajectory.json"
+    assert record["point"] == {"iteration": 1, "stage": "plan"} and "trajectory" not in record
+    assert (await store.get_job("p1"))[TRAJECTORY_FIELD] == "p1/1/trajectory.json"
+    assert await steer.pause("p1", 2, paused) == "fenced"  # not the attempt that holds it
+    assert await steer.continue_job(await store.get_job("p1"), None, blobs=None) == "queued"
+    assert (await _take(store, "w1"))[0] == "p1"
+    assert await steer.pause("p1", 2, paused) == "paused"
+    assert json.loads(await store.r.get(keys.steer("p1")))["trajectory_key"] == "p1/2/trajectory.json"
+    assert await steer.cancel_paused("p1")
+    assert {"pause", "continue", "end_paused"} <= {n for n, _, _ in twice.calls}
+    names = [e.name for e in await store.read_events("p1")]
+    assert names.count("job.paused") == 2 and names.count("job.resumed") == 1
+    assert names[-1] == "job.canceled"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from svc_testkit import TERMINAL, Proc, start_api, start_worker, stream_events, submit, wait_for
+from test_service_blobs_e2e import _redis_holds_references_only
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +34,7 @@ PAUSE_TIMEOUT_S = 20
 class Service:
     base: str
     worker: Proc
+    redis_url: str
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def service(redis_server, tiny_checkpoint, tmp_path_factory):
         pause_timeout_s=PAUSE_TIMEOUT_S,
         api_keys=keys,
     )
-    yield Service(base, worker)
+    yield Service(base, worker, server.url)
     worker.stop()
     api.stop()
     server.stop()
@@ -172,6 +174,7 @@ def test_pause_after_plans_and_reflections_continue_unchanged_equals_the_uninter
         assert data["text"] and data["expires_at"] > 0
         paused = _get(service.base, job["id"])
         assert paused["status"] == "paused" and paused["paused"]["stage"] == data["stage"]
+        _redis_holds_references_only(service.redis_url)  # the context is in the blob store
         reply = _post(service.base, f"/v1/generations/{job['id']}/continue", {})
         assert reply.status_code == 202, reply.text
     assert last.event == "job.completed"

@@ -2,7 +2,8 @@
 ordinary job for admission (queue cap, 429) and idempotency, and takes its parent's request.
 
 The parent is a real tiny-model run whose results are written where a worker writes them (job hash
-status and image fields, images, trajectory), so the API sees a finished job."""
+status, image fields and trajectory reference; images and trajectory in the blob store), so the
+API sees a finished job."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ from model.generation.params import GenerationParams, ImageSettings, TextSetting
 from model.generation.pipeline import Pipeline
 from service import blobs, keys
 from service import images as imagelib
+from service.schemas import params_from_record
 from service.settings import Settings
+from service.steering import steering
 from service.store import Store
+from service.wire import TRAJECTORY_FIELD, encode_trajectory, trajectory_key
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +48,14 @@ def finished_run(tiny_checkpoint):
 
 
 async def _finish(store: Store, job_id: str, trajectory: dict, images: dict) -> None:
-    """What the worker's attempt 1 writes for a succeeded job."""
-    fields = {"status": "succeeded", "attempt": "1"}
+    """What the worker's attempt 1 writes for a succeeded job: blobs first, then the references."""
+    fields = {"status": "succeeded", "attempt": "1", TRAJECTORY_FIELD: trajectory_key(job_id, 1)}
     blob_store = blobs.open_store(store.settings)
     for image_id, pixels in images.items():
         await blob_store.put(imagelib.storage_key(job_id, 1, image_id), imagelib.encode_png(pixels))
         fields[f"img:{image_id}"] = json.dumps({"id": image_id, "attempt": 1})
+    await blob_store.put(trajectory_key(job_id, 1), encode_trajectory(trajectory))
     await store.r.hset(keys.job(job_id), mapping=fields)
-    await store.r.set(keys.trajectory(job_id), json.dumps(trajectory))
 
 
 async def test_a_fork_is_admitted_like_any_job_and_takes_its_parents_request(
@@ -77,6 +81,12 @@ async def test_a_fork_is_admitted_like_any_job_and_takes_its_parents_request(
         assert len(await store.r.keys(keys.steer("*"))) == 1  # the duplicates' records were dropped
         steer = json.loads(await store.r.get(keys.steer(job["id"])))
         assert steer["images"] == {"it1-draft": imagelib.storage_key(parent["id"], 1, "it1-draft")}
+        # The steer record names the fork's own copy of the parent's trajectory (no JSON of it).
+        assert steer["trajectory_key"] == f"{job['id']}/0/parent_trajectory.json"
+        assert "trajectory" not in steer
+        copies = sorted(settings.blob_dir.glob("*/0/parent_trajectory.json"))
+        assert copies == [settings.blob_dir / steer["trajectory_key"]]  # the duplicates' went too
+        assert copies[0].read_bytes() == encode_trajectory(trajectory)  # as the parent wrote it
         for _ in range(2):  # the fork and these two fill the queue (the finished parent is not in it)
             assert (await client.post("/v1/generations", json=QUICK)).status_code == 202
         full = await client.post(
@@ -90,3 +100,44 @@ async def test_a_fork_is_admitted_like_any_job_and_takes_its_parents_request(
             "/v1/generations", json={"fork": {"job_id": job["id"], "iteration": 1, "stage": "plan"}}
         )
         assert reply.status_code == 409 and _error(reply)["param"] == "fork.job_id"
+
+
+async def test_the_trajectory_is_read_through_the_job_hash_and_a_fork_keeps_its_own_copy(
+    settings: Settings, store: Store, finished_run
+):
+    trajectory, images = finished_run
+    blob_store = blobs.open_store(settings)
+    async with _client(settings) as client:
+        parent = (await client.post("/v1/generations", json=QUICK)).json()
+        await _finish(store, parent["id"], trajectory, images)
+        reply = await client.get(parent["links"]["trajectory"])
+        assert reply.status_code == 200 and reply.content == encode_trajectory(trajectory)
+        fork = {"fork": {"job_id": parent["id"], "iteration": 1, "stage": "reflect"}}
+        child = (await client.post("/v1/generations", json=fork)).json()
+
+        # The blob store does not answer: 503, as for images.
+        class Away(blobs.LocalBlobs):
+            async def get(self, key: str) -> bytes | None:
+                raise blobs.BlobUnavailable("the store is away")
+
+        client.app.state.blobs = Away(settings)
+        reply = await client.get(parent["links"]["trajectory"])
+        assert reply.status_code == 503 and _error(reply)["type"] == "service_unavailable"
+        client.app.state.blobs = blob_store
+
+        # The parent's trajectory expires: its route and new forks of it say so ...
+        await blob_store.delete(trajectory_key(parent["id"], 1))
+        reply = await client.get(parent["links"]["trajectory"])
+        assert reply.status_code == 404 and _error(reply)["message"] == "the trajectory has expired"
+        reply = await client.post("/v1/generations", json=fork)
+        assert reply.status_code == 404 and _error(reply)["param"] == "fork.job_id"
+    # ... but the fork made before still runs from its own copy.
+    record = json.loads((await store.get_job(child["id"]))["request"])
+    params = params_from_record(record, None, settings.max_side)
+    params, extra = await steering(store).prepare_run(child["id"], record, params, blob_store)
+    assert params.seed == trajectory["seed"] and [s["stage"] for s in extra["fork"].stages] == [
+        "plan",
+        "draft",
+        "reflect",
+    ]
+    assert extra["fork"].lineage["job_id"] == parent["id"]

@@ -7,9 +7,15 @@ import asyncio
 import json
 import time
 
+import pytest
+
 from service import keys
+from service.blobs import LocalBlobs
+from service.errors import NotReady
 from service.keys import JobStatus
+from service.steering import steering
 from service.store import Store
+from service.wire import TRAJECTORY_FIELD, trajectory_key
 
 
 async def _enqueue(store: Store, job_id: str, **kw):
@@ -81,6 +87,41 @@ async def test_a_stale_attempt_cannot_emit_or_finish_after_a_takeover(store: Sto
     assert [e.attempt for e in events] == [0, 1, 1, 2, 2]
     pending = await store.r.xpending(keys.JOBS, keys.GROUP)
     assert pending["pending"] == 0
+
+
+async def test_a_stale_attempts_trajectory_blob_never_becomes_the_jobs_trajectory(store: Store):
+    """Each attempt writes its own trajectory blob, then names it in a fenced write. After a
+    takeover the old attempt (alive after all: a paused or partitioned process) may go on writing
+    its blob, but the job no longer names it, and its fenced writes naming it are refused."""
+    blobs = LocalBlobs(store.settings)
+    await _enqueue(store, "j1")
+    await _take(store, "w1")
+    stale = trajectory_key("j1", 1)
+    await blobs.put(stale, b'{"stages": ["attempt 1, stage 1"]}')
+    assert (await store.emit("j1", 1, 1, "stage.completed", {}, {TRAJECTORY_FIELD: stale})).ok
+    assert (await store.get_job("j1"))[TRAJECTORY_FIELD] == stale  # while attempt 1 holds the job
+    await store.r.delete(keys.heartbeat("w1"))
+    assert await store.reclaim("w2") is not None
+    entry_id, _ = await store.poll("w2", 100)
+    assert (await store.start("j1", entry_id, "w2")).takeover
+    job = await store.get_job("j1")
+    assert TRAJECTORY_FIELD not in job  # the takeover un-names the old attempt's blob
+    with pytest.raises(NotReady):  # a fork waits for the new attempt's first stage
+        await steering(store).trajectory_of(job, blobs)
+    # The stale attempt goes on: its blob write lands under its own key; naming it is refused.
+    await blobs.put(stale, b'{"stages": ["attempt 1, stage 1", "attempt 1, stage 2"]}')
+    assert not (await store.emit("j1", 1, 2, "stage.completed", {}, {TRAJECTORY_FIELD: stale})).ok
+    fields = {TRAJECTORY_FIELD: stale}
+    assert not await store.finish("j1", 1, JobStatus.succeeded, "job.completed", {}, fields=fields)
+    assert TRAJECTORY_FIELD not in await store.get_job("j1")
+    current = trajectory_key("j1", 2)
+    await blobs.put(current, b'{"stages": ["attempt 2"]}')
+    fields = {TRAJECTORY_FIELD: current}
+    assert await store.finish("j1", 2, JobStatus.succeeded, "job.completed", {}, fields=fields)
+    await blobs.put(stale, b'{"stages": ["attempt 1, late"]}')  # however late it writes
+    job = await store.get_job("j1")
+    assert job[TRAJECTORY_FIELD] == current
+    assert await steering(store).trajectory_of(job, blobs) == b'{"stages": ["attempt 2"]}'
 
 
 async def test_a_retried_emit_is_applied_once_and_a_retried_finish_is_not_refused(store: Store):

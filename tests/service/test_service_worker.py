@@ -9,7 +9,9 @@ import json
 import pytest
 from svc_testkit import ScriptedPipeline
 
+from model.generation.events import StageCompleted
 from service import keys
+from service.blobs import LocalBlobs
 from service.metrics import WorkerMetrics
 from service.settings import Settings
 from service.store import Store
@@ -35,6 +37,35 @@ async def _submit(store: Store, job_id: str, request: dict | None = None) -> Non
         job_id, owner="", request=request or REQUEST, body_hash="h", idempotency_key=None
     )
     assert result.outcome == "ok"
+
+
+class RecordingPipeline(ScriptedPipeline):
+    """The scripted pipeline whose stage.completed events carry the trajectory so far, as the
+    model's do; it records what it sent."""
+
+    sent: list[dict] | None = None
+
+    def run(self, params, should_cancel):
+        stages: list[str] = []
+        self.sent = []
+        for event in super().run(params, should_cancel):
+            if isinstance(event, StageCompleted):
+                stages.append(event.stage.value)
+                event.trajectory = {"version": 1, "stages": list(stages)}
+                self.sent.append(event.trajectory)
+            yield event
+
+
+class RecordingBlobs(LocalBlobs):
+    """The local blob store, keeping a list of what was put (key, bytes) in order."""
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self.puts: list[tuple[str, bytes]] = []
+
+    async def put(self, key: str, data: bytes) -> None:
+        self.puts.append((key, data))
+        await super().put(key, data)
 
 
 def _worker(store: Store, settings: Settings, name: str, pipeline: ScriptedPipeline) -> Worker:
@@ -70,18 +101,28 @@ async def _stop(*tasks_and_workers) -> None:
 
 
 async def test_job_runs_to_one_completed_event_with_stored_images(store: Store, fast: Settings):
-    worker = _worker(store, fast, "w1", ScriptedPipeline(steps=3))
+    pipeline = RecordingPipeline(steps=3)
+    blobs = RecordingBlobs(fast)
+    worker = Worker(Store(store.r, fast), pipeline, fast, "w1", WorkerMetrics(), images=blobs)
     task = asyncio.create_task(worker.run())
     await _submit(store, "j1")
     assert await _terminal(store, "j1") == "succeeded"
     await _stop((worker, task))
+    # The trajectory so far went to the attempt's blob at stage ends (the latest of each batch of
+    # events sent together), then the whole one.
+    written = [json.loads(data) for key, data in blobs.puts if key == "j1/1/trajectory.json"]
+    *stage_ends, whole = written
+    assert whole == {"version": 1, "prompt": "a cube"}
+    assert stage_ends and stage_ends == sorted(stage_ends, key=pipeline.sent.index)  # each one sent
     names = [e.name for e in await store.read_events("j1")]
     assert names[:3] == ["job.queued", "job.started", "stage.started"]
     assert names.count("job.completed") == 1 and names[-1] == "job.completed"
     job = await store.get_job("j1")
     assert json.loads(job["final_image"])["id"] == "it1-refine"
     assert (await worker.images.get("j1/1/it1-draft"))[:8] == b"\x89PNG\r\n\x1a\n"  # in the blob store
-    assert await store.get_trajectory("j1") == json.dumps({"version": 1, "prompt": "a cube"})
+    # The whole trajectory replaced the stages-so-far blob; Redis holds its key only.
+    assert job["trajectory_key"] == "j1/1/trajectory.json"
+    assert json.loads(await blobs.get("j1/1/trajectory.json")) == whole
     assert worker.metrics.jobs.labels("succeeded")._value.get() == 1
 
 
@@ -163,7 +204,8 @@ async def test_stale_attempt_stops_and_writes_nothing_after_losing_its_lease(sto
     takeover = next(i for i, e in enumerate(events) if e.name == "job.started" and e.attempt == 2)
     assert all(e.attempt == 2 for e in events[takeover:])  # nothing from attempt 1 after it
     assert [e.name for e in events].count("job.completed") == 1
-    assert (await store.get_job("j1"))["attempt"] == "2"
+    job = await store.get_job("j1")
+    assert job["attempt"] == "2" and job["trajectory_key"] == "j1/2/trajectory.json"
     await _stop((stale, task), (taker, taker_task))
     assert stale.metrics.jobs.labels("lost")._value.get() == 1
 
