@@ -296,7 +296,7 @@ class Steering:
         """True when the entry went to the worker holding the job's warm context (not ours)."""
         result = await self.scripts["route"](
             keys=[keys.job(job_id), keys.JOBS],
-            args=[worker, entry_id, keys.GROUP, keys.HEARTBEAT_PREFIX, job_id],
+            args=[worker, entry_id, keys.GROUP, keys.HEARTBEAT_PREFIX, job_id, keys.job("")],
         )
         return int(result) == 1
 

@@ -1,11 +1,16 @@
 -- Hand a resume's or fork's queue entry to the worker holding the job's warm context, once,
 -- when that worker is alive and idle.
--- KEYS: job, jobs     ARGV: this worker, entry_id, group, heartbeat prefix, job_id
+-- KEYS: job, jobs     ARGV: this worker, entry_id, group, heartbeat prefix, job_id, job key prefix
 local w = redis.call('HGET', KEYS[1], 'warm_worker')
 if not w or w == '' or w == ARGV[1] then return 0 end
 redis.call('HDEL', KEYS[1], 'warm_worker')  -- routed once at most: no ping-pong
 local beat = redis.call('GET', ARGV[4] .. w)
--- gone, or busy with another job (its heartbeat names the job it runs): rebuild here instead
-if not beat or (beat ~= '' and beat ~= ARGV[5]) then return 0 end
+-- gone, or busy with another job (its heartbeat names the job it runs, and that job still runs):
+-- rebuild here instead. A heartbeat naming a job that has ended is one beat behind: a fork sent on
+-- the parent's terminal event arrives before the holder's next beat.
+if not beat then return 0 end
+if beat ~= '' and beat ~= ARGV[5] and redis.call('HGET', ARGV[6] .. beat, 'status') == 'running' then
+  return 0
+end
 redis.call('XCLAIM', KEYS[2], ARGV[3], w, 0, ARGV[2], 'JUSTID')
 return 1

@@ -214,3 +214,30 @@ async def test_pause_continue_and_end_paused_run_twice_change_nothing_more(store
     names = [e.name for e in await store.read_events("p1")]
     assert names.count("job.paused") == 2 and names.count("job.resumed") == 1
     assert names[-1] == "job.canceled"
+
+
+async def test_a_fork_is_routed_to_an_idle_holder_even_before_its_heartbeat_catches_up(store: Store):
+    steer = steering(store)
+    await _enqueue(store, "parent")
+    assert (await _take(store, "holder"))[0] == "parent"
+    await store.heartbeat("holder", "parent")  # the holder's beat names the job it runs
+
+    async def fork_routed(child: str, holder: str = "holder") -> bool:
+        await _enqueue(store, child)
+        await store.r.hset(keys.job(child), "warm_worker", holder)
+        entry_id, job_id = await store.poll("other", 100)
+        assert job_id == child
+        routed = await steer.route("other", entry_id, child)
+        owner = (await store.r.xpending_range(keys.JOBS, keys.GROUP, entry_id, entry_id, 1))[0]
+        assert owner["consumer"].decode() == ("holder" if routed else "other")
+        assert await store.r.hget(keys.job(child), "warm_worker") is None  # routed once at most
+        await store.ack(entry_id)
+        return routed
+
+    assert not await fork_routed("while-parent-runs")  # busy: the other worker rebuilds
+    assert await store.finish("parent", 1, JobStatus.succeeded, "job.completed", {})
+    assert await fork_routed("on-the-terminal-event")  # the beat is one behind: the holder is idle
+    await store.heartbeat("holder")
+    assert await fork_routed("after-the-next-beat")
+    await store.drop_heartbeat("holder")
+    assert not await fork_routed("holder-gone")
