@@ -8,11 +8,12 @@ API sees a finished job."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
 import pytest
 import torch
-from test_service_api import QUICK, _client, _error
+from test_service_api import QUICK, _client, _error, _png
 
 from model.generation.events import ImageCompleted
 from model.generation.loading import load_engine
@@ -141,3 +142,29 @@ async def test_the_trajectory_is_read_through_the_job_hash_and_a_fork_keeps_its_
         "reflect",
     ]
     assert extra["fork"].lineage["job_id"] == parent["id"]
+
+
+@pytest.mark.parametrize("keep_inputs", [False, True], ids=["inputs-deleted", "inputs-kept"])
+async def test_an_ended_edit_job_is_forked_only_where_its_input_is_kept(
+    settings: Settings, store: Store, finished_run, keep_inputs: bool
+):
+    trajectory, images = finished_run
+    edit = {**trajectory, "settings": {**trajectory["settings"], "starting_image": True}}
+    settings = settings.model_copy(update={"blob_keep_inputs": keep_inputs})
+    upload = "data:image/png;base64," + base64.b64encode(_png(40, 24)).decode()
+    fork = {"job_id": None, "iteration": 1, "stage": "reflect"}
+    async with _client(settings) as client:
+        parent = (await client.post("/v1/generations", json={**QUICK, "input_image": upload})).json()
+        await _finish(store, parent["id"], edit, images)
+        await blobs.open_store(settings).job_ended(parent["id"])  # as the worker's end of the job
+        reply = await client.post("/v1/generations", json={"fork": {**fork, "job_id": parent["id"]}})
+        if not keep_inputs:
+            assert reply.status_code == 404 and _error(reply)["param"] == "fork.job_id"
+            assert "input image is gone" in _error(reply)["message"]
+            return
+        assert reply.status_code == 202, reply.text
+        child = reply.json()
+        assert child["request"]["input_image"] is True
+        parent_png = await client.get(parent["images"][0]["url"])
+        child_png = await client.get(f"/v1/generations/{child['id']}/images/input")
+        assert child_png.status_code == 200 and child_png.content == parent_png.content
