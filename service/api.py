@@ -29,6 +29,7 @@ from service.deps import bounded
 from service.metrics import ApiMetrics
 from service.settings import Settings, get_settings
 from service.store import Store, connect
+from service.steering import steering
 
 log = logging.getLogger("strokes.api")
 
@@ -151,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.hub = sse.EventHub(app.state.store, settings)
         app.state.hub.links = bloblib.event_links(app.state.blobs, settings)
         sweeper = asyncio.create_task(bloblib.sweep_forever(app.state.blobs, client, settings))
+        pauses = asyncio.create_task(steering(app.state.store).expire_pauses_forever())
         try:
             await bounded(settings, app.state.store.ensure_group())
         except (RedisError, OSError, TimeoutError) as exc:  # not fatal: Redis may come up later
@@ -159,6 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             sweeper.cancel()
+            pauses.cancel()
             await app.state.hub.close()
             await app.state.blobs.close()
             await app.state.store.close()

@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     s3_presign_ttl_s: int = Field(3600, ge=1, le=604800)
     s3_public_endpoint_url: str | None = None  # the endpoint clients reach, when not s3_endpoint_url
     pause_timeout_s: int = Field(3600, ge=1)  # a pause unanswered this long ends the job (canceled)
+    pause_sweep_interval_s: float = Field(15.0, ge=0)  # the API ends expired pauses this often (0: off)
     # A worker keeps the KV caches of its recently paused or finished jobs for resumes and forks
     # (model/generation/warm.py): this much on its GPU, then this much in host memory (both host on a CPU).
     warm_device_bytes: int = Field(4 * 1024**3, ge=0)

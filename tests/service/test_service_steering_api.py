@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_service_api import QUICK, _client, _error, _png
 
-from model.generation.events import ImageCompleted
+from model.generation.events import ImageCompleted, Paused, Stage
 from model.generation.loading import load_engine
 from model.generation.params import GenerationParams, ImageSettings, TextSettings
 from model.generation.pipeline import Pipeline
@@ -168,3 +168,24 @@ async def test_an_ended_edit_job_is_forked_only_where_its_input_is_kept(
         parent_png = await client.get(parent["images"][0]["url"])
         child_png = await client.get(f"/v1/generations/{child['id']}/images/input")
         assert child_png.status_code == 200 and child_png.content == parent_png.content
+
+
+async def test_the_api_ends_an_unanswered_pause_without_any_worker(settings: Settings, store: Store):
+    """A pool scaled to zero: no worker's reclaim beat ends the pause; the API's sweep does."""
+    settings = settings.model_copy(update={"pause_timeout_s": 1, "pause_sweep_interval_s": 0.05})
+    async with _client(settings) as client:
+        job = (await client.post("/v1/generations", json=QUICK)).json()
+        await store.heartbeat("w-gone")
+        entry_id, job_id = await store.poll("w-gone", 100)
+        started = await store.start(job_id, entry_id, "w-gone")
+        paused = Paused(1, Stage.plan, "a plan", {"seed": 1, "stages": [{"iteration": 1, "stage": "plan"}]})
+        assert await steering(Store(store.r, settings)).pause(job["id"], started.attempt, paused) == "paused"
+        await store.drop_heartbeat("w-gone")  # the last worker leaves
+
+        async def ended() -> dict:
+            while (view := (await client.get(f"/v1/generations/{job['id']}")).json())["status"] == "paused":
+                await asyncio.sleep(0.05)
+            return view
+
+        view = await asyncio.wait_for(ended(), timeout=30)
+        assert view["status"] == "canceled" and view["error"]["type"] == "pause_expired"
