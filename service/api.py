@@ -28,8 +28,8 @@ from service import docs_ui, errors, generations, openai_images, routes, sse, st
 from service.deps import bounded
 from service.metrics import ApiMetrics
 from service.settings import Settings, get_settings
-from service.store import Store, connect
 from service.steering import steering
+from service.store import Store, connect
 
 log = logging.getLogger("strokes.api")
 
