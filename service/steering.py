@@ -46,7 +46,8 @@ from service import images as imagelib
 from service import keys
 from service.errors import NotFound, NotReady
 from service.keys import JobStatus
-from service.store import Store, _s, load_script
+from service.redis_client import decode, load_script
+from service.store import Store
 from service.wire import IMAGE_FIELD_PREFIX, TRAJECTORY_FIELD, parent_trajectory_key, trajectory_key
 
 STEERING_SCRIPTS = ("pause", "continue", "end_paused", "route")  # service/lua/{name}.lua
@@ -210,8 +211,8 @@ class Steering:
             keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.PAUSED],
             args=[job_id, s.events_maxlen, json.dumps(data)],
         )
-        if _s(result[0]) != "queued":
-            raise NotReady(f"the job is {_s(result[1])}, not paused", param="status")
+        if decode(result[0]) != "queued":
+            raise NotReady(f"the job is {decode(result[1])}, not paused", param="status")
         return "queued"
 
     async def cancel_paused(self, job_id: str) -> bool:
@@ -225,7 +226,7 @@ class Steering:
         due = await self.store.r.zrangebyscore(keys.PAUSED, "-inf", now_ms, start=0, num=limit)
         ended = 0
         for raw in due:
-            job_id = _s(raw)
+            job_id = decode(raw)
             error = {
                 "type": "pause_expired",
                 "message": f"the pause was not answered within {self.settings.pause_timeout_s} s",
@@ -250,7 +251,7 @@ class Steering:
                 before_ms,
             ],
         )
-        return _s(result[0])
+        return decode(result[0])
 
     # -- worker side ------------------------------------------------------------------------------
 
@@ -353,7 +354,7 @@ class Steering:
                 key,
             ],
         )
-        return _s(result[0])
+        return decode(result[0])
 
 
 def _json(value: Any) -> str:

@@ -19,8 +19,9 @@ from pathlib import Path
 from service import blobs as bloblib
 from service import logging as slog
 from service.metrics import WorkerMetrics
+from service.redis_client import connect
 from service.settings import Settings
-from service.store import Store, connect
+from service.store import Store
 from service.worker import Pipeline, PipelineFactory, Worker, torch_thread
 
 log = logging.getLogger("strokes.worker")
