@@ -27,9 +27,10 @@ from service import blobs as bloblib
 from service import docs_ui, errors, generations, openai_images, routes, sse, steering_api, studio
 from service.deps import bounded
 from service.metrics import ApiMetrics
+from service.redis_client import connect
 from service.settings import Settings, get_settings
 from service.steering import steering
-from service.store import Store, connect
+from service.store import Store
 
 log = logging.getLogger("strokes.api")
 

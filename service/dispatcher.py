@@ -40,8 +40,8 @@ from redis.exceptions import RedisError, ResponseError
 from service import keys, webhooks
 from service import logging as slog
 from service.metrics import WebhookMetrics
+from service.redis_client import connect
 from service.settings import Settings
-from service.store import connect
 
 log = logging.getLogger("strokes.webhooks")
 TRANSIENT = (RedisError, OSError, TimeoutError)

@@ -1,6 +1,7 @@
 """Publishing one attempt's events: the job being run (ActiveJob), text-delta coalescing
 (DeltaBuffer) and the Publisher that writes events off the pipeline's thread under the attempt's
-fence. The worker loop (worker.py) owns these; nothing here runs the pipeline.
+fence. Every write of a running job goes through `through_outage`, which retries it through a
+Redis outage. The job runner (runner.py) owns these; nothing here runs the pipeline.
 """
 
 from __future__ import annotations
@@ -9,17 +10,36 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from redis.exceptions import RedisError
 
 from model.generation.events import TextDelta
 from service import images as imagelib
 from service.wire import TRAJECTORY_FIELD, Translator, Wire
 
 if TYPE_CHECKING:
-    from service.worker import Worker
+    from service.runner import JobRunner
 
 log = logging.getLogger("strokes.worker")
+T = TypeVar("T")
+TRANSIENT = (RedisError, OSError, TimeoutError)
+
+
+async def through_outage(op: Callable[[], Awaitable[T]]) -> T:
+    """Run a Redis operation of a running job, retrying while Redis is away, however long.
+    Giving the job up would not help anyone: while this worker lives, its heartbeat comes
+    back with Redis and nobody may reclaim the job; the attempt's fence settles the rest."""
+    delay = 0.05
+    while True:
+        try:
+            return await op()
+        except TRANSIENT as exc:
+            log.warning("redis unavailable during a job, retrying: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
 
 
 class LeaseLost(Exception):
@@ -57,9 +77,9 @@ class Publisher:
     """
 
     def __init__(
-        self, worker: Worker, job: ActiveJob, loop: asyncio.AbstractEventLoop, max_pending: int = 2048
+        self, runner: JobRunner, job: ActiveJob, loop: asyncio.AbstractEventLoop, max_pending: int = 2048
     ):
-        self.worker, self.job, self.loop = worker, job, loop
+        self.runner, self.job, self.loop = runner, job, loop
         self.queue: asyncio.Queue[tuple[Wire, bytes | None] | None] = asyncio.Queue()
         self.slots = threading.Semaphore(max_pending)
         self.lost = False
@@ -103,7 +123,7 @@ class Publisher:
                     self.slots.release()
 
     async def _send(self, items: list[tuple[Wire, bytes | None]]) -> None:
-        worker, job = self.worker, self.job
+        runner, job = self.runner, self.job
         # The trajectory so far: the batch's latest record is enough (the emits below all name
         # the same blob, and go out together after it is written).
         trajectory = next((w for w, _png in reversed(items) if w.trajectory is not None), None)
@@ -112,18 +132,16 @@ class Publisher:
             # check first that this attempt still holds the job, so a stale attempt writes none.
             # (One that loses the job in between writes under its own attempt's keys, which the
             # fenced emits then refuse to name.)
-            held, _cancel = await worker._through_outage(
-                job, lambda: worker.store.lease(job.job_id, job.attempt)
-            )
+            held, _cancel = await through_outage(lambda: runner.store.lease(job.job_id, job.attempt))
             if not held:
                 raise LeaseLost(job.job_id)
         for wire, png in items:
             if png is not None and wire.image is not None:
                 key = imagelib.storage_key(job.job_id, job.attempt, wire.image[0])
-                await worker._through_outage(job, lambda k=key, p=png: worker.images.put(k, p))
+                await through_outage(lambda k=key, p=png: runner.images.put(k, p))
         if trajectory is not None:
             key, body = trajectory.fields[TRAJECTORY_FIELD], trajectory.trajectory
-            await worker._through_outage(job, lambda: worker.images.put(key, body))
+            await through_outage(lambda: runner.images.put(key, body))
         emits = []
         for wire, _png in items:
             if wire.name or wire.fields:
@@ -131,15 +149,13 @@ class Publisher:
                 emits.append((self.seq, wire.name, wire.data, wire.fields))
         if not emits:
             return
-        results = await worker._through_outage(
-            job, lambda: worker.store.emit_many(job.job_id, job.attempt, emits)
-        )
+        results = await through_outage(lambda: runner.store.emit_many(job.job_id, job.attempt, emits))
         for result in results:
             if not result.ok:
                 raise LeaseLost(job.job_id)
             if result.cancel:
                 job.interrupt("cancel")
-        worker.metrics.events.inc(len(emits))
+        runner.metrics.events.inc(len(emits))
 
 
 class DeltaBuffer:

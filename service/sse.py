@@ -28,8 +28,9 @@ from sse_starlette import ServerSentEvent
 from service import keys
 from service.errors import InvalidRequest, error_body
 from service.metrics import ApiMetrics
+from service.redis_client import Event
 from service.settings import Settings
-from service.store import Event, Store
+from service.store import Store
 from service.wire import TERMINAL_EVENTS
 
 log = logging.getLogger("strokes.sse")

@@ -27,8 +27,8 @@ write that names it), and a steer record names blobs too.
               that worker (XCLAIM: it reads its own pending entries first), once; if that worker
               dies meanwhile the ordinary reclaim gives the entry to any other, which rebuilds.
     cancel    paused -> canceled at once (one terminal event).
-    expiry    workers sweep the zset: a pause unanswered for `pause_timeout_s` ends canceled with
-              error type `pause_expired` (one terminal event).
+    expiry    workers and the API sweep the zset: a pause unanswered for `pause_timeout_s` ends
+              canceled with error type `pause_expired` (one terminal event).
 
 Knows nothing of tensors: the worker side hands model objects through (prepare_run).
 """
@@ -48,7 +48,8 @@ from service import images as imagelib
 from service import keys
 from service.errors import NotFound, NotReady
 from service.keys import JobStatus
-from service.store import Store, _s, load_script
+from service.redis_client import decode, load_script
+from service.store import Store
 from service.wire import IMAGE_FIELD_PREFIX, TRAJECTORY_FIELD, parent_trajectory_key, trajectory_key
 
 log = logging.getLogger("strokes.steering")
@@ -214,8 +215,8 @@ class Steering:
             keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.PAUSED],
             args=[job_id, s.events_maxlen, json.dumps(data)],
         )
-        if _s(result[0]) != "queued":
-            raise NotReady(f"the job is {_s(result[1])}, not paused", param="status")
+        if decode(result[0]) != "queued":
+            raise NotReady(f"the job is {decode(result[1])}, not paused", param="status")
         return "queued"
 
     async def cancel_paused(self, job_id: str) -> bool:
@@ -230,7 +231,7 @@ class Steering:
         due = await self.store.r.zrangebyscore(keys.PAUSED, "-inf", now_ms, start=0, num=limit)
         ended = 0
         for raw in due:
-            job_id = _s(raw)
+            job_id = decode(raw)
             error = {
                 "type": "pause_expired",
                 "message": f"the pause was not answered within {self.settings.pause_timeout_s} s",
@@ -269,7 +270,7 @@ class Steering:
                 before_ms,
             ],
         )
-        return _s(result[0])
+        return decode(result[0])
 
     # -- worker side ------------------------------------------------------------------------------
 
@@ -372,7 +373,7 @@ class Steering:
                 key,
             ],
         )
-        return _s(result[0])
+        return decode(result[0])
 
 
 def _json(value: Any) -> str:

@@ -1,15 +1,14 @@
-"""The job store: every Redis operation of the service, and the Lua scripts that move jobs.
+"""The job store: every Redis operation of the service, the API's and the workers'.
 
 Delivery is at-least-once (a Redis Streams consumer group); the client sees exactly one terminal
 event because every state change is one Lua script that checks the job's state first, and every
 write of a worker carries its attempt number as a fencing token: once a job is taken over, the
 old attempt's events, completion and acknowledgement are all refused.
 
-Every script lives in service/lua/<name>.lua (with prelude.lua in front) and is idempotent under
-retry: the client re-sends a command whose reply was lost, so running a script twice with the same
-arguments must leave the same state as once (tests/service/test_service_scripts.py runs each
-twice). Admission is counted as sets of job keys (keys.QUEUED, keys.owner_active), reconciled
-against the job hashes whenever they look full, so no retry, crash or restart makes the cap drift.
+Each script is service/lua/<name>.lua (redis_client.py loads them, and has the result types) and
+is idempotent under retry. Admission is counted as sets of job keys (keys.QUEUED,
+keys.owner_active), reconciled against the job hashes whenever they look full, so no retry, crash
+or restart makes the cap drift.
 
 Life of a job (keys.py has the key layout):
     enqueue   admission (queue cap, the key's quota) + job hash + queue entry + job.queued, one
@@ -34,119 +33,15 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import ResponseError
 
 from service import keys
 from service.keys import JobStatus
+from service.redis_client import SCRIPTS, Emitted, Enqueued, Event, QueueStats, Started, decode, field_args
 from service.settings import Settings
-
-# ---- Lua ----------------------------------------------------------------------------------------
-
-LUA_DIR = Path(__file__).resolve().parent / "lua"
-SCRIPT_NAMES = (
-    "enqueue",
-    "start",
-    "emit",
-    "finish",
-    "requeue",
-    "cancel",
-    "reclaim",
-    "trim",
-    "position",
-    "reconcile",
-)
-
-
-def load_script(name: str) -> str:
-    """service/lua/{name}.lua with the shared prelude in front (the webhook outbox's key filled in)."""
-    prelude = (LUA_DIR / "prelude.lua").read_text().replace("{{WEBHOOK_OUTBOX}}", keys.WEBHOOK_OUTBOX)
-    return prelude + "\n" + (LUA_DIR / f"{name}.lua").read_text()
-
-
-def load_scripts() -> dict[str, str]:
-    """Every script of the store, read once."""
-    return {name: load_script(name) for name in SCRIPT_NAMES}
-
-
-SCRIPTS = load_scripts()
-
-
-# ---- results ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Enqueued:
-    outcome: str  # ok | duplicate | conflict | full
-    job_id: str | None = None
-    depth: int = 0
-    position: int = 0
-
-
-@dataclass(frozen=True)
-class Started:
-    outcome: str  # run | gone | skip | canceled | dead
-    attempt: int = 0
-    takeover: bool = False
-
-
-@dataclass(frozen=True)
-class Emitted:
-    ok: bool
-    event_id: str = ""
-    cancel: bool = False
-
-
-@dataclass(frozen=True)
-class Event:
-    id: str
-    name: str
-    data: str  # JSON text, passed through to the client untouched
-    attempt: int
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    depth: int  # accepted, not started
-    lag: int | None  # queue entries not yet delivered to any worker
-    pending: int  # delivered and not acknowledged (running or handed back)
-    workers: int  # workers with a live heartbeat
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _pairs(fields: dict[str, Any] | None) -> list[str]:
-    out: list[str] = []
-    for key, value in (fields or {}).items():
-        out += [key, value if isinstance(value, str) else json.dumps(value)]
-    return out
-
-
-def connect(
-    url: str, *, timeout_s: float, connect_timeout_s: float, max_connections: int = 1000, retries: int = 1
-) -> aioredis.Redis:
-    """A client that fails fast: short socket timeouts, one quick retry, health checks.
-
-    It reconnects by itself: each command takes a connection from the pool and opens a new one
-    after a failure, so nothing has to be restarted when Redis comes back.
-    """
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=connect_timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries),
-        health_check_interval=15,
-        max_connections=max_connections,
-        decode_responses=False,
-    )
 
 
 class Store:
@@ -212,7 +107,7 @@ class Store:
             s.key_max_jobs if s.api_keys else 0,  # without API keys there is no key to hold to it
             s.jobs_index_ttl_s,
             s.jobs_index_max,
-            *_pairs(fields),
+            *field_args(fields),
         ]
         script_keys = [
             keys.job(job_id),
@@ -234,18 +129,18 @@ class Store:
                 raise TimeoutError("the job was not fsynced to the AOF in time")
         else:
             result = await self.scripts["enqueue"](keys=script_keys, args=args)
-        outcome = _s(result[0])
+        outcome = decode(result[0])
         if outcome == "ok":
             return Enqueued("ok", job_id, position=int(result[2]))
         if outcome in ("full", "quota"):
             return Enqueued(outcome, depth=int(result[1]))
-        return Enqueued(outcome, _s(result[1]))
+        return Enqueued(outcome, decode(result[1]))
 
     async def get_job(self, job_id: str) -> dict[str, str] | None:
         raw = await self.r.hgetall(keys.job(job_id))
         if not raw:
             return None
-        return {_s(k): _s(v) for k, v in raw.items()}
+        return {decode(k): decode(v) for k, v in raw.items()}
 
     async def queue_position(self, entry_id: str) -> int:
         return int(await self.scripts["position"](keys=[keys.JOBS], args=[keys.GROUP, entry_id, 1000]))
@@ -256,7 +151,7 @@ class Store:
             keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.DEAD_LETTERS],
             args=[keys.GROUP, s.events_maxlen, s.events_ttl_s, s.result_ttl_s],
         )
-        return _s(result[0]), (_s(result[1]) if len(result) > 1 else None)
+        return decode(result[0]), (decode(result[1]) if len(result) > 1 else None)
 
     async def read_events(
         self, job_id: str, after: str = "0", *, count: int = 500, block_ms: int | None = None
@@ -269,9 +164,9 @@ class Store:
             for entry_id, fields in entries:
                 out.append(
                     Event(
-                        _s(entry_id),
-                        _s(fields[b"event"]),
-                        _s(fields[b"data"]),
+                        decode(entry_id),
+                        decode(fields[b"event"]),
+                        decode(fields[b"data"]),
                         int(fields.get(b"attempt", b"0")),
                     )
                 )
@@ -288,7 +183,7 @@ class Store:
             return None
         added = info.get("entries-added")
         trimmed = added is not None and int(added) > int(info["length"])
-        return _s(first[0]), _s(last), trimmed
+        return decode(first[0]), decode(last), trimmed
 
     async def live_workers(self) -> int:
         horizon = time.time() * 1000 - self.settings.lease_ttl_s * 1000
@@ -302,7 +197,7 @@ class Store:
         lag, pending = None, 0
         try:
             for group in await self.r.xinfo_groups(keys.JOBS):
-                if _s(group["name"]) == keys.GROUP:
+                if decode(group["name"]) == keys.GROUP:
                     lag = None if group.get("lag") is None else int(group["lag"])
                     pending = int(group.get("pending", 0))
         except ResponseError:  # no stream yet
@@ -343,7 +238,7 @@ class Store:
         result = await self.scripts["reclaim"](
             keys=[keys.JOBS], args=[keys.GROUP, worker, keys.HEARTBEAT_PREFIX, min_uptime]
         )
-        return (_s(result[0]), _s(result[1])) if result else None
+        return (decode(result[0]), decode(result[1])) if result else None
 
     async def poll(self, worker: str, block_ms: int) -> tuple[str, str | None] | None:
         """The next entry for this worker: its own pending ones first (reclaimed, or left by an
@@ -362,7 +257,7 @@ class Store:
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     job_id = fields.get(b"job_id") if fields else None
-                    return _s(entry_id), (_s(job_id) if job_id else None)
+                    return decode(entry_id), (decode(job_id) if job_id else None)
         return None
 
     async def ack(self, entry_id: str) -> None:
@@ -383,9 +278,9 @@ class Store:
                 uuid.uuid4().hex,  # this call's token: a retry of it is recognised
             ],
         )
-        outcome = _s(result[0])
+        outcome = decode(result[0])
         attempt = int(result[1]) if len(result) > 1 and outcome != "skip" else 0
-        return Started(outcome, attempt, outcome == "run" and _s(result[2]) == "1")
+        return Started(outcome, attempt, outcome == "run" and decode(result[2]) == "1")
 
     async def emit(
         self,
@@ -412,15 +307,15 @@ class Store:
             for seq, event, data, fields in items:
                 payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
                 await self.scripts["emit"](
-                    keys=keys_, args=[attempt, seq, event, payload, maxlen, *_pairs(fields)], client=pipe
+                    keys=keys_, args=[attempt, seq, event, payload, maxlen, *field_args(fields)], client=pipe
                 )
             replies = await pipe.execute()
         out = []
         for reply in replies:
-            if _s(reply[0]) != "ok":
+            if decode(reply[0]) != "ok":
                 out.append(Emitted(False))
             else:
-                out.append(Emitted(True, _s(reply[1]), _s(reply[2]) == "1"))
+                out.append(Emitted(True, decode(reply[1]), decode(reply[2]) == "1"))
         return out
 
     async def finish(
@@ -454,10 +349,10 @@ class Store:
                 s.events_maxlen,
                 s.events_ttl_s,
                 s.result_ttl_s,
-                *_pairs(fields),
+                *field_args(fields),
             ],
         )
-        return _s(result[0]) == "ok"
+        return decode(result[0]) == "ok"
 
     async def requeue(
         self, job_id: str, attempt: int, reason: str, error: dict[str, str] | None = None
@@ -479,7 +374,7 @@ class Store:
                 s.result_ttl_s,
             ],
         )
-        return _s(result[0])
+        return decode(result[0])
 
     async def lease(self, job_id: str, attempt: int) -> tuple[bool, bool]:
         """(this attempt still holds the job, cancel requested)."""
@@ -497,4 +392,4 @@ class Store:
 
     async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
         entries = await self.r.xrange(keys.DEAD_LETTERS, count=count)
-        return [{_s(k): _s(v) for k, v in fields.items()} for _id, fields in entries]
+        return [{decode(k): decode(v) for k, v in fields.items()} for _id, fields in entries]

@@ -1,19 +1,19 @@
-"""The GPU worker loop: takes jobs from the queue and runs them on the loaded pipeline
-(`strokes worker` is in worker_cli.py, event publishing in publisher.py).
+"""The GPU worker loop: takes jobs from the queue and hands each to its JobRunner (runner.py runs
+a job on the loaded pipeline and ends it, publisher.py publishes its events; `strokes worker` is in
+worker_cli.py).
 
 The loop is a chain of small named steps (arq's worker): reclaim (take over a job whose worker's
 heartbeat expired), poll (own pending entries first, then a new one), start (the `start` script
-fences a new attempt), run (the pipeline in a thread; every event is published under the attempt's
-fence), finish (terminal state, hand-back or retry). A heartbeat task keeps the lease and checks
-that the attempt still holds the job. The pipeline asks `should_cancel()` between tokens and
-denoising steps; it turns true on cancel, on lease loss and on SIGTERM, which hands the job back
-at once (within `handback_wait_s`, even mid-step) and exits 0. The worker reconnects to Redis by
-itself and keeps its job through an outage of any length.
+fences a new attempt), then the runner's run (the pipeline on the torch thread; every event is
+published under the attempt's fence) and finish (terminal state, hand-back or retry). A heartbeat
+task keeps the lease, checks that the attempt still holds the job and watches its deadline and
+progress lease (no event for `progress_timeout_s`: failed, and the process exits, since a hung
+kernel cannot be interrupted). SIGTERM stops the running job at its next step and hands it back
+at once (within `handback_wait_s`, even mid-step); the worker then exits 0. The worker reconnects
+to Redis by itself and keeps its job through an outage of any length.
 
-A job never kills the worker: an exception of its own ends it with job.failed and the real cause;
-only a fatal device error (the job is handed back with its cause written) ends the process, with
-exit status 3. A job gets a deadline and a progress lease (no event for `progress_timeout_s`: failed,
-and the process exits, since a hung kernel cannot be interrupted).
+A job never kills the worker; only a fatal device error (runner.FatalError: the job is handed
+back with its cause written) ends the process, with exit status 3.
 
 torch and the model are imported only when the pipeline is built, so importing this module stays
 light.
@@ -24,76 +24,27 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import contextvars
 import gc
 import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-import redis
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry as SyncRetry
-
-from model.generation.events import NO_IMAGE_MESSAGE, Done, Paused, StageCompleted, StageStarted, TextDelta
-from model.generation.events import Event as PipelineEvent
-from model.generation.params import GenerationParams, InvalidParams
 from service import blobs as bloblib
-from service import images as imagelib
-from service import keys as keyspace
 from service import logging as slog
 from service.keys import JobStatus
 from service.metrics import WorkerMetrics
-from service.publisher import ActiveJob, DeltaBuffer, LeaseLost, Publisher
-from service.schemas import params_from_record
+from service.publisher import TRANSIENT, ActiveJob
+from service.runner import FatalError, JobRunner, Pipeline
 from service.settings import Settings
 from service.steering import steering
 from service.store import Store
-from service.wire import (
-    JOB_CANCELED,
-    JOB_COMPLETED,
-    JOB_FAILED,
-    Translator,
-    encode_trajectory,
-    trajectory_key,
-)
+from service.wire import JOB_FAILED, Translator
 
 log = logging.getLogger("strokes.worker")
-T = TypeVar("T")
-TRANSIENT = (RedisError, OSError, TimeoutError)
 EXIT_FATAL = 3  # the process exit status after a fatal device error (a supervisor restarts it)
-
-
-class Pipeline(Protocol):
-    def run(self, params: GenerationParams, should_cancel: Callable[[], bool]) -> Iterator[PipelineEvent]: ...
-
-
-PipelineFactory = Callable[[str, str, "str | None"], Pipeline]
-
-
-class PermanentError(Exception):
-    """The job cannot succeed on any attempt (bad parameters, its input image expired)."""
-
-
-class FatalError(Exception):
-    """The device or the process is broken (e.g. a CUDA error poisons the context): the job was
-    handed back with its cause written, and the worker exits (its supervisor restarts it)."""
-
-
-# Errors after which the CUDA context (or the process) cannot be trusted with another job.
-_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "NCCL error")
-
-
-def is_fatal(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or any(marker in str(exc) for marker in _FATAL_MARKERS)
-
-
-def error_of(exc: BaseException) -> dict[str, str]:
-    """The job's error for an exception: its real cause, type and message."""
-    return {"type": "generation_failed", "message": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def release_accelerator_memory() -> None:
@@ -103,6 +54,8 @@ def release_accelerator_memory() -> None:
 
 
 class Worker:
+    """One worker process's loop: `run()` until `request_stop()` (SIGTERM), then `exit_code`."""
+
     def __init__(
         self,
         store: Store,
@@ -114,17 +67,16 @@ class Worker:
         executor: concurrent.futures.ThreadPoolExecutor | None = None,
     ):
         self.store = store
-        self.pipeline = pipeline
         self.settings = settings
         self.name = name
         self.metrics = metrics or WorkerMetrics()
         self.images = images or bloblib.open_store(settings)
+        # The one thread that runs torch: pass the executor the model was loaded on (see torch_thread).
+        executor = executor or torch_thread()
+        self.runner = JobRunner(store, pipeline, settings, name, self.metrics, self.images, executor)
         self.job: ActiveJob | None = None
         self.stopping = asyncio.Event()
         self._last_reclaim = 0.0
-        # The one thread that runs torch: pass the executor the model was loaded on (see torch_thread).
-        self._executor = executor or torch_thread()
-        self._probe: redis.Redis | None = None  # sync client of the pipeline thread (cancel checks)
         self.exit_code = 0
         self._handback: asyncio.Task | None = None
 
@@ -182,9 +134,7 @@ class Worker:
                 await asyncio.wait_for(self.store.drop_heartbeat(self.name), 2)
             except (*TRANSIENT, asyncio.TimeoutError):
                 pass
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            if self._probe is not None:
-                self._probe.close()
+            self.runner.close()
             log.info("worker stopped", extra={"worker": self.name})
 
     async def step(self) -> bool:
@@ -205,7 +155,7 @@ class Worker:
         self.metrics.busy.set(1)
         try:
             with slog.job_context(job.job_id, job.attempt):
-                await self.run_and_finish(job)
+                await self.runner.run_and_finish(job)
         finally:
             self.job = None
             self.metrics.busy.set(0)
@@ -266,266 +216,7 @@ class Worker:
             job_id, entry_id, started.attempt, started.takeover, record, Translator(job_id, started.attempt)
         )
 
-    async def run_and_finish(self, job: ActiveJob) -> None:
-        """Run the job and record its outcome. No exception of the job's own (the pipeline, the
-        translation of its events, encoding its images, building its result) leaves this method:
-        it ends the job with job.failed carrying the cause. Only Redis being away (the loop
-        retries; reclaim recovers the job) and a fatal device error (the job is handed back with
-        its cause written, then the process exits) go further."""
-        try:
-            outcome, payload = await self.run_job(job)
-            await self.finish(job, outcome, payload)
-        except LeaseLost:
-            self.metrics.jobs.labels("lost").inc()
-        except TRANSIENT:
-            raise
-        except Exception as exc:
-            log.exception("the job failed outside the pipeline")
-            cause = error_of(exc)
-            if is_fatal(exc):
-                await self.finish(job, "retry", cause)
-                raise FatalError(cause["message"]) from exc
-            await self.finish(job, "failed", cause)
-
-    async def run_job(self, job: ActiveJob) -> tuple[str, Any]:
-        """Run the pipeline; returns (outcome, payload): succeeded (Done) | canceled | handback |
-        lost | retry (error) | failed (error)."""
-        try:
-            params = await self._params(job)
-            params, extra = await steering(self.store).prepare_run(
-                job.job_id, job.record, params, self.images, self.pipeline
-            )
-        except (PermanentError, LookupError, InvalidParams) as exc:  # steering: a fork or resume
-            return "failed", {"type": "invalid_job", "message": str(exc)}
-        loop = asyncio.get_running_loop()
-        publisher = Publisher(self, job, loop)
-
-        def should_cancel() -> bool:
-            return self._should_cancel(job)
-
-        def produce() -> Done | None:
-            events = self.pipeline.run(params, should_cancel, **extra)
-            try:
-                return consume(events)
-            finally:
-                close = getattr(events, "close", None)
-                if close is not None:
-                    close()  # unwinds the pipeline (its finally blocks free its buffers)
-
-        deltas = DeltaBuffer(self.settings.delta_max_tokens, self.settings.delta_max_ms / 1000)
-
-        def publish(event: PipelineEvent) -> None:
-            wire = job.translator.translate(event)
-            if wire is not None:
-                png = imagelib.encode_png(wire.image[1]) if wire.image is not None else None
-                publisher.submit(wire, png)  # PNG encoding stays on this thread
-
-        def consume(events: Iterator[PipelineEvent]) -> Done | None:
-            for event in events:
-                if isinstance(event, TextDelta):
-                    merged = deltas.add(event)
-                    if merged is not None:
-                        publish(merged)
-                    continue
-                held = deltas.flush()  # every other event goes out after the text before it
-                if held is not None:
-                    publish(held)
-                if isinstance(event, StageStarted):
-                    slog.set_stage(event.stage.value)
-                publish(event)
-                if isinstance(event, StageCompleted):
-                    log.info(
-                        "stage completed",
-                        extra={
-                            "seconds": round(event.seconds, 3),
-                            "prefilled_tokens": event.prefilled_tokens,
-                            "cached_tokens": event.cached_tokens,
-                        },
-                    )
-                    self.metrics.observe_stage(
-                        event.stage.value,
-                        event.seconds,
-                        steps=event.steps,
-                        generated_tokens=event.generated_tokens,
-                        prefilled_tokens=event.prefilled_tokens,
-                        cached_tokens=event.cached_tokens,
-                    )
-                if isinstance(event, (Done, Paused)):
-                    return event
-            return None
-
-        try:
-            done = await loop.run_in_executor(self._executor, contextvars.copy_context().run, produce)
-            error = None
-        except Exception as exc:
-            done, error = None, exc
-        await publisher.close()  # every queued event is written (or refused) before the outcome
-        if publisher.error is not None:
-            return "retry", error_of(publisher.error)
-        if publisher.lost or isinstance(error, LeaseLost):
-            return "lost", None
-        if error is not None:
-            if job.reason is not None:  # we asked it to stop, and it stopped
-                return self._interrupted(job)
-            if isinstance(error, InvalidParams):  # the model's own limits (e.g. its largest side)
-                return "failed", {"type": "invalid_request", "message": str(error)}
-            log.error("pipeline failed", exc_info=error)
-            if is_fatal(error):
-                raise error
-            return "retry", error_of(error)
-        if done is None:
-            if job.reason is not None:
-                return self._interrupted(job)
-            return "retry", {"type": "generation_failed", "message": "the pipeline ended without a result"}
-        if isinstance(done, Paused):
-            return "paused", done
-        if done.final_image_id is None:  # the model chose to stop before drawing anything
-            return "failed", {"type": "no_image", "message": NO_IMAGE_MESSAGE}
-        return "succeeded", done
-
-    def _should_cancel(self, job: ActiveJob) -> bool:
-        """The pipeline's check between tokens and steps. Besides the flags set from the event
-        loop, it reads the job's cancel flag and attempt itself, at most every cancel_poll_s: the
-        loop may lag behind a busy pipeline thread, and a cancel must land within one step."""
-        if job.stop.is_set():
-            return True
-        now = time.monotonic()
-        if now < job.next_probe:
-            return False
-        job.next_probe = now + self.settings.cancel_poll_s
-        try:
-            if self._probe is None:
-                self._probe = redis.Redis.from_url(
-                    self.settings.redis_url,
-                    socket_timeout=0.5,
-                    socket_connect_timeout=0.5,
-                    retry=SyncRetry(NoBackoff(), 0),
-                )
-            status, attempt, cancel = self._probe.hmget(
-                keyspace.job(job.job_id), "status", "attempt", "cancel"
-            )
-        except TRANSIENT:
-            job.next_probe = now + 1.0  # Redis is away: the event loop's retries deal with it
-            return False
-        if status != b"running" or attempt != str(job.attempt).encode():
-            job.interrupt("lease_lost")
-        elif cancel == b"1":
-            job.interrupt("cancel")
-        return job.stop.is_set()
-
-    def _interrupted(self, job: ActiveJob) -> tuple[str, Any]:
-        if job.reason == "deadline":
-            message = f"the job ran longer than its deadline of {self.settings.job_deadline_s:g} s"
-            return "failed", {"type": "deadline_exceeded", "message": message}
-        outcome = {"cancel": "canceled", "shutdown": "handback", "lease_lost": "lost", "error": "lost"}
-        return outcome[job.reason or "cancel"], None
-
-    async def finish(self, job: ActiveJob, outcome: str, payload: Any) -> None:
-        s = self.store
-        if outcome == "succeeded":
-            done: Done = payload
-            data, fields = job.translator.completed(done, self._timings(job))
-            fields = {**fields, **steering(s).warm_fields(job.job_id, self.name, self.pipeline)}
-            ok = await self._put_trajectory(job, done.trajectory) and await self._through_outage(
-                job,
-                lambda: s.finish(
-                    job.job_id, job.attempt, JobStatus.succeeded, JOB_COMPLETED, data, fields=fields
-                ),
-            )
-            result = "succeeded" if ok else "lost"
-        elif outcome == "canceled":
-            ok = await self._through_outage(
-                job,
-                lambda: s.finish(
-                    job.job_id,
-                    job.attempt,
-                    JobStatus.canceled,
-                    JOB_CANCELED,
-                    {"job_id": job.job_id, "attempt": job.attempt},
-                ),
-            )
-            result = "canceled" if ok else "lost"
-        elif outcome == "failed":
-            ok = await self._through_outage(
-                job,
-                lambda: s.finish(
-                    job.job_id,
-                    job.attempt,
-                    JobStatus.failed,
-                    JOB_FAILED,
-                    {"job_id": job.job_id, "attempt": job.attempt, "error": payload},
-                    fields={"error": payload},
-                ),
-            )
-            result = "failed" if ok else "lost"
-        elif outcome == "paused":  # steering: the context is stored, the job released
-            await steering(s).mark_warm(job.job_id, self.name, self.pipeline)
-            state = "fenced"
-            if await self._put_trajectory(job, payload.trajectory):
-                state = await self._through_outage(
-                    job, lambda: steering(s).pause(job.job_id, job.attempt, payload)
-                )
-            if state == "cancel":
-                return await self.finish(job, "canceled", None)
-            result = "paused" if state == "paused" else "lost"
-        elif outcome in ("handback", "retry"):
-            state = await self._through_outage(
-                job, lambda: s.requeue(job.job_id, job.attempt, outcome, payload)
-            )
-            result = {
-                "queued": "handed_back" if outcome == "handback" else "retried",
-                "dead": "failed",
-                "canceled": "canceled",
-            }.get(state, "lost")
-        else:
-            result = "lost"
-        if result in ("succeeded", "canceled", "failed"):
-            await self.images.job_ended(job.job_id)
-        self.metrics.jobs.labels(result).inc()
-        log.info("job ended: %s", result, extra={"outcome": result})
-
-    # -- helpers --------------------------------------------------------------------------------------
-
-    async def _put_trajectory(self, job: ActiveJob, trajectory: dict[str, Any]) -> bool:
-        """Write the attempt's trajectory blob, before the fenced script that names it (finish,
-        pause). False, writing nothing, when the attempt no longer holds the job."""
-        held, _cancel = await self._through_outage(job, lambda: self.store.lease(job.job_id, job.attempt))
-        if not held:
-            return False
-        body = encode_trajectory(trajectory)
-        key = trajectory_key(job.job_id, job.attempt)
-        await self._through_outage(job, lambda: self.images.put(key, body))
-        return True
-
-    async def _params(self, job: ActiveJob) -> GenerationParams:
-        image = None
-        if job.record.get("input_image"):
-            from service.jobs import INPUT_IMAGE_ID
-
-            png = await self.images.get(imagelib.storage_key(job.job_id, 0, INPUT_IMAGE_ID))
-            if png is None:
-                raise PermanentError("the input image has expired")
-            image = await asyncio.to_thread(imagelib.decode_png, png)
-        try:
-            return params_from_record(job.record, image, self.settings.max_side)
-        except (InvalidParams, ValueError, KeyError, TypeError) as exc:
-            raise PermanentError(f"invalid parameters: {exc}") from exc
-
-    def _timings(self, job: ActiveJob) -> dict[str, float]:
-        return {"attempt_run_s": round(time.time() - job.began, 4)}
-
-    async def _through_outage(self, job: ActiveJob, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a Redis operation of a running job, retrying while Redis is away, however long.
-        Giving the job up would not help anyone: while this worker lives, its heartbeat comes
-        back with Redis and nobody may reclaim the job; the attempt's fence settles the rest."""
-        delay = 0.05
-        while True:
-            try:
-                return await op()
-            except TRANSIENT as exc:
-                log.warning("redis unavailable during a job, retrying: %s", exc)
-                await asyncio.sleep(delay)
-                delay = min(1.0, delay * 2)
+    # -- liveness ---------------------------------------------------------------------------------------
 
     async def _until_redis(self, op: Callable[[], Awaitable[Any]]) -> None:
         delay = 0.1

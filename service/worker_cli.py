@@ -14,16 +14,20 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from service import blobs as bloblib
 from service import logging as slog
 from service.metrics import WorkerMetrics
+from service.redis_client import connect
+from service.runner import Pipeline
 from service.settings import Settings
-from service.store import Store, connect
-from service.worker import Pipeline, PipelineFactory, Worker, torch_thread
+from service.store import Store
+from service.worker import Worker, torch_thread
 
 log = logging.getLogger("strokes.worker")
+PipelineFactory = Callable[[str, str, "str | None"], Pipeline]  # (checkpoint, device, dtype)
 
 
 def load_pipeline(checkpoint: str, device: str, dtype: str | None = None) -> Pipeline:

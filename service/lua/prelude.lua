@@ -1,4 +1,4 @@
--- Shared by the scripts that move jobs (prepended to each when store.py loads them).
+-- Shared by the scripts that move jobs (prepended to each when redis_client.py loads them).
 
 local function clock()
   local t = redis.call('TIME')

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from svc_testkit import S3_BUCKET, Proc
 
+from service.redis_client import connect
 from service.settings import Settings
-from service.store import Store, connect
+from service.store import Store
 
 
 @pytest.fixture

@@ -290,7 +290,8 @@ async def test_input_goes_when_the_job_ends_in_any_way(blob_settings: Settings, 
     from svc_testkit import ScriptedPipeline
 
     from service.metrics import WorkerMetrics
-    from service.store import Store, connect
+    from service.redis_client import connect
+    from service.store import Store
     from service.worker import Worker
 
     s = blob_settings.model_copy(
