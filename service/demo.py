@@ -21,6 +21,14 @@ import httpx
 from model import devices
 from service.client import iter_sse
 from service.serve import free_port
+from service.wire import (
+    IMAGE_PROGRESS,
+    ITERATION_COMPLETED,
+    JOB_COMPLETED,
+    STAGE_COMPLETED,
+    TERMINAL_EVENTS,
+    TEXT_DELTA,
+)
 
 TINY_DIR = Path(".tiny")
 
@@ -74,13 +82,13 @@ def demo_request(tiny: bool, prompt: str) -> dict:
 
 
 def show(event: str, data: dict) -> None:
-    if event == "text.delta":
+    if event == TEXT_DELTA:
         print(data["delta"].replace("\n", " "), end="", flush=True)
         return
-    if event == "image.progress":
+    if event == IMAGE_PROGRESS:
         print(".", end="", flush=True)
         return
-    if event in ("stage.completed", "iteration.completed", "job.completed"):
+    if event in (STAGE_COMPLETED, ITERATION_COMPLETED, JOB_COMPLETED):
         print()
     brief = {k: v for k, v in data.items() if k not in ("job_id", "ts", "text", "usage", "timings")}
     print(f"[{event}] {json.dumps(brief, ensure_ascii=False)}", flush=True)
@@ -122,9 +130,9 @@ def run_demo(args) -> int:
                 for sse in iter_sse(stream.iter_lines()):
                     data = sse.json()
                     show(sse.event, data)
-                    if sse.event in ("job.completed", "job.failed", "job.canceled"):
+                    if sse.event in TERMINAL_EVENTS:
                         final = sse.event
-            if final != "job.completed":
+            if final != JOB_COMPLETED:
                 print(f"the job ended with {final}")
                 return 1
             status = client.get(f"/v1/generations/{job['id']}").json()

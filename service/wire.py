@@ -29,13 +29,15 @@ from model.generation.events import (
 )
 from model.generation.events import Event as PipelineEvent
 
+# The SSE event names: the one list (docs/events.md, the client, the studio and the Lua scripts are
+# checked against it in tests/test_docs.py). A stage's events keep the pipeline's own names.
 JOB_QUEUED = "job.queued"
 JOB_STARTED = "job.started"
-STAGE_STARTED = "stage.started"
-TEXT_DELTA = "text.delta"
-IMAGE_PROGRESS = "image.progress"
-STAGE_COMPLETED = "stage.completed"
-ITERATION_COMPLETED = "iteration.completed"
+STAGE_STARTED = StageStarted.name
+TEXT_DELTA = TextDelta.name
+IMAGE_PROGRESS = ImageProgress.name
+STAGE_COMPLETED = StageCompleted.name
+ITERATION_COMPLETED = IterationCompleted.name
 JOB_COMPLETED = "job.completed"
 JOB_FAILED = "job.failed"
 JOB_CANCELED = "job.canceled"

@@ -1,5 +1,6 @@
-"""The documentation keeps up with the code: every event is documented in docs/events.md and
-known to the Python client, and the README's links resolve."""
+"""The documentation keeps up with the code: every event is documented in docs/events.md, known to
+the Python client and the studio, named only from service/wire.py's list in the Lua scripts, and
+the README's links resolve."""
 
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ def test_every_event_is_documented_with_an_example():
 
 def test_the_client_knows_every_event():
     assert set(EVENT_TYPES) == {*EVENT_NAMES, "error"}
+
+
+def test_lua_scripts_and_the_studio_name_only_listed_events_and_the_studio_handles_all():
+    name = re.compile(r"""['"]((?:job|stage|text|image|iteration)\.[a-z_]+)['"]""")
+    for path in [*(ROOT / "service" / "lua").glob("*.lua"), *(ROOT / "service" / "studio").glob("*.js")]:
+        unknown = set(name.findall(path.read_text())) - set(EVENT_NAMES)
+        assert not unknown, f"{path.name} names events service/wire.py does not list: {unknown}"
+    handled = re.findall(r'case "([a-z_.]+)":', (ROOT / "service" / "studio" / "state.js").read_text())
+    assert set(handled) == set(EVENT_NAMES)
 
 
 def test_readme_links_resolve():
