@@ -87,7 +87,7 @@ def idempotency(owner: str, key: str) -> str:
 
 
 class JobStatus(str, Enum):
-    """Where a job is in its life. Only the Lua scripts in store.py move a job between states."""
+    """Where a job is in its life. Only the Lua scripts (service/lua/*.lua) move a job between states."""
 
     queued = "queued"  # accepted, durable, waiting for a worker (or handed back by one)
     running = "running"  # a worker holds it under the attempt number in the job hash
