@@ -1,5 +1,5 @@
-// One generation on the page: a header (status, queue position, timings, actions) and a row per
-// iteration with a card per stage, redrawn from state.js as its events stream in.
+// One generation on the page: a header (header.js: status, queue position, timings, actions) and
+// a row per iteration with a card per stage, redrawn from state.js as its events stream in.
 //
 // The events come from fetch()-streamed SSE; when the stream drops, it resumes with Last-Event-ID.
 // The state and the last event id are kept in sessionStorage, so a reload redraws at once and
@@ -7,18 +7,10 @@
 
 import { describe } from "./api.js";
 import { drawCard, makeCard } from "./cards.js";
-import { h, saveBlob, seconds } from "./dom.js";
-import { absorbView, newState, reduce, STAGE_LABEL, STAGES, TERMINAL } from "./state.js";
+import { h, saveBlob } from "./dom.js";
+import { drawHeader } from "./header.js";
+import { absorbView, newState, reduce, STAGE_LABEL, STAGES, STATUS_LABEL, TERMINAL } from "./state.js";
 import { addPausedEditor, addSteering } from "./steer.js";
-
-const STATUS_LABEL = {
-  queued: "Queued",
-  running: "Running",
-  paused: "Waiting for you",
-  succeeded: "Finished",
-  failed: "Failed",
-  canceled: "Canceled",
-};
 
 const RECONNECTING = "Connection lost; reconnecting…";
 
@@ -308,41 +300,7 @@ export class JobView {
   }
 
   renderHeader() {
-    const s = this.state;
-    const r = s.request || {};
-    this.title.textContent = r.prompt || s.id;
-    this.status.textContent = STATUS_LABEL[s.status] || s.status;
-    this.status.dataset.status = s.status;
-    this.el.dataset.status = s.status;
-    const facts = [s.id, r.protocol, r.width && `${r.width}×${r.height}`, r.max_iterations && `≤ ${r.max_iterations} iterations`];
-    if (r.seed != null) facts.push(`seed ${r.seed}`);
-    if (r.input_image) facts.push("from a starting image");
-    this.meta.textContent = facts.filter(Boolean).join(" · ");
-    if (s.inputImage) {
-      this.input.hidden = false;
-      this.loadImage(this.inputImg, s.inputImage);
-    }
-    this.queue.hidden = s.status !== "queued";
-    this.queue.textContent = s.position ? `Waiting in the queue: position ${s.position}.` : "Waiting for a worker…";
-    this.note.textContent = s.note || "";
-    if (s.error) this.error.textContent = `The generation failed: ${s.error.message}`;
-    this.cancelButton.hidden = TERMINAL.has(s.status);
-    this.trajectoryButton.hidden = s.status !== "succeeded";
-    const t = s.timings || {};
-    const parts = [
-      t.queued_s != null && `queued ${seconds(t.queued_s)}`,
-      t.run_s != null && `ran ${seconds(t.run_s)}`,
-      t.total_s != null && `total ${seconds(t.total_s)}`,
-      s.usage?.generated_tokens != null && `${s.usage.generated_tokens} tokens generated`,
-    ].filter(Boolean);
-    this.timings.textContent = parts.length ? `Timings: ${parts.join(" · ")}` : "";
-    if (s.parent) {
-      const p = s.parent;
-      this.meta.textContent += ` · branch of ${p.job_id}${p.iteration ? ` after iteration ${p.iteration} ${p.stage}` : ""}`;
-    }
-    if (this.hooks.steering && s.status === "succeeded" && !this.steerSlot.childElementCount) {
-      addSteering(this, this.steerSlot, null);
-    }
+    drawHeader(this);
   }
 
   renderRow(n) {

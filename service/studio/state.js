@@ -4,6 +4,15 @@
 
 // A follow-up fork's iteration opens with the person's instruction (stage "instruction").
 export const STAGES = ["instruction", "plan", "draft", "reflect", "refine"];
+export const STATUS_LABEL = {
+  queued: "Queued",
+  running: "Running",
+  paused: "Waiting for you",
+  succeeded: "Finished",
+  failed: "Failed",
+  canceled: "Canceled",
+};
+
 export const STAGE_LABEL = { instruction: "Instruction", plan: "Plan", draft: "Draft", reflect: "Reflection", refine: "Refinement" };
 export const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 
