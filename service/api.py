@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from redis.exceptions import RedisError
@@ -130,6 +132,21 @@ class RequestMetrics:
 # ---- app ----------------------------------------------------------------------------------------
 
 
+async def every(interval_s: float, chore: Callable[[], Awaitable[Any]], what: str) -> None:
+    """`chore()` every `interval_s` until canceled (0: never). A failure (Redis or the blob store
+    away) is logged and the chore tried again next interval."""
+    if interval_s <= 0:
+        return
+    while True:
+        try:
+            await chore()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("%s failed: %s", what, exc)
+        await asyncio.sleep(interval_s)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API app. `settings` (tests, `strokes api` flags) overrides the environment's."""
     settings = settings or get_settings()
@@ -152,8 +169,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.blobs = bloblib.open_store(settings)
         app.state.hub = sse.EventHub(app.state.store, settings)
         app.state.hub.links = bloblib.event_links(app.state.blobs, settings)
-        sweeper = asyncio.create_task(bloblib.sweep_forever(app.state.blobs, client, settings))
-        pauses = asyncio.create_task(steering(app.state.store).expire_pauses_forever())
+        chores = [  # every replica runs them; the sweep takes a lock per interval, pauses end once
+            asyncio.create_task(
+                every(
+                    settings.blob_sweep_interval_s,
+                    lambda: bloblib.sweep_once(app.state.blobs, client, settings),
+                    "blob sweep",
+                )
+            ),
+            asyncio.create_task(
+                every(settings.pause_sweep_interval_s, steering(app.state.store).expire_pauses, "pause sweep")
+            ),
+        ]
         try:
             await bounded(settings, app.state.store.ensure_group())
         except (RedisError, OSError, TimeoutError) as exc:  # not fatal: Redis may come up later
@@ -161,8 +188,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            sweeper.cancel()
-            pauses.cancel()
+            for chore in chores:
+                chore.cancel()
             await app.state.hub.close()
             await app.state.blobs.close()
             await app.state.store.close()

@@ -19,7 +19,7 @@ Contract (both backends, one behaviour suite in tests/service/test_service_blobs
   previews and trajectories older than `blob_output_ttl_s`, and (local) temp files of a write
   that died half-way older than `blob_orphan_s`. So nothing leaks when a process dies mid-write
   or before `job_ended`.
-  `sweep_forever` runs it every `blob_sweep_interval_s` in the API, one replica at a time (a
+  The API runs `sweep_once` every `blob_sweep_interval_s` (api.every), one replica at a time (a
   Redis lock). An S3 lifecycle rule may do the same (deploy/README.md); nothing depends on it.
 - `url(key)` -> a URL a client can GET without the API (S3 with `s3_presign`: a presigned URL
   valid `s3_presign_ttl_s`), or None (the API's own image route is the link).
@@ -248,20 +248,6 @@ async def sweep_once(blobs: BlobStore, redis: Any, settings: Settings) -> int | 
     removed = await blobs.sweep()
     log.info("blob sweep", extra={"removed": removed, "seconds": round(time.monotonic() - began, 3)})
     return removed
-
-
-async def sweep_forever(blobs: BlobStore, redis: Any, settings: Settings) -> None:
-    """`sweep_once` every `blob_sweep_interval_s` (the API runs this; 0 turns it off)."""
-    if settings.blob_sweep_interval_s <= 0:
-        return
-    while True:
-        try:
-            await sweep_once(blobs, redis, settings)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # Redis or the store away: try again next interval
-            log.warning("blob sweep failed: %s", exc)
-        await asyncio.sleep(settings.blob_sweep_interval_s)
 
 
 # ---- links --------------------------------------------------------------------------------------

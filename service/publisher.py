@@ -127,21 +127,15 @@ class Publisher:
         # The trajectory so far: the batch's latest record is enough (the emits below all name
         # the same blob, and go out together after it is written).
         trajectory = next((w for w, _png in reversed(items) if w.trajectory is not None), None)
-        if trajectory is not None or any(png is not None for _wire, png in items):
-            # Blobs are written outside the fenced scripts (before the emits that name them):
-            # check first that this attempt still holds the job, so a stale attempt writes none.
-            # (One that loses the job in between writes under its own attempt's keys, which the
-            # fenced emits then refuse to name.)
-            held, _cancel = await through_outage(lambda: runner.store.lease(job.job_id, job.attempt))
-            if not held:
-                raise LeaseLost(job.job_id)
-        for wire, png in items:
-            if png is not None and wire.image is not None:
-                key = imagelib.storage_key(job.job_id, job.attempt, wire.image[0])
-                await through_outage(lambda k=key, p=png: runner.images.put(k, p))
+        blobs = [
+            (imagelib.storage_key(job.job_id, job.attempt, wire.image[0]), png)
+            for wire, png in items
+            if png is not None and wire.image is not None
+        ]
         if trajectory is not None:
-            key, body = trajectory.fields[TRAJECTORY_FIELD], trajectory.trajectory
-            await through_outage(lambda: runner.images.put(key, body))
+            blobs.append((trajectory.fields[TRAJECTORY_FIELD], trajectory.trajectory))
+        if blobs and not await runner.put_blobs(job, blobs):
+            raise LeaseLost(job.job_id)
         emits = []
         for wire, _png in items:
             if wire.name or wire.fields:

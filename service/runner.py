@@ -313,16 +313,22 @@ class JobRunner:
 
     # -- helpers --------------------------------------------------------------------------------------
 
-    async def _put_trajectory(self, job: ActiveJob, trajectory: dict[str, Any]) -> bool:
-        """Write the attempt's trajectory blob, before the fenced script that names it (finish,
-        pause). False, writing nothing, when the attempt no longer holds the job."""
+    async def put_blobs(self, job: ActiveJob, blobs: list[tuple[str, bytes]]) -> bool:
+        """Write (key, bytes) blobs of the attempt before the fenced script that names them (emit,
+        finish, pause). Blobs are written outside the fences, so first check that the attempt
+        still holds the job: False, writing nothing, when it does not. (One that loses the job in
+        between writes under its own attempt's keys, which the fenced scripts then refuse to name.)"""
         held, _cancel = await through_outage(lambda: self.store.lease(job.job_id, job.attempt))
         if not held:
             return False
-        body = encode_trajectory(trajectory)
-        key = trajectory_key(job.job_id, job.attempt)
-        await through_outage(lambda: self.images.put(key, body))
+        for key, body in blobs:
+            await through_outage(lambda k=key, b=body: self.images.put(k, b))
         return True
+
+    async def _put_trajectory(self, job: ActiveJob, trajectory: dict[str, Any]) -> bool:
+        """The attempt's whole trajectory, before the finish or pause that names it."""
+        key = trajectory_key(job.job_id, job.attempt)
+        return await self.put_blobs(job, [(key, encode_trajectory(trajectory))])
 
     async def _params(self, job: ActiveJob) -> GenerationParams:
         image = None

@@ -35,10 +35,8 @@ Knows nothing of tensors: the worker side hands model objects through (prepare_r
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,8 +49,6 @@ from service.keys import JobStatus
 from service.redis_client import decode, load_script
 from service.store import Store
 from service.wire import IMAGE_FIELD_PREFIX, TRAJECTORY_FIELD, parent_trajectory_key, trajectory_key
-
-log = logging.getLogger("strokes.steering")
 
 STEERING_SCRIPTS = ("pause", "continue", "end_paused", "route")  # service/lua/{name}.lua
 
@@ -226,7 +222,8 @@ class Steering:
 
     async def expire_pauses(self, limit: int = 20) -> int:
         """End pauses left unanswered past their time (workers call this on their reclaim beat, the
-        API every pause_sweep_interval_s: a pool scaled to zero still ends them)."""
+        API every pause_sweep_interval_s: a pool scaled to zero still ends them). Any number of
+        callers at once: end_paused ends a pause once."""
         now_ms = int(time.time() * 1000)
         due = await self.store.r.zrangebyscore(keys.PAUSED, "-inf", now_ms, start=0, num=limit)
         ended = 0
@@ -239,20 +236,6 @@ class Steering:
             data = {"job_id": job_id, "reason": "pause_expired", "error": error}
             ended += await self._end(job_id, data, error, str(now_ms)) == "canceled"
         return ended
-
-    async def expire_pauses_forever(self) -> None:
-        """The API's loop over expire_pauses. Every replica may run it: end_paused acts once."""
-        interval = self.settings.pause_sweep_interval_s
-        if interval <= 0:
-            return
-        while True:
-            try:
-                await self.expire_pauses()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis away: try again next interval
-                log.warning("pause sweep failed: %s", exc)
-            await asyncio.sleep(interval)
 
     async def _end(self, job_id: str, data: dict, error: dict | None, before_ms: str) -> str:
         s = self.settings

@@ -187,12 +187,11 @@ def secret_keys(secrets: str) -> list[bytes]:
     return keys
 
 
-def sign(keys: bytes | list[bytes], message_id: str, timestamp: int, body: bytes) -> str:
+def sign(keys: list[bytes], message_id: str, timestamp: int, body: bytes) -> str:
     """The webhook-signature header: "v1,<base64>" per key, space-separated."""
     signed = message_id.encode() + b"." + str(timestamp).encode() + b"." + body
     return " ".join(
-        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-        for key in ([keys] if isinstance(keys, bytes) else keys)
+        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode() for key in keys
     )
 
 

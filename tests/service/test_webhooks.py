@@ -74,13 +74,13 @@ def test_malformed_urls_are_refused(url: str):
 
 
 def test_signature_verifies_with_the_standardwebhooks_package():
-    key = webhooks.secret_bytes(SECRET)
+    keys = webhooks.secret_keys(SECRET)
     body = webhooks.body("job.completed", "1700000000000-0", json.dumps({"job_id": "gen_x"}))
     stamp = int(time.time())
     headers = {
         "webhook-id": "msg_1",
         "webhook-timestamp": str(stamp),
-        "webhook-signature": webhooks.sign(key, "msg_1", stamp, body),
+        "webhook-signature": webhooks.sign(keys, "msg_1", stamp, body),
     }
     payload = Webhook(SECRET).verify(body, headers)
     assert payload["type"] == "job.completed" and payload["data"] == {"job_id": "gen_x"}
