@@ -45,7 +45,7 @@ REPO = BENCH_DIR.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from service.serve import PrivateRedis, free_port  # noqa: E402
+from strokes.service.cli.serve import PrivateRedis, free_port  # noqa: E402
 
 SMALL = {
     "prompt": "a red cube on a blue sphere",
@@ -88,7 +88,7 @@ class Proc:
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path, log_path: Path):
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *args],
+            [sys.executable, "-m", "strokes.service.cli.main", *args],
             cwd=cwd,
             env=env,
             stdout=self.log,
@@ -175,7 +175,7 @@ def main() -> int:
     parser.add_argument("--uploads", type=int, default=50)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    from model.testing.tiny import make_tiny
+    from strokes.model.testing.tiny import make_tiny
 
     tmp = Path(tempfile.mkdtemp(prefix="blob-bench-"))
     procs: list[Proc] = []
@@ -318,7 +318,7 @@ def main() -> int:
 
 def preview_refs(http: httpx.Client, job_id: str) -> list[dict]:
     """The preview image refs of a finished job, from its event log (status lists no previews)."""
-    from service.client import iter_sse
+    from strokes.service.cli.sse_client import iter_sse
 
     with http.stream("GET", f"/v1/generations/{job_id}/events") as reply:
         events = [e.json() for e in iter_sse(reply.iter_lines()) if e.event == "image.progress"]

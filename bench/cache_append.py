@@ -44,9 +44,9 @@ from common import (
     write_json,
 )
 
-from model.generation.loading import load_engine
-from model.network.attention import attention_sdpa
-from model.network.kv_cache import KVCache
+from strokes.model.generation.loading import load_engine
+from strokes.model.network.attention import attention_sdpa
+from strokes.model.network.kv_cache import KVCache
 
 PROMPT = "A watercolor painting of a lighthouse on a cliff at sunset, with seagulls over the waves."
 WINDOW = 128

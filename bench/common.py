@@ -24,7 +24,7 @@ REPO = BENCH_DIR.parent
 if str(REPO) not in sys.path:  # `python bench/x.py` from anywhere: the repo's model package
     sys.path.insert(0, str(REPO))
 
-from model.testing.tiny import PRESETS, make_tiny  # noqa: E402
+from strokes.model.testing.tiny import PRESETS, make_tiny  # noqa: E402
 
 THREADS = 2
 

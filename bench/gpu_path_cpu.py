@@ -42,15 +42,15 @@ from common import (
 )
 from PIL import Image
 
-import model.network.static_decode as static_decode
-from model.generation.budget import job_budget
-from model.generation.loading import load_engine
-from model.generation.params import GenerationParams
-from model.generation.prompts import GEN_THINK_SYSTEM_PROMPT
-from model.network.attention import causal_mask
-from model.network.decoder import rope_tables, route
-from model.network.kv_cache import branch_rooms
-from model.network.static_decode import StaticDecoder
+import strokes.model.network.static_decode as static_decode
+from strokes.model.generation.budget import job_budget
+from strokes.model.generation.loading import load_engine
+from strokes.model.spec.params import GenerationParams
+from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT
+from strokes.model.network.attention import causal_mask
+from strokes.model.network.decoder import rope_tables, route
+from strokes.model.network.kv_cache import branch_rooms
+from strokes.model.network.static_decode import StaticDecoder
 
 
 def old_forward_block(lm, x, contexts, gen):

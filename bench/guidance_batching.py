@@ -42,10 +42,10 @@ from common import (
 )
 from PIL import Image
 
-from model.generation.engine import Engine
-from model.generation.loading import load_engine
-from model.generation.params import ImageSettings
-from model.generation.prompts import GEN_THINK_SYSTEM_PROMPT
+from strokes.model.generation.engine import Engine
+from strokes.model.generation.loading import load_engine
+from strokes.model.spec.params import ImageSettings
+from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT
 
 PROMPT = "Make the sky stormy and add a red kite flying above the house."
 SIZE = 256

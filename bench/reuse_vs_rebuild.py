@@ -38,7 +38,7 @@ from common import (
     write_json,
 )
 
-from model.generation.events import (
+from strokes.model.spec.events import (
     Done,
     ImageCompleted,
     IterationCompleted,
@@ -46,9 +46,9 @@ from model.generation.events import (
     StageStarted,
     Verdict,
 )
-from model.generation.loading import load_engine
-from model.generation.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings
-from model.generation.pipeline import Pipeline
+from strokes.model.generation.loading import load_engine
+from strokes.model.spec.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings
+from strokes.model.generation.pipeline import Pipeline
 
 PROMPT = "A red fox sitting in a snowy forest clearing at dawn, soft light, detailed fur."
 SIZE = 256

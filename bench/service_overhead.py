@@ -40,8 +40,8 @@ REPO = BENCH_DIR.parent
 if str(REPO) not in sys.path:  # `python bench/service_overhead.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from model.generation.params import GenerationParams, ImageSettings, TextSettings  # noqa: E402
-from service.serve import PrivateRedis, free_port  # noqa: E402
+from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings  # noqa: E402
+from strokes.service.cli.serve import PrivateRedis, free_port  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -51,7 +51,7 @@ def log(message: str) -> None:
 def small_checkpoint(seed: int = 0) -> Path:
     """The shared "small" random checkpoint (DESIGN.md section 5), in bench/.ckpt like the other
     CPU benchmarks (written on first use, then reused)."""
-    from model.testing.tiny import make_tiny
+    from strokes.model.testing.tiny import make_tiny
 
     folder = Path(os.environ.get("STROKES_BENCH_CKPT", BENCH_DIR / ".ckpt" / f"small-seed{seed}"))
     if not (folder / "tiny_bagel_info.json").is_file():
@@ -198,7 +198,7 @@ def service(checkpoint: Path, threads: int):
     }
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cli = [sys.executable, "-m", "service.cli"]
+    cli = [sys.executable, "-m", "strokes.service.cli.main"]
     api_log, worker_log = (tmp / "api.log").open("wb"), (tmp / "worker.log").open("wb")
     api = subprocess.Popen(
         [*cli, "api", "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=api_log
@@ -270,8 +270,8 @@ def run_through_service(base: str, job: dict) -> dict:
 
 
 def overhead(checkpoint: Path, job: dict, runs: int, label: str) -> dict:
-    from model.generation.loading import load_engine
-    from model.generation.pipeline import Pipeline
+    from strokes.model.generation.loading import load_engine
+    from strokes.model.generation.pipeline import Pipeline
 
     setup_threads(2)
     pipeline = Pipeline(load_engine(checkpoint, device="cpu"))
@@ -419,7 +419,7 @@ def main() -> int:
     }
 
     tiny = Path(tempfile.mkdtemp(prefix="strokes-tiny-")) / "ckpt"
-    from model.testing.tiny import make_tiny
+    from strokes.model.testing.tiny import make_tiny
 
     make_tiny(tiny, seed=0)
     result["overhead_small"] = overhead(small_checkpoint(), SMALL_JOB, args.runs, "small")

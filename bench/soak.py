@@ -43,8 +43,8 @@ if str(REPO) not in sys.path:  # `python bench/soak.py` from anywhere
 
 import redis  # noqa: E402
 
-from service import keys  # noqa: E402
-from service.serve import PrivateRedis, free_port  # noqa: E402
+from strokes.service.queue import keys  # noqa: E402
+from strokes.service.cli.serve import PrivateRedis, free_port  # noqa: E402
 
 JOB = {
     "prompt": "a red cube on a blue sphere",
@@ -89,7 +89,7 @@ class Cluster:
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
         out = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
         return subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *args], cwd=REPO, env=self.env, stdout=out, stderr=out
+            [sys.executable, "-m", "strokes.service.cli.main", *args], cwd=REPO, env=self.env, stdout=out, stderr=out
         )
 
     def start_worker(self, slot: int) -> None:
@@ -203,7 +203,7 @@ def main() -> int:
     began = time.monotonic()
     deadline = began + args.minutes * 60
     tmp = Path(tempfile.mkdtemp(prefix="strokes-soak-"))
-    from model.testing.tiny import make_tiny
+    from strokes.model.testing.tiny import make_tiny
 
     checkpoint = make_tiny(tmp / "tiny", seed=0)
     server = PrivateRedis(tmp / "redis")

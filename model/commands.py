@@ -18,8 +18,8 @@ def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argp
     stderr and exit status 2, not a traceback."""
 
     def run(args: argparse.Namespace) -> int:
-        from model.generation.params import InvalidParams
-        from model.network.config import CheckpointError
+        from strokes.model.spec.params import InvalidParams
+        from strokes.model.network.config import CheckpointError
 
         try:
             return command(args)
@@ -33,7 +33,7 @@ def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argp
 def _make_tiny(args: argparse.Namespace) -> int:
     import torch
 
-    from model.testing.tiny import PRESETS, make_tiny
+    from strokes.model.testing.tiny import PRESETS, make_tiny
 
     sizes = PRESETS[args.preset]
     overrides = {
@@ -60,8 +60,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _conformance(args: argparse.Namespace) -> int:
-    from model import devices
-    from model.testing.conformance import run_golden
+    from strokes.model import devices
+    from strokes.model.testing.conformance import run_golden
 
     device, why = devices.resolve(args.device)
     print(f"device {device} ({why})", file=sys.stderr)
@@ -76,12 +76,12 @@ def _conformance(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from model.generation.loading import load_engine
-    from model.generation.pipeline import Pipeline
+    from strokes.model.generation.loading import load_engine
+    from strokes.model.generation.pipeline import Pipeline
 
     out = Path(args.out)
     params, fork = _fork_from(args, out) if args.fork else (_new_params(args), None)
-    from model import devices
+    from strokes.model import devices
 
     device, why = devices.resolve(args.device)
     print(f"loading {args.checkpoint} on {device} ({why}) ...", file=sys.stderr)
@@ -98,7 +98,7 @@ def _generate(args: argparse.Namespace) -> int:
     (out / "trajectory.json").write_text(json.dumps(trajectory, indent=2, ensure_ascii=False) + "\n")
     print(f"trajectory: {out / 'trajectory.json'}")
     if final is None:
-        from model.generation.events import NO_IMAGE_MESSAGE
+        from strokes.model.spec.events import NO_IMAGE_MESSAGE
 
         # The same outcome as the API's job.failed {type: no_image}: no picture, a non-zero exit.
         print(f"strokes generate: {NO_IMAGE_MESSAGE}", file=sys.stderr)
@@ -110,7 +110,7 @@ def _new_params(args: argparse.Namespace):
     import numpy as np
     from PIL import Image
 
-    from model.generation.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
+    from strokes.model.spec.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
 
     if not args.prompt:
         raise InvalidParams("prompt", "give a prompt (or --fork a trajectory.json)")
@@ -144,8 +144,8 @@ def _fork_from(args: argparse.Namespace, out: Path):
     import numpy as np
     from PIL import Image
 
-    from model.generation.fork import ForkPoint, params_from_trajectory, plan_fork
-    from model.generation.params import InvalidParams
+    from strokes.model.spec.forks import ForkPoint, params_from_trajectory, plan_fork
+    from strokes.model.spec.params import InvalidParams
 
     path = Path(args.fork)
     folder = path.parent
@@ -176,7 +176,7 @@ def _fork_from(args: argparse.Namespace, out: Path):
 def _print_event(event, out: Path) -> None:
     from PIL import Image
 
-    from model.generation.events import ImageCompleted, ImageProgress, StageCompleted, StageStarted, TextDelta
+    from strokes.model.spec.events import ImageCompleted, ImageProgress, StageCompleted, StageStarted, TextDelta
 
     if isinstance(event, StageStarted):
         print(f"\n[iteration {event.iteration}] {event.stage.value}: ", end="", flush=True)
@@ -210,7 +210,7 @@ def _print_event(event, out: Path) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from model import devices
+    from strokes.model import devices
 
     p = sub.add_parser("make-tiny", help="write a random tiny BAGEL checkpoint in the official layout")
     p.add_argument("folder", help="where to write the checkpoint (created if missing)")

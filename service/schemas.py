@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model.generation.params import (
+from strokes.model.spec.params import (
     DRAFT_DEFAULTS,
     MAX_SIDE,
     MIN_SIDE,
@@ -25,8 +25,8 @@ from model.generation.params import (
     ImageSettings,
     TextSettings,
 )
-from model.generation.prompts import TEMPLATE_NAMES
-from service.webhooks import EVENTS as WEBHOOK_EVENTS
+from strokes.model.spec.prompts import TEMPLATE_NAMES
+from strokes.service.shared.webhooks import EVENTS as WEBHOOK_EVENTS
 
 MAX_PROMPT_CHARS = 4000
 MAX_TEMPLATE_CHARS = 4000

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.serve import PrivateRedis
+from strokes.service.cli.serve import PrivateRedis
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

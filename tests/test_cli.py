@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from model import devices
-from service.cli import build_parser
+from strokes.model import devices
+from strokes.service.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def taken_port() -> Iterator[int]:
 def test_a_port_in_use_is_a_one_line_error(taken_port: int, args: list[str]):
     argv = [a.format(port=taken_port) for a in args]
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", *argv],
+        [sys.executable, "-m", "strokes.service.cli.main", *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -108,7 +108,7 @@ def test_a_port_in_use_is_a_one_line_error(taken_port: int, args: list[str]):
 )
 def test_a_malformed_setting_is_a_one_line_error_that_does_not_echo_it(command, variable, value):
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", *command],
+        [sys.executable, "-m", "strokes.service.cli.main", *command],
         cwd=ROOT,
         capture_output=True,
         text=True,

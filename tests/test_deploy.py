@@ -358,7 +358,7 @@ def test_compose_and_kubernetes_run_the_same_commands():
 
 
 def test_commands_are_ones_the_strokes_cli_accepts():
-    cli = pytest.importorskip("service.cli")
+    cli = pytest.importorskip("strokes.service.cli.main")
     parser = cli.build_parser()
     (subcommands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     services = load_compose()["services"]
@@ -377,7 +377,7 @@ def strokes_env_names() -> set[str]:
 
 
 def test_every_strokes_variable_is_a_setting():
-    settings = pytest.importorskip("service.settings")
+    settings = pytest.importorskip("strokes.service.shared.settings")
     fields = set(settings.Settings.model_fields)
     unknown = {n for n in strokes_env_names() if n.removeprefix("STROKES_").lower() not in fields}
     assert unknown == set(), "STROKES_* variables the service does not read (service/settings.py)"
@@ -523,7 +523,7 @@ def test_keda_scales_the_worker_deployment_on_the_jobs_stream():
 
 
 def test_keda_uses_the_service_queue_names():
-    keys = pytest.importorskip("service.keys")
+    keys = pytest.importorskip("strokes.service.queue.keys")
     assert (keys.JOBS, keys.GROUP) == (JOBS_STREAM, WORKER_GROUP)
 
 
@@ -555,7 +555,7 @@ def test_prometheus_scrapes_the_api_and_every_worker():
 
 def exported_series() -> dict[str, set[str]]:
     """Metric family -> the series names it exposes, read from the service's own registries."""
-    metrics = pytest.importorskip("service.metrics")
+    metrics = pytest.importorskip("strokes.service.shared.metrics")
     families = [
         family
         for registry in (metrics.ApiMetrics().registry, metrics.WorkerMetrics().registry)
@@ -673,7 +673,7 @@ def test_compose_minio_override_is_valid_and_makes_its_bucket_before_api_and_wor
     assert s3["STROKES_S3_ENDPOINT_URL"] == "http://minio:9000" and s3["STROKES_BLOB_BACKEND"] == "s3"
     assert s3["STROKES_S3_SECRET_ACCESS_KEY"] == minio["environment"]["MINIO_ROOT_PASSWORD"]
     assert s3["STROKES_S3_ACCESS_KEY_ID"] == minio["environment"]["MINIO_ROOT_USER"]
-    fields = set(pytest.importorskip("service.settings").Settings.model_fields)
+    fields = set(pytest.importorskip("strokes.service.shared.settings").Settings.model_fields)
     assert {n.removeprefix("STROKES_").lower() for n in s3} <= fields
     for name in ("api", "worker"):
         assert services[name]["environment"] == s3

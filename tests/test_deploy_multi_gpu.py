@@ -23,7 +23,7 @@ def _devices(args: list[str]) -> list[str]:
 
 
 def _parse(args: list[str]):
-    from service.cli import build_parser
+    from strokes.service.cli.main import build_parser
 
     return build_parser().parse_args(args)
 

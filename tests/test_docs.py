@@ -9,7 +9,7 @@ from pathlib import Path
 
 from strokes_client.events import EVENT_TYPES
 
-from service.wire import EVENT_NAMES
+from strokes.service.shared.wire import EVENT_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 

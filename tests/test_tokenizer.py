@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from model.network.tokenizer import BAGEL_TOKENS, BagelTokenizer
-from model.testing.tiny_tokenizer import write_tiny_tokenizer
+from strokes.model.network.tokenizer import BAGEL_TOKENS, BagelTokenizer
+from strokes.model.testing.tiny_tokenizer import write_tiny_tokenizer
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 TINY_CKPT = GOLDEN / "tiny_ckpt"

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model.network.sizing import DEFAULT_MAX_PIXELS, resize_size, to_rgb
-from model.network.transforms import (
+from strokes.model.spec.sizing import DEFAULT_MAX_PIXELS, resize_size, to_rgb
+from strokes.model.network.transforms import (
     VAE_TRANSFORM,
     VIT_TRANSFORM,
     ImageTransform,

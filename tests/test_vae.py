@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.network.transforms import to_uint8, unpack_latent
-from model.network.vae import AutoEncoder, VAEConfig
+from strokes.model.network.transforms import to_uint8, unpack_latent
+from strokes.model.network.vae import AutoEncoder, VAEConfig
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 CKPT = GOLDEN / "tiny_ckpt"

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from model.generation.budget import Budget
-from model.generation.engine import Engine
-from model.generation.warm import Hit
+from strokes.model.generation.budget import Budget
+from strokes.model.generation.engine import Engine
+from strokes.model.generation.warm import Hit
 
 
 @dataclass

@@ -27,17 +27,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.generation.cancel import ShouldCancel, never
-from model.generation.image_generation import ImageGeneration, ImageGenerationOptions
-from model.generation.params import ImageSettings
-from model.generation.text_decoding import LogitsProcessor, TextDecoding, TextDecodingOptions
-from model.network.bagel import Bagel
-from model.network.config import BagelConfig
-from model.network.kv_cache import Context, KVCache
-from model.network.sizing import to_rgb
-from model.network.static_decode import StaticDecoder
-from model.network.tokenizer import BagelTokenizer
-from model.network.transforms import (
+from strokes.model.generation.cancel import ShouldCancel, never
+from strokes.model.generation.image_generation import ImageGeneration, ImageGenerationOptions
+from strokes.model.spec.params import ImageSettings
+from strokes.model.generation.text_decoding import LogitsProcessor, TextDecoding, TextDecodingOptions
+from strokes.model.network.bagel import Bagel
+from strokes.model.network.config import BagelConfig
+from strokes.model.network.kv_cache import Context, KVCache
+from strokes.model.spec.sizing import to_rgb
+from strokes.model.network.static_decode import StaticDecoder
+from strokes.model.network.tokenizer import BagelTokenizer
+from strokes.model.network.transforms import (
     latent_position_ids,
     pack_latent,
     patchify_vit,
@@ -45,7 +45,7 @@ from model.network.transforms import (
     unpack_latent,
     vit_position_ids,
 )
-from model.network.vae import AutoEncoder
+from strokes.model.network.vae import AutoEncoder
 
 
 @dataclass

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.generation.cancel import Cancelled, ShouldCancel
-from model.generation.params import ImageSettings
-from model.generation.sampler import combine_guidance, euler_step, guidance_scales, timestep_schedule
-from model.network.kv_cache import Context, branch_rooms
-from model.network.transforms import latent_position_ids
+from strokes.model.generation.cancel import Cancelled, ShouldCancel
+from strokes.model.spec.params import ImageSettings
+from strokes.model.generation.sampler import combine_guidance, euler_step, guidance_scales, timestep_schedule
+from strokes.model.network.kv_cache import Context, branch_rooms
+from strokes.model.network.transforms import latent_position_ids
 
 if TYPE_CHECKING:
-    from model.generation.engine import Engine
+    from strokes.model.generation.engine import Engine
 
 
 @dataclass

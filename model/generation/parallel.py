@@ -32,8 +32,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from model.network.kv_cache import Context, KVCache, Prefix, branch_rooms
-from model.network.transforms import latent_position_ids
+from strokes.model.network.kv_cache import Context, KVCache, Prefix, branch_rooms
+from strokes.model.network.transforms import latent_position_ids
 
 IMAGE, STEP, END, SHUTDOWN = 1, 2, 3, 4
 
@@ -186,7 +186,7 @@ def _follower(
     import threading
     import time
 
-    from model.generation.loading import load_engine
+    from strokes.model.generation.loading import load_engine
 
     parent = os.getppid()
 
@@ -210,8 +210,8 @@ def load_parallel_engine(checkpoint: str, devices: list[str], dtype: str | None 
     daemonic: they end with the worker), all in one process group; `engine.branch_group` set."""
     import multiprocessing
 
-    from model.generation.loading import load_engine, prepare_device
-    from model.network.config import CheckpointError
+    from strokes.model.generation.loading import load_engine, prepare_device
+    from strokes.model.network.config import CheckpointError
 
     gpus = [d for d in devices if d != "cpu"]
     if len(set(gpus)) != len(gpus):  # CPU processes may repeat "cpu" (gloo; tests, small setups)
@@ -238,6 +238,6 @@ def load_parallel_engine(checkpoint: str, devices: list[str], dtype: str | None 
 
 def load_parallel_pipeline(checkpoint: str, devices: list[str], dtype: str | None = None):
     """The worker's pipeline over several devices (`strokes worker --devices cuda:0,cuda:1,...`)."""
-    from model.generation.pipeline import Pipeline
+    from strokes.model.generation.pipeline import Pipeline
 
     return Pipeline(load_parallel_engine(checkpoint, devices, dtype))

@@ -34,17 +34,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from model.generation.cancel import ShouldCancel, never
-from model.generation.contexts import ContextItem
-from model.generation.engine import Engine
-from model.generation.events import Done, Event, IterationCompleted, Paused, Stage, StageCompleted, Verdict
-from model.generation.fork import Fork
-from model.generation.params import GenerationParams
-from model.generation.prompts import INTERLEAVED_PROMPT, render
-from model.generation.run import Run
-from model.generation.text_decoding import LogitsProcessor
-from model.generation.verdict import parse_reflection
-from model.generation.warm import WarmContexts
+from strokes.model.generation.cancel import ShouldCancel, never
+from strokes.model.generation.contexts import ContextItem
+from strokes.model.generation.engine import Engine
+from strokes.model.spec.events import Done, Event, IterationCompleted, Paused, Stage, StageCompleted, Verdict
+from strokes.model.spec.forks import Fork
+from strokes.model.spec.params import GenerationParams
+from strokes.model.spec.prompts import INTERLEAVED_PROMPT, render
+from strokes.model.generation.run import Run
+from strokes.model.generation.text_decoding import LogitsProcessor
+from strokes.model.generation.verdict import parse_reflection
+from strokes.model.generation.warm import WarmContexts
 
 
 class Pipeline:

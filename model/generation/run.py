@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.generation.budget import job_budget
-from model.generation.cancel import ShouldCancel
-from model.generation.contexts import ContextItem, Contexts
-from model.generation.engine import Engine
-from model.generation.events import (
+from strokes.model.generation.budget import job_budget
+from strokes.model.generation.cancel import ShouldCancel
+from strokes.model.generation.contexts import ContextItem, Contexts
+from strokes.model.generation.engine import Engine
+from strokes.model.spec.events import (
     Done,
     Event,
     ImageCompleted,
@@ -35,20 +35,21 @@ from model.generation.events import (
     StageStarted,
     TextDelta,
 )
-from model.generation.fork import IMAGE_STAGES, Fork, rng_state, set_rng_state
-from model.generation.params import (
+from strokes.model.generation.rng import rng_state, set_rng_state
+from strokes.model.spec.forks import IMAGE_STAGES, Fork
+from strokes.model.spec.params import (
     GenerationParams,
     ImageSettings,
     InvalidParams,
     TextSettings,
     settings_dict,
 )
-from model.generation.prompts import GEN_THINK_SYSTEM_PROMPT
-from model.generation.sampler import sample_token
-from model.generation.text_decoding import LogitsProcessor
-from model.generation.trajectory import Trajectory
-from model.generation.verdict import parse_reflection
-from model.generation.warm import Boundary, WarmContexts
+from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT
+from strokes.model.generation.sampler import sample_token
+from strokes.model.generation.text_decoding import LogitsProcessor
+from strokes.model.generation.trajectory import Trajectory
+from strokes.model.generation.verdict import parse_reflection
+from strokes.model.generation.warm import Boundary, WarmContexts
 
 
 @dataclass

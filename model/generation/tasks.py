@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.generation.contexts import ContextItem, Contexts
-from model.generation.engine import Engine
-from model.generation.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, ImageSettings, TextSettings
-from model.generation.prompts import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
+from strokes.model.generation.contexts import ContextItem, Contexts
+from strokes.model.generation.engine import Engine
+from strokes.model.spec.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, ImageSettings, TextSettings
+from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 
 
 @dataclass

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.generation.cancel import Cancelled, ShouldCancel
-from model.generation.sampler import sample_token
-from model.network.kv_cache import KVCache
+from strokes.model.generation.cancel import Cancelled, ShouldCancel
+from strokes.model.generation.sampler import sample_token
+from strokes.model.network.kv_cache import KVCache
 
 if TYPE_CHECKING:
-    from model.generation.engine import Engine
+    from strokes.model.generation.engine import Engine
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]  # (ids so far, logits (V,)) -> logits
 

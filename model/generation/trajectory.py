@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.generation.params import GenerationParams, settings_dict
+from strokes.model.spec.params import GenerationParams, settings_dict
 
 VERSION = 2  # 2: images are named by their id (it1-draft), not a file name (it1-draft.png)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from model.generation.events import Verdict
+from strokes.model.spec.events import Verdict
 
 _REFINE = re.compile(r"<\s*refine\s*>(.*?)(?:<\s*[/\\]\s*refine\s*>|$)", re.IGNORECASE | re.DOTALL)
 _INSTRUCTION = re.compile(r"corrective\s+instruction\s*(?:is)?\s*:?\s*(.+)", re.IGNORECASE | re.DOTALL)

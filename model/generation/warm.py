@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from model.network.kv_cache import KVCache, Prefix
+from strokes.model.network.kv_cache import KVCache, Prefix
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.network.config import BagelConfig
-from model.network.decoder import LanguageModel
-from model.network.vit import Connector, SiglipVisionModel
+from strokes.model.network.config import BagelConfig
+from strokes.model.network.decoder import LanguageModel
+from strokes.model.network.vit import Connector, SiglipVisionModel
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:

@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.network.transforms import VAE_TRANSFORM, VIT_TRANSFORM, ImageTransform
-from model.network.vae import VAEConfig
+from strokes.model.network.transforms import VAE_TRANSFORM, VIT_TRANSFORM, ImageTransform
+from strokes.model.network.vae import VAEConfig
 
 SIDECAR = "tiny_bagel_info.json"
 

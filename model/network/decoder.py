@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.network.attention import IMPLEMENTATIONS
-from model.network.config import LLMConfig
-from model.network.kv_cache import Context
+from strokes.model.network.attention import IMPLEMENTATIONS
+from strokes.model.network.config import LLMConfig
+from strokes.model.network.kv_cache import Context
 
 Gen = slice | None  # the block's tokens that use the generation expert; None: all understanding
 

@@ -29,9 +29,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from model.network.bagel import Bagel
-from model.network.decoder import rope_tables
-from model.network.kv_cache import KVCache
+from strokes.model.network.bagel import Bagel
+from strokes.model.network.decoder import rope_tables
+from strokes.model.network.kv_cache import KVCache
 
 MIN_BUCKET = 256  # slots; also keeps the mask's rows 16-element aligned for the CUDA kernels
 

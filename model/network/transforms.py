@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from model.network.sizing import DEFAULT_MAX_PIXELS, resize_size  # torch-free, so the API can use them
+from strokes.model.spec.sizing import DEFAULT_MAX_PIXELS, resize_size  # torch-free, so the API can use them
 
 
 @dataclass(frozen=True)

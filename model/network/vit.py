@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.network.config import ViTConfig
+from strokes.model.network.config import ViTConfig
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -34,10 +34,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model.generation.engine import Engine
-from model.generation.params import ImageSettings
-from model.generation.prompts import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
-from model.network.kv_cache import KVCache
+from strokes.model.generation.engine import Engine
+from strokes.model.spec.params import ImageSettings
+from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
+from strokes.model.network.kv_cache import KVCache
 
 RTOL = 1e-4  # of max(1, max |reference|)
 IMAGE_LEVELS = 1
@@ -372,7 +372,7 @@ def run_golden(
 ) -> tuple[list[str], bool]:
     """Load folder/tiny_ckpt in `dtype` (float32: conformance; bfloat16: the bf16 bounds) and
     replay every case; returns (lines, all passed)."""
-    from model.generation.loading import load_engine
+    from strokes.model.generation.loading import load_engine
 
     folder = Path(folder)
     cases = sorted((folder / "cases").glob("*.json"))

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.network.bagel import Bagel
-from model.network.config import SIDECAR, BagelConfig, LLMConfig, ViTConfig
-from model.network.transforms import ImageTransform
-from model.network.vae import AutoEncoder, VAEConfig
-from model.testing.tiny_tokenizer import write_tiny_tokenizer
+from strokes.model.network.bagel import Bagel
+from strokes.model.network.config import SIDECAR, BagelConfig, LLMConfig, ViTConfig
+from strokes.model.network.transforms import ImageTransform
+from strokes.model.network.vae import AutoEncoder, VAEConfig
+from strokes.model.testing.tiny_tokenizer import write_tiny_tokenizer
 
 
 @dataclass(frozen=True)

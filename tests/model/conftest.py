@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.generation.loading import load_engine
+from strokes.model.generation.loading import load_engine
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
 TINY = GOLDEN / "tiny_ckpt"
@@ -22,7 +22,7 @@ def engine():
 @pytest.fixture(scope="session")
 def own_tiny(tmp_path_factory):
     """A checkpoint written by the project's own generator (make-tiny)."""
-    from model.testing.tiny import make_tiny
+    from strokes.model.testing.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
 

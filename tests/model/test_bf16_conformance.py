@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import GOLDEN, TINY
 
-import model.network.decoder
-from model.generation.loading import load_engine
-from model.testing.conformance import run_case, run_golden
+import strokes.model.network.decoder
+from strokes.model.generation.loading import load_engine
+from strokes.model.testing.conformance import run_case, run_golden
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "reference"])

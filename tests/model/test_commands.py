@@ -8,10 +8,10 @@ import sys
 
 from PIL import Image
 
-from model.generation.loading import load_engine
-from model.testing.tiny import make_tiny
+from strokes.model.generation.loading import load_engine
+from strokes.model.testing.tiny import make_tiny
 
-STROKES = [sys.executable, "-m", "service.cli"]
+STROKES = [sys.executable, "-m", "strokes.service.cli.main"]
 
 
 def test_make_tiny_writes_the_official_layout_and_is_deterministic(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import TINY
 
-from model.generation.loading import load_engine
-from model.generation.params import ImageSettings
+from strokes.model.generation.loading import load_engine
+from strokes.model.spec.params import ImageSettings
 
 # The skip is stated here too (not only by tests/conftest.py's `gpu` hook): bench/gpu_check.sh runs
 # this file without that conftest.
@@ -52,7 +52,7 @@ def test_bf16_cuda_agrees_with_float32_cpu():
 def test_float32_cuda_matches_the_golden_cases():
     from conftest import GOLDEN
 
-    from model.testing.conformance import run_golden
+    from strokes.model.testing.conformance import run_golden
 
     lines, ok = run_golden(GOLDEN, device="cuda:0")
     assert ok, "\n".join(lines)
@@ -104,7 +104,7 @@ def test_graphs_and_memory_live_on_a_non_default_device():
 def test_bf16_cuda_passes_the_bf16_golden_bounds():
     from conftest import GOLDEN
 
-    from model.testing.conformance import run_golden
+    from strokes.model.testing.conformance import run_golden
 
     lines, ok = run_golden(GOLDEN, device="cuda:0", dtype="bfloat16")
     assert ok, "\n".join(lines)

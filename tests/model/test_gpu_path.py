@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY
 
-from model.generation.loading import load_engine, prepare_device
-from model.generation.params import GenerationParams, ImageSettings, TextSettings
-from model.generation.pipeline import Pipeline
-from model.network.attention import attention_reference, attention_sdpa
-from model.network.kv_cache import branch_rooms
-from model.network.static_decode import MIN_BUCKET, length_bucket
+from strokes.model.generation.loading import load_engine, prepare_device
+from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
+from strokes.model.generation.pipeline import Pipeline
+from strokes.model.network.attention import attention_reference, attention_sdpa
+from strokes.model.network.kv_cache import branch_rooms
+from strokes.model.network.static_decode import MIN_BUCKET, length_bucket
 
 STEPS = 300
 
@@ -210,7 +210,7 @@ def test_no_cache_sized_concatenation_during_denoising(engine, monkeypatch):
 def test_prepare_device_and_cuda_checks_without_a_gpu():
     assert prepare_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        from model.network.config import CheckpointError
+        from strokes.model.network.config import CheckpointError
 
         with pytest.raises(CheckpointError, match="CUDA is not available"):
             prepare_device("cuda:1")
@@ -218,7 +218,7 @@ def test_prepare_device_and_cuda_checks_without_a_gpu():
 
 def test_gpu_memory_metrics_read_the_workers_own_devices(monkeypatch):
     """observe_gpu asks torch about each named CUDA device, not the current one."""
-    from service.metrics import WorkerMetrics
+    from strokes.service.shared.metrics import WorkerMetrics
 
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -14,9 +14,9 @@ MODEL = Path(__file__).resolve().parents[2] / "model"
 
 # What each subpackage must never import (prefixes of module names).
 FORBIDDEN = {
-    "network": ("model.generation", "model.testing", "model.commands", "service"),
-    "generation": ("model.testing", "model.commands", "service"),
-    "testing": ("model.commands", "service"),
+    "network": ("strokes.model.generation", "strokes.model.testing", "strokes.model.commands", "service"),
+    "generation": ("strokes.model.testing", "strokes.model.commands", "service"),
+    "testing": ("strokes.model.commands", "service"),
 }
 
 

@@ -9,8 +9,8 @@ import torch
 from conftest import TINY
 from safetensors.torch import load_file, save_file
 
-from model.generation.loading import load_engine, resolve_checkpoint
-from model.network.config import CheckpointError
+from strokes.model.generation.loading import load_engine, resolve_checkpoint
+from strokes.model.network.config import CheckpointError
 
 
 @pytest.fixture

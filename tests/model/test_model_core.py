@@ -9,12 +9,12 @@ import torch
 from conftest import GOLDEN, TINY
 from safetensors.torch import load_file
 
-from model.generation.loading import build_model, expected_tensors
-from model.generation.params import ImageSettings
-from model.network.attention import attention_reference, attention_sdpa, causal_mask
-from model.network.bagel import sincos_2d
-from model.network.config import BagelConfig, LLMConfig, ViTConfig, load_config
-from model.network.kv_cache import KVCache
+from strokes.model.generation.loading import build_model, expected_tensors
+from strokes.model.spec.params import ImageSettings
+from strokes.model.network.attention import attention_reference, attention_sdpa, causal_mask
+from strokes.model.network.bagel import sincos_2d
+from strokes.model.network.config import BagelConfig, LLMConfig, ViTConfig, load_config
+from strokes.model.network.kv_cache import KVCache
 
 REAL = BagelConfig(
     llm=LLMConfig(
@@ -161,7 +161,7 @@ def test_a_seed_draws_the_reference_noise_on_the_cpu_generator(engine):
 
 
 def test_bfloat16_path_runs_on_cpu():
-    from model.generation.loading import load_engine
+    from strokes.model.generation.loading import load_engine
 
     bf16 = load_engine(TINY, device="cpu", dtype="bfloat16")
     assert bf16.model.dtype == torch.bfloat16 and bf16.new_cache().k.dtype == torch.bfloat16

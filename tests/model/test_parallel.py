@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.generation.events import ImageCompleted
-from model.generation.loading import load_engine
-from model.generation.params import GenerationParams, ImageSettings, TextSettings
-from model.generation.pipeline import Pipeline
+from strokes.model.spec.events import ImageCompleted
+from strokes.model.generation.loading import load_engine
+from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
+from strokes.model.generation.pipeline import Pipeline
 
 # Not imported from conftest: spawned ranks import this module as a plain file, where `conftest`
 # names whichever conftest.py comes first on sys.path (tests/conftest.py in a whole-suite run).
@@ -62,7 +62,7 @@ def _job(engine):
 
 
 def _rank_main(rank: int, world: int, rendezvous: str, device: str, out: str) -> None:
-    from model.generation.parallel import BranchGroup, init_group
+    from strokes.model.generation.parallel import BranchGroup, init_group
 
     torch.set_num_threads(1)
     engine = load_engine(TINY, device=device.format(rank=rank), dtype="float32")
@@ -82,7 +82,7 @@ def _rank_main(rank: int, world: int, rendezvous: str, device: str, out: str) ->
 
 def _leader_main(index: int, devices: list[str], out: str) -> None:
     """The worker's factory path: the leader spawns its followers and joins them."""
-    from model.generation.parallel import load_parallel_engine
+    from strokes.model.generation.parallel import load_parallel_engine
 
     torch.set_num_threads(1)
     engine = load_parallel_engine(str(TINY), devices, "float32")
@@ -135,8 +135,8 @@ def test_the_workers_factory_spawns_its_followers_and_gives_the_same_images(tmp_
 
 
 def test_a_gpu_listed_twice_is_refused_before_any_process_starts():
-    from model.generation.parallel import load_parallel_engine
-    from model.network.config import CheckpointError
+    from strokes.model.generation.parallel import load_parallel_engine
+    from strokes.model.network.config import CheckpointError
 
     with pytest.raises(CheckpointError, match="twice"):
         load_parallel_engine(str(TINY), ["cuda:0", "cuda:0"])

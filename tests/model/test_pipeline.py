@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.generation.cancel import Cancelled
-from model.generation.events import (
+from strokes.model.generation.cancel import Cancelled
+from strokes.model.spec.events import (
     Done,
     ImageCompleted,
     ImageProgress,
@@ -20,8 +20,8 @@ from model.generation.events import (
     TextDelta,
     Verdict,
 )
-from model.generation.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
-from model.generation.pipeline import Pipeline
+from strokes.model.spec.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
+from strokes.model.generation.pipeline import Pipeline
 
 REFINE = ImageSettings(steps=4, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
 

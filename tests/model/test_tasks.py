@@ -8,8 +8,8 @@ import numpy as np
 from conftest import GOLDEN
 from safetensors.torch import load_file
 
-from model.generation.params import ImageSettings, TextSettings
-from model.generation.tasks import edit_image, text_to_image, understand
+from strokes.model.spec.params import ImageSettings, TextSettings
+from strokes.model.generation.tasks import edit_image, text_to_image, understand
 
 
 def _case(name):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from model.generation.events import Verdict
-from model.generation.verdict import parse_reflection
+from strokes.model.spec.events import Verdict
+from strokes.model.generation.verdict import parse_reflection
 
 CASES = [
     (

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from svc_testkit import S3_BUCKET, Proc
 
-from service.redis_client import connect
-from service.settings import Settings
-from service.store import Store
+from strokes.service.queue.client import connect
+from strokes.service.shared.settings import Settings
+from strokes.service.queue.store import Store
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from model.testing.tiny import make_tiny
+    from strokes.model.testing.tiny import make_tiny
 
     folder = tmp_path_factory.mktemp("tiny") / "ckpt"
     make_tiny(folder, seed=0)

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import redis
 
-from model.generation.events import (
+from strokes.model.spec.events import (
     Done,
     ImageCompleted,
     ImageProgress,
@@ -30,11 +30,11 @@ from model.generation.events import (
     TextDelta,
     Verdict,
 )
-from model.generation.params import GenerationParams
-from service import keys
-from service.client import SSE, iter_sse
-from service.serve import free_port
-from service.settings import Settings
+from strokes.model.spec.params import GenerationParams
+from strokes.service.queue import keys
+from strokes.service.cli.sse_client import SSE, iter_sse
+from strokes.service.cli.serve import free_port
+from strokes.service.shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = ("job.completed", "job.failed", "job.canceled")
@@ -72,7 +72,7 @@ class Proc:
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *args],
+            [sys.executable, "-m", "strokes.service.cli.main", *args],
             cwd=ROOT,
             env=env,
             stdout=self._log,

@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 from svc_testkit import free_port
 
-from service import images as imagelib
-from service import keys
-from service.api import create_app, openapi_yaml
-from service.settings import Settings
-from service.store import Store
+from strokes.service.shared import images as imagelib
+from strokes.service.queue import keys
+from strokes.service.api.app import create_app, openapi_yaml
+from strokes.service.shared.settings import Settings
+from strokes.service.queue.store import Store
 
 QUICK = {"prompt": "a red cube", "width": 64, "height": 64, "max_iterations": 1}
 
@@ -345,7 +345,7 @@ async def test_api_metrics_count_requests_and_429s(settings: Settings):
 
 
 def test_openapi_yaml_matches_the_app():
-    from service.api import OPENAPI_PATH
+    from strokes.service.api.app import OPENAPI_PATH
 
     assert OPENAPI_PATH.read_text() == openapi_yaml(), "openapi.yaml is stale: run `strokes openapi`"
 

@@ -20,12 +20,12 @@ import redis.asyncio as aioredis
 from PIL import Image
 from svc_testkit import free_port, s3_settings
 
-from model.network.sizing import DEFAULT_MAX_PIXELS, resize_size
-from service import blobs as bloblib
-from service import images as imagelib
-from service import keys
-from service.api import every
-from service.settings import Settings
+from strokes.model.spec.sizing import DEFAULT_MAX_PIXELS, resize_size
+from strokes.service.blobs import store as bloblib
+from strokes.service.shared import images as imagelib
+from strokes.service.queue import keys
+from strokes.service.api.app import every
+from strokes.service.shared.settings import Settings
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"x" * 1000
 TRAJECTORY = b'{"version":2,"stages":[{"iteration":1,"stage":"plan","rng":"AAAA"}]}'
@@ -71,7 +71,7 @@ async def test_keys_outside_the_layout_are_refused(blobs: bloblib.BlobStore, key
 
 
 def test_image_ids_never_take_the_names_of_the_trajectory_blobs():
-    from service.wire import safe_image_id
+    from strokes.service.shared.wire import safe_image_id
 
     assert safe_image_id("trajectory.json") == "image-trajectory.json"
     assert safe_image_id("parent_trajectory.json") == "image-parent_trajectory.json"
@@ -271,8 +271,8 @@ def test_a_4096_upload_is_stored_at_what_the_model_uses():
 
 def test_the_model_gets_the_same_pixels_from_the_reduced_upload():
     """What the engine feeds BAGEL from the stored image equals what it feeds from the original."""
-    from model.network.sizing import to_rgb
-    from model.network.transforms import VAE_TRANSFORM
+    from strokes.model.spec.sizing import to_rgb
+    from strokes.model.network.transforms import VAE_TRANSFORM
 
     raw = base64.b64decode(_upload(1500, 900, "RGBA"))
     stored, w, h = imagelib.decode_upload(
@@ -291,10 +291,10 @@ def test_the_model_gets_the_same_pixels_from_the_reduced_upload():
 async def test_input_goes_when_the_job_ends_in_any_way(blob_settings: Settings, ending: str):
     from svc_testkit import ScriptedPipeline
 
-    from service.metrics import WorkerMetrics
-    from service.redis_client import connect
-    from service.store import Store
-    from service.worker import Worker
+    from strokes.service.shared.metrics import WorkerMetrics
+    from strokes.service.queue.client import connect
+    from strokes.service.queue.store import Store
+    from strokes.service.worker.loop import Worker
 
     s = blob_settings.model_copy(
         update={

@@ -20,8 +20,8 @@ import redis
 from PIL import Image
 from svc_testkit import QUICK, s3_env, start_api, start_worker, stream_events, submit, wait_workers
 
-from service import blobs as bloblib
-from service.settings import Settings
+from strokes.service.blobs import store as bloblib
+from strokes.service.shared.settings import Settings
 
 pytestmark = pytest.mark.slow
 

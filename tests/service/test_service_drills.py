@@ -29,9 +29,9 @@ from svc_testkit import (
     wait_workers,
 )
 
-from model.generation.events import NO_IMAGE_MESSAGE
-from service import keys
-from service.client import iter_sse
+from strokes.model.spec.events import NO_IMAGE_MESSAGE
+from strokes.service.queue import keys
+from strokes.service.cli.sse_client import iter_sse
 
 pytestmark = pytest.mark.slow
 

@@ -36,8 +36,8 @@ from svc_testkit import (
     wait_workers,
 )
 
-from service import keys
-from service.client import SSE
+from strokes.service.queue import keys
+from strokes.service.cli.sse_client import SSE
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +105,7 @@ class Follower(threading.Thread):
 
 def _iter(base: str, job_id: str, last: str | None):
     headers = {"Last-Event-ID": last} if last else {}
-    from service.client import iter_sse
+    from strokes.service.cli.sse_client import iter_sse
 
     with httpx.stream(
         "GET", f"{base}/v1/generations/{job_id}/events", headers=headers, timeout=httpx.Timeout(5, read=60)
@@ -489,7 +489,7 @@ def test_redis_stopped_and_restarted_under_a_running_api_and_worker(
 
 
 def test_worker_and_serve_fail_with_a_message_on_a_missing_checkpoint(tmp_path):
-    cmd = [sys.executable, "-m", "service.cli"]
+    cmd = [sys.executable, "-m", "strokes.service.cli.main"]
     missing = str(tmp_path / "nope")
     worker = subprocess.run(
         [*cmd, "worker", "--device", "cpu", "--checkpoint", missing, "--redis-url", "redis://127.0.0.1:1/0"],

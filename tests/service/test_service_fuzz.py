@@ -15,8 +15,8 @@ from schemathesis.core.parameters import ParameterLocation
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from svc_testkit import start_api
 
-from service import keys
-from service.api import OPENAPI_PATH
+from strokes.service.queue import keys
+from strokes.service.api.app import OPENAPI_PATH
 
 SCHEMA = schemathesis.openapi.from_path(OPENAPI_PATH)
 KEY = "fuzz-key"

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from svc_testkit import ScriptedPipeline
 
-from model.generation.events import NO_IMAGE_MESSAGE, Done, ImageCompleted, Stage, StageStarted
-from model.generation.params import GenerationParams
-from service import keys
-from service.metrics import WorkerMetrics
-from service.settings import Settings
-from service.store import Store
-from service.worker import EXIT_FATAL, Worker
+from strokes.model.spec.events import NO_IMAGE_MESSAGE, Done, ImageCompleted, Stage, StageStarted
+from strokes.model.spec.params import GenerationParams
+from strokes.service.queue import keys
+from strokes.service.shared.metrics import WorkerMetrics
+from strokes.service.shared.settings import Settings
+from strokes.service.queue.store import Store
+from strokes.service.worker.loop import EXIT_FATAL, Worker
 
 REQUEST = {"prompt": "a cube", "width": 32, "height": 32, "max_iterations": 1}
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from model.generation.events import Stage, TextDelta
-from service import budget
-from service.publisher import DeltaBuffer
-from service.schemas import GenerationRequest
-from service.settings import Settings
-from service.worker_cli import cpu_share
+from strokes.model.spec.events import Stage, TextDelta
+from strokes.service.shared import budget
+from strokes.service.worker.publisher import DeltaBuffer
+from strokes.service.schemas import GenerationRequest
+from strokes.service.shared.settings import Settings
+from strokes.service.cli.worker import cpu_share
 
 LIMITS = {"max_cost": 16_000_000, "max_positions": 32768, "max_events": 50000 // 3}
 

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from test_service_api import _client, _error
 
-from service import keys
-from service.settings import Settings
-from service.store import Store
+from strokes.service.queue import keys
+from strokes.service.shared.settings import Settings
+from strokes.service.queue.store import Store
 
 QUICK = {"prompt": "a red cube", "width": 64, "height": 64, "max_iterations": 1}
 
@@ -171,7 +171,7 @@ async def test_docs_pages_load_their_assets_from_the_app_itself(client: httpx.As
 async def test_a_filtered_walk_over_a_bounded_scan_sees_every_match_once(
     client: httpx.AsyncClient, store: Store, monkeypatch
 ):
-    from service import generations
+    from strokes.service.api import job_list as generations
 
     monkeypatch.setattr(generations, "SCAN_LIMIT", 3)
     monkeypatch.setattr(generations, "BATCH", 2)

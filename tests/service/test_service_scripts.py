@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from model.generation.events import Paused, Stage
-from service import keys
-from service.keys import JobStatus
-from service.steering import steering
-from service.store import Store
-from service.wire import TRAJECTORY_FIELD, trajectory_key
+from strokes.model.spec.events import Paused, Stage
+from strokes.service.queue import keys
+from strokes.service.queue.keys import JobStatus
+from strokes.service.queue.steering import steering
+from strokes.service.queue.store import Store
+from strokes.service.shared.wire import TRAJECTORY_FIELD, trajectory_key
 
 
 async def snapshot(r) -> dict[str, Any]:

@@ -15,17 +15,18 @@ import pytest
 import torch
 from test_service_api import QUICK, _client, _error, _png
 
-from model.generation.events import ImageCompleted, Paused, Stage
-from model.generation.loading import load_engine
-from model.generation.params import GenerationParams, ImageSettings, TextSettings
-from model.generation.pipeline import Pipeline
-from service import blobs, keys
-from service import images as imagelib
-from service.schemas import params_from_record
-from service.settings import Settings
-from service.steering import steering
-from service.store import Store
-from service.wire import TRAJECTORY_FIELD, encode_trajectory, trajectory_key
+from strokes.model.spec.events import ImageCompleted, Paused, Stage
+from strokes.model.generation.loading import load_engine
+from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
+from strokes.model.generation.pipeline import Pipeline
+from strokes.service.blobs import store as blobs
+from strokes.service.queue import keys
+from strokes.service.shared import images as imagelib
+from strokes.service.schemas import params_from_record
+from strokes.service.shared.settings import Settings
+from strokes.service.queue.steering import steering
+from strokes.service.queue.store import Store
+from strokes.service.shared.wire import TRAJECTORY_FIELD, encode_trajectory, trajectory_key
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from service import keys
-from service.blobs import LocalBlobs
-from service.errors import NotReady
-from service.keys import JobStatus
-from service.steering import steering
-from service.store import Store
-from service.wire import TRAJECTORY_FIELD, trajectory_key
+from strokes.service.queue import keys
+from strokes.service.blobs.store import LocalBlobs
+from strokes.service.api.errors import NotReady
+from strokes.service.queue.keys import JobStatus
+from strokes.service.queue.steering import steering
+from strokes.service.queue.store import Store
+from strokes.service.shared.wire import TRAJECTORY_FIELD, trajectory_key
 
 
 async def _enqueue(store: Store, job_id: str, **kw):

@@ -9,13 +9,13 @@ import json
 import pytest
 from svc_testkit import ScriptedPipeline
 
-from model.generation.events import StageCompleted
-from service import keys
-from service.blobs import LocalBlobs
-from service.metrics import WorkerMetrics
-from service.settings import Settings
-from service.store import Store
-from service.worker import Worker
+from strokes.model.spec.events import StageCompleted
+from strokes.service.queue import keys
+from strokes.service.blobs.store import LocalBlobs
+from strokes.service.shared.metrics import WorkerMetrics
+from strokes.service.shared.settings import Settings
+from strokes.service.queue.store import Store
+from strokes.service.worker.loop import Worker
 
 REQUEST = {"prompt": "a cube", "width": 32, "height": 32, "max_iterations": 1}
 

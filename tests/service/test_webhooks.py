@@ -18,11 +18,12 @@ import redis
 from standardwebhooks.webhooks import Webhook
 from svc_testkit import QUICK, Proc, env_with, free_port, start_api, start_worker, submit, wait_for
 
-from service import keys, webhooks
-from service.dispatcher import Dispatcher, Message
-from service.keys import JobStatus
-from service.settings import Settings
-from service.store import Store
+from strokes.service.queue import keys
+from strokes.service.shared import webhooks
+from strokes.service.webhooks.dispatcher import Dispatcher, Message
+from strokes.service.queue.keys import JobStatus
+from strokes.service.shared.settings import Settings
+from strokes.service.queue.store import Store
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 LOOPBACK = "127.0.0.0/8"
@@ -197,7 +198,7 @@ def hook_settings(redis_url: str) -> Settings:
 
 
 async def _post(settings: Settings, body: dict) -> httpx.Response:
-    from service.api import create_app
+    from strokes.service.api.app import create_app
 
     app = create_app(settings)
     async with app.router.lifespan_context(app):

@@ -1,0 +1,307 @@
+"""What the API does with jobs, apart from HTTP: submit, look up (with ownership), view, cancel.
+
+Routes in routes.py call these and only translate to responses; the Redis work is in store.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import secrets
+import time
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from strokes.service.shared import budget
+from strokes.service.shared import webhooks
+from strokes.service.shared import images as imagelib
+from strokes.service.blobs.store import BlobStore, presign_refs
+from strokes.service.api.errors import (
+    IdempotencyKeyReused,
+    InvalidImage,
+    InvalidRequest,
+    NotFound,
+    OverBudget,
+    PayloadTooLarge,
+    QueueFull,
+    QuotaExceeded,
+)
+from strokes.service.queue.keys import JobStatus
+from strokes.service.schemas import GenerationRequest, Job, params_from_record
+from strokes.service.shared.settings import Settings
+from strokes.service.queue.store import Store
+from strokes.service.shared.wire import IMAGE_FIELD_PREFIX, image_ref
+
+JOB_ID = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+INPUT_IMAGE_ID = imagelib.INPUT_IMAGE_ID
+
+
+def new_job_id() -> str:
+    return "gen_" + secrets.token_urlsafe(16)  # 128 random bits
+
+
+def links(job_id: str) -> dict[str, str]:
+    base = f"/v1/generations/{job_id}"
+    return {"self": base, "events": base + "/events", "trajectory": base + "/trajectory"}
+
+
+async def find(store: Store, job_id: str, owner: str) -> dict[str, str]:
+    """The job hash, or NotFound for unknown ids and for other owners' jobs alike."""
+    if not JOB_ID.match(job_id):
+        raise NotFound("no such generation")
+    job = await store.get_job(job_id)
+    if job is None or not secrets.compare_digest(job.get("owner", ""), owner):
+        raise NotFound("no such generation")
+    return job
+
+
+def _json(job: dict[str, str], field: str) -> Any:
+    raw = job.get(field)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _float(job: dict[str, str], field: str) -> float | None:
+    raw = job.get(field)
+    return float(raw) if raw else None
+
+
+def image_refs(job: dict[str, str]) -> list[dict[str, Any]]:
+    refs = []
+    for field, raw in job.items():
+        if field.startswith(IMAGE_FIELD_PREFIX) and not field.startswith(IMAGE_FIELD_PREFIX + "preview-"):
+            ref = json.loads(raw)
+            ref.pop("attempt", None)
+            refs.append(ref)
+    order = {"input": 0, "plan": 1, "draft": 2, "reflect": 3, "refine": 4}
+    refs.sort(key=lambda r: (r.get("iteration") or 0, order.get(r.get("stage") or "", 9), r["id"]))
+    return refs
+
+
+def view(job: dict[str, str], position: int | None = None) -> Job:
+    created = float(job["created_at"])
+    started, finished = _float(job, "started_at"), _float(job, "finished_at")
+    timings = _json(job, "timings") or {}
+    if started is not None:
+        timings.setdefault("queued_s", round(started - created, 4))
+        timings.setdefault("run_s", round((finished or time.time()) - started, 4))
+    if finished is not None:
+        timings.setdefault("total_s", round(finished - created, 4))
+    status = job["status"]
+    return Job(
+        id=job["id"],
+        status=status,
+        created_at=created,
+        started_at=started,
+        finished_at=finished,
+        attempt=int(job.get("attempt", 0)),
+        queue_position=position if status == JobStatus.queued.value else None,
+        cancel_requested=job.get("cancel") == "1",
+        request=_json(job, "request") or {},
+        stages=_json(job, "stages") or [],
+        images=image_refs(job),
+        final_image=_json(job, "final_image"),
+        iterations=int(job["iterations"]) if job.get("iterations") else None,
+        timings=timings or None,
+        usage=_json(job, "usage"),
+        error=_json(job, "error"),
+        parent=_json(job, "parent"),
+        paused=_json(job, "paused") if status == "paused" else None,
+        links=links(job["id"]),
+    )
+
+
+def direct_links(job_view: Job, job: dict[str, str], blobs: BlobStore) -> Job:
+    """The view with every image link pointing straight at the blob store (presigned), where the
+    store hands out such links; only for views the owner can see."""
+    attempts = {
+        field[len(IMAGE_FIELD_PREFIX) :]: int(json.loads(raw).get("attempt", 0))
+        for field, raw in job.items()
+        if field.startswith(IMAGE_FIELD_PREFIX)
+    }
+    if blobs.url(imagelib.storage_key(job_view.id, 0, INPUT_IMAGE_ID)) is None:
+        return job_view  # no direct links: leave the API's
+    return Job.model_validate(
+        presign_refs(job_view.model_dump(mode="json"), job_view.id, attempts.get, blobs)
+    )
+
+
+async def current_view(store: Store, job_id: str, blobs: BlobStore | None = None) -> Job:
+    """The job as its owner sees it now; with `blobs`, image links may be the store's own."""
+    job = await store.get_job(job_id)
+    if job is None:
+        raise NotFound("no such generation")
+    position = None
+    if job["status"] == JobStatus.queued.value and job.get("entry_id"):
+        position = await store.queue_position(job["entry_id"])
+    job_view = view(job, position)
+    return direct_links(job_view, job, blobs) if blobs is not None else job_view
+
+
+async def submit(
+    store: Store,
+    settings: Settings,
+    owner: str,
+    request: GenerationRequest,
+    idempotency_key: str | None,
+    deadline_s: float,
+    *,
+    blobs: BlobStore,
+) -> tuple[Job, bool]:
+    """Admit and enqueue one generation. Returns (job, replayed). The Redis part is bounded by
+    `deadline_s` (TimeoutError); decoding an input image is not, and storing it is bounded by
+    the blob store's own timeout. The input is stored before the job exists (a worker must find
+    it) and deleted again when the job is not created; one left by a crash in between is swept."""
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+        raise InvalidRequest(
+            "Idempotency-Key must be 1-255 printable ASCII characters", param="Idempotency-Key"
+        )
+    record, fork = request.job_record(), None
+    if request.fork is not None:  # the parent's request and context (service/steering.py)
+        fork = await asyncio.wait_for(_fork(store, owner, request, blobs), deadline_s)
+        record = {**fork.record, "pause_after": record["pause_after"], "preview_every": request.preview_every}
+    elif request.prompt is None:
+        raise InvalidRequest("prompt: required (or fork an earlier generation)", param="prompt")
+    params_from_record(record, None, settings.max_side)  # GenerationParams.validate() has the last word
+    try:
+        estimate = budget.check(
+            record,
+            max_cost=settings.max_job_cost,
+            max_positions=settings.max_positions,
+            max_events=settings.events_maxlen // settings.max_attempts,
+        )
+    except budget.OverBudget as exc:
+        raise OverBudget(str(exc), param=exc.limit) from exc
+    if request.webhook_url is not None:
+        await _check_webhook(settings, request.webhook_url)
+    upload = fork.upload if fork is not None else None
+    if request.input_image is not None:
+        try:
+            upload = await run_in_threadpool(
+                imagelib.decode_upload, request.input_image, settings.max_input_pixels, settings.upload_resize
+            )
+        except imagelib.UploadTooLarge as exc:
+            raise PayloadTooLarge(str(exc), param="input_image") from exc
+        except imagelib.InvalidUpload as exc:
+            raise InvalidImage(str(exc), param="input_image") from exc
+    job_id = new_job_id()
+    fields: dict[str, Any] = {}
+    stored_input = None
+    if upload is not None:
+        png, width, height = upload
+        stored_input = imagelib.storage_key(job_id, 0, INPUT_IMAGE_ID)
+        await blobs.put(stored_input, png)
+        ref = image_ref(job_id, INPUT_IMAGE_ID, width, height, stage="input")
+        fields[IMAGE_FIELD_PREFIX + INPUT_IMAGE_ID] = {**ref, "attempt": 0}
+    if request.webhook_url is not None:
+        fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events))
+    try:
+        job, replayed = await asyncio.wait_for(
+            _enqueue(
+                store,
+                settings,
+                job_id,
+                owner,
+                request,
+                record,
+                idempotency_key,
+                fields,
+                blobs,
+                estimate,
+                fork,
+            ),
+            deadline_s,
+        )
+    except (QueueFull, QuotaExceeded, IdempotencyKeyReused):  # surely no job: drop its input now
+        await _drop(blobs, stored_input)
+        raise
+    # (On a Redis error or timeout we cannot tell whether the job exists: its input stays, and the
+    # job's end or the sweep removes it.)
+    if job.id != job_id:  # an idempotent replay: the first job has its own input
+        await _drop(blobs, stored_input)
+    return job, replayed
+
+
+async def _drop(blobs: BlobStore, key: str | None) -> None:
+    if key is not None:
+        with contextlib.suppress(OSError):  # the sweep removes it later
+            await blobs.delete(key)
+
+
+async def _check_webhook(settings: Settings, url: str) -> None:
+    """422 unless webhooks are enabled and the URL's host resolves to allowed addresses only."""
+    if settings.webhook_secret is None:
+        raise InvalidRequest(
+            "webhooks are not enabled on this server (no STROKES_WEBHOOK_SECRET)", param="webhook_url"
+        )
+    try:
+        await webhooks.resolve(url, settings.webhook_allow_networks, settings.webhook_resolve_timeout_s)
+    except webhooks.UnsafeURL as exc:
+        raise InvalidRequest(f"webhook_url {exc}", param="webhook_url") from exc
+
+
+async def _fork(store: Store, owner: str, request: GenerationRequest, blobs: BlobStore):
+    from strokes.service.schemas import FORK_INHERITS
+    from strokes.service.queue.steering import steering
+
+    inherited = sorted(request.model_fields_set & FORK_INHERITS)
+    if inherited:
+        raise InvalidRequest(
+            f"{inherited[0]}: a fork runs with its parent's parameters; leave it out", param=inherited[0]
+        )
+    try:
+        parent = await find(store, request.fork.job_id, owner)
+    except NotFound:
+        raise NotFound("no such generation to fork", param="fork.job_id") from None
+    return await steering(store).fork_job(parent, request.fork.model_dump(), blobs)
+
+
+async def _enqueue(
+    store: Store,
+    settings: Settings,
+    job_id: str,
+    owner: str,
+    request: GenerationRequest,
+    record: dict[str, Any],
+    idempotency_key: str | None,
+    fields: dict[str, Any],
+    blobs: BlobStore,
+    estimate: budget.Estimate,
+    fork=None,
+) -> tuple[Job, bool]:
+    if fork is not None:  # the context record first: a worker may take the job as soon as it is queued
+        from strokes.service.queue.steering import steering
+
+        await steering(store).put_fork(job_id, fork, blobs)
+        fields = {**fields, **fork.fields}
+    result = await store.enqueue(
+        job_id,
+        owner=owner,
+        request=record,
+        body_hash=request.fingerprint(),
+        idempotency_key=idempotency_key,
+        fields=fields,
+        # every attempt's events fit: a job within budget never loses events to trimming
+        events_maxlen=estimate.events * settings.max_attempts,
+    )
+    if result.outcome != "ok" and fork is not None:
+        from strokes.service.queue.steering import steering
+
+        await steering(store).drop_fork(job_id, blobs)
+    if result.outcome == "full":
+        raise QueueFull(await store.retry_after())
+    if result.outcome == "quota":
+        raise QuotaExceeded(settings.key_max_jobs, await store.retry_after())
+    if result.outcome == "conflict":
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was used with a different request body", param="Idempotency-Key"
+        )
+    return await current_view(store, result.job_id, blobs), result.outcome == "duplicate"

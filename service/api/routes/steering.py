@@ -1,0 +1,47 @@
+"""The steering route: POST /v1/generations/{id}/continue (service/steering.py does the work).
+
+Forks need no route of their own (POST /v1/generations with `fork`); cancel while paused is the
+ordinary DELETE.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from strokes.service.api import jobs
+from strokes.service.api.auth import OwnerDep
+from strokes.service.api.deps import COMMON, BlobsDep, StoreDep, bounded, error_responses
+from strokes.service.schemas import ContinueRequest, Job
+from strokes.service.shared.settings import SettingsDep
+from strokes.service.queue.steering import steering
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/generations/{job_id}/continue",
+    status_code=202,
+    response_model=Job,
+    responses=error_responses(*COMMON, 400, 409, 413),
+    summary="Continue a paused generation, unchanged or with the paused stage's text replaced",
+)
+async def continue_generation(
+    job_id: str,
+    response: Response,
+    store: StoreDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    blobs: BlobsDep,
+    body: ContinueRequest | None = None,
+) -> Job:
+    """The job goes back to the queue as an ordinary attempt (any worker runs it): it rebuilds the
+    context from the stages so far (the stage's text replaced by `text`, when given) and runs on.
+    409 when the job is not paused."""
+
+    async def work() -> Job:
+        job = await jobs.find(store, job_id, owner)
+        await steering(store).continue_job(job, body.text if body else None, blobs)
+        response.headers["Location"] = jobs.links(job_id)["self"]
+        return await jobs.current_view(store, job_id)
+
+    return await bounded(settings, work())

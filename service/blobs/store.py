@@ -1,0 +1,293 @@
+"""The blob store: image bytes and trajectories live here, Redis keeps only references to them.
+
+Contract (both backends, one behaviour suite in tests/service/test_service_blobs.py):
+- Keys are `{job_id}/{attempt}/{name}`. `{job_id}/0/input` is the request's input image;
+  `{job_id}/{attempt}/{image_id}` an attempt's image or preview (images.storage_key);
+  `{job_id}/{attempt}/trajectory.json` an attempt's trajectory, rewritten at each stage end
+  (wire.trajectory_key); `{job_id}/0/parent_trajectory.json` a fork's copy of its parent's
+  trajectory (wire.parent_trajectory_key; image ids never take these two names). Everything but
+  the input is kept as an output. A key outside that shape is refused (ValueError): keys become
+  paths and object names.
+- `put(key, data)` is atomic: a reader sees all of the bytes or none. The local backend writes a
+  temp file (a dot name no key can take) and renames it; an S3 PUT is atomic by itself.
+- `get(key)` -> bytes, or None when there is no such blob (expired, swept, never written).
+- `delete(key)` is idempotent. `job_ended(job_id)` is the one call made where a job ends in any
+  way (completed, failed, canceled, dead-lettered): it deletes the job's input unless
+  `blob_keep_inputs`, and never raises (the sweep is the backstop). Outputs stay, trajectories
+  included (a fork's copy of its parent's is needed until the fork has run, and is small).
+- `sweep()` deletes by age (from the last write): inputs older than `blob_input_ttl_s`, outputs,
+  previews and trajectories older than `blob_output_ttl_s`, and (local) temp files of a write
+  that died half-way older than `blob_orphan_s`. So nothing leaks when a process dies mid-write
+  or before `job_ended`.
+  The API runs `sweep_once` every `blob_sweep_interval_s` (api.every), one replica at a time (a
+  Redis lock). An S3 lifecycle rule may do the same (deploy/README.md); nothing depends on it.
+- `url(key)` -> a URL a client can GET without the API (S3 with `s3_presign`: a presigned URL
+  valid `s3_presign_ttl_s`), or None (the API's own image route is the link).
+- Backends: `LocalBlobs` here, `S3Blobs` in service/blobs_s3.py (imported only when used).
+- The store is unreachable or too slow (`blob_timeout_s`): `BlobUnavailable`, an OSError, so
+  the worker's Redis-outage retry covers it too; the API answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from strokes.service.queue import keys
+from strokes.service.shared.images import INPUT_IMAGE_ID, storage_key
+from strokes.service.shared.settings import Settings
+from strokes.service.shared.wire import BLOB_NAMES, image_url
+
+log = logging.getLogger("strokes.blobs")
+T = TypeVar("T")
+KEY = re.compile(
+    r"^(?P<job>[A-Za-z0-9_-]{1,64})/(?P<attempt>\d{1,6})/(?P<image>[A-Za-z0-9][A-Za-z0-9_.-]{0,127})$"
+)
+
+
+class BlobUnavailable(OSError):
+    """The blob store did not answer (in time)."""
+
+
+class BlobStore(Protocol):
+    async def put(self, key: str, data: bytes) -> None: ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def sweep(self, now: float | None = None) -> int: ...
+
+    def url(self, key: str) -> str | None: ...
+
+    async def job_ended(self, job_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def check_key(key: str) -> re.Match:
+    match = KEY.match(key)
+    if match is None:
+        raise ValueError(f"not a blob key: {key!r}")
+    return match
+
+
+def content_type(key: str) -> str:
+    """What a blob of this key holds: a trajectory (JSON) or an image (PNG)."""
+    return "application/json" if check_key(key)["image"] in BLOB_NAMES else "image/png"
+
+
+def max_age(settings: Settings, key: str) -> float:
+    """How long a blob of this key is kept (from its last write)."""
+    match = check_key(key)
+    if match["attempt"] == "0" and match["image"] == INPUT_IMAGE_ID:
+        return settings.blob_input_ttl_s
+    return settings.blob_output_ttl_s
+
+
+class _Base:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    async def _bounded(self, work: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(work, self.settings.blob_timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise BlobUnavailable(
+                f"the blob store did not answer in {self.settings.blob_timeout_s} s"
+            ) from exc
+
+    async def job_ended(self, job_id: str) -> None:
+        if self.settings.blob_keep_inputs:
+            return
+        try:
+            await self.delete(storage_key(job_id, 0, INPUT_IMAGE_ID))
+        except (OSError, ValueError) as exc:  # the sweep removes it later
+            log.warning("could not delete the input image of %s: %s", job_id, exc)
+
+    def url(self, key: str) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+# ---- a local directory --------------------------------------------------------------------------
+
+
+class LocalBlobs(_Base):
+    """Files under `blob_dir`/{job_id}/{attempt}/{image_id}: one directory shared by the API and
+    the workers (a volume in compose)."""
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self.root = Path(settings.blob_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        check_key(key)
+        return self.root / key
+
+    def _put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        for tries_left in (1, 0):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+                os.replace(tmp, path)
+                return
+            except FileNotFoundError:  # the sweep removed the (old, empty) folder meanwhile
+                if not tries_left:
+                    raise
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self._bounded(asyncio.to_thread(self._put, key, data))
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._bounded(asyncio.to_thread(self._get, key))
+
+    async def delete(self, key: str) -> None:
+        await self._bounded(asyncio.to_thread(self._delete, key))
+
+    async def sweep(self, now: float | None = None) -> int:
+        return await asyncio.to_thread(self._sweep, time.time() if now is None else now)
+
+    def _sweep(self, now: float) -> int:
+        removed = 0
+        orphan_s = self.settings.blob_orphan_s
+        for job_dir in _subdirs(self.root):
+            for attempt_dir in _subdirs(job_dir):
+                for entry in _entries(attempt_dir):
+                    try:
+                        age = now - entry.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if entry.name.startswith("."):
+                        limit = float(orphan_s)  # a temp file: its writer died (or is slow beyond belief)
+                    else:
+                        try:
+                            limit = max_age(self.settings, f"{job_dir.name}/{attempt_dir.name}/{entry.name}")
+                        except ValueError:
+                            continue  # not ours: leave it
+                    if age > limit:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                            removed += 1
+                _remove_if_old_and_empty(attempt_dir, now, orphan_s)
+            _remove_if_old_and_empty(job_dir, now, orphan_s)
+        return removed
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return [Path(e.path) for e in _entries(path) if e.is_dir(follow_symlinks=False)]
+
+
+def _entries(path: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except FileNotFoundError:
+        return []
+
+
+def _remove_if_old_and_empty(path: Path, now: float, min_age_s: float) -> None:
+    # Only folders untouched for a while: a fresh one may be about to receive a file (and a put
+    # that loses the race anyway recreates it).
+    try:
+        if now - path.stat().st_mtime > min_age_s:
+            path.rmdir()
+    except OSError:  # not empty, or gone
+        pass
+
+
+def open_store(settings: Settings) -> BlobStore:
+    if settings.blob_backend == "s3":
+        from strokes.service.blobs.s3 import S3Blobs  # aiobotocore is imported only where S3 is used
+
+        return S3Blobs(settings)
+    return LocalBlobs(settings)
+
+
+# ---- sweeping -----------------------------------------------------------------------------------
+
+
+async def sweep_once(blobs: BlobStore, redis: Any, settings: Settings) -> int | None:
+    """Sweep if no one else has this interval (a Redis lock held for the interval): the number of
+    blobs removed, or None when another replica holds the lock."""
+    interval_ms = max(1, int(settings.blob_sweep_interval_s * 1000))
+    if not await redis.set(keys.BLOB_SWEEP_LOCK, secrets.token_hex(8), nx=True, px=interval_ms):
+        return None
+    began = time.monotonic()
+    removed = await blobs.sweep()
+    log.info("blob sweep", extra={"removed": removed, "seconds": round(time.monotonic() - began, 3)})
+    return removed
+
+
+# ---- links --------------------------------------------------------------------------------------
+
+
+def presign_refs(value: Any, job_id: str, attempt_of: Callable[[str], int | None], blobs: BlobStore) -> Any:
+    """Every image ref ({"id", "url": the API's image route, ...}) in a JSON value gets the
+    store's direct URL instead, where the store has one and the image's attempt is known."""
+    if isinstance(value, list):
+        return [presign_refs(v, job_id, attempt_of, blobs) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: presign_refs(v, job_id, attempt_of, blobs) for k, v in value.items()}
+    image_id = out.get("id")
+    if isinstance(image_id, str) and out.get("url") == image_url(job_id, image_id):
+        attempt = attempt_of(image_id)
+        if attempt is not None:
+            direct = blobs.url(storage_key(job_id, attempt, image_id))
+            if direct is not None:
+                out["url"] = direct
+    return out
+
+
+def event_links(blobs: BlobStore, settings: Settings) -> Callable[[Any], Any] | None:
+    """For the SSE hub: an event (with .data JSON text and .attempt) with its image links presigned,
+    or None when links stay the API's (no rewriting at all)."""
+    if settings.blob_backend != "s3" or not settings.s3_presign:
+        return None
+
+    def rewrite(event: Any) -> Any:
+        if '"url"' not in event.data:
+            return event
+        data = json.loads(event.data)
+        job_id = data.get("job_id")
+        if not isinstance(job_id, str):
+            return event
+
+        def attempt_of(image_id: str) -> int:
+            return 0 if image_id == INPUT_IMAGE_ID else event.attempt
+
+        return dataclasses.replace(event, data=json.dumps(presign_refs(data, job_id, attempt_of, blobs)))
+
+    return rewrite

@@ -1,0 +1,1 @@
+"""The `strokes` command: one parser, a module per subcommand group."""

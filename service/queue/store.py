@@ -1,0 +1,395 @@
+"""The job store: every Redis operation of the service, the API's and the workers'.
+
+Delivery is at-least-once (a Redis Streams consumer group); the client sees exactly one terminal
+event because every state change is one Lua script that checks the job's state first, and every
+write of a worker carries its attempt number as a fencing token: once a job is taken over, the
+old attempt's events, completion and acknowledgement are all refused.
+
+Each script is service/lua/<name>.lua (redis_client.py loads them, and has the result types) and
+is idempotent under retry. Admission is counted as sets of job keys (keys.QUEUED,
+keys.owner_active), reconciled against the job hashes whenever they look full, so no retry, crash
+or restart makes the cap drift.
+
+Life of a job (keys.py has the key layout):
+    enqueue   admission (queue cap, the key's quota) + job hash + queue entry + job.queued, one
+              script; then WAITAOF on the same connection where the server has it (Redis >= 7.2)
+    start     a worker got the entry: queued/running -> running, attempt += 1, job.started.
+              A job that was `running` is a takeover (its worker died): that counts as a failure
+    emit      append an event (and update the job hash) if the attempt still holds the job
+    finish    terminal state + terminal event + XACK (+ dead letter when failed), fenced
+    requeue   hand the job back (SIGTERM) or retry it after an error: the entry moves to the
+              never-alive HANDBACK consumer, so the next reclaim of any worker picks it up first
+    cancel    queued: canceled at once; running: a flag the worker sees at its next event
+    reclaim   move one pending entry whose owner has no heartbeat key to an idle caller. The lease
+              is the heartbeat key's TTL, not the entry's idle time: a slow live worker is never
+              robbed; nothing is reclaimed until Redis has been up for a lease (after a restart,
+              live workers write their heartbeats again first)
+Payloads are JSON; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from strokes.service.queue import keys
+from strokes.service.queue.keys import JobStatus
+from strokes.service.queue.client import SCRIPTS, Emitted, Enqueued, Event, QueueStats, Started, decode, field_args
+from strokes.service.shared.settings import Settings
+
+
+class Store:
+    """All Redis work of the API and the workers. `client` serves short commands; `blocking`
+    (optional) serves XREAD/XREADGROUP BLOCK with a socket timeout longer than the block."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings, blocking: aioredis.Redis | None = None):
+        self.r = client
+        self.blocking = blocking or client
+        self.settings = settings
+        self.scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
+        self._waitaof: bool | None = None
+
+    async def close(self) -> None:
+        await self.r.aclose()
+        if self.blocking is not self.r:
+            await self.blocking.aclose()
+
+    # -- setup and capabilities ---------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.r.xgroup_create(keys.JOBS, keys.GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def supports_waitaof(self) -> bool:
+        """WAITAOF exists from Redis/Valkey 7.2 and needs appendonly on; detected once."""
+        if self._waitaof is None:
+            server = await self.r.info("server")
+            persistence = await self.r.info("persistence")
+            version = tuple(int(p) for p in str(server.get("redis_version", "0")).split(".")[:2])
+            self._waitaof = version >= (7, 2) and int(persistence.get("aof_enabled", 0)) == 1
+        return self._waitaof
+
+    # -- API side -------------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        job_id: str,
+        *,
+        owner: str,
+        request: dict[str, Any],
+        body_hash: str,
+        idempotency_key: str | None,
+        fields: dict[str, Any] | None = None,
+        events_maxlen: int | None = None,
+    ) -> Enqueued:
+        """Admit one job. `events_maxlen` bounds its event stream (budget.py; default the setting).
+        Outcomes: ok | duplicate | conflict (Idempotency-Key) | full (queue cap) | quota (key)."""
+        s = self.settings
+        idem = keys.idempotency(owner, idempotency_key) if idempotency_key else keys.idempotency(owner, "")
+        args = [
+            job_id,
+            s.queue_cap,
+            json.dumps(request, separators=(",", ":")),
+            owner,
+            body_hash,
+            "1" if idempotency_key else "0",
+            s.idempotency_ttl_s,
+            events_maxlen or s.events_maxlen,
+            s.key_max_jobs if s.api_keys else 0,  # without API keys there is no key to hold to it
+            s.jobs_index_ttl_s,
+            s.jobs_index_max,
+            *field_args(fields),
+        ]
+        script_keys = [
+            keys.job(job_id),
+            keys.JOBS,
+            keys.QUEUED,
+            keys.events(job_id),
+            idem,
+            keys.owner_active(owner),
+            keys.owner_jobs(owner),
+        ]
+        if await self.supports_waitaof():
+            # Same connection, no MULTI (WAITAOF does not block inside one): the 202 is only sent
+            # once the job is fsynced to the AOF.
+            async with self.r.pipeline(transaction=False) as pipe:
+                await self.scripts["enqueue"](keys=script_keys, args=args, client=pipe)
+                pipe.execute_command("WAITAOF", 1, 0, s.waitaof_timeout_ms)
+                result, synced = await pipe.execute()
+            if result[0] == b"ok" and int(synced[0]) < 1:
+                raise TimeoutError("the job was not fsynced to the AOF in time")
+        else:
+            result = await self.scripts["enqueue"](keys=script_keys, args=args)
+        outcome = decode(result[0])
+        if outcome == "ok":
+            return Enqueued("ok", job_id, position=int(result[2]))
+        if outcome in ("full", "quota"):
+            return Enqueued(outcome, depth=int(result[1]))
+        return Enqueued(outcome, decode(result[1]))
+
+    async def get_job(self, job_id: str) -> dict[str, str] | None:
+        raw = await self.r.hgetall(keys.job(job_id))
+        if not raw:
+            return None
+        return {decode(k): decode(v) for k, v in raw.items()}
+
+    async def queue_position(self, entry_id: str) -> int:
+        return int(await self.scripts["position"](keys=[keys.JOBS], args=[keys.GROUP, entry_id, 1000]))
+
+    async def cancel(self, job_id: str) -> tuple[str, str | None]:
+        s = self.settings
+        result = await self.scripts["cancel"](
+            keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.DEAD_LETTERS],
+            args=[keys.GROUP, s.events_maxlen, s.events_ttl_s, s.result_ttl_s],
+        )
+        return decode(result[0]), (decode(result[1]) if len(result) > 1 else None)
+
+    async def read_events(
+        self, job_id: str, after: str = "0", *, count: int = 500, block_ms: int | None = None
+    ) -> list[Event]:
+        """Events with ids greater than `after`, oldest first; waits up to block_ms for the first."""
+        client = self.blocking if block_ms else self.r
+        reply = await client.xread({keys.events(job_id): after}, count=count, block=block_ms)
+        out: list[Event] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                out.append(
+                    Event(
+                        decode(entry_id),
+                        decode(fields[b"event"]),
+                        decode(fields[b"data"]),
+                        int(fields.get(b"attempt", b"0")),
+                    )
+                )
+        return out
+
+    async def stream_info(self, job_id: str) -> tuple[str, str, bool] | None:
+        """(first kept event id, last event id, whether events were trimmed away) or None."""
+        try:
+            info = await self.r.xinfo_stream(keys.events(job_id))
+        except ResponseError:  # no such stream
+            return None
+        first, last = info.get("first-entry"), info.get("last-generated-id")
+        if not first or last is None:
+            return None
+        added = info.get("entries-added")
+        trimmed = added is not None and int(added) > int(info["length"])
+        return decode(first[0]), decode(last), trimmed
+
+    async def live_workers(self) -> int:
+        horizon = time.time() * 1000 - self.settings.lease_ttl_s * 1000
+        return int(await self.r.zcount(keys.WORKERS, horizon, "+inf"))
+
+    async def queue_depth(self) -> int:
+        return int(await self.r.scard(keys.QUEUED))
+
+    async def queue_stats(self) -> QueueStats:
+        depth = await self.queue_depth()
+        lag, pending = None, 0
+        try:
+            for group in await self.r.xinfo_groups(keys.JOBS):
+                if decode(group["name"]) == keys.GROUP:
+                    lag = None if group.get("lag") is None else int(group["lag"])
+                    pending = int(group.get("pending", 0))
+        except ResponseError:  # no stream yet
+            pass
+        return QueueStats(depth, lag, pending, await self.live_workers())
+
+    async def retry_after(self) -> int:
+        """Whole seconds until a full queue likely has room again: one job's mean run time spread
+        over the live workers (the queue frees one place each time a worker starts a job)."""
+        raw = await self.r.hget(keys.STATS, "run_seconds_ewma")
+        mean = float(raw) if raw else self.settings.mean_job_seconds
+        workers = max(1, await self.live_workers())
+        return int(min(600, max(1, math.ceil(mean / workers))))
+
+    # -- worker side ----------------------------------------------------------------------------
+
+    async def heartbeat(self, worker: str, job_id: str = "") -> None:
+        """Renew the lease; workers silent for 3 leases (dead ones) leave the workers set."""
+        ttl_ms = int(self.settings.lease_ttl_s * 1000)
+        now_ms = time.time() * 1000
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.set(keys.heartbeat(worker), job_id, px=ttl_ms)
+            pipe.zadd(keys.WORKERS, {worker: now_ms})
+            pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms - 3 * ttl_ms)
+            await pipe.execute()
+
+    async def drop_heartbeat(self, worker: str) -> None:
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.heartbeat(worker))
+            pipe.zrem(keys.WORKERS, worker)
+            await pipe.execute()
+
+    async def reclaim(self, worker: str) -> tuple[str, str] | None:
+        """Take one pending entry whose owner's lease expired; returns (entry_id, old_owner)."""
+        s = self.settings
+        grace = s.restart_grace_s if s.restart_grace_s is not None else s.lease_ttl_s + s.heartbeat_interval_s
+        min_uptime = math.ceil(grace)
+        result = await self.scripts["reclaim"](
+            keys=[keys.JOBS], args=[keys.GROUP, worker, keys.HEARTBEAT_PREFIX, min_uptime]
+        )
+        return (decode(result[0]), decode(result[1])) if result else None
+
+    async def poll(self, worker: str, block_ms: int) -> tuple[str, str | None] | None:
+        """The next entry for this worker: its own pending ones first (reclaimed, or left by an
+        earlier life under the same name), then a new one. Returns (entry_id, job_id)."""
+        for start_id, block in (("0", None), (">", block_ms)):
+            client = self.blocking if block else self.r
+            try:
+                reply = await client.xreadgroup(
+                    keys.GROUP, worker, {keys.JOBS: start_id}, count=1, block=block
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group()  # Redis lost the group (a restart without AOF)
+                return None
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    job_id = fields.get(b"job_id") if fields else None
+                    return decode(entry_id), (decode(job_id) if job_id else None)
+        return None
+
+    async def ack(self, entry_id: str) -> None:
+        await self.r.xack(keys.JOBS, keys.GROUP, entry_id)
+
+    async def start(self, job_id: str, entry_id: str, worker: str) -> Started:
+        s = self.settings
+        result = await self.scripts["start"](
+            keys=[keys.job(job_id), keys.JOBS, keys.QUEUED, keys.events(job_id), keys.DEAD_LETTERS],
+            args=[
+                entry_id,
+                keys.GROUP,
+                worker,
+                s.max_attempts,
+                s.events_maxlen,
+                s.events_ttl_s,
+                s.result_ttl_s,
+                uuid.uuid4().hex,  # this call's token: a retry of it is recognised
+            ],
+        )
+        outcome = decode(result[0])
+        attempt = int(result[1]) if len(result) > 1 and outcome != "skip" else 0
+        return Started(outcome, attempt, outcome == "run" and decode(result[2]) == "1")
+
+    async def emit(
+        self,
+        job_id: str,
+        attempt: int,
+        seq: int,
+        event: str,
+        data: dict[str, Any] | str,
+        fields: dict[str, Any] | None = None,
+    ) -> Emitted:
+        return (await self.emit_many(job_id, attempt, [(seq, event, data, fields)]))[0]
+
+    async def emit_many(
+        self,
+        job_id: str,
+        attempt: int,
+        items: list[tuple[int, str, dict[str, Any] | str, dict[str, Any] | None]],
+    ) -> list[Emitted]:
+        """Emit several events in order, in one round trip; each is fenced on its own. Items are
+        (seq, event name or '', data, job-hash fields)."""
+        keys_ = [keys.job(job_id), keys.events(job_id)]
+        maxlen = self.settings.events_maxlen
+        async with self.r.pipeline(transaction=False) as pipe:
+            for seq, event, data, fields in items:
+                payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+                await self.scripts["emit"](
+                    keys=keys_, args=[attempt, seq, event, payload, maxlen, *field_args(fields)], client=pipe
+                )
+            replies = await pipe.execute()
+        out = []
+        for reply in replies:
+            if decode(reply[0]) != "ok":
+                out.append(Emitted(False))
+            else:
+                out.append(Emitted(True, decode(reply[1]), decode(reply[2]) == "1"))
+        return out
+
+    async def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        status: JobStatus,
+        event: str,
+        data: dict[str, Any],
+        *,
+        fields: dict[str, Any] | None = None,
+    ) -> bool:
+        """The attempt's end, fenced. `fields` go on the job hash with it (a succeeded job's name
+        the trajectory blob the worker wrote just before: wire.TRAJECTORY_FIELD)."""
+        s = self.settings
+        result = await self.scripts["finish"](
+            keys=[
+                keys.job(job_id),
+                keys.events(job_id),
+                keys.JOBS,
+                keys.DEAD_LETTERS,
+                keys.STATS,
+                keys.QUEUED,
+            ],
+            args=[
+                attempt,
+                status.value,
+                event,
+                json.dumps(data, separators=(",", ":")),
+                keys.GROUP,
+                s.events_maxlen,
+                s.events_ttl_s,
+                s.result_ttl_s,
+                *field_args(fields),
+            ],
+        )
+        return decode(result[0]) == "ok"
+
+    async def requeue(
+        self, job_id: str, attempt: int, reason: str, error: dict[str, str] | None = None
+    ) -> str:
+        """Hand the job back ('handback') or retry it after an error ('retry'). Returns
+        queued | dead (attempts exhausted: failed + dead letter) | canceled | fenced."""
+        s = self.settings
+        result = await self.scripts["requeue"](
+            keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.DEAD_LETTERS],
+            args=[
+                attempt,
+                reason,
+                keys.GROUP,
+                keys.HANDBACK_CONSUMER,
+                s.max_attempts,
+                json.dumps(error) if error else "",
+                s.events_maxlen,
+                s.events_ttl_s,
+                s.result_ttl_s,
+            ],
+        )
+        return decode(result[0])
+
+    async def lease(self, job_id: str, attempt: int) -> tuple[bool, bool]:
+        """(this attempt still holds the job, cancel requested)."""
+        status, current, cancel = await self.r.hmget(keys.job(job_id), "status", "attempt", "cancel")
+        held = status == b"running" and current is not None and int(current) == attempt
+        return held, cancel == b"1"
+
+    async def trim_queue(self) -> int:
+        """Housekeeping of the workers: trim the queue stream, check the admission set."""
+        await self.scripts["reconcile"](keys=[keys.QUEUED], args=[])
+        try:
+            return int(await self.scripts["trim"](keys=[keys.JOBS], args=[keys.GROUP]))
+        except ResponseError:
+            return 0
+
+    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        entries = await self.r.xrange(keys.DEAD_LETTERS, count=count)
+        return [{decode(k): decode(v) for k, v in fields.items()} for _id, fields in entries]

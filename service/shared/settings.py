@@ -1,0 +1,170 @@
+"""Service settings: one pydantic-settings object, read from STROKES_* environment variables.
+
+Handlers get it through the `get_settings` dependency (`SettingsDep`), so tests build a Settings
+and override the dependency instead of patching globals. Command-line flags of `strokes api`,
+`strokes worker` and `strokes serve` override the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Depends
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    # hide_input_in_errors: a malformed secret (API keys, S3, webhooks) must not reach the logs
+    model_config = SettingsConfigDict(env_prefix="STROKES_", extra="ignore", hide_input_in_errors=True)
+
+    # Redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_connect_timeout_s: float = 0.5
+    redis_timeout_s: float = 1.5  # socket timeout of ordinary commands: Redis down -> 503 within 2 s
+    redis_deadline_s: float = 1.9  # hard ceiling on one API request's Redis work
+    waitaof_timeout_ms: int = 500  # the accept path waits this long for the AOF fsync (Redis >= 7.2)
+
+    # Admission and limits
+    queue_cap: int = Field(200, ge=1)  # accepted-but-not-started jobs; beyond it POST answers 429
+    mean_job_seconds: float = 30.0  # prior for Retry-After until finished jobs have measured one
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_input_pixels: int = 4096 * 4096  # decompression-bomb guard for input images
+    max_side: int = 1024  # largest width/height a request may ask for (BAGEL's bound)
+    max_job_cost: int = Field(16_000_000, ge=1)  # token-steps per job (service/budget.py's formula)
+    max_positions: int = Field(32768, ge=1)  # the model's max_position_embeddings
+    key_max_jobs: int = Field(20, ge=0)  # queued + running jobs per API key (0: none; no keys: none)
+
+    # Job life
+    max_attempts: int = Field(3, ge=1)  # failures (errors or dead workers) before the dead letters
+    heartbeat_interval_s: float = 2.0
+    lease_ttl_s: float = 10.0  # a worker whose heartbeat is older than this has lost its jobs
+    reclaim_interval_s: float = 1.0
+    # Nothing is reclaimed until Redis has been up this long (default: a lease + a heartbeat), so
+    # live workers re-establish their heartbeats after a Redis restart before anyone reclaims.
+    restart_grace_s: float | None = Field(None, ge=0)
+    poll_block_ms: int = 1000
+    cancel_poll_s: float = 0.05  # the pipeline thread reads the cancel flag at most this often
+    handback_wait_s: float = Field(0.5, ge=0)  # SIGTERM: a step still running after this is dropped
+    events_maxlen: int = 50000  # events kept per job, all attempts; requests that could emit more are refused
+    job_deadline_s: float = Field(1800.0, gt=0)  # a running attempt is failed after this long
+    progress_timeout_s: float = Field(300.0, gt=0)  # no event for this long: failed, the worker exits
+    delta_max_tokens: int = Field(16, ge=1)  # text.delta coalescing: at most this many pieces ...
+    delta_max_ms: int = Field(100, ge=0)  # ... or this old, whichever comes first
+    torch_threads: int = Field(0, ge=0)  # CPU workers' torch threads; 0: cores / local_workers
+    local_workers: int = Field(1, ge=1)  # workers sharing this machine's cores
+    events_ttl_s: int = 3600  # the event log is kept this long after the terminal event
+    result_ttl_s: int = 86400  # the job hash is kept this long after the end (blobs: blob_*_ttl_s)
+    idempotency_ttl_s: int = 86400
+    # The owner's job list (GET /v1/generations): the newest jobs_index_max ids; the index key
+    # expires this long after the owner's last submission (keep it above the longest queue wait
+    # plus result_ttl_s, or old jobs still stored drop out of the list).
+    jobs_index_max: int = Field(10000, ge=1)
+    jobs_index_ttl_s: int = 7 * 86400
+    prefer_wait_max_s: float = 60.0  # the longest `Prefer: wait=N` a POST honours
+
+    # Blob store (service/blobs.py): image bytes live here, never in Redis
+    blob_backend: Literal["local", "s3"] = "local"
+    blob_dir: Path = Path(tempfile.gettempdir()) / "strokes-blobs"  # local: shared by API and workers
+    blob_output_ttl_s: int = Field(90000, ge=60)  # outputs and previews: the result TTL + 1 h of run
+    blob_input_ttl_s: int = Field(172800, ge=60)  # an input older than this is swept, job or not
+    blob_keep_inputs: bool = False  # keep an input after its job ends (until blob_input_ttl_s)
+    blob_orphan_s: int = Field(3600, ge=60)  # local: a temp file of an interrupted write this old goes
+    blob_sweep_interval_s: float = Field(600.0, ge=0)  # 0: never sweep (an S3 lifecycle rule does it)
+    blob_timeout_s: float = 10.0  # one blob read or write, beyond which the API answers 503
+    # Uploads are stored at the size the model will use: BAGEL's VAE input resize
+    # (MaxLongEdgeMinShortEdgeResize: longest side, shortest side, stride, max pixels).
+    upload_resize: tuple[int, int, int, int] = (1024, 512, 16, 14 * 14 * 9 * 1024)
+    s3_bucket: str = ""
+    s3_prefix: str = "strokes/"
+    s3_endpoint_url: str | None = None  # MinIO, R2, GCS interop; None: AWS
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None  # None: the default credential chain (IAM role, ...)
+    s3_secret_access_key: SecretStr | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"  # MinIO: path
+    s3_presign: bool = False  # events and status carry presigned URLs: image bytes bypass the API
+    s3_presign_ttl_s: int = Field(3600, ge=1, le=604800)
+    s3_public_endpoint_url: str | None = None  # the endpoint clients reach, when not s3_endpoint_url
+    pause_timeout_s: int = Field(3600, ge=1)  # a pause unanswered this long ends the job (canceled)
+    pause_sweep_interval_s: float = Field(15.0, ge=0)  # the API ends expired pauses this often (0: off)
+    # A worker keeps the KV caches of its recently paused or finished jobs for resumes and forks
+    # (model/generation/warm.py): this much on its GPU, then this much in host memory (both host on a CPU).
+    warm_device_bytes: int = Field(4 * 1024**3, ge=0)
+    warm_host_bytes: int = Field(8 * 1024**3, ge=0)
+
+    # SSE
+    sse_ping_s: float = 15.0
+    sse_send_timeout_s: float = 30.0
+    sse_block_ms: int = 5000
+    sse_retry_ms: int = 2000
+    sse_max_streams: int = 2000
+
+    # Security and readiness
+    api_keys: Annotated[list[SecretStr], NoDecode] = []  # empty: no authentication
+    ready_requires_worker: bool = True  # false for scale-to-zero worker pools
+
+    # OpenAI-compatible Images API (docs/openai.md)
+    openai_wait_s: float = 600.0  # a non-streaming request waits this long, then cancels its jobs (504)
+
+    # Webhooks (docs/webhooks.md)
+    # "whsec_<base64>"; several, space-separated and new first, while rotating (service/webhooks.py);
+    # unset: a webhook_url is refused
+    webhook_secret: SecretStr | None = None
+    webhook_allow_networks: Annotated[list[str], NoDecode] = []  # CIDRs exempt from the SSRF check
+    webhook_timeout_s: float = 10.0  # one delivery attempt
+    webhook_retry_for_s: float = 86400.0  # retried this long after the event, then given up
+    webhook_backoff_base_s: float = 5.0  # retry k waits base * 2^(k-1), at least the timeout
+    webhook_backoff_max_s: float = 3600.0
+    webhook_poll_ms: int = 1000  # the dispatcher looks for due retries at least this often
+    webhook_concurrency: int = 16  # deliveries in flight per dispatcher
+    webhook_resolve_timeout_s: float = 2.0
+
+    # Logs
+    log_level: str = "INFO"
+    log_prompts: bool = False  # prompt text in INFO logs
+
+    @field_validator("webhook_allow_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value):
+        # STROKES_WEBHOOK_ALLOW_NETWORKS="127.0.0.0/8,10.0.0.0/8"
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for spec in value:
+            ipaddress.ip_network(spec, strict=False)  # a malformed CIDR fails at start, not per request
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value):
+        # a malformed secret fails every process at start (the API would accept webhook jobs that
+        # no dispatcher can sign)
+        if value is not None:
+            from strokes.service.shared.webhooks import secret_keys
+
+            secret_keys(value.get_secret_value())
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        # STROKES_API_KEYS="key1,key2" (or a JSON list)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -1,0 +1,1 @@
+"""The webhook dispatcher process (`strokes webhooks`): delivers the outbox's events, signed."""

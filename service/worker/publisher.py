@@ -1,0 +1,183 @@
+"""Publishing one attempt's events: the job being run (ActiveJob), text-delta coalescing
+(DeltaBuffer) and the Publisher that writes events off the pipeline's thread under the attempt's
+fence. Every write of a running job goes through `through_outage`, which retries it through a
+Redis outage. The job runner (runner.py) owns these; nothing here runs the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from redis.exceptions import RedisError
+
+from strokes.model.spec.events import TextDelta
+from strokes.service.shared import images as imagelib
+from strokes.service.shared.wire import TRAJECTORY_FIELD, Translator, Wire
+
+if TYPE_CHECKING:
+    from strokes.service.worker.runner import JobRunner
+
+log = logging.getLogger("strokes.worker")
+T = TypeVar("T")
+TRANSIENT = (RedisError, OSError, TimeoutError)
+
+
+async def through_outage(op: Callable[[], Awaitable[T]]) -> T:
+    """Run a Redis operation of a running job, retrying while Redis is away, however long.
+    Giving the job up would not help anyone: while this worker lives, its heartbeat comes
+    back with Redis and nobody may reclaim the job; the attempt's fence settles the rest."""
+    delay = 0.05
+    while True:
+        try:
+            return await op()
+        except TRANSIENT as exc:
+            log.warning("redis unavailable during a job, retrying: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+
+class LeaseLost(Exception):
+    """This attempt no longer holds the job (it was taken over): stop, write nothing more."""
+
+
+@dataclass
+class ActiveJob:
+    job_id: str
+    entry_id: str
+    attempt: int
+    takeover: bool
+    record: dict[str, Any]
+    translator: Translator
+    began: float = field(default_factory=time.time)
+    stop: threading.Event = field(default_factory=threading.Event)
+    reason: str | None = None  # why stop was set: cancel | lease_lost | shutdown | error | deadline
+    progress_at: float = field(default_factory=time.monotonic)  # the pipeline's last event
+    next_probe: float = 0.0  # monotonic time of the pipeline thread's next look at Redis
+
+    def interrupt(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.stop.set()
+
+
+class Publisher:
+    """Publishes one attempt's events in order, off the pipeline's thread.
+
+    The pipeline thread only queues (a bounded number of) events and goes on computing; this task
+    sends whatever has queued up in one round trip (images and the trajectory so far first, then
+    the fenced emits), so Redis latency is not added to every token and denoising step. A refused
+    emit (the attempt lost the job) or a cancel flag in a reply interrupts the job, which the
+    pipeline sees at its next should_cancel() check.
+    """
+
+    def __init__(
+        self, runner: JobRunner, job: ActiveJob, loop: asyncio.AbstractEventLoop, max_pending: int = 2048
+    ):
+        self.runner, self.job, self.loop = runner, job, loop
+        self.queue: asyncio.Queue[tuple[Wire, bytes | None] | None] = asyncio.Queue()
+        self.slots = threading.Semaphore(max_pending)
+        self.lost = False
+        self.error: Exception | None = None  # a failure of the job's own (not Redis being away)
+        self.seq = 0
+        self.task = loop.create_task(self._run(), name=f"publish-{job.job_id}")
+
+    def submit(self, wire: Wire, png: bytes | None) -> None:
+        """From the pipeline thread. Raises LeaseLost once the attempt has lost the job."""
+        if self.lost:
+            raise LeaseLost(self.job.job_id)
+        self.job.progress_at = time.monotonic()
+        self.slots.acquire()
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (wire, png))
+
+    async def close(self) -> None:
+        """Flush everything queued; afterwards `lost` says whether all of it was accepted."""
+        await self.queue.put(None)
+        await self.task
+
+    async def _run(self) -> None:
+        done = False
+        while not done:
+            batch = [await self.queue.get()]
+            while not self.queue.empty() and len(batch) < 512:
+                batch.append(self.queue.get_nowait())
+            done = batch[-1] is None
+            items = [item for item in batch if item is not None]
+            try:
+                if items and not self.lost:
+                    await self._send(items)
+            except LeaseLost:
+                self.lost = True
+                self.job.interrupt("lease_lost")
+            except Exception as exc:
+                log.exception("publishing failed")
+                self.error, self.lost = exc, True
+                self.job.interrupt("error")
+            finally:
+                for _ in items:
+                    self.slots.release()
+
+    async def _send(self, items: list[tuple[Wire, bytes | None]]) -> None:
+        runner, job = self.runner, self.job
+        # The trajectory so far: the batch's latest record is enough (the emits below all name
+        # the same blob, and go out together after it is written).
+        trajectory = next((w for w, _png in reversed(items) if w.trajectory is not None), None)
+        blobs = [
+            (imagelib.storage_key(job.job_id, job.attempt, wire.image[0]), png)
+            for wire, png in items
+            if png is not None and wire.image is not None
+        ]
+        if trajectory is not None:
+            blobs.append((trajectory.fields[TRAJECTORY_FIELD], trajectory.trajectory))
+        if blobs and not await runner.put_blobs(job, blobs):
+            raise LeaseLost(job.job_id)
+        emits = []
+        for wire, _png in items:
+            if wire.name or wire.fields:
+                self.seq += 1
+                emits.append((self.seq, wire.name, wire.data, wire.fields))
+        if not emits:
+            return
+        results = await through_outage(lambda: runner.store.emit_many(job.job_id, job.attempt, emits))
+        for result in results:
+            if not result.ok:
+                raise LeaseLost(job.job_id)
+            if result.cancel:
+                job.interrupt("cancel")
+        runner.metrics.events.inc(len(emits))
+
+
+class DeltaBuffer:
+    """Coalesces a text stage's token pieces into fewer text.delta events: a delta goes out when
+    it holds `max_pieces` pieces or `max_s` has passed since the last one went out (so a slow
+    model's tokens go out one by one, at once), and before any other event. The text is carried
+    whole, so the deltas still concatenate to exactly the stage's text."""
+
+    def __init__(self, max_pieces: int, max_s: float):
+        self.max_pieces, self.max_s = max_pieces, max_s
+        self.held: list[TextDelta] = []
+        self.last = time.monotonic()
+
+    def add(self, event: TextDelta) -> TextDelta | None:
+        if self.held and (self.held[0].iteration, self.held[0].stage) != (event.iteration, event.stage):
+            out = self.flush()  # another stage's text (no event between): send the old, hold the new
+            self.held = [event]
+            return out
+        self.held.append(event)
+        if len(self.held) >= self.max_pieces or time.monotonic() - self.last >= self.max_s:
+            return self.flush()
+        return None
+
+    def flush(self) -> TextDelta | None:
+        if not self.held:
+            return None
+        first = self.held[0]
+        merged = TextDelta(first.iteration, first.stage, "".join(e.delta for e in self.held))
+        self.held = []
+        self.last = time.monotonic()
+        return merged
