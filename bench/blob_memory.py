@@ -88,7 +88,7 @@ class Proc:
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path, log_path: Path):
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "strokes.service.cli.main", *args],
+            [sys.executable, "-m", "strokes.service.cli", *args],
             cwd=cwd,
             env=env,
             stdout=self.log,

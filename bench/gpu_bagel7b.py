@@ -55,14 +55,13 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-
 from strokes.model.generation.engine import Engine  # noqa: E402
 from strokes.model.generation.loading import build_model  # noqa: E402
-from strokes.model.spec.params import ImageSettings  # noqa: E402
-from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT  # noqa: E402
 from strokes.model.network.bagel import Bagel  # noqa: E402
 from strokes.model.network.config import BagelConfig, LLMConfig, ViTConfig  # noqa: E402
 from strokes.model.network.tokenizer import BagelTokenizer  # noqa: E402
+from strokes.model.spec.params import ImageSettings  # noqa: E402
+from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT  # noqa: E402
 from strokes.model.testing.tiny import PRESETS, tiny_config  # noqa: E402
 from strokes.model.testing.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 

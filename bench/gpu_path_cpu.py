@@ -28,6 +28,7 @@ import argparse
 import math
 import time
 
+import strokes.model.network.static_decode as static_decode
 import torch
 from common import (
     Interference,
@@ -41,16 +42,14 @@ from common import (
     write_json,
 )
 from PIL import Image
-
-import strokes.model.network.static_decode as static_decode
 from strokes.model.generation.budget import job_budget
 from strokes.model.generation.loading import load_engine
-from strokes.model.spec.params import GenerationParams
-from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT
 from strokes.model.network.attention import causal_mask
 from strokes.model.network.decoder import rope_tables, route
 from strokes.model.network.kv_cache import branch_rooms
 from strokes.model.network.static_decode import StaticDecoder
+from strokes.model.spec.params import GenerationParams
+from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT
 
 
 def old_forward_block(lm, x, contexts, gen):

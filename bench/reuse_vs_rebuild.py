@@ -37,7 +37,8 @@ from common import (
     wait_for_quiet,
     write_json,
 )
-
+from strokes.model.generation.loading import load_engine
+from strokes.model.generation.pipeline import Pipeline
 from strokes.model.spec.events import (
     Done,
     ImageCompleted,
@@ -46,9 +47,7 @@ from strokes.model.spec.events import (
     StageStarted,
     Verdict,
 )
-from strokes.model.generation.loading import load_engine
 from strokes.model.spec.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings
-from strokes.model.generation.pipeline import Pipeline
 
 PROMPT = "A red fox sitting in a snowy forest clearing at dawn, soft light, detailed fur."
 SIZE = 256

@@ -198,7 +198,7 @@ def service(checkpoint: Path, threads: int):
     }
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cli = [sys.executable, "-m", "strokes.service.cli.main"]
+    cli = [sys.executable, "-m", "strokes.service.cli"]
     api_log, worker_log = (tmp / "api.log").open("wb"), (tmp / "worker.log").open("wb")
     api = subprocess.Popen(
         [*cli, "api", "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=api_log

@@ -42,9 +42,8 @@ if str(REPO) not in sys.path:  # `python bench/soak.py` from anywhere
     sys.path.insert(0, str(REPO))
 
 import redis  # noqa: E402
-
-from strokes.service.queue import keys  # noqa: E402
 from strokes.service.cli.serve import PrivateRedis, free_port  # noqa: E402
+from strokes.service.queue import keys  # noqa: E402
 
 JOB = {
     "prompt": "a red cube on a blue sphere",
@@ -89,7 +88,11 @@ class Cluster:
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
         out = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
         return subprocess.Popen(
-            [sys.executable, "-m", "strokes.service.cli.main", *args], cwd=REPO, env=self.env, stdout=out, stderr=out
+            [sys.executable, "-m", "strokes.service.cli", *args],
+            cwd=REPO,
+            env=self.env,
+            stdout=out,
+            stderr=out,
         )
 
     def start_worker(self, slot: int) -> None:

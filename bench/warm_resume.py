@@ -40,13 +40,12 @@ from common import (
     small_sizes,
     write_json,
 )
-
-from strokes.model.spec.events import Done, ImageCompleted, ImageProgress, StageCompleted, TextDelta
-from strokes.model.spec.forks import ForkPoint, params_from_trajectory, plan_fork
 from strokes.model.generation.loading import load_engine
-from strokes.model.spec.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings
 from strokes.model.generation.pipeline import Pipeline
 from strokes.model.generation.warm import WarmContexts
+from strokes.model.spec.events import Done, ImageCompleted, ImageProgress, StageCompleted, TextDelta
+from strokes.model.spec.forks import ForkPoint, params_from_trajectory, plan_fork
+from strokes.model.spec.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings
 
 SIZE, STEPS, TOKENS, REPEATS = 256, 20, 48, 3
 

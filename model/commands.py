@@ -18,8 +18,8 @@ def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argp
     stderr and exit status 2, not a traceback."""
 
     def run(args: argparse.Namespace) -> int:
-        from strokes.model.spec.params import InvalidParams
         from strokes.model.network.config import CheckpointError
+        from strokes.model.spec.params import InvalidParams
 
         try:
             return command(args)
@@ -32,7 +32,6 @@ def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argp
 
 def _make_tiny(args: argparse.Namespace) -> int:
     import torch
-
     from strokes.model.testing.tiny import PRESETS, make_tiny
 
     sizes = PRESETS[args.preset]
@@ -75,7 +74,6 @@ def _conformance(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
-
     from strokes.model.generation.loading import load_engine
     from strokes.model.generation.pipeline import Pipeline
 
@@ -109,7 +107,6 @@ def _generate(args: argparse.Namespace) -> int:
 def _new_params(args: argparse.Namespace):
     import numpy as np
     from PIL import Image
-
     from strokes.model.spec.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
 
     if not args.prompt:
@@ -143,7 +140,6 @@ def _fork_from(args: argparse.Namespace, out: Path):
     """The parent's parameters and the fork of its trajectory.json (images read beside it)."""
     import numpy as np
     from PIL import Image
-
     from strokes.model.spec.forks import ForkPoint, params_from_trajectory, plan_fork
     from strokes.model.spec.params import InvalidParams
 
@@ -175,8 +171,13 @@ def _fork_from(args: argparse.Namespace, out: Path):
 
 def _print_event(event, out: Path) -> None:
     from PIL import Image
-
-    from strokes.model.spec.events import ImageCompleted, ImageProgress, StageCompleted, StageStarted, TextDelta
+    from strokes.model.spec.events import (
+        ImageCompleted,
+        ImageProgress,
+        StageCompleted,
+        StageStarted,
+        TextDelta,
+    )
 
     if isinstance(event, StageStarted):
         print(f"\n[iteration {event.iteration}] {event.stage.value}: ", end="", flush=True)

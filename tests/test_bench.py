@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-STROKES = [sys.executable, "-m", "strokes.service.cli.main", "bench"]
+STROKES = [sys.executable, "-m", "strokes.service.cli", "bench"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from strokes.model import devices
 from strokes.service.cli.main import build_parser
 
@@ -84,7 +83,7 @@ def taken_port() -> Iterator[int]:
 def test_a_port_in_use_is_a_one_line_error(taken_port: int, args: list[str]):
     argv = [a.format(port=taken_port) for a in args]
     done = subprocess.run(
-        [sys.executable, "-m", "strokes.service.cli.main", *argv],
+        [sys.executable, "-m", "strokes.service.cli", *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -108,7 +107,7 @@ def test_a_port_in_use_is_a_one_line_error(taken_port: int, args: list[str]):
 )
 def test_a_malformed_setting_is_a_one_line_error_that_does_not_echo_it(command, variable, value):
     done = subprocess.run(
-        [sys.executable, "-m", "strokes.service.cli.main", *command],
+        [sys.executable, "-m", "strokes.service.cli", *command],
         cwd=ROOT,
         capture_output=True,
         text=True,

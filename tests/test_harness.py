@@ -25,7 +25,10 @@ def test_private_redis_is_not_the_system_one(redis_server):
 
 def test_strokes_command_prints_its_version():
     out = subprocess.run(
-        [sys.executable, "-m", "strokes.service.cli.main", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "strokes.service.cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.startswith("strokes ")
 

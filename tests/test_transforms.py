@@ -11,8 +11,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-
-from strokes.model.spec.sizing import DEFAULT_MAX_PIXELS, resize_size, to_rgb
 from strokes.model.network.transforms import (
     VAE_TRANSFORM,
     VIT_TRANSFORM,
@@ -24,6 +22,7 @@ from strokes.model.network.transforms import (
     unpack_latent,
     vit_position_ids,
 )
+from strokes.model.spec.sizing import DEFAULT_MAX_PIXELS, resize_size, to_rgb
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 INFO = json.loads((GOLDEN / "tiny_ckpt" / "tiny_bagel_info.json").read_text())

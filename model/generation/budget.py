@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from strokes.model.network.config import BagelConfig
 from strokes.model.spec.params import GenerationParams
 from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT, INTERLEAVED_PROMPT, render
-from strokes.model.network.config import BagelConfig
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-
 from strokes.model.generation.cancel import ShouldCancel, never
 from strokes.model.generation.image_generation import ImageGeneration, ImageGenerationOptions
-from strokes.model.spec.params import ImageSettings
 from strokes.model.generation.text_decoding import LogitsProcessor, TextDecoding, TextDecodingOptions
 from strokes.model.network.bagel import Bagel
 from strokes.model.network.config import BagelConfig
 from strokes.model.network.kv_cache import Context, KVCache
-from strokes.model.spec.sizing import to_rgb
 from strokes.model.network.static_decode import StaticDecoder
 from strokes.model.network.tokenizer import BagelTokenizer
 from strokes.model.network.transforms import (
@@ -46,6 +43,8 @@ from strokes.model.network.transforms import (
     vit_position_ids,
 )
 from strokes.model.network.vae import AutoEncoder
+from strokes.model.spec.params import ImageSettings
+from strokes.model.spec.sizing import to_rgb
 
 
 @dataclass

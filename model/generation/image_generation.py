@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image
-
 from strokes.model.generation.cancel import Cancelled, ShouldCancel
-from strokes.model.spec.params import ImageSettings
 from strokes.model.generation.sampler import combine_guidance, euler_step, guidance_scales, timestep_schedule
 from strokes.model.network.kv_cache import Context, branch_rooms
 from strokes.model.network.transforms import latent_position_ids
+from strokes.model.spec.params import ImageSettings
 
 if TYPE_CHECKING:
     from strokes.model.generation.engine import Engine

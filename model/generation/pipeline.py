@@ -37,14 +37,14 @@ from collections.abc import Iterator
 from strokes.model.generation.cancel import ShouldCancel, never
 from strokes.model.generation.contexts import ContextItem
 from strokes.model.generation.engine import Engine
-from strokes.model.spec.events import Done, Event, IterationCompleted, Paused, Stage, StageCompleted, Verdict
-from strokes.model.spec.forks import Fork
-from strokes.model.spec.params import GenerationParams
-from strokes.model.spec.prompts import INTERLEAVED_PROMPT, render
 from strokes.model.generation.run import Run
 from strokes.model.generation.text_decoding import LogitsProcessor
 from strokes.model.generation.verdict import parse_reflection
 from strokes.model.generation.warm import WarmContexts
+from strokes.model.spec.events import Done, Event, IterationCompleted, Paused, Stage, StageCompleted, Verdict
+from strokes.model.spec.forks import Fork
+from strokes.model.spec.params import GenerationParams
+from strokes.model.spec.prompts import INTERLEAVED_PROMPT, render
 
 
 class Pipeline:

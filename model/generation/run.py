@@ -20,11 +20,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-
 from strokes.model.generation.budget import job_budget
 from strokes.model.generation.cancel import ShouldCancel
 from strokes.model.generation.contexts import ContextItem, Contexts
 from strokes.model.generation.engine import Engine
+from strokes.model.generation.rng import rng_state, set_rng_state
+from strokes.model.generation.sampler import sample_token
+from strokes.model.generation.text_decoding import LogitsProcessor
+from strokes.model.generation.trajectory import Trajectory
+from strokes.model.generation.verdict import parse_reflection
+from strokes.model.generation.warm import Boundary, WarmContexts
 from strokes.model.spec.events import (
     Done,
     Event,
@@ -35,7 +40,6 @@ from strokes.model.spec.events import (
     StageStarted,
     TextDelta,
 )
-from strokes.model.generation.rng import rng_state, set_rng_state
 from strokes.model.spec.forks import IMAGE_STAGES, Fork
 from strokes.model.spec.params import (
     GenerationParams,
@@ -45,11 +49,6 @@ from strokes.model.spec.params import (
     settings_dict,
 )
 from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT
-from strokes.model.generation.sampler import sample_token
-from strokes.model.generation.text_decoding import LogitsProcessor
-from strokes.model.generation.trajectory import Trajectory
-from strokes.model.generation.verdict import parse_reflection
-from strokes.model.generation.warm import Boundary, WarmContexts
 
 
 @dataclass

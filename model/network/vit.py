@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from strokes.model.network.config import ViTConfig
+from torch import nn
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

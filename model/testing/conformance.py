@@ -33,11 +33,10 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-
 from strokes.model.generation.engine import Engine
+from strokes.model.network.kv_cache import KVCache
 from strokes.model.spec.params import ImageSettings
 from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
-from strokes.model.network.kv_cache import KVCache
 
 RTOL = 1e-4  # of max(1, max |reference|)
 IMAGE_LEVELS = 1

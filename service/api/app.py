@@ -24,22 +24,18 @@ from fastapi import Depends, FastAPI, Request
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from strokes.service.blobs import store as bloblib
-from strokes.service.api import docs_ui
-from strokes.service.api import errors
+from strokes.service.api import docs_ui, errors, sse
 from strokes.service.api import job_list as generations
-from strokes.service.api.routes import openai_images
-from strokes.service.api.routes import generations as routes
-from strokes.service.api import sse
-from strokes.service.api.routes import steering as steering_api
-from strokes.service.api.routes import studio
 from strokes.service.api.deps import bounded
-from strokes.service.shared.metrics import ApiMetrics
+from strokes.service.api.routes import generations as routes
+from strokes.service.api.routes import openai_images, studio
+from strokes.service.api.routes import steering as steering_api
+from strokes.service.blobs import store as bloblib
 from strokes.service.queue.client import connect
-from strokes.service.shared.settings import Settings, get_settings
 from strokes.service.queue.steering import steering
 from strokes.service.queue.store import Store
+from strokes.service.shared.metrics import ApiMetrics
+from strokes.service.shared.settings import Settings, get_settings
 
 log = logging.getLogger("strokes.api")
 

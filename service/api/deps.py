@@ -13,12 +13,11 @@ from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
-
 from strokes.service.blobs.store import BlobStore
-from strokes.service.shared.metrics import ApiMetrics
-from strokes.service.schemas import ErrorResponse
-from strokes.service.shared.settings import Settings
 from strokes.service.queue.store import Store
+from strokes.service.schemas import ErrorResponse
+from strokes.service.shared.metrics import ApiMetrics
+from strokes.service.shared.settings import Settings
 
 T = TypeVar("T")
 

@@ -20,16 +20,15 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
-
 from strokes.service.api import jobs
-from strokes.service.queue import keys
 from strokes.service.api.auth import OwnerDep
 from strokes.service.api.deps import StoreDep, bounded
 from strokes.service.api.errors import InvalidRequest
+from strokes.service.queue import keys
 from strokes.service.queue.keys import JobStatus
+from strokes.service.queue.store import Store
 from strokes.service.schemas import ErrorResponse, Job
 from strokes.service.shared.settings import Settings, SettingsDep
-from strokes.service.queue.store import Store
 from strokes.service.shared.wire import TERMINAL_EVENTS
 
 router = APIRouter()

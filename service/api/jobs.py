@@ -14,11 +14,6 @@ import time
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-
-from strokes.service.shared import budget
-from strokes.service.shared import webhooks
-from strokes.service.shared import images as imagelib
-from strokes.service.blobs.store import BlobStore, presign_refs
 from strokes.service.api.errors import (
     IdempotencyKeyReused,
     InvalidImage,
@@ -29,10 +24,13 @@ from strokes.service.api.errors import (
     QueueFull,
     QuotaExceeded,
 )
+from strokes.service.blobs.store import BlobStore, presign_refs
 from strokes.service.queue.keys import JobStatus
-from strokes.service.schemas import GenerationRequest, Job, params_from_record
-from strokes.service.shared.settings import Settings
 from strokes.service.queue.store import Store
+from strokes.service.schemas import GenerationRequest, Job, params_from_record
+from strokes.service.shared import budget, webhooks
+from strokes.service.shared import images as imagelib
+from strokes.service.shared.settings import Settings
 from strokes.service.shared.wire import IMAGE_FIELD_PREFIX, image_ref
 
 JOB_ID = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
@@ -249,8 +247,8 @@ async def _check_webhook(settings: Settings, url: str) -> None:
 
 
 async def _fork(store: Store, owner: str, request: GenerationRequest, blobs: BlobStore):
-    from strokes.service.schemas import FORK_INHERITS
     from strokes.service.queue.steering import steering
+    from strokes.service.schemas import FORK_INHERITS
 
     inherited = sorted(request.model_fields_set & FORK_INHERITS)
     if inherited:

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
-
-from strokes.service.queue import keys
 from strokes.service.api.errors import InvalidRequest, error_body
-from strokes.service.shared.metrics import ApiMetrics
+from strokes.service.queue import keys
 from strokes.service.queue.client import Event
-from strokes.service.shared.settings import Settings
 from strokes.service.queue.store import Store
+from strokes.service.shared.metrics import ApiMetrics
+from strokes.service.shared.settings import Settings
 from strokes.service.shared.wire import TERMINAL_EVENTS
 
 log = logging.getLogger("strokes.sse")

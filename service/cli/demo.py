@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import httpx
-
 from strokes.model import devices
-from strokes.service.cli.sse_client import iter_sse
 from strokes.service.cli.serve import free_port
+from strokes.service.cli.sse_client import iter_sse
 from strokes.service.shared.wire import (
     IMAGE_PROGRESS,
     ITERATION_COMPLETED,
@@ -39,7 +38,9 @@ def ensure_checkpoint() -> tuple[Path, bool]:
         return Path(configured), (Path(configured) / "tiny_bagel_info.json").exists()
     if not (TINY_DIR / "ema.safetensors").exists():
         print(f"STROKES_CHECKPOINT is not set: writing a tiny random checkpoint to {TINY_DIR}/")
-        subprocess.run([sys.executable, "-m", "strokes.service.cli.main", "make-tiny", str(TINY_DIR)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "strokes.service.cli", "make-tiny", str(TINY_DIR)], check=True
+        )
     return TINY_DIR, True
 
 
@@ -106,7 +107,7 @@ def run_demo(args) -> int:
         [
             sys.executable,
             "-m",
-            "strokes.service.cli.main",
+            "strokes.service.cli",
             "serve",
             "--checkpoint",
             str(checkpoint),

@@ -86,4 +86,3 @@ def main(argv: list[str] | None = None) -> int:
             name = "STROKES_" + "_".join(str(part) for part in error["loc"]).upper()
             print(f"strokes: setting {name} (or its flag): {error['msg']}", file=sys.stderr)
         return 2
-

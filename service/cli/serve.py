@@ -152,9 +152,9 @@ class WorkerSupervisor:
 
 
 def run_serve(args) -> int:
-    from strokes.service.shared import logs as slog
     from strokes.service.api.app import create_app
     from strokes.service.cli.main import port_in_use
+    from strokes.service.shared import logs as slog
     from strokes.service.shared.settings import Settings
 
     for port in (args.port, args.worker_metrics_port):
@@ -179,7 +179,7 @@ def run_serve(args) -> int:
         cmd = [
             sys.executable,
             "-m",
-            "strokes.service.cli.main",
+            "strokes.service.cli",
             "worker",
             "--checkpoint",
             str(args.checkpoint),
@@ -195,7 +195,14 @@ def run_serve(args) -> int:
         worker = WorkerSupervisor(cmd, env, stopping)
         threading.Thread(target=worker.watch, daemon=True).start()
         if Settings().webhook_secret is not None:  # webhooks (issue 11): the dispatcher beside them
-            webhook_cmd = [sys.executable, "-m", "strokes.service.cli.main", "webhooks", "--redis-url", redis_url]
+            webhook_cmd = [
+                sys.executable,
+                "-m",
+                "strokes.service.cli",
+                "webhooks",
+                "--redis-url",
+                redis_url,
+            ]
             dispatcher = subprocess.Popen(webhook_cmd, env=env, preexec_fn=_die_with_parent)
             threading.Thread(
                 target=_exit_with, args=(dispatcher, stopping, "webhook dispatcher"), daemon=True

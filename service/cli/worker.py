@@ -18,13 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from strokes.service.blobs import store as bloblib
+from strokes.service.queue.client import connect
+from strokes.service.queue.store import Store
 from strokes.service.shared import logs as slog
 from strokes.service.shared.metrics import WorkerMetrics
-from strokes.service.queue.client import connect
-from strokes.service.worker.runner import Pipeline
 from strokes.service.shared.settings import Settings
-from strokes.service.queue.store import Store
 from strokes.service.worker.loop import Worker, torch_thread
+from strokes.service.worker.runner import Pipeline
 
 log = logging.getLogger("strokes.worker")
 PipelineFactory = Callable[[str, str, "str | None"], Pipeline]  # (checkpoint, device, dtype)

@@ -42,13 +42,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from strokes.model.spec.params import InvalidParams
-from strokes.service.shared import images as imagelib
-from strokes.service.queue import keys
 from strokes.service.api.errors import NotFound, NotReady
-from strokes.service.queue.keys import JobStatus
+from strokes.service.queue import keys
 from strokes.service.queue.client import decode, load_script
+from strokes.service.queue.keys import JobStatus
 from strokes.service.queue.store import Store
-from strokes.service.shared.wire import IMAGE_FIELD_PREFIX, TRAJECTORY_FIELD, parent_trajectory_key, trajectory_key
+from strokes.service.shared import images as imagelib
+from strokes.service.shared.wire import (
+    IMAGE_FIELD_PREFIX,
+    TRAJECTORY_FIELD,
+    parent_trajectory_key,
+    trajectory_key,
+)
 
 STEERING_SCRIPTS = ("pause", "continue", "end_paused", "route")  # service/lua/{name}.lua
 

@@ -37,10 +37,18 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
-
 from strokes.service.queue import keys
+from strokes.service.queue.client import (
+    SCRIPTS,
+    Emitted,
+    Enqueued,
+    Event,
+    QueueStats,
+    Started,
+    decode,
+    field_args,
+)
 from strokes.service.queue.keys import JobStatus
-from strokes.service.queue.client import SCRIPTS, Emitted, Enqueued, Event, QueueStats, Started, decode, field_args
 from strokes.service.shared.settings import Settings
 
 

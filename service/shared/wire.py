@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from strokes.model.spec.events import (
     Done,
     ImageCompleted,

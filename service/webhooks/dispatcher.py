@@ -36,12 +36,11 @@ from dataclasses import dataclass
 
 import httpx
 from redis.exceptions import RedisError, ResponseError
-
 from strokes.service.queue import keys
-from strokes.service.shared import webhooks
-from strokes.service.shared import logs as slog
-from strokes.service.shared.metrics import WebhookMetrics
 from strokes.service.queue.client import connect
+from strokes.service.shared import logs as slog
+from strokes.service.shared import webhooks
+from strokes.service.shared.metrics import WebhookMetrics
 from strokes.service.shared.settings import Settings
 
 log = logging.getLogger("strokes.webhooks")

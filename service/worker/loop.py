@@ -33,15 +33,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from strokes.service.blobs import store as bloblib
-from strokes.service.shared import logs as slog
 from strokes.service.queue.keys import JobStatus
-from strokes.service.shared.metrics import WorkerMetrics
-from strokes.service.worker.publisher import TRANSIENT, ActiveJob
-from strokes.service.worker.runner import FatalError, JobRunner, Pipeline
-from strokes.service.shared.settings import Settings
 from strokes.service.queue.steering import steering
 from strokes.service.queue.store import Store
+from strokes.service.shared import logs as slog
+from strokes.service.shared.metrics import WorkerMetrics
+from strokes.service.shared.settings import Settings
 from strokes.service.shared.wire import JOB_FAILED, Translator
+from strokes.service.worker.publisher import TRANSIENT, ActiveJob
+from strokes.service.worker.runner import FatalError, JobRunner, Pipeline
 
 log = logging.getLogger("strokes.worker")
 EXIT_FATAL = 3  # the process exit status after a fatal device error (a supervisor restarts it)

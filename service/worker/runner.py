@@ -26,22 +26,34 @@ from typing import Any, Protocol
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
-
 from strokes.model.spec.events import NO_IMAGE_MESSAGE, Done, Paused, StageCompleted, StageStarted, TextDelta
 from strokes.model.spec.events import Event as PipelineEvent
 from strokes.model.spec.params import GenerationParams, InvalidParams
 from strokes.service.blobs import store as bloblib
-from strokes.service.shared import images as imagelib
 from strokes.service.queue import keys as keyspace
-from strokes.service.shared import logs as slog
 from strokes.service.queue.keys import JobStatus
-from strokes.service.shared.metrics import WorkerMetrics
-from strokes.service.worker.publisher import TRANSIENT, ActiveJob, DeltaBuffer, LeaseLost, Publisher, through_outage
-from strokes.service.schemas import params_from_record
-from strokes.service.shared.settings import Settings
 from strokes.service.queue.steering import steering
 from strokes.service.queue.store import Store
-from strokes.service.shared.wire import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, encode_trajectory, trajectory_key
+from strokes.service.schemas import params_from_record
+from strokes.service.shared import images as imagelib
+from strokes.service.shared import logs as slog
+from strokes.service.shared.metrics import WorkerMetrics
+from strokes.service.shared.settings import Settings
+from strokes.service.shared.wire import (
+    JOB_CANCELED,
+    JOB_COMPLETED,
+    JOB_FAILED,
+    encode_trajectory,
+    trajectory_key,
+)
+from strokes.service.worker.publisher import (
+    TRANSIENT,
+    ActiveJob,
+    DeltaBuffer,
+    LeaseLost,
+    Publisher,
+    through_outage,
+)
 
 log = logging.getLogger("strokes.worker")
 

@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 from PIL import Image
-
 from strokes.model.generation.loading import load_engine
 from strokes.model.testing.tiny import make_tiny
 
-STROKES = [sys.executable, "-m", "strokes.service.cli.main"]
+STROKES = [sys.executable, "-m", "strokes.service.cli"]
 
 
 def test_make_tiny_writes_the_official_layout_and_is_deterministic(tmp_path):

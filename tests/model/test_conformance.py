@@ -9,7 +9,6 @@ import sys
 import pytest
 from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
-
 from strokes.model.testing.conformance import run_golden
 
 
@@ -45,7 +44,9 @@ def test_command_exits_1_when_a_recorded_velocity_is_off(golden_copy):
     tensors["flow.2.v_cond"][0, 0] += 0.01
     save_file(tensors, str(path))
     out = subprocess.run(
-        [sys.executable, "-m", "strokes.service.cli.main", "conformance", str(golden_copy)], capture_output=True, text=True
+        [sys.executable, "-m", "strokes.service.cli", "conformance", str(golden_copy)],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 1, out.stdout + out.stderr
     assert "FAIL t3_t2i" in out.stdout and "flow.2.v_cond" in out.stdout
@@ -59,7 +60,9 @@ def test_command_works_on_a_folder_with_other_cases(golden_copy):
     (golden_copy / "cases" / "t4_edit.json").rename(golden_copy / "cases" / "my_edit.json")
     (golden_copy / "cases" / "t4_edit.safetensors").rename(golden_copy / "cases" / "my_edit.safetensors")
     out = subprocess.run(
-        [sys.executable, "-m", "strokes.service.cli.main", "conformance", str(golden_copy)], capture_output=True, text=True
+        [sys.executable, "-m", "strokes.service.cli", "conformance", str(golden_copy)],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "PASS my_edit" in out.stdout and "PASS loop_reuse" in out.stdout

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
+from strokes.model.generation.pipeline import Pipeline
+from strokes.model.generation.warm import WarmContexts
 from strokes.model.spec.events import ImageCompleted, Paused, StageCompleted
 from strokes.model.spec.forks import ForkPoint, params_from_trajectory, plan_fork
 from strokes.model.spec.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
-from strokes.model.generation.pipeline import Pipeline
-from strokes.model.generation.warm import WarmContexts
 
 SAMPLED = TextSettings(max_tokens=8, do_sample=True, temperature=1.0)
 # What must match between a parent's stage and a fork's (timings and cache counters may differ).

@@ -11,13 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY
-
 from strokes.model.generation.loading import load_engine, prepare_device
-from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
 from strokes.model.generation.pipeline import Pipeline
 from strokes.model.network.attention import attention_reference, attention_sdpa
 from strokes.model.network.kv_cache import branch_rooms
 from strokes.model.network.static_decode import MIN_BUCKET, length_bucket
+from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
 
 STEPS = 300
 

@@ -8,13 +8,12 @@ import pytest
 import torch
 from conftest import GOLDEN, TINY
 from safetensors.torch import load_file
-
 from strokes.model.generation.loading import build_model, expected_tensors
-from strokes.model.spec.params import ImageSettings
 from strokes.model.network.attention import attention_reference, attention_sdpa, causal_mask
 from strokes.model.network.bagel import sincos_2d
 from strokes.model.network.config import BagelConfig, LLMConfig, ViTConfig, load_config
 from strokes.model.network.kv_cache import KVCache
+from strokes.model.spec.params import ImageSettings
 
 REAL = BagelConfig(
     llm=LLMConfig(

@@ -10,11 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from strokes.model.spec.events import ImageCompleted
 from strokes.model.generation.loading import load_engine
-from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
 from strokes.model.generation.pipeline import Pipeline
+from strokes.model.spec.events import ImageCompleted
+from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
 
 # Not imported from conftest: spawned ranks import this module as a plain file, where `conftest`
 # names whichever conftest.py comes first on sys.path (tests/conftest.py in a whole-suite run).

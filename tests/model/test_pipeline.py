@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from strokes.model.generation.cancel import Cancelled
+from strokes.model.generation.pipeline import Pipeline
 from strokes.model.spec.events import (
     Done,
     ImageCompleted,
@@ -21,7 +21,6 @@ from strokes.model.spec.events import (
     Verdict,
 )
 from strokes.model.spec.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
-from strokes.model.generation.pipeline import Pipeline
 
 REFINE = ImageSettings(steps=4, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
 

@@ -7,9 +7,8 @@ import json
 import numpy as np
 from conftest import GOLDEN
 from safetensors.torch import load_file
-
-from strokes.model.spec.params import ImageSettings, TextSettings
 from strokes.model.generation.tasks import edit_image, text_to_image, understand
+from strokes.model.spec.params import ImageSettings, TextSettings
 
 
 def _case(name):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from strokes.model.generation.pipeline import Pipeline
 from strokes.model.spec.events import NO_IMAGE_MESSAGE, StageCompleted, TextDelta
 from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
-from strokes.model.generation.pipeline import Pipeline
 
 
 def test_deltas_concatenate_to_the_stage_text_even_around_control_tokens(own_engine):
@@ -47,7 +47,7 @@ def test_generate_without_an_image_exits_1_and_names_no_image_path(own_tiny, tmp
         [
             sys.executable,
             "-m",
-            "strokes.service.cli.main",
+            "strokes.service.cli",
             "generate",
             "a red cube",
             "--checkpoint",

@@ -1,9 +1,8 @@
 """Verdict parsing is lenient: both paper templates, odd casing, missing or odd tags."""
 
 import pytest
-
-from strokes.model.spec.events import Verdict
 from strokes.model.generation.verdict import parse_reflection
+from strokes.model.spec.events import Verdict
 
 CASES = [
     (

@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import redis
-
 from strokes.model.spec.events import (
     Done,
     ImageCompleted,
@@ -31,9 +30,9 @@ from strokes.model.spec.events import (
     Verdict,
 )
 from strokes.model.spec.params import GenerationParams
-from strokes.service.queue import keys
-from strokes.service.cli.sse_client import SSE, iter_sse
 from strokes.service.cli.serve import free_port
+from strokes.service.cli.sse_client import SSE, iter_sse
+from strokes.service.queue import keys
 from strokes.service.shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +71,7 @@ class Proc:
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "strokes.service.cli.main", *args],
+            [sys.executable, "-m", "strokes.service.cli", *args],
             cwd=ROOT,
             env=env,
             stdout=self._log,

@@ -20,7 +20,7 @@ def test_the_demo_streams_one_generation_and_saves_its_images_and_trajectory(tin
         "STROKES_DEVICE": "cpu",
     }
     done = subprocess.run(
-        [sys.executable, "-m", "strokes.service.cli.main", "demo", "--out", "out"],
+        [sys.executable, "-m", "strokes.service.cli", "demo", "--out", "out"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -21,6 +21,8 @@ import pytest
 import redis
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from strokes.service.cli.sse_client import SSE
+from strokes.service.queue import keys
 from svc_testkit import (
     QUICK,
     SLOW,
@@ -35,9 +37,6 @@ from svc_testkit import (
     wait_for,
     wait_workers,
 )
-
-from strokes.service.queue import keys
-from strokes.service.cli.sse_client import SSE
 
 pytestmark = pytest.mark.slow
 
@@ -489,7 +488,7 @@ def test_redis_stopped_and_restarted_under_a_running_api_and_worker(
 
 
 def test_worker_and_serve_fail_with_a_message_on_a_missing_checkpoint(tmp_path):
-    cmd = [sys.executable, "-m", "strokes.service.cli.main"]
+    cmd = [sys.executable, "-m", "strokes.service.cli"]
     missing = str(tmp_path / "nope")
     worker = subprocess.run(
         [*cmd, "worker", "--device", "cpu", "--checkpoint", missing, "--redis-url", "redis://127.0.0.1:1/0"],

@@ -4,13 +4,12 @@ worker's share of the cores."""
 from __future__ import annotations
 
 import pytest
-
 from strokes.model.spec.events import Stage, TextDelta
-from strokes.service.shared import budget
-from strokes.service.worker.publisher import DeltaBuffer
-from strokes.service.schemas import GenerationRequest
-from strokes.service.shared.settings import Settings
 from strokes.service.cli.worker import cpu_share
+from strokes.service.schemas import GenerationRequest
+from strokes.service.shared import budget
+from strokes.service.shared.settings import Settings
+from strokes.service.worker.publisher import DeltaBuffer
 
 LIMITS = {"max_cost": 16_000_000, "max_positions": 32768, "max_events": 50000 // 3}
 

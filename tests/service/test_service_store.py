@@ -8,10 +8,9 @@ import json
 import time
 
 import pytest
-
-from strokes.service.queue import keys
-from strokes.service.blobs.store import LocalBlobs
 from strokes.service.api.errors import NotReady
+from strokes.service.blobs.store import LocalBlobs
+from strokes.service.queue import keys
 from strokes.service.queue.keys import JobStatus
 from strokes.service.queue.steering import steering
 from strokes.service.queue.store import Store

@@ -19,20 +19,25 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
-
-from strokes.service.api import errors
+from strokes.service.api import errors, jobs, sse
 from strokes.service.api import job_list as generations
-from strokes.service.api import jobs
-from strokes.service.api import sse
-from strokes.service.shared import images as imagelib
 from strokes.service.api.auth import OwnerDep
-from strokes.service.api.deps import COMMON, BlobsDep, MetricsDep, OptionalStr, StoreDep, bounded, error_responses
+from strokes.service.api.deps import (
+    COMMON,
+    BlobsDep,
+    MetricsDep,
+    OptionalStr,
+    StoreDep,
+    bounded,
+    error_responses,
+)
 from strokes.service.api.errors import NotFound, Unavailable
 from strokes.service.queue.keys import JobStatus
-from strokes.service.schemas import ErrorResponse, GenerationRequest, Health, Job, Readiness
-from strokes.service.shared.settings import SettingsDep
 from strokes.service.queue.steering import steering
 from strokes.service.queue.store import Store
+from strokes.service.schemas import ErrorResponse, GenerationRequest, Health, Job, Readiness
+from strokes.service.shared import images as imagelib
+from strokes.service.shared.settings import SettingsDep
 from strokes.service.shared.wire import IMAGE_FIELD_PREFIX, IMAGE_ID, TRAJECTORY_FIELD
 
 log = logging.getLogger("strokes.api")

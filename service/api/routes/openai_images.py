@@ -37,12 +37,8 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
-
-from strokes.service.api import errors
-from strokes.service.api import jobs
-from strokes.service.shared import images as imagelib
+from strokes.service.api import errors, jobs
 from strokes.service.api.auth import OwnerDep
-from strokes.service.blobs.store import BlobStore
 from strokes.service.api.errors import GenerationFailed, GenerationTimedOut, InvalidRequest
 from strokes.service.api.openai_schemas import (
     EDIT_FORM,
@@ -58,9 +54,11 @@ from strokes.service.api.openai_schemas import (
     usage,
     validation_param,
 )
-from strokes.service.schemas import ErrorResponse, GenerationRequest
-from strokes.service.shared.settings import Settings, SettingsDep
+from strokes.service.blobs.store import BlobStore
 from strokes.service.queue.store import Store
+from strokes.service.schemas import ErrorResponse, GenerationRequest
+from strokes.service.shared import images as imagelib
+from strokes.service.shared.settings import Settings, SettingsDep
 from strokes.service.shared.wire import (
     IMAGE_FIELD_PREFIX,
     IMAGE_PROGRESS,

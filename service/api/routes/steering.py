@@ -7,13 +7,12 @@ ordinary DELETE.
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-
 from strokes.service.api import jobs
 from strokes.service.api.auth import OwnerDep
 from strokes.service.api.deps import COMMON, BlobsDep, StoreDep, bounded, error_responses
+from strokes.service.queue.steering import steering
 from strokes.service.schemas import ContinueRequest, Job
 from strokes.service.shared.settings import SettingsDep
-from strokes.service.queue.steering import steering
 
 router = APIRouter()
 
