@@ -43,6 +43,7 @@ from common import (
     wait_for_quiet,
     write_json,
 )
+
 from strokes.model.generation.loading import load_engine
 from strokes.model.network.attention import attention_sdpa
 from strokes.model.network.kv_cache import KVCache

@@ -55,6 +55,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
 from strokes.model.generation.engine import Engine  # noqa: E402
 from strokes.model.generation.loading import build_model  # noqa: E402
 from strokes.model.network.bagel import Bagel  # noqa: E402

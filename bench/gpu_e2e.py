@@ -42,6 +42,7 @@ for path in (REPO, REPO / "bench"):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from gpu_bagel7b import bagel7b_config, device_info, materialise, synthetic_image  # noqa: E402
+
 from strokes.model.generation.engine import Engine  # noqa: E402
 from strokes.model.generation.pipeline import Pipeline  # noqa: E402
 from strokes.model.network.tokenizer import BagelTokenizer  # noqa: E402

@@ -28,7 +28,6 @@ import argparse
 import math
 import time
 
-import strokes.model.network.static_decode as static_decode
 import torch
 from common import (
     Interference,
@@ -42,6 +41,8 @@ from common import (
     write_json,
 )
 from PIL import Image
+
+import strokes.model.network.static_decode as static_decode
 from strokes.model.generation.budget import job_budget
 from strokes.model.generation.loading import load_engine
 from strokes.model.network.attention import causal_mask

@@ -41,6 +41,7 @@ from common import (
     write_json,
 )
 from PIL import Image
+
 from strokes.model.generation.engine import Engine
 from strokes.model.generation.loading import load_engine
 from strokes.model.spec.params import ImageSettings

@@ -37,6 +37,7 @@ from common import (
     wait_for_quiet,
     write_json,
 )
+
 from strokes.model.generation.loading import load_engine
 from strokes.model.generation.pipeline import Pipeline
 from strokes.model.spec.events import (

@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:  # `python bench/soak.py` from anywhere
     sys.path.insert(0, str(REPO))
 
 import redis  # noqa: E402
+
 from strokes.service.cli.serve import PrivateRedis, free_port  # noqa: E402
 from strokes.service.queue import keys  # noqa: E402
 

@@ -40,6 +40,7 @@ from common import (
     small_sizes,
     write_json,
 )
+
 from strokes.model.generation.loading import load_engine
 from strokes.model.generation.pipeline import Pipeline
 from strokes.model.generation.warm import WarmContexts

@@ -32,6 +32,7 @@ def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argp
 
 def _make_tiny(args: argparse.Namespace) -> int:
     import torch
+
     from strokes.model.testing.tiny import PRESETS, make_tiny
 
     sizes = PRESETS[args.preset]
@@ -74,6 +75,7 @@ def _conformance(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
+
     from strokes.model.generation.loading import load_engine
     from strokes.model.generation.pipeline import Pipeline
 
@@ -107,6 +109,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _new_params(args: argparse.Namespace):
     import numpy as np
     from PIL import Image
+
     from strokes.model.spec.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
 
     if not args.prompt:
@@ -140,6 +143,7 @@ def _fork_from(args: argparse.Namespace, out: Path):
     """The parent's parameters and the fork of its trajectory.json (images read beside it)."""
     import numpy as np
     from PIL import Image
+
     from strokes.model.spec.forks import ForkPoint, params_from_trajectory, plan_fork
     from strokes.model.spec.params import InvalidParams
 
@@ -171,6 +175,7 @@ def _fork_from(args: argparse.Namespace, out: Path):
 
 def _print_event(event, out: Path) -> None:
     from PIL import Image
+
     from strokes.model.spec.events import (
         ImageCompleted,
         ImageProgress,

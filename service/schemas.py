@@ -13,6 +13,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
 from strokes.model.spec.params import (
     DRAFT_DEFAULTS,
     MAX_SIDE,

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from strokes.service.cli.serve import PrivateRedis
 
 FIXTURES = Path(__file__).parent / "fixtures"

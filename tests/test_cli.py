@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from strokes.model import devices
 from strokes.service.cli.main import build_parser
 

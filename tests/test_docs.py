@@ -7,8 +7,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from strokes.service.shared.wire import EVENT_NAMES
 from strokes_client.events import EVENT_TYPES
+
+from strokes.service.shared.wire import EVENT_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
 from strokes.model.network.tokenizer import BAGEL_TOKENS, BagelTokenizer
 from strokes.model.testing.tiny_tokenizer import write_tiny_tokenizer
-from transformers import AutoTokenizer
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 TINY_CKPT = GOLDEN / "tiny_ckpt"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
 from strokes.model.network.transforms import (
     VAE_TRANSFORM,
     VIT_TRANSFORM,

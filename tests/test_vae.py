@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from strokes.model.network.transforms import to_uint8, unpack_latent
 from strokes.model.network.vae import AutoEncoder, VAEConfig
 

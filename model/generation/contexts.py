@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+
 from strokes.model.generation.budget import Budget
 from strokes.model.generation.engine import Engine
 from strokes.model.generation.warm import Hit

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+
 from strokes.model.generation.cancel import ShouldCancel, never
 from strokes.model.generation.image_generation import ImageGeneration, ImageGenerationOptions
 from strokes.model.generation.text_decoding import LogitsProcessor, TextDecoding, TextDecodingOptions

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image
+
 from strokes.model.generation.cancel import Cancelled, ShouldCancel
 from strokes.model.generation.sampler import combine_guidance, euler_step, guidance_scales, timestep_schedule
 from strokes.model.network.kv_cache import Context, branch_rooms

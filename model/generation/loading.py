@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
+
 from strokes.model.generation.engine import Engine
 from strokes.model.network.bagel import Bagel
 from strokes.model.network.config import BagelConfig, CheckpointError, load_config
 from strokes.model.network.tokenizer import BagelTokenizer
 from strokes.model.network.vae import AutoEncoder
-from torch import nn
 
 REQUIRED_FILES = ("ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt"]

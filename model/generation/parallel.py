@@ -31,6 +31,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
 from strokes.model.network.kv_cache import Context, KVCache, Prefix, branch_rooms
 from strokes.model.network.transforms import latent_position_ids
 

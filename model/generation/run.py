@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
+
 from strokes.model.generation.budget import job_budget
 from strokes.model.generation.cancel import ShouldCancel
 from strokes.model.generation.contexts import ContextItem, Contexts

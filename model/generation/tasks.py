@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+
 from strokes.model.generation.contexts import ContextItem, Contexts
 from strokes.model.generation.engine import Engine
 from strokes.model.spec.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, ImageSettings, TextSettings

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+
 from strokes.model.generation.cancel import Cancelled, ShouldCancel
 from strokes.model.generation.sampler import sample_token
 from strokes.model.network.kv_cache import KVCache

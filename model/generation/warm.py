@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from strokes.model.network.kv_cache import KVCache, Prefix
 
 

@@ -17,10 +17,11 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from strokes.model.network.config import BagelConfig
 from strokes.model.network.decoder import LanguageModel
 from strokes.model.network.vit import Connector, SiglipVisionModel
-from torch import nn
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:

@@ -17,10 +17,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from strokes.model.network.attention import IMPLEMENTATIONS
 from strokes.model.network.config import LLMConfig
 from strokes.model.network.kv_cache import Context
-from torch import nn
 
 Gen = slice | None  # the block's tokens that use the generation expert; None: all understanding
 

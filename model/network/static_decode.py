@@ -28,6 +28,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+
 from strokes.model.network.bagel import Bagel
 from strokes.model.network.decoder import rope_tables
 from strokes.model.network.kv_cache import KVCache

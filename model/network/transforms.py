@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from strokes.model.spec.sizing import DEFAULT_MAX_PIXELS, resize_size  # torch-free, so the API can use them
 from torch import Tensor
+
+from strokes.model.spec.sizing import DEFAULT_MAX_PIXELS, resize_size  # torch-free, so the API can use them
 
 
 @dataclass(frozen=True)

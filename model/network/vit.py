@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from strokes.model.network.config import ViTConfig
 from torch import nn
+
+from strokes.model.network.config import ViTConfig
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

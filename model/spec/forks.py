@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from strokes.model.spec.params import (
     GenerationParams,
     ImageSettings,

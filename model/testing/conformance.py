@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
 from strokes.model.generation.engine import Engine
 from strokes.model.network.kv_cache import KVCache
 from strokes.model.spec.params import ImageSettings

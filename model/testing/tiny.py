@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
 from strokes.model.network.bagel import Bagel
 from strokes.model.network.config import SIDECAR, BagelConfig, LLMConfig, ViTConfig
 from strokes.model.network.transforms import ImageTransform

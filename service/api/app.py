@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from strokes.service.api import docs_ui, errors, sse
 from strokes.service.api import job_list as generations
 from strokes.service.api.deps import bounded

@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
+
 from strokes.service.api.errors import Unauthorized
 from strokes.service.shared.settings import Settings, SettingsDep
 

@@ -13,6 +13,7 @@ from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+
 from strokes.service.blobs.store import BlobStore
 from strokes.service.queue.store import Store
 from strokes.service.schemas import ErrorResponse

@@ -18,6 +18,7 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from strokes.model.spec.params import InvalidParams
 from strokes.service.blobs.store import BlobUnavailable
 

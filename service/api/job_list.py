@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
+
 from strokes.service.api import jobs
 from strokes.service.api.auth import OwnerDep
 from strokes.service.api.deps import StoreDep, bounded

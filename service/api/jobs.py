@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
+
 from strokes.service.api.errors import (
     IdempotencyKeyReused,
     InvalidImage,

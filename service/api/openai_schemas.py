@@ -10,6 +10,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from strokes.service.api.errors import InvalidRequest
 from strokes.service.schemas import GenerationRequest
 from strokes.service.shared.settings import Settings

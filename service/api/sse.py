@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
+
 from strokes.service.api.errors import InvalidRequest, error_body
 from strokes.service.queue import keys
 from strokes.service.queue.client import Event

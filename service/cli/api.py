@@ -23,6 +23,7 @@ def settings_from_args(args, **extra: Any) -> Settings:
 
 def run_api(args) -> int:
     import uvicorn
+
     from strokes.service.cli.main import port_in_use
     from strokes.service.shared import logs as slog
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 from strokes.model import devices
 from strokes.service.cli.serve import free_port
 from strokes.service.cli.sse_client import iter_sse
@@ -38,9 +39,7 @@ def ensure_checkpoint() -> tuple[Path, bool]:
         return Path(configured), (Path(configured) / "tiny_bagel_info.json").exists()
     if not (TINY_DIR / "ema.safetensors").exists():
         print(f"STROKES_CHECKPOINT is not set: writing a tiny random checkpoint to {TINY_DIR}/")
-        subprocess.run(
-            [sys.executable, "-m", "strokes.service.cli", "make-tiny", str(TINY_DIR)], check=True
-        )
+        subprocess.run([sys.executable, "-m", "strokes.service.cli", "make-tiny", str(TINY_DIR)], check=True)
     return TINY_DIR, True
 
 

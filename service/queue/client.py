@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+
 from strokes.service.queue import keys
 
 # ---- the client ---------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+
 from strokes.service.queue import keys
 from strokes.service.queue.client import (
     SCRIPTS,

@@ -22,6 +22,7 @@ import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
 from strokes.model.spec.sizing import resize_size, to_rgb
 
 INPUT_IMAGE_ID = "input"

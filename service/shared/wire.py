@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from strokes.model.spec.events import (
     Done,
     ImageCompleted,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import httpx
 from redis.exceptions import RedisError, ResponseError
+
 from strokes.service.queue import keys
 from strokes.service.queue.client import connect
 from strokes.service.shared import logs as slog

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.exceptions import RedisError
+
 from strokes.model.spec.events import TextDelta
 from strokes.service.shared import images as imagelib
 from strokes.service.shared.wire import TRAJECTORY_FIELD, Translator, Wire

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
+
 from strokes.model.spec.events import NO_IMAGE_MESSAGE, Done, Paused, StageCompleted, StageStarted, TextDelta
 from strokes.model.spec.events import Event as PipelineEvent
 from strokes.model.spec.params import GenerationParams, InvalidParams

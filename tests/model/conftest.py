@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from strokes.model.generation.loading import load_engine
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"

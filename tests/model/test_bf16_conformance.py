@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import GOLDEN, TINY
+
+import strokes.model.network.decoder as decoder_module
 from strokes.model.generation.loading import load_engine
 from strokes.model.testing.conformance import run_case, run_golden
 
@@ -23,9 +25,7 @@ def test_the_bf16_bounds_catch_an_order_one_error(monkeypatch):
     torch.set_num_threads(1)
     engine = load_engine(TINY, device="cpu", dtype="bfloat16")
     real = decoder_module.rope_tables
-    monkeypatch.setattr(
-        decoder_module, "rope_tables", lambda p, d, theta, dt: real(p, d, theta / 100, dt)
-    )
+    monkeypatch.setattr(decoder_module, "rope_tables", lambda p, d, theta, dt: real(p, d, theta / 100, dt))
     for case in ("t1_text_gen", "t3_t2i"):
         diffs = run_case(engine, GOLDEN / "cases" / f"{case}.json")
         assert diffs.failures, case

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from PIL import Image
+
 from strokes.model.generation.loading import load_engine
 from strokes.model.testing.tiny import make_tiny
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
+
 from strokes.model.testing.conformance import run_golden
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from strokes.model.generation.pipeline import Pipeline
 from strokes.model.generation.warm import WarmContexts
 from strokes.model.spec.events import ImageCompleted, Paused, StageCompleted

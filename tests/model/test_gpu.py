@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY
+
 from strokes.model.generation.loading import load_engine
 from strokes.model.spec.params import ImageSettings
 
@@ -50,6 +51,7 @@ def test_bf16_cuda_agrees_with_float32_cpu():
 
 def test_float32_cuda_matches_the_golden_cases():
     from conftest import GOLDEN
+
     from strokes.model.testing.conformance import run_golden
 
     lines, ok = run_golden(GOLDEN, device="cuda:0")
@@ -101,6 +103,7 @@ def test_graphs_and_memory_live_on_a_non_default_device():
 
 def test_bf16_cuda_passes_the_bf16_golden_bounds():
     from conftest import GOLDEN
+
     from strokes.model.testing.conformance import run_golden
 
     lines, ok = run_golden(GOLDEN, device="cuda:0", dtype="bfloat16")

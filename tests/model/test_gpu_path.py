@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY
+
 from strokes.model.generation.loading import load_engine, prepare_device
 from strokes.model.generation.pipeline import Pipeline
 from strokes.model.network.attention import attention_reference, attention_sdpa

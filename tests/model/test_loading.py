@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY
 from safetensors.torch import load_file, save_file
+
 from strokes.model.generation.loading import load_engine, resolve_checkpoint
 from strokes.model.network.config import CheckpointError
 

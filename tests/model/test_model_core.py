@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import GOLDEN, TINY
 from safetensors.torch import load_file
+
 from strokes.model.generation.loading import build_model, expected_tensors
 from strokes.model.network.attention import attention_reference, attention_sdpa, causal_mask
 from strokes.model.network.bagel import sincos_2d

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from strokes.model.generation.loading import load_engine
 from strokes.model.generation.pipeline import Pipeline
 from strokes.model.spec.events import ImageCompleted

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from strokes.model.generation.cancel import Cancelled
 from strokes.model.generation.pipeline import Pipeline
 from strokes.model.spec.events import (

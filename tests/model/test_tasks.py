@@ -7,6 +7,7 @@ import json
 import numpy as np
 from conftest import GOLDEN
 from safetensors.torch import load_file
+
 from strokes.model.generation.tasks import edit_image, text_to_image, understand
 from strokes.model.spec.params import ImageSettings, TextSettings
 

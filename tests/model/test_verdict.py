@@ -1,6 +1,7 @@
 """Verdict parsing is lenient: both paper templates, odd casing, missing or odd tags."""
 
 import pytest
+
 from strokes.model.generation.verdict import parse_reflection
 from strokes.model.spec.events import Verdict
 

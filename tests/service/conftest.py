@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from svc_testkit import S3_BUCKET, Proc
+
 from strokes.service.queue.client import connect
 from strokes.service.queue.store import Store
 from strokes.service.shared.settings import Settings
-from svc_testkit import S3_BUCKET, Proc
 
 
 @pytest.fixture

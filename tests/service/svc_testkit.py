@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import redis
+
 from strokes.model.spec.events import (
     Done,
     ImageCompleted,

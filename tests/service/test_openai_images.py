@@ -15,12 +15,13 @@ import openai
 import pytest
 import redis
 from PIL import Image
+from svc_testkit import QUICK, ROOT, Proc, env_with, start_api, start_worker, wait_workers
+
 from strokes.service.api.app import create_app
 from strokes.service.api.routes import openai_images
 from strokes.service.queue import keys
 from strokes.service.queue.keys import JobStatus
 from strokes.service.shared.settings import Settings
-from svc_testkit import QUICK, ROOT, Proc, env_with, start_api, start_worker, wait_workers
 
 # Native fields that make a tiny-model job quick (size comes from OpenAI's `size`).
 FAST = {k: v for k, v in QUICK.items() if k not in ("prompt", "width", "height")}

@@ -16,12 +16,13 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from svc_testkit import free_port
+
 from strokes.service.api.app import create_app, openapi_yaml
 from strokes.service.queue import keys
 from strokes.service.queue.store import Store
 from strokes.service.shared import images as imagelib
 from strokes.service.shared.settings import Settings
-from svc_testkit import free_port
 
 QUICK = {"prompt": "a red cube", "width": 64, "height": 64, "max_iterations": 1}
 

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from PIL import Image
+from svc_testkit import free_port, s3_settings
+
 from strokes.model.spec.sizing import DEFAULT_MAX_PIXELS, resize_size
 from strokes.service.api.app import every
 from strokes.service.blobs import store as bloblib
 from strokes.service.queue import keys
 from strokes.service.shared import images as imagelib
 from strokes.service.shared.settings import Settings
-from svc_testkit import free_port, s3_settings
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"x" * 1000
 TRAJECTORY = b'{"version":2,"stages":[{"iteration":1,"stage":"plan","rng":"AAAA"}]}'
@@ -288,11 +289,12 @@ def test_the_model_gets_the_same_pixels_from_the_reduced_upload():
 
 @pytest.mark.parametrize("ending", ["succeeded", "failed", "canceled", "dead_lettered"])
 async def test_input_goes_when_the_job_ends_in_any_way(blob_settings: Settings, ending: str):
+    from svc_testkit import ScriptedPipeline
+
     from strokes.service.queue.client import connect
     from strokes.service.queue.store import Store
     from strokes.service.shared.metrics import WorkerMetrics
     from strokes.service.worker.loop import Worker
-    from svc_testkit import ScriptedPipeline
 
     s = blob_settings.model_copy(
         update={

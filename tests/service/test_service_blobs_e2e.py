@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
+from svc_testkit import QUICK, s3_env, start_api, start_worker, stream_events, submit, wait_workers
+
 from strokes.service.blobs import store as bloblib
 from strokes.service.shared.settings import Settings
-from svc_testkit import QUICK, s3_env, start_api, start_worker, stream_events, submit, wait_workers
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from strokes.model.spec.events import NO_IMAGE_MESSAGE
-from strokes.service.cli.sse_client import iter_sse
-from strokes.service.queue import keys
 from svc_testkit import (
     BLOB_DIR,
     QUICK,
@@ -31,6 +28,10 @@ from svc_testkit import (
     wait_for,
     wait_workers,
 )
+
+from strokes.model.spec.events import NO_IMAGE_MESSAGE
+from strokes.service.cli.sse_client import iter_sse
+from strokes.service.queue import keys
 
 pytestmark = pytest.mark.slow
 

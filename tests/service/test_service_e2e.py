@@ -21,8 +21,6 @@ import pytest
 import redis
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from strokes.service.cli.sse_client import SSE
-from strokes.service.queue import keys
 from svc_testkit import (
     QUICK,
     SLOW,
@@ -37,6 +35,9 @@ from svc_testkit import (
     wait_for,
     wait_workers,
 )
+
+from strokes.service.cli.sse_client import SSE
+from strokes.service.queue import keys
 
 pytestmark = pytest.mark.slow
 

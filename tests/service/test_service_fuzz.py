@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given
 from schemathesis import GenerationMode
 from schemathesis.core.parameters import ParameterLocation
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+from svc_testkit import start_api
+
 from strokes.service.api.app import OPENAPI_PATH
 from strokes.service.queue import keys
-from svc_testkit import start_api
 
 SCHEMA = schemathesis.openapi.from_path(OPENAPI_PATH)
 KEY = "fuzz-key"

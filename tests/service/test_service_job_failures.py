@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from svc_testkit import ScriptedPipeline
+
 from strokes.model.spec.events import NO_IMAGE_MESSAGE, Done, ImageCompleted, Stage, StageStarted
 from strokes.model.spec.params import GenerationParams
 from strokes.service.queue import keys
@@ -17,7 +19,6 @@ from strokes.service.queue.store import Store
 from strokes.service.shared.metrics import WorkerMetrics
 from strokes.service.shared.settings import Settings
 from strokes.service.worker.loop import EXIT_FATAL, Worker
-from svc_testkit import ScriptedPipeline
 
 REQUEST = {"prompt": "a cube", "width": 32, "height": 32, "max_iterations": 1}
 

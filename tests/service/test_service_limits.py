@@ -4,6 +4,7 @@ worker's share of the cores."""
 from __future__ import annotations
 
 import pytest
+
 from strokes.model.spec.events import Stage, TextDelta
 from strokes.service.cli.worker import cpu_share
 from strokes.service.schemas import GenerationRequest

@@ -7,10 +7,11 @@ import asyncio
 
 import httpx
 import pytest
+from test_service_api import _client, _error
+
 from strokes.service.queue import keys
 from strokes.service.queue.store import Store
 from strokes.service.shared.settings import Settings
-from test_service_api import _client, _error
 
 QUICK = {"prompt": "a red cube", "width": 64, "height": 64, "max_iterations": 1}
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from pydantic import SecretStr
+
 from strokes.model.spec.events import Paused, Stage
 from strokes.service.queue import keys
 from strokes.service.queue.keys import JobStatus

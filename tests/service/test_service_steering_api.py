@@ -13,6 +13,8 @@ import json
 
 import pytest
 import torch
+from test_service_api import QUICK, _client, _error, _png
+
 from strokes.model.generation.loading import load_engine
 from strokes.model.generation.pipeline import Pipeline
 from strokes.model.spec.events import ImageCompleted, Paused, Stage
@@ -25,7 +27,6 @@ from strokes.service.schemas import params_from_record
 from strokes.service.shared import images as imagelib
 from strokes.service.shared.settings import Settings
 from strokes.service.shared.wire import TRAJECTORY_FIELD, encode_trajectory, trajectory_key
-from test_service_api import QUICK, _client, _error, _png
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+
 from strokes.service.api.errors import NotReady
 from strokes.service.blobs.store import LocalBlobs
 from strokes.service.queue import keys

@@ -7,6 +7,8 @@ import asyncio
 import json
 
 import pytest
+from svc_testkit import ScriptedPipeline
+
 from strokes.model.spec.events import StageCompleted
 from strokes.service.blobs.store import LocalBlobs
 from strokes.service.queue import keys
@@ -14,7 +16,6 @@ from strokes.service.queue.store import Store
 from strokes.service.shared.metrics import WorkerMetrics
 from strokes.service.shared.settings import Settings
 from strokes.service.worker.loop import Worker
-from svc_testkit import ScriptedPipeline
 
 REQUEST = {"prompt": "a cube", "width": 32, "height": 32, "max_iterations": 1}
 

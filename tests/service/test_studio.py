@@ -27,10 +27,11 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
+from svc_testkit import ROOT, Proc, env_with, free_port, start_api, start_worker, wait_for
+
 from strokes.service.api.routes.studio import WorkerInfo, defaults_for, device_kind
 from strokes.service.queue import keys
 from strokes.service.schemas import GenerationRequest
-from svc_testkit import ROOT, Proc, env_with, free_port, start_api, start_worker, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -16,13 +16,14 @@ import httpx
 import pytest
 import redis
 from standardwebhooks.webhooks import Webhook
+from svc_testkit import QUICK, Proc, env_with, free_port, start_api, start_worker, submit, wait_for
+
 from strokes.service.queue import keys
 from strokes.service.queue.keys import JobStatus
 from strokes.service.queue.store import Store
 from strokes.service.shared import webhooks
 from strokes.service.shared.settings import Settings
 from strokes.service.webhooks.dispatcher import Dispatcher, Message
-from svc_testkit import QUICK, Proc, env_with, free_port, start_api, start_worker, submit, wait_for
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 LOOPBACK = "127.0.0.0/8"

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
+
 from strokes.service.api import errors, jobs, sse
 from strokes.service.api import job_list as generations
 from strokes.service.api.auth import OwnerDep

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
+
 from strokes.service.api import errors, jobs
 from strokes.service.api.auth import OwnerDep
 from strokes.service.api.errors import GenerationFailed, GenerationTimedOut, InvalidRequest

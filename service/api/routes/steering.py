@@ -7,6 +7,7 @@ ordinary DELETE.
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+
 from strokes.service.api import jobs
 from strokes.service.api.auth import OwnerDep
 from strokes.service.api.deps import COMMON, BlobsDep, StoreDep, bounded, error_responses

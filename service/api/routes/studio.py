@@ -29,6 +29,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import BaseModel
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
+
 from strokes.model.spec.params import MIN_SIDE, SIZE_MULTIPLE
 from strokes.service.queue import keys
 from strokes.service.schemas import (
