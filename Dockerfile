@@ -47,12 +47,15 @@ RUN pip install --requirement /tmp/requirements.txt
 
 # README.md stays out on purpose: setuptools only warns without it, and doc edits then do not
 # rebuild this layer.
+COPY clients/python /src/clients/python
 COPY pyproject.toml /src/
 COPY model /src/model
 COPY service /src/service
 # --no-deps: everything is already installed at its pinned version; `pip check` then fails the
-# build if pyproject.toml gained a dependency that the lock file lacks.
-RUN pip install --no-deps /src \
+# build if pyproject.toml gained a dependency that the lock file lacks. The package is `strokes`
+# (the folders model/ and service/ are strokes.model and strokes.service); the client that
+# `strokes demo` uses is its own distribution, installed from the same checkout.
+RUN pip install --no-deps /src/clients/python /src \
  && pip check
 
 

@@ -15,8 +15,8 @@ TORCH ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo 'torch>=2.5
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet '$(TORCH)'
+	$(PIP) install --quiet -e clients/python  # the Python client, its own distribution (strokes needs it)
 	$(PIP) install --quiet -e '.[dev]'
-	$(PIP) install --quiet -e clients/python  # the Python client, its own distribution
 	touch $@
 
 install: $(VENV)/.installed
@@ -50,7 +50,7 @@ lint: install
 # One generation end to end: a tiny random checkpoint unless STROKES_CHECKPOINT is set, `strokes serve`
 # (API + worker + a private redis-server), the events as they stream, images and trajectory in ./demo-out.
 demo: install redis-server
-	$(PY) -m service.cli demo
+	$(PY) -m strokes.service.cli demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -46,7 +46,13 @@ from gpu_bagel7b import bagel7b_config, device_info, materialise, synthetic_imag
 from strokes.model.generation.engine import Engine  # noqa: E402
 from strokes.model.generation.pipeline import Pipeline  # noqa: E402
 from strokes.model.network.tokenizer import BagelTokenizer  # noqa: E402
-from strokes.model.spec.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings  # noqa: E402
+from strokes.model.spec.params import (  # noqa: E402
+    DRAFT_DEFAULTS,
+    REFINE_DEFAULTS,
+    GenerationParams,
+    RunOptions,
+    TextSettings,
+)
 from strokes.model.testing.tiny import PRESETS, tiny_config  # noqa: E402
 from strokes.model.testing.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
@@ -187,7 +193,9 @@ class Run:
             reflect=TextSettings(max_tokens=reflect),
         )
         events, seconds, peak = self.timed(
-            lambda: list(Pipeline(self.engine).run(params, logits_processor=self.processor))
+            lambda: list(
+                Pipeline(self.engine).run(params, options=RunOptions(logits_processor=self.processor))
+            )
         )
         done = events[-1]
         stages = {f"{ev.stage.value}": ev.seconds for ev in events if type(ev).__name__ == "StageCompleted"}

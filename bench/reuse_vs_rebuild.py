@@ -48,7 +48,13 @@ from strokes.model.spec.events import (
     StageStarted,
     Verdict,
 )
-from strokes.model.spec.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings
+from strokes.model.spec.params import (
+    DRAFT_DEFAULTS,
+    REFINE_DEFAULTS,
+    GenerationParams,
+    RunOptions,
+    TextSettings,
+)
 
 PROMPT = "A red fox sitting in a snowy forest clearing at dawn, soft light, detailed fur."
 SIZE = 256
@@ -85,7 +91,7 @@ def no_eos(eos: int):
 def lockstep(pipelines: dict[str, Pipeline], p: GenerationParams, eos: int) -> dict[str, dict]:
     """Run the same request through every pipeline, one event each in turn; per pipeline: its own
     compute seconds (total and per stage), the events it yielded."""
-    runs = {m: pl.run(p, logits_processor=no_eos(eos)) for m, pl in pipelines.items()}
+    runs = {m: pl.run(p, options=RunOptions(logits_processor=no_eos(eos))) for m, pl in pipelines.items()}
     out = {m: {"seconds": 0.0, "stage_seconds": {}, "events": []} for m in pipelines}
     current = {m: None for m in pipelines}
     order = list(pipelines)

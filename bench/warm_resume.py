@@ -46,7 +46,13 @@ from strokes.model.generation.pipeline import Pipeline
 from strokes.model.generation.warm import WarmContexts
 from strokes.model.spec.events import Done, ImageCompleted, ImageProgress, StageCompleted, TextDelta
 from strokes.model.spec.forks import ForkPoint, params_from_trajectory, plan_fork
-from strokes.model.spec.params import DRAFT_DEFAULTS, REFINE_DEFAULTS, GenerationParams, TextSettings
+from strokes.model.spec.params import (
+    DRAFT_DEFAULTS,
+    REFINE_DEFAULTS,
+    GenerationParams,
+    RunOptions,
+    TextSettings,
+)
 
 SIZE, STEPS, TOKENS, REPEATS = 256, 20, 48, 3
 
@@ -63,7 +69,7 @@ def no_eos(eos_id: int):
 def first_output(pipeline: Pipeline, params, fork, processor) -> dict:
     """Run a fork up to its first new output; the time and the tokens its replay prefilled."""
     t0 = time.perf_counter()
-    events = pipeline.run(params, fork=fork, logits_processor=processor)
+    events = pipeline.run(params, options=RunOptions(fork=fork, logits_processor=processor))
     prefix_prefill, first = 0, None
     for event in events:
         if isinstance(event, StageCompleted) and event.inherited:
@@ -100,7 +106,7 @@ def main() -> None:
     cold = Pipeline(engine)
     log("parent: two guided iterations, its contexts kept warm ...")
     t0 = time.perf_counter()
-    events = list(warm.run(params, logits_processor=processor, warm_key="parent"))
+    events = list(warm.run(params, options=RunOptions(logits_processor=processor, warm_key="parent")))
     parent_s = time.perf_counter() - t0
     done = events[-1]
     assert isinstance(done, Done) and len(done.trajectory["stages"]) == 8, "expected all four stages twice"
@@ -137,7 +143,7 @@ def main() -> None:
     full = {}
     for mode, pipeline in (("warm", warm), ("rebuild", cold)):
         fork = plan_fork(trajectory, points["follow-up"]).load_images(images.__getitem__)
-        out = list(pipeline.run(fork_params, fork=fork, logits_processor=processor))
+        out = list(pipeline.run(fork_params, options=RunOptions(fork=fork, logits_processor=processor)))
         full[mode] = {e.image_id: e.pixels for e in out if isinstance(e, ImageCompleted)}
     same = full["warm"].keys() == full["rebuild"].keys() and all(
         np.array_equal(full["warm"][k], full["rebuild"][k]) for k in full["warm"]

@@ -78,6 +78,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from strokes.model.generation.loading import load_engine
     from strokes.model.generation.pipeline import Pipeline
+    from strokes.model.spec.params import RunOptions
 
     out = Path(args.out)
     params, fork = _fork_from(args, out) if args.fork else (_new_params(args), None)
@@ -91,7 +92,7 @@ def _generate(args: argparse.Namespace) -> int:
     if params.input_image is not None:  # kept beside the trajectory, so that it can be forked
         Image.fromarray(params.input_image).save(out / "input.png")
     trajectory, final = None, None
-    for event in Pipeline(engine).run(params, fork=fork):
+    for event in Pipeline(engine).run(params, options=RunOptions(fork=fork)):
         _print_event(event, out)
         if event.name == "done":
             trajectory, final = event.trajectory, event.final_image_id

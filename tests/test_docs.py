@@ -29,10 +29,15 @@ def test_the_client_knows_every_event():
 
 def test_lua_scripts_and_the_studio_name_only_listed_events_and_the_studio_handles_all():
     name = re.compile(r"""['"]((?:job|stage|text|image|iteration)\.[a-z_]+)['"]""")
-    for path in [*(ROOT / "service" / "queue" / "lua").glob("*.lua"), *(ROOT / "service" / "api" / "studio").glob("*.js")]:
+    for path in [
+        *(ROOT / "service" / "queue" / "lua").glob("*.lua"),
+        *(ROOT / "service" / "api" / "studio").glob("*.js"),
+    ]:
         unknown = set(name.findall(path.read_text())) - set(EVENT_NAMES)
         assert not unknown, f"{path.name} names events service/wire.py does not list: {unknown}"
-    handled = re.findall(r'case "([a-z_.]+)":', (ROOT / "service" / "api" / "studio" / "state.js").read_text())
+    handled = re.findall(
+        r'case "([a-z_.]+)":', (ROOT / "service" / "api" / "studio" / "state.js").read_text()
+    )
     assert set(handled) == set(EVENT_NAMES)
 
 

@@ -20,7 +20,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 OUTPUT = Path(__file__).with_name("requirements.txt")
-SKIP = {"torch"}  # installed by the Dockerfile from the CUDA index
+# Installed by the Dockerfile itself: torch from the CUDA index, the client from the checkout.
+SKIP = {"torch", "strokes-client"}
 IMAGE_ENV = {  # markers evaluated as in the image (nvidia/cuda:*-ubuntu24.04, its python3.12)
     "python_version": "3.12",
     "python_full_version": "3.12.3",

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from strokes.model.network.config import BagelConfig
+from strokes.model.spec.budget import generation_tokens
 from strokes.model.spec.params import GenerationParams
 from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT, INTERLEAVED_PROMPT, render
 
@@ -27,10 +28,9 @@ class Budget:
 def image_tokens(cfg: BagelConfig, width: int, height: int) -> tuple[int, int]:
     """(VAE block, ViT block) tokens of an image of this size once appended, markers included."""
     vae_w, vae_h = cfg.vae_transform.size(width, height)
-    ds = cfg.latent_downsample
     vit_w, vit_h = cfg.vit_transform.size(vae_w, vae_h)  # the ViT resize follows the VAE one
     patch = cfg.vit.patch_size
-    return (vae_h // ds) * (vae_w // ds) + 2, (vit_h // patch) * (vit_w // patch) + 2
+    return generation_tokens(cfg.geometry, vae_w, vae_h) + 2, (vit_h // patch) * (vit_w // patch) + 2
 
 
 def _text(max_tokens: int) -> int:
@@ -48,7 +48,7 @@ def job_budget(cfg: BagelConfig, tokenize, params: GenerationParams) -> Budget:
         width, height = cfg.vae_transform.size(p.input_image.shape[1], p.input_image.shape[0])
         cond += sum(image_tokens(cfg, width, height))
     image = sum(image_tokens(cfg, width, height))
-    block = (height // cfg.latent_downsample) * (width // cfg.latent_downsample) + 2  # denoising room
+    block = generation_tokens(cfg.geometry, width, height) + 2  # denoising room
     if p.protocol == "guided":
         first = len(tokenize(render("plan_first", p.prompt, p.templates)))
         later = len(tokenize(render("plan_next", p.prompt, p.templates)))

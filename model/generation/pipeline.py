@@ -38,12 +38,10 @@ from strokes.model.generation.cancel import ShouldCancel, never
 from strokes.model.generation.contexts import ContextItem
 from strokes.model.generation.engine import Engine
 from strokes.model.generation.run import Run
-from strokes.model.generation.text_decoding import LogitsProcessor
 from strokes.model.generation.verdict import parse_reflection
 from strokes.model.generation.warm import WarmContexts
 from strokes.model.spec.events import Done, Event, IterationCompleted, Paused, Stage, StageCompleted, Verdict
-from strokes.model.spec.forks import Fork
-from strokes.model.spec.params import GenerationParams
+from strokes.model.spec.params import GenerationParams, RunOptions
 from strokes.model.spec.prompts import INTERLEAVED_PROMPT, render
 
 
@@ -59,34 +57,41 @@ class Pipeline:
         self,
         params: GenerationParams,
         should_cancel: ShouldCancel = never,
-        logits_processor: LogitsProcessor | None = None,
-        fork: Fork | None = None,
-        pause_after: tuple[str, ...] = (),
-        warm_key: str | None = None,
+        options: RunOptions = RunOptions(),
     ) -> Iterator[Event]:
         """Yield the events of one generation. Raises `Cancelled` when should_cancel() turns True
         (checked between tokens and between denoising steps) and `InvalidParams` on bad input.
 
-        With `fork` (model/generation/fork.py; `params` must be the parent's), the recorded stages
+        With `options.fork` (model/spec/forks.py; `params` must be the parent's), the recorded stages
         are replayed into the contexts (events marked `inherited`, nothing decoded or denoised) and
-        the protocol runs on live from the fork point. With `pause_after` (stage names: plan, reflect), the run
-        ends with a `Paused` event after the first such stage it computes (replayed ones excepted).
-        With a `warm` store and `warm_key`, a fork starts from warm caches where it can, and the
-        run's contexts are kept under `warm_key` when it pauses or finishes."""
+        the protocol runs on live from the fork point. With `options.pause_after` (stage names: plan,
+        reflect), the run ends with a `Paused` event after the first such stage it computes (replayed
+        ones excepted). With a `warm` store and `options.warm_key`, a fork starts from warm caches
+        where it can, and the run's contexts are kept under `warm_key` when it pauses or finishes."""
         params.validate(max_side=self.engine.cfg.max_image_side)
         warm = self.warm if self.reuse_cache else None
-        run = Run(self.engine, params, should_cancel, logits_processor, self.reuse_cache, fork, warm)
+        key = options.warm_key if warm is not None else None
+        run = Run(
+            self.engine, params, should_cancel, options.logits_processor, self.reuse_cache, options.fork, warm
+        )
         protocol = guided(run) if params.protocol == "guided" else interleaved(run)
         for event in protocol:
-            if isinstance(event, Done) and warm is not None and warm_key:
-                warm.put(warm_key, run.trajectory.stages, run.boundaries, run.contexts)
+            if isinstance(event, Done) and key:
+                warm.put(key, run.trajectory.stages, run.boundaries, run.contexts)
             yield event
-            if isinstance(event, StageCompleted) and not event.inherited and event.stage.value in pause_after:
-                record = event.trajectory
-                if warm is not None and warm_key:
-                    warm.put(warm_key, run.trajectory.stages, run.boundaries, run.contexts)
-                yield Paused(event.iteration, event.stage, event.text, record)
+            if (
+                isinstance(event, StageCompleted)
+                and not event.inherited
+                and event.stage.value in options.pause_after
+            ):
+                if key:
+                    warm.put(key, run.trajectory.stages, run.boundaries, run.contexts)
+                yield Paused(event.iteration, event.stage, event.text, event.trajectory)
                 return
+
+    def holds_warm(self, key: str) -> bool:
+        """Whether the contexts of the run kept under `key` are still warm here."""
+        return self.warm is not None and self.warm.holds(key)
 
 
 # ---- the guided protocol -----------------------------------------------------------------------

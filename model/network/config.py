@@ -16,6 +16,7 @@ from pathlib import Path
 
 from strokes.model.network.transforms import VAE_TRANSFORM, VIT_TRANSFORM, ImageTransform
 from strokes.model.network.vae import VAEConfig
+from strokes.model.spec.budget import Geometry
 
 SIDECAR = "tiny_bagel_info.json"
 
@@ -93,6 +94,11 @@ class BagelConfig:
     @property
     def max_image_side(self) -> int:
         return self.max_latent_size * self.latent_downsample
+
+    @property
+    def geometry(self) -> Geometry:
+        """What prices a generation on this model (model/spec/budget.py)."""
+        return Geometry(latent_downsample=self.latent_downsample)
 
 
 def _read_json(path: Path) -> dict:

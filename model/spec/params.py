@@ -8,10 +8,14 @@ caller (the HTTP service, the CLI) can report a clear error before any GPU work 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from strokes.model.spec.forks import Fork
 
 Protocol = Literal["guided", "interleaved"]
 RenormType = Literal["global", "channel", "text_channel"]
@@ -145,3 +149,15 @@ class GenerationParams:
 
 def settings_dict(settings: ImageSettings | TextSettings) -> dict:
     return {f.name: getattr(settings, f.name) for f in fields(settings)}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How one run goes beyond its parameters (the pipeline's `run` takes them): steering, and a hook
+    for tests. The defaults run a plain generation."""
+
+    fork: Fork | None = None  # replay a recorded trajectory up to a stage first (model/spec/forks.py)
+    pause_after: tuple[str, ...] = ()  # end with a Paused event after the first such stage (plan, reflect)
+    warm_key: str | None = None  # keep the run's contexts under this key (model/generation/warm.py)
+    # (ids decoded so far, logits (V,)) -> logits: lets a test script the model's text
+    logits_processor: Callable[[Any, Any], Any] | None = None

@@ -21,22 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from strokes.service.api import docs_ui, errors, sse
-from strokes.service.api import job_list as generations
-from strokes.service.api.deps import bounded
-from strokes.service.api.routes import generations as routes
-from strokes.service.api.routes import openai_images, studio
-from strokes.service.api.routes import steering as steering_api
+from strokes.service.api.deps import bounded, get_settings
+from strokes.service.api.metrics import ApiMetrics
+from strokes.service.api.routes import events, generations, openai_images, probes, results, steering, studio
+from strokes.service.blobs import links
 from strokes.service.blobs import store as bloblib
-from strokes.service.queue.client import connect
-from strokes.service.queue.steering import steering
+from strokes.service.queue.client import TRANSIENT, connect
+from strokes.service.queue.steering import Steering
 from strokes.service.queue.store import Store
-from strokes.service.shared.metrics import ApiMetrics
-from strokes.service.shared.settings import Settings, get_settings
+from strokes.service.shared.settings import Settings
 
 log = logging.getLogger("strokes.api")
 
@@ -170,9 +167,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_connections=settings.sse_max_streams + 64,
         )
         app.state.store = Store(client, settings, blocking=blocking)
+        app.state.steering = Steering(client, settings)
         app.state.blobs = bloblib.open_store(settings)
-        app.state.hub = sse.EventHub(app.state.store, settings)
-        app.state.hub.links = bloblib.event_links(app.state.blobs, settings)
+        app.state.hub = sse.EventHub(app.state.store, settings, links.event_links(app.state.blobs, settings))
         chores = [  # every replica runs them; the sweep takes a lock per interval, pauses end once
             asyncio.create_task(
                 every(
@@ -182,12 +179,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
             ),
             asyncio.create_task(
-                every(settings.pause_sweep_interval_s, steering(app.state.store).expire_pauses, "pause sweep")
+                every(settings.pause_sweep_interval_s, app.state.steering.expire_pauses, "pause sweep")
             ),
         ]
         try:
             await bounded(settings, app.state.store.ensure_group())
-        except (RedisError, OSError, TimeoutError) as exc:  # not fatal: Redis may come up later
+        except TRANSIENT as exc:  # not fatal: Redis may come up later
             log.warning("redis not reachable at startup: %s", exc)
         try:
             yield
@@ -212,12 +209,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.open_streams = 0
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
-    app.include_router(routes.router)
-    app.include_router(generations.router)
+    # The order of the routes is the order of the OpenAPI document's paths.
+    app.include_router(generations.router)  # POST, GET (one, list), DELETE /v1/generations
+    app.include_router(events.router)  # .../events (SSE)
+    app.include_router(results.router)  # .../images/{image_id}, .../trajectory
+    app.include_router(probes.router)  # /healthz, /readyz, /metrics
     docs_ui.install(app)
     app.include_router(openai_images.router)  # POST /v1/images/generations, /v1/images/edits
     studio.install(app)  # the page at /studio/, / redirecting there, GET /v1/info
-    app.include_router(steering_api.router)
+    app.include_router(steering.router)  # POST /v1/generations/{id}/continue
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -15,8 +15,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
+from strokes.service.api.deps import SettingsDep
 from strokes.service.api.errors import Unauthorized
-from strokes.service.shared.settings import Settings, SettingsDep
+from strokes.service.shared.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="API key, when the service is configured with keys")
 

@@ -1,38 +1,26 @@
-"""The caller's job list (`GET /v1/generations`) and `Prefer: wait=N` on POST.
+"""The caller's job list (`GET /v1/generations`, routes/generations.py).
 
-List: the enqueue script adds every job id to the owner's zset keys.owner_jobs(owner), scored by
-its creation time in ms. A page walks that zset newest first from the cursor, reads the job
+The enqueue script adds every job id to the owner's zset keys.owner_jobs(owner), scored by its
+creation time in ms. A page walks that zset newest first from the cursor, reads the job
 hashes in one round trip per batch, drops (and removes from the index) ids whose hash has expired,
 and keeps the jobs whose status matches the filter. The cursor is the id of the last job of a page
 (`after=`), as in OpenAI's and Stripe's lists; an id that has left the index is a 422. A filtered
 page scans at most SCAN_LIMIT index entries, so a rare status costs a bounded amount per request:
 such a page may come back short (even empty) with `has_more` true.
-
-Wait: after the job is accepted, the POST reads the job's event stream (blocking XREAD) until its
-terminal event or N seconds, whichever comes first (RFC 7240 `Prefer: wait`).
 """
 
 from __future__ import annotations
 
-import re
-import time
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from strokes.service.api import jobs
-from strokes.service.api.auth import OwnerDep
-from strokes.service.api.deps import StoreDep, bounded
 from strokes.service.api.errors import InvalidRequest
+from strokes.service.api.schemas import Job
 from strokes.service.queue import keys
 from strokes.service.queue.keys import JobStatus
 from strokes.service.queue.store import Store
-from strokes.service.schemas import ErrorResponse, Job
-from strokes.service.shared.settings import Settings, SettingsDep
-from strokes.service.shared.wire import TERMINAL_EVENTS
-
-router = APIRouter()
 
 SCAN_LIMIT = 1000  # index entries one page may look at
 BATCH = 100
@@ -112,56 +100,3 @@ async def list_jobs(
             position = await store.queue_position(job["entry_id"])
         views.append(jobs.view(job, position))
     return JobList(data=views, next_cursor=next_cursor, has_more=has_more)
-
-
-@router.get(
-    "/v1/generations",
-    response_model=JobList,
-    responses={code: {"model": ErrorResponse} for code in (401, 422, 503)},
-    summary="The caller's generations, newest first",
-    description="Cursor pagination: pass `next_cursor` as `after` for the next page. Only the "
-    "caller's jobs (those of its API key) are listed; expired jobs drop out.",
-)
-async def list_generations(
-    settings: SettingsDep,
-    owner: OwnerDep,
-    store: StoreDep,
-    status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
-    limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
-    after: Annotated[str | None, Query(max_length=64, description="next_cursor of the previous page")] = None,
-) -> JobList:
-    work = list_jobs(store, owner, status=status.value if status else None, limit=limit, after=after)
-    return await bounded(settings, work)
-
-
-# ---- Prefer: wait=N -----------------------------------------------------------------------------
-
-_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6})\"?", re.IGNORECASE)
-
-
-def prefer_wait(header: str | None, settings: Settings) -> float | None:
-    """Seconds to wait from a Prefer header (`wait=N`), capped by settings; None when absent."""
-    if not header:
-        return None
-    match = _WAIT.search(header)
-    if match is None:
-        return None
-    return min(float(match.group(1)), settings.prefer_wait_max_s)
-
-
-async def wait_terminal(store: Store, job_id: str, seconds: float) -> bool:
-    """Block until the job's terminal event or `seconds`; True when the job has ended."""
-    deadline = time.monotonic() + seconds
-    cursor = "0"
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        block_ms = max(1, int(min(left, store.settings.sse_block_ms / 1000) * 1000))
-        batch = await store.read_events(job_id, cursor, count=500, block_ms=block_ms)
-        if any(event.name in TERMINAL_EVENTS for event in batch):
-            return True
-        if batch:
-            cursor = batch[-1].id
-        elif await store.r.exists(keys.job(job_id)) == 0:
-            return True  # expired while we waited (a very short result TTL): nothing to wait for

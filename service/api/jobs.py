@@ -1,6 +1,7 @@
-"""What the API does with jobs, apart from HTTP: submit, look up (with ownership), view, cancel.
+"""What the API does with jobs, apart from HTTP: submit, look up (with ownership), view, wait.
 
-Routes in routes.py call these and only translate to responses; the Redis work is in store.py.
+The routes (service/api/routes/) call these and only translate to responses; the Redis work is in
+service/queue/store.py, forks' checks in forks.py.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import json
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from strokes.service.api import budget, forks
 from strokes.service.api.errors import (
     IdempotencyKeyReused,
     InvalidImage,
@@ -25,18 +28,21 @@ from strokes.service.api.errors import (
     QueueFull,
     QuotaExceeded,
 )
-from strokes.service.blobs.store import BlobStore, presign_refs
+from strokes.service.api.schemas import GenerationRequest, Job
+from strokes.service.blobs.links import presign_refs
+from strokes.service.blobs.store import BlobStore
+from strokes.service.queue import keys
 from strokes.service.queue.keys import JobStatus
+from strokes.service.queue.steering import Steering
 from strokes.service.queue.store import Store
-from strokes.service.schemas import GenerationRequest, Job, params_from_record
-from strokes.service.shared import budget, webhooks
 from strokes.service.shared import images as imagelib
+from strokes.service.shared import webhooks
+from strokes.service.shared.messages import FORK_INHERITS, JobMessage
 from strokes.service.shared.settings import Settings
-from strokes.service.shared.wire import IMAGE_FIELD_PREFIX, image_ref
+from strokes.service.shared.wire import IMAGE_FIELD_PREFIX, TERMINAL_EVENTS, image_ref
 
 JOB_ID = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-INPUT_IMAGE_ID = imagelib.INPUT_IMAGE_ID
 
 
 def new_job_id() -> str:
@@ -58,7 +64,8 @@ async def find(store: Store, job_id: str, owner: str) -> dict[str, str]:
     return job
 
 
-def _json(job: dict[str, str], field: str) -> Any:
+def json_field(job: dict[str, str], field: str) -> Any:
+    """A job-hash field holding JSON, parsed (None when absent or unreadable)."""
     raw = job.get(field)
     if not raw:
         return None
@@ -71,6 +78,13 @@ def _json(job: dict[str, str], field: str) -> Any:
 def _float(job: dict[str, str], field: str) -> float | None:
     raw = job.get(field)
     return float(raw) if raw else None
+
+
+def _request_view(job: dict[str, str]) -> dict[str, Any]:
+    """The request as its job's view shows it (the queue's message, without its version)."""
+    request = json_field(job, "request") or {}
+    request.pop("version", None)
+    return request
 
 
 def image_refs(job: dict[str, str]) -> list[dict[str, Any]]:
@@ -88,7 +102,7 @@ def image_refs(job: dict[str, str]) -> list[dict[str, Any]]:
 def view(job: dict[str, str], position: int | None = None) -> Job:
     created = float(job["created_at"])
     started, finished = _float(job, "started_at"), _float(job, "finished_at")
-    timings = _json(job, "timings") or {}
+    timings = json_field(job, "timings") or {}
     if started is not None:
         timings.setdefault("queued_s", round(started - created, 4))
         timings.setdefault("run_s", round((finished or time.time()) - started, 4))
@@ -104,16 +118,16 @@ def view(job: dict[str, str], position: int | None = None) -> Job:
         attempt=int(job.get("attempt", 0)),
         queue_position=position if status == JobStatus.queued.value else None,
         cancel_requested=job.get("cancel") == "1",
-        request=_json(job, "request") or {},
-        stages=_json(job, "stages") or [],
+        request=_request_view(job),
+        stages=json_field(job, "stages") or [],
         images=image_refs(job),
-        final_image=_json(job, "final_image"),
+        final_image=json_field(job, "final_image"),
         iterations=int(job["iterations"]) if job.get("iterations") else None,
         timings=timings or None,
-        usage=_json(job, "usage"),
-        error=_json(job, "error"),
-        parent=_json(job, "parent"),
-        paused=_json(job, "paused") if status == "paused" else None,
+        usage=json_field(job, "usage"),
+        error=json_field(job, "error"),
+        parent=json_field(job, "parent"),
+        paused=json_field(job, "paused") if status == "paused" else None,
         links=links(job["id"]),
     )
 
@@ -126,7 +140,7 @@ def direct_links(job_view: Job, job: dict[str, str], blobs: BlobStore) -> Job:
         for field, raw in job.items()
         if field.startswith(IMAGE_FIELD_PREFIX)
     }
-    if blobs.url(imagelib.storage_key(job_view.id, 0, INPUT_IMAGE_ID)) is None:
+    if blobs.url(imagelib.storage_key(job_view.id, 0, imagelib.INPUT_IMAGE_ID)) is None:
         return job_view  # no direct links: leave the API's
     return Job.model_validate(
         presign_refs(job_view.model_dump(mode="json"), job_view.id, attempts.get, blobs)
@@ -147,6 +161,7 @@ async def current_view(store: Store, job_id: str, blobs: BlobStore | None = None
 
 async def submit(
     store: Store,
+    steering: Steering,
     settings: Settings,
     owner: str,
     request: GenerationRequest,
@@ -163,16 +178,18 @@ async def submit(
         raise InvalidRequest(
             "Idempotency-Key must be 1-255 printable ASCII characters", param="Idempotency-Key"
         )
-    record, fork = request.job_record(), None
-    if request.fork is not None:  # the parent's request and context (service/steering.py)
+    message, fork = request.job_message(), None
+    if request.fork is not None:  # the parent's message and context (service/api/forks.py)
         fork = await asyncio.wait_for(_fork(store, owner, request, blobs), deadline_s)
-        record = {**fork.record, "pause_after": record["pause_after"], "preview_every": request.preview_every}
+        message = fork.message.model_copy(
+            update={"pause_after": request.pause_after, "preview_every": request.preview_every}
+        )
     elif request.prompt is None:
         raise InvalidRequest("prompt: required (or fork an earlier generation)", param="prompt")
-    params_from_record(record, None, settings.max_side)  # GenerationParams.validate() has the last word
+    message.to_params(None, settings.max_side)  # GenerationParams.validate() has the last word
     try:
         estimate = budget.check(
-            record,
+            message,
             max_cost=settings.max_job_cost,
             max_positions=settings.max_positions,
             max_events=settings.events_maxlen // settings.max_attempts,
@@ -196,28 +213,16 @@ async def submit(
     stored_input = None
     if upload is not None:
         png, width, height = upload
-        stored_input = imagelib.storage_key(job_id, 0, INPUT_IMAGE_ID)
+        stored_input = imagelib.storage_key(job_id, 0, imagelib.INPUT_IMAGE_ID)
         await blobs.put(stored_input, png)
-        ref = image_ref(job_id, INPUT_IMAGE_ID, width, height, stage="input")
-        fields[IMAGE_FIELD_PREFIX + INPUT_IMAGE_ID] = {**ref, "attempt": 0}
+        ref = image_ref(job_id, imagelib.INPUT_IMAGE_ID, width, height, stage="input")
+        fields[IMAGE_FIELD_PREFIX + imagelib.INPUT_IMAGE_ID] = {**ref, "attempt": 0}
     if request.webhook_url is not None:
         fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events))
+    admission = Admission(job_id, owner, message, request.fingerprint(), idempotency_key, fields, estimate)
     try:
         job, replayed = await asyncio.wait_for(
-            _enqueue(
-                store,
-                settings,
-                job_id,
-                owner,
-                request,
-                record,
-                idempotency_key,
-                fields,
-                blobs,
-                estimate,
-                fork,
-            ),
-            deadline_s,
+            _enqueue(store, steering, settings, admission, blobs, fork), deadline_s
         )
     except (QueueFull, QuotaExceeded, IdempotencyKeyReused):  # surely no job: drop its input now
         await _drop(blobs, stored_input)
@@ -227,6 +232,19 @@ async def submit(
     if job.id != job_id:  # an idempotent replay: the first job has its own input
         await _drop(blobs, stored_input)
     return job, replayed
+
+
+@dataclass(frozen=True)
+class Admission:
+    """One job as the enqueue script admits it."""
+
+    job_id: str
+    owner: str
+    message: JobMessage
+    body_hash: str  # the request's fingerprint: a retry with another body is a conflict
+    idempotency_key: str | None
+    fields: dict[str, Any]  # job-hash fields beside the message (input image, webhook, fork)
+    estimate: budget.Estimate
 
 
 async def _drop(blobs: BlobStore, key: str | None) -> None:
@@ -247,10 +265,7 @@ async def _check_webhook(settings: Settings, url: str) -> None:
         raise InvalidRequest(f"webhook_url {exc}", param="webhook_url") from exc
 
 
-async def _fork(store: Store, owner: str, request: GenerationRequest, blobs: BlobStore):
-    from strokes.service.queue.steering import steering
-    from strokes.service.schemas import FORK_INHERITS
-
+async def _fork(store: Store, owner: str, request: GenerationRequest, blobs: BlobStore) -> forks.ForkJob:
     inherited = sorted(request.model_fields_set & FORK_INHERITS)
     if inherited:
         raise InvalidRequest(
@@ -260,41 +275,33 @@ async def _fork(store: Store, owner: str, request: GenerationRequest, blobs: Blo
         parent = await find(store, request.fork.job_id, owner)
     except NotFound:
         raise NotFound("no such generation to fork", param="fork.job_id") from None
-    return await steering(store).fork_job(parent, request.fork.model_dump(), blobs)
+    return await forks.fork_job(parent, request.fork, blobs)
 
 
 async def _enqueue(
     store: Store,
+    steering: Steering,
     settings: Settings,
-    job_id: str,
-    owner: str,
-    request: GenerationRequest,
-    record: dict[str, Any],
-    idempotency_key: str | None,
-    fields: dict[str, Any],
+    job: Admission,
     blobs: BlobStore,
-    estimate: budget.Estimate,
-    fork=None,
+    fork: forks.ForkJob | None,
 ) -> tuple[Job, bool]:
+    fields = job.fields
     if fork is not None:  # the context record first: a worker may take the job as soon as it is queued
-        from strokes.service.queue.steering import steering
-
-        await steering(store).put_fork(job_id, fork, blobs)
+        await forks.put_fork(steering, job.job_id, fork, blobs)
         fields = {**fields, **fork.fields}
     result = await store.enqueue(
-        job_id,
-        owner=owner,
-        request=record,
-        body_hash=request.fingerprint(),
-        idempotency_key=idempotency_key,
+        job.job_id,
+        owner=job.owner,
+        message=job.message,
+        body_hash=job.body_hash,
+        idempotency_key=job.idempotency_key,
         fields=fields,
         # every attempt's events fit: a job within budget never loses events to trimming
-        events_maxlen=estimate.events * settings.max_attempts,
+        events_maxlen=job.estimate.events * settings.max_attempts,
     )
     if result.outcome != "ok" and fork is not None:
-        from strokes.service.queue.steering import steering
-
-        await steering(store).drop_fork(job_id, blobs)
+        await forks.drop_fork(steering, job.job_id, blobs)
     if result.outcome == "full":
         raise QueueFull(await store.retry_after())
     if result.outcome == "quota":
@@ -304,3 +311,21 @@ async def _enqueue(
             "this Idempotency-Key was used with a different request body", param="Idempotency-Key"
         )
     return await current_view(store, result.job_id, blobs), result.outcome == "duplicate"
+
+
+async def wait_terminal(store: Store, job_id: str, seconds: float) -> bool:
+    """Block until the job's terminal event or `seconds`; True when the job has ended."""
+    deadline = time.monotonic() + seconds
+    cursor = "0"
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        block_ms = max(1, int(min(left, store.settings.sse_block_ms / 1000) * 1000))
+        batch = await store.read_events(job_id, cursor, count=500, block_ms=block_ms)
+        if any(event.name in TERMINAL_EVENTS for event in batch):
+            return True
+        if batch:
+            cursor = batch[-1].id
+        elif await store.r.exists(keys.job(job_id)) == 0:
+            return True  # expired while we waited (a very short result TTL): nothing to wait for

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from strokes.service.api.errors import InvalidRequest
-from strokes.service.schemas import GenerationRequest
+from strokes.service.api.schemas import GenerationRequest
 from strokes.service.shared.settings import Settings
 
 SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")

@@ -22,14 +22,14 @@ import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
 from strokes.service.api.errors import InvalidRequest, error_body
+from strokes.service.api.metrics import ApiMetrics
 from strokes.service.queue import keys
-from strokes.service.queue.client import Event
+from strokes.service.queue.client import TRANSIENT
+from strokes.service.queue.results import Event
 from strokes.service.queue.store import Store
-from strokes.service.shared.metrics import ApiMetrics
 from strokes.service.shared.settings import Settings
 from strokes.service.shared.wire import TERMINAL_EVENTS
 
@@ -37,7 +37,6 @@ log = logging.getLogger("strokes.sse")
 
 CURSOR = re.compile(r"^(0|\d{1,20}-\d{1,20})$")
 MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit numbers
-TRANSIENT = (RedisError, OSError, TimeoutError)
 GAP = "gap"
 
 
@@ -184,10 +183,12 @@ class Feed:
 
 
 class EventHub:
-    def __init__(self, store: Store, settings: Settings):
-        self.store, self.settings = store, settings
+    """One per API process: the feeds of the jobs that have clients. `links`: the blob store's
+    rewrite of image links in events (presigned URLs), or None."""
+
+    def __init__(self, store: Store, settings: Settings, links: Callable[[Event], Event] | None = None):
+        self.store, self.settings, self.links = store, settings, links
         self.feeds: dict[str, Feed] = {}
-        self.links: Callable[[Event], Event] | None = None  # set by the API: blobs.event_links
 
     def subscribe(self, job_id: str, cursor: str) -> tuple[Feed, asyncio.Queue, bool]:
         """(feed, queue of chunks, whether the client must first catch up with its own reads).

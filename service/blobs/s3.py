@@ -1,4 +1,4 @@
-"""The S3-compatible backend of the blob store (service/blobs.py has the contract).
+"""The S3-compatible backend of the blob store (service/blobs/store.py has the contract).
 
 AWS S3, MinIO, Cloudflare R2, GCS interoperability: bucket, prefix, endpoint, region and
 credentials from settings (`STROKES_S3_*`); without static keys botocore's default chain is
@@ -13,11 +13,11 @@ import contextlib
 import time
 from typing import Any
 
-from strokes.service.blobs.store import BlobUnavailable, _Base, check_key, content_type, max_age
+from strokes.service.blobs.store import BlobStoreBase, BlobUnavailable, check_key, content_type, max_age
 from strokes.service.shared.settings import Settings
 
 
-class S3Blobs(_Base):
+class S3Blobs(BlobStoreBase):
     """Objects `s3_prefix` + key in `s3_bucket`, through aiobotocore (AWS S3, MinIO, R2, GCS
     interoperability). Presigned URLs are signed locally (botocore), with `s3_public_endpoint_url`
     when clients reach the store under another name than the service does."""

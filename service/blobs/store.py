@@ -23,7 +23,7 @@ Contract (both backends, one behaviour suite in tests/service/test_service_blobs
   Redis lock). An S3 lifecycle rule may do the same (deploy/README.md); nothing depends on it.
 - `url(key)` -> a URL a client can GET without the API (S3 with `s3_presign`: a presigned URL
   valid `s3_presign_ttl_s`), or None (the API's own image route is the link).
-- Backends: `LocalBlobs` here, `S3Blobs` in service/blobs_s3.py (imported only when used).
+- Backends: `LocalBlobs` (local.py) and `S3Blobs` (s3.py, imported only when used).
 - The store is unreachable or too slow (`blob_timeout_s`): `BlobUnavailable`, an OSError, so
   the worker's Redis-outage retry covers it too; the API answers 503.
 """
@@ -31,22 +31,17 @@ Contract (both backends, one behaviour suite in tests/service/test_service_blobs
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
-import json
 import logging
-import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable
 from typing import Any, Protocol, TypeVar
 
 from strokes.service.queue import keys
 from strokes.service.shared.images import INPUT_IMAGE_ID, storage_key
 from strokes.service.shared.settings import Settings
-from strokes.service.shared.wire import BLOB_NAMES, image_url
+from strokes.service.shared.wire import BLOB_NAMES
 
 log = logging.getLogger("strokes.blobs")
 T = TypeVar("T")
@@ -95,7 +90,9 @@ def max_age(settings: Settings, key: str) -> float:
     return settings.blob_output_ttl_s
 
 
-class _Base:
+class BlobStoreBase:
+    """What both backends share: the per-call timeout (BlobUnavailable), job_ended, no direct links."""
+
     def __init__(self, settings: Settings):
         self.settings = settings
 
@@ -122,116 +119,14 @@ class _Base:
         return None
 
 
-# ---- a local directory --------------------------------------------------------------------------
-
-
-class LocalBlobs(_Base):
-    """Files under `blob_dir`/{job_id}/{attempt}/{image_id}: one directory shared by the API and
-    the workers (a volume in compose)."""
-
-    def __init__(self, settings: Settings):
-        super().__init__(settings)
-        self.root = Path(settings.blob_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, key: str) -> Path:
-        check_key(key)
-        return self.root / key
-
-    def _put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        for tries_left in (1, 0):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-                os.replace(tmp, path)
-                return
-            except FileNotFoundError:  # the sweep removed the (old, empty) folder meanwhile
-                if not tries_left:
-                    raise
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-
-    def _get(self, key: str) -> bytes | None:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def _delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(key).unlink()
-
-    async def put(self, key: str, data: bytes) -> None:
-        await self._bounded(asyncio.to_thread(self._put, key, data))
-
-    async def get(self, key: str) -> bytes | None:
-        return await self._bounded(asyncio.to_thread(self._get, key))
-
-    async def delete(self, key: str) -> None:
-        await self._bounded(asyncio.to_thread(self._delete, key))
-
-    async def sweep(self, now: float | None = None) -> int:
-        return await asyncio.to_thread(self._sweep, time.time() if now is None else now)
-
-    def _sweep(self, now: float) -> int:
-        removed = 0
-        orphan_s = self.settings.blob_orphan_s
-        for job_dir in _subdirs(self.root):
-            for attempt_dir in _subdirs(job_dir):
-                for entry in _entries(attempt_dir):
-                    try:
-                        age = now - entry.stat().st_mtime
-                    except FileNotFoundError:
-                        continue
-                    if entry.name.startswith("."):
-                        limit = float(orphan_s)  # a temp file: its writer died (or is slow beyond belief)
-                    else:
-                        try:
-                            limit = max_age(self.settings, f"{job_dir.name}/{attempt_dir.name}/{entry.name}")
-                        except ValueError:
-                            continue  # not ours: leave it
-                    if age > limit:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(entry.path)
-                            removed += 1
-                _remove_if_old_and_empty(attempt_dir, now, orphan_s)
-            _remove_if_old_and_empty(job_dir, now, orphan_s)
-        return removed
-
-
-def _subdirs(path: Path) -> list[Path]:
-    return [Path(e.path) for e in _entries(path) if e.is_dir(follow_symlinks=False)]
-
-
-def _entries(path: Path) -> list[os.DirEntry]:
-    try:
-        with os.scandir(path) as it:
-            return list(it)
-    except FileNotFoundError:
-        return []
-
-
-def _remove_if_old_and_empty(path: Path, now: float, min_age_s: float) -> None:
-    # Only folders untouched for a while: a fresh one may be about to receive a file (and a put
-    # that loses the race anyway recreates it).
-    try:
-        if now - path.stat().st_mtime > min_age_s:
-            path.rmdir()
-    except OSError:  # not empty, or gone
-        pass
-
-
 def open_store(settings: Settings) -> BlobStore:
+    """The store the settings name: S3-compatible storage or a local directory."""
     if settings.blob_backend == "s3":
         from strokes.service.blobs.s3 import S3Blobs  # aiobotocore is imported only where S3 is used
 
         return S3Blobs(settings)
+    from strokes.service.blobs.local import LocalBlobs
+
     return LocalBlobs(settings)
 
 
@@ -248,46 +143,3 @@ async def sweep_once(blobs: BlobStore, redis: Any, settings: Settings) -> int | 
     removed = await blobs.sweep()
     log.info("blob sweep", extra={"removed": removed, "seconds": round(time.monotonic() - began, 3)})
     return removed
-
-
-# ---- links --------------------------------------------------------------------------------------
-
-
-def presign_refs(value: Any, job_id: str, attempt_of: Callable[[str], int | None], blobs: BlobStore) -> Any:
-    """Every image ref ({"id", "url": the API's image route, ...}) in a JSON value gets the
-    store's direct URL instead, where the store has one and the image's attempt is known."""
-    if isinstance(value, list):
-        return [presign_refs(v, job_id, attempt_of, blobs) for v in value]
-    if not isinstance(value, dict):
-        return value
-    out = {k: presign_refs(v, job_id, attempt_of, blobs) for k, v in value.items()}
-    image_id = out.get("id")
-    if isinstance(image_id, str) and out.get("url") == image_url(job_id, image_id):
-        attempt = attempt_of(image_id)
-        if attempt is not None:
-            direct = blobs.url(storage_key(job_id, attempt, image_id))
-            if direct is not None:
-                out["url"] = direct
-    return out
-
-
-def event_links(blobs: BlobStore, settings: Settings) -> Callable[[Any], Any] | None:
-    """For the SSE hub: an event (with .data JSON text and .attempt) with its image links presigned,
-    or None when links stay the API's (no rewriting at all)."""
-    if settings.blob_backend != "s3" or not settings.s3_presign:
-        return None
-
-    def rewrite(event: Any) -> Any:
-        if '"url"' not in event.data:
-            return event
-        data = json.loads(event.data)
-        job_id = data.get("job_id")
-        if not isinstance(job_id, str):
-            return event
-
-        def attempt_of(image_id: str) -> int:
-            return 0 if image_id == INPUT_IMAGE_ID else event.attempt
-
-        return dataclasses.replace(event, data=json.dumps(presign_refs(data, job_id, attempt_of, blobs)))
-
-    return rewrite

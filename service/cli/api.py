@@ -25,20 +25,20 @@ def run_api(args) -> int:
     import uvicorn
 
     from strokes.service.cli.main import port_in_use
-    from strokes.service.shared import logs as slog
+    from strokes.service.shared import logs
 
     problem = port_in_use(args.host, args.port)
     if problem:
         print(f"strokes api: error: {problem}", file=sys.stderr)
         return 2
     settings = settings_from_args(args)
-    slog.setup(settings.log_level, "api")
+    logs.setup(settings.log_level, "api")
     app = create_app(settings)
     uvicorn.run(
         app,
         host=args.host,
         port=args.port,
-        log_config=slog.uvicorn_log_config(),
+        log_config=logs.uvicorn_log_config(),
         timeout_graceful_shutdown=5,
         limit_concurrency=settings.sse_max_streams + 256,
     )

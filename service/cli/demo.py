@@ -17,16 +17,15 @@ import time
 from pathlib import Path
 
 import httpx
+from strokes_client import Client
 
 from strokes.model import devices
 from strokes.service.cli.serve import free_port
-from strokes.service.cli.sse_client import iter_sse
 from strokes.service.shared.wire import (
     IMAGE_PROGRESS,
     ITERATION_COMPLETED,
     JOB_COMPLETED,
     STAGE_COMPLETED,
-    TERMINAL_EVENTS,
     TEXT_DELTA,
 )
 
@@ -120,32 +119,25 @@ def run_demo(args) -> int:
     try:
         print(f"starting strokes serve on {base} (checkpoint {checkpoint}, device {device})")
         wait_ready(base, serve)
-        with httpx.Client(base_url=base, timeout=httpx.Timeout(10, read=120)) as client:
-            reply = client.post("/v1/generations", json=demo_request(tiny, args.prompt))
-            reply.raise_for_status()
-            job = reply.json()
-            print(f"submitted {job['id']} -> {reply.headers['location']}")
+        with Client(base) as client:  # the Python client (clients/python), as an app would use it
+            job = client.create(**demo_request(tiny, args.prompt))
+            print(f"submitted {job.id} -> {base}/v1/generations/{job.id}")
             final = None
-            with client.stream("GET", f"/v1/generations/{job['id']}/events") as stream:
-                for sse in iter_sse(stream.iter_lines()):
-                    data = sse.json()
-                    show(sse.event, data)
-                    if sse.event in TERMINAL_EVENTS:
-                        final = sse.event
+            for event in client.events(job.id):
+                show(event.name, event.data)
+                if event.terminal:
+                    final = event.name
             if final != JOB_COMPLETED:
                 print(f"the job ended with {final}")
                 return 1
-            status = client.get(f"/v1/generations/{job['id']}").json()
-            for image in status["images"]:
-                path = out / f"{image['id']}.png"
-                path.write_bytes(client.get(image["url"]).content)
-            final_image = status["final_image"]
-            (out / "final.png").write_bytes(client.get(final_image["url"]).content)
-            (out / "trajectory.json").write_text(
-                json.dumps(client.get(f"/v1/generations/{job['id']}/trajectory").json(), indent=2)
-            )
-            (out / "job.json").write_text(json.dumps(status, indent=2))
-            print(f"\nsaved {len(status['images'])} images, final.png and trajectory.json to {out}/")
+            status = client.get(job.id)
+            for image in status.images:
+                client.download_image(job.id, image, path=out / f"{image.id}.png")
+            client.download_image(job.id, status.final_image, path=out / "final.png")
+            trajectory = client.trajectory(job.id)
+            (out / "trajectory.json").write_text(json.dumps(trajectory, indent=2))
+            (out / "job.json").write_text(json.dumps(status.raw, indent=2))
+            print(f"\nsaved {len(status.images)} images, final.png and trajectory.json to {out}/")
         return 0
     finally:
         serve.send_signal(signal.SIGTERM)

@@ -13,15 +13,14 @@ from importlib.metadata import PackageNotFoundError, version
 
 from pydantic import ValidationError
 
-# (module, attribute) pairs; each `register(subparsers)` adds one or more subcommands.
+# Each module's `register(subparsers)` adds one or more subcommands.
 COMMAND_MODULES: list[str] = [
-    "strokes.model.commands",
-    "strokes.service.cli.api",
+    "strokes.model.commands",  # generate, make-tiny, conformance
+    "strokes.service.cli.api",  # api, openapi
     "strokes.service.cli.worker",
     "strokes.service.cli.serve",
     "strokes.service.cli.demo",
-    "strokes.service.cli.bench",
-    "strokes.service.webhooks.dispatcher",
+    "strokes.service.cli.webhooks",
 ]
 
 

@@ -154,7 +154,7 @@ class WorkerSupervisor:
 def run_serve(args) -> int:
     from strokes.service.api.app import create_app
     from strokes.service.cli.main import port_in_use
-    from strokes.service.shared import logs as slog
+    from strokes.service.shared import logs
     from strokes.service.shared.settings import Settings
 
     for port in (args.port, args.worker_metrics_port):
@@ -211,7 +211,7 @@ def run_serve(args) -> int:
         import uvicorn
 
         settings = Settings(redis_url=redis_url, blob_dir=env.get("STROKES_BLOB_DIR") or Settings().blob_dir)
-        slog.setup(settings.log_level, "api")
+        logs.setup(settings.log_level, "api")
         print(
             f"strokes serve: API on http://{args.host}:{args.port}  redis {redis_url}  "
             f"worker device {args.device} (the worker logs what it resolved)",
@@ -228,7 +228,7 @@ def run_serve(args) -> int:
                 create_app(settings),
                 host=args.host,
                 port=args.port,
-                log_config=slog.uvicorn_log_config(),
+                log_config=logs.uvicorn_log_config(),
                 timeout_graceful_shutdown=5,
             )
         except SystemExit as exc:  # our signal handler (0), or uvicorn failing to start (3)

@@ -1,25 +1,20 @@
-"""What the job store (store.py) and steering (steering.py) stand on: the Redis client that fails
-fast and reconnects by itself (connect), the Lua scripts of service/lua/ read once, reply
-decoding, and the typed results the store's operations return.
-
-Every script lives in service/lua/<name>.lua (with prelude.lua in front) and is idempotent under
-retry: the client re-sends a command whose reply was lost, so running a script twice with the same
-arguments must leave the same state as once (tests/service/test_service_scripts.py runs each
-twice).
+"""The Redis client every process uses: one that fails fast and reconnects by itself (connect), what
+counts as Redis being away (TRANSIENT), and the helpers of replies and script arguments.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
 
-from strokes.service.queue import keys
+# Redis is away (refused, reset, timed out, or an OS error under the socket): retry, reconnect, or
+# answer 503; never a job's failure. The one definition every process uses.
+TRANSIENT = (RedisError, OSError, TimeoutError)
 
 # ---- the client ---------------------------------------------------------------------------------
 
@@ -43,37 +38,6 @@ def connect(
     )
 
 
-# ---- Lua ----------------------------------------------------------------------------------------
-
-LUA_DIR = Path(__file__).resolve().parent / "lua"
-SCRIPT_NAMES = (
-    "enqueue",
-    "start",
-    "emit",
-    "finish",
-    "requeue",
-    "cancel",
-    "reclaim",
-    "trim",
-    "position",
-    "reconcile",
-)
-
-
-def load_script(name: str) -> str:
-    """service/lua/{name}.lua with the shared prelude in front (the webhook outbox's key filled in)."""
-    prelude = (LUA_DIR / "prelude.lua").read_text().replace("{{WEBHOOK_OUTBOX}}", keys.WEBHOOK_OUTBOX)
-    return prelude + "\n" + (LUA_DIR / f"{name}.lua").read_text()
-
-
-def load_scripts() -> dict[str, str]:
-    """Every script of the store, read once."""
-    return {name: load_script(name) for name in SCRIPT_NAMES}
-
-
-SCRIPTS = load_scripts()
-
-
 # ---- replies ------------------------------------------------------------------------------------
 
 
@@ -90,42 +54,6 @@ def field_args(fields: dict[str, Any] | None) -> list[str]:
     return out
 
 
-# ---- results ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Enqueued:
-    outcome: str  # ok | duplicate | conflict | full | quota
-    job_id: str | None = None
-    depth: int = 0
-    position: int = 0
-
-
-@dataclass(frozen=True)
-class Started:
-    outcome: str  # run | gone | skip | canceled | dead
-    attempt: int = 0
-    takeover: bool = False
-
-
-@dataclass(frozen=True)
-class Emitted:
-    ok: bool
-    event_id: str = ""
-    cancel: bool = False
-
-
-@dataclass(frozen=True)
-class Event:
-    id: str
-    name: str
-    data: str  # JSON text, passed through to the client untouched
-    attempt: int
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    depth: int  # accepted, not started
-    lag: int | None  # queue entries not yet delivered to any worker
-    pending: int  # delivered and not acknowledged (running or handed back)
-    workers: int  # workers with a live heartbeat
+def compact_json(value: Any) -> str:
+    """A value as JSON without spaces (what scripts and records store)."""
+    return json.dumps(value, separators=(",", ":"))

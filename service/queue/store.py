@@ -5,7 +5,7 @@ event because every state change is one Lua script that checks the job's state f
 write of a worker carries its attempt number as a fencing token: once a job is taken over, the
 old attempt's events, completion and acknowledgement are all refused.
 
-Each script is service/lua/<name>.lua (redis_client.py loads them, and has the result types) and
+Each script is service/queue/lua/<name>.lua (scripts.py loads them; results.py has the result types) and
 is idempotent under retry. Admission is counted as sets of job keys (keys.QUEUED,
 keys.owner_active), reconciled against the job hashes whenever they look full, so no retry, crash
 or restart makes the cap drift.
@@ -39,17 +39,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from strokes.service.queue import keys
-from strokes.service.queue.client import (
-    SCRIPTS,
-    Emitted,
-    Enqueued,
-    Event,
-    QueueStats,
-    Started,
-    decode,
-    field_args,
-)
+from strokes.service.queue.client import decode, field_args
 from strokes.service.queue.keys import JobStatus
+from strokes.service.queue.results import Emitted, Enqueued, Event, QueueStats, Started
+from strokes.service.queue.scripts import SCRIPTS
+from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.settings import Settings
 
 
@@ -94,7 +88,7 @@ class Store:
         job_id: str,
         *,
         owner: str,
-        request: dict[str, Any],
+        message: JobMessage,
         body_hash: str,
         idempotency_key: str | None,
         fields: dict[str, Any] | None = None,
@@ -107,7 +101,7 @@ class Store:
         args = [
             job_id,
             s.queue_cap,
-            json.dumps(request, separators=(",", ":")),
+            message.to_json(),
             owner,
             body_hash,
             "1" if idempotency_key else "0",
@@ -194,7 +188,8 @@ class Store:
         trimmed = added is not None and int(added) > int(info["length"])
         return decode(first[0]), decode(last), trimmed
 
-    async def live_workers(self) -> int:
+    async def count_live_workers(self) -> int:
+        """Workers whose heartbeat is live."""
         horizon = time.time() * 1000 - self.settings.lease_ttl_s * 1000
         return int(await self.r.zcount(keys.WORKERS, horizon, "+inf"))
 
@@ -211,14 +206,14 @@ class Store:
                     pending = int(group.get("pending", 0))
         except ResponseError:  # no stream yet
             pass
-        return QueueStats(depth, lag, pending, await self.live_workers())
+        return QueueStats(depth, lag, pending, await self.count_live_workers())
 
     async def retry_after(self) -> int:
         """Whole seconds until a full queue likely has room again: one job's mean run time spread
         over the live workers (the queue frees one place each time a worker starts a job)."""
         raw = await self.r.hget(keys.STATS, "run_seconds_ewma")
         mean = float(raw) if raw else self.settings.mean_job_seconds
-        workers = max(1, await self.live_workers())
+        workers = max(1, await self.count_live_workers())
         return int(min(600, max(1, math.ceil(mean / workers))))
 
     # -- worker side ----------------------------------------------------------------------------
@@ -402,3 +397,31 @@ class Store:
     async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
         entries = await self.r.xrange(keys.DEAD_LETTERS, count=count)
         return [{decode(k): decode(v) for k, v in fields.items()} for _id, fields in entries]
+
+    # -- worker info (what GET /v1/info reports) -----------------------------------------------------
+
+    async def publish_worker(self, worker: str, device: str) -> None:
+        """The worker's device, once its model is loaded (keys.WORKER_INFO)."""
+        info = {"device": device, "at": time.time()}
+        await self.r.hset(keys.WORKER_INFO, worker, json.dumps(info))
+
+    async def worker_devices(self, stale_after_s: float) -> dict[str, str]:
+        """{worker: device} of the workers whose heartbeat is live; entries of workers gone for
+        `stale_after_s` (or unreadable) are deleted."""
+        horizon = time.time() * 1000 - self.settings.lease_ttl_s * 1000
+        live = {decode(n) for n in await self.r.zrangebyscore(keys.WORKERS, horizon, "+inf")}
+        devices, stale = {}, []
+        for raw_name, raw in (await self.r.hgetall(keys.WORKER_INFO)).items():
+            name = decode(raw_name)
+            try:
+                info = json.loads(raw)
+            except ValueError:
+                stale.append(name)
+                continue
+            if name in live:
+                devices[name] = str(info.get("device", "unknown"))
+            elif time.time() - float(info.get("at", 0)) > stale_after_s:
+                stale.append(name)
+        if stale:
+            await self.r.hdel(keys.WORKER_INFO, *stale)
+        return devices

@@ -1,7 +1,7 @@
 """Service settings: one pydantic-settings object, read from STROKES_* environment variables.
 
-Handlers get it through the `get_settings` dependency (`SettingsDep`), so tests build a Settings
-and override the dependency instead of patching globals. Command-line flags of `strokes api`,
+The API's handlers get it through the `get_settings` dependency (service/api/deps.py `SettingsDep`),
+so tests build a Settings and override the dependency instead of patching globals. Command-line flags of `strokes api`,
 `strokes worker` and `strokes serve` override the environment.
 """
 
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Depends
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -160,11 +158,3 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -21,31 +21,28 @@ Before each attempt the host is resolved again and checked (webhooks.resolve), a
 to the address that was checked, with the URL's host in Host and TLS SNI, without following
 redirects. Messages are signed per Standard Webhooks (webhooks.sign).
 
-`strokes webhooks [--redis-url URL] [--name NAME] [--metrics-port P]`; `strokes serve` runs one.
+`strokes webhooks` (service/cli/webhooks.py) runs one; so does `strokes serve`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 
 import httpx
-from redis.exceptions import RedisError, ResponseError
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from strokes.service.queue import keys
-from strokes.service.queue.client import connect
-from strokes.service.shared import logs as slog
-from strokes.service.shared import webhooks
-from strokes.service.shared.metrics import WebhookMetrics
+from strokes.service.queue.client import TRANSIENT, connect
+from strokes.service.shared import logs, webhooks
 from strokes.service.shared.settings import Settings
+from strokes.service.webhooks.metrics import WebhookMetrics
 
 log = logging.getLogger("strokes.webhooks")
-TRANSIENT = (RedisError, OSError, TimeoutError)
 USER_AGENT = "strokes-webhooks/1"
 
 
@@ -73,24 +70,20 @@ class Message:
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, name: str, metrics: WebhookMetrics | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        metrics: WebhookMetrics,
+        redis: aioredis.Redis,
+        http: httpx.AsyncClient,
+    ):
         if settings.webhook_secret is None:
             raise SystemExit("strokes webhooks: STROKES_WEBHOOK_SECRET is not set (whsec_<base64>)")
         # well-formed (Settings checks it); several while rotating: one signature per key
         self.keys = webhooks.secret_keys(settings.webhook_secret.get_secret_value())
-        self.settings, self.name = settings, name
-        self.metrics = metrics or WebhookMetrics()
-        self.r = connect(
-            settings.redis_url,
-            timeout_s=settings.redis_timeout_s + settings.webhook_poll_ms / 1000,
-            connect_timeout_s=settings.redis_connect_timeout_s,
-        )
-        self.http = httpx.AsyncClient(
-            timeout=settings.webhook_timeout_s,
-            follow_redirects=False,
-            headers={"User-Agent": USER_AGENT},
-            trust_env=False,  # no proxy from the environment: it would bypass the address check
-        )
+        self.settings, self.name, self.metrics = settings, name, metrics
+        self.r, self.http = redis, http
         self.slots = asyncio.Semaphore(max(1, settings.webhook_concurrency))
         self.stopping = asyncio.Event()
         self.inflight: set[asyncio.Task] = set()
@@ -181,7 +174,7 @@ class Dispatcher:
 
     async def attempt(self, message: Message, attempt: int) -> None:
         async with self.slots:
-            with slog.job_context(message.job_id, attempt):
+            with logs.job_context(message.job_id, attempt):
                 await self._attempt(message, attempt)
 
     async def _attempt(self, message: Message, attempt: int) -> None:
@@ -270,33 +263,24 @@ class Dispatcher:
         log.info("webhook attempt failed (%s); next in %.1f s", failure, self.delay(attempt), extra=extra)
 
 
-# ---- the command --------------------------------------------------------------------------------
+# ---- the process --------------------------------------------------------------------------------
 
 
-async def serve_dispatcher(settings: Settings, name: str, metrics: WebhookMetrics) -> None:
-    dispatcher = Dispatcher(settings, name, metrics)
+async def serve(settings: Settings, name: str, metrics: WebhookMetrics) -> None:
+    """Build the dispatcher and its clients, run it until SIGTERM."""
+    redis = connect(
+        settings.redis_url,
+        timeout_s=settings.redis_timeout_s + settings.webhook_poll_ms / 1000,
+        connect_timeout_s=settings.redis_connect_timeout_s,
+    )
+    http = httpx.AsyncClient(
+        timeout=settings.webhook_timeout_s,
+        follow_redirects=False,
+        headers={"User-Agent": USER_AGENT},
+        trust_env=False,  # no proxy from the environment: it would bypass the address check
+    )
+    dispatcher = Dispatcher(settings, name, metrics, redis, http)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, dispatcher.stopping.set)
     await dispatcher.run()
-
-
-def run_dispatcher(args) -> int:
-    overrides = {"redis_url": args.redis_url} if args.redis_url else {}
-    settings = Settings(**overrides)
-    slog.setup(settings.log_level, "webhooks")
-    name = args.name or f"{socket.gethostname()}-webhooks-{os.getpid()}"
-    metrics = WebhookMetrics()
-    if args.metrics_port:
-        metrics.serve(args.metrics_port, args.metrics_host)
-    asyncio.run(serve_dispatcher(settings, name, metrics))
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("webhooks", help="deliver webhooks from the outbox (docs/webhooks.md)")
-    p.add_argument("--redis-url", default=None, help="default: $STROKES_REDIS_URL")
-    p.add_argument("--name", default=None, help="consumer name, unique per dispatcher (default host-pid)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    p.add_argument("--metrics-host", default="0.0.0.0", help="default: 0.0.0.0")
-    p.set_defaults(func=run_dispatcher)

@@ -25,23 +25,26 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
-import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from strokes.service.blobs import store as bloblib
+from strokes.service.blobs.store import BlobStore
+from strokes.service.queue.client import TRANSIENT
 from strokes.service.queue.keys import JobStatus
-from strokes.service.queue.steering import steering
+from strokes.service.queue.steering import Steering
 from strokes.service.queue.store import Store
-from strokes.service.shared import logs as slog
-from strokes.service.shared.metrics import WorkerMetrics
+from strokes.service.shared import logs
+from strokes.service.shared.messages import JobMessage, UnknownVersion
 from strokes.service.shared.settings import Settings
-from strokes.service.shared.wire import JOB_FAILED, Translator
-from strokes.service.worker.publisher import TRANSIENT, ActiveJob
-from strokes.service.worker.runner import FatalError, JobRunner, Pipeline
+from strokes.service.shared.wire import JOB_FAILED
+from strokes.service.worker.metrics import WorkerMetrics
+from strokes.service.worker.outcomes import Ended
+from strokes.service.worker.publisher import ActiveJob
+from strokes.service.worker.runner import FatalError, JobRunner
+from strokes.service.worker.translate import Translator
 
 log = logging.getLogger("strokes.worker")
 EXIT_FATAL = 3  # the process exit status after a fatal device error (a supervisor restarts it)
@@ -59,21 +62,20 @@ class Worker:
     def __init__(
         self,
         store: Store,
-        pipeline: Pipeline,
+        steering: Steering,
+        runner: JobRunner,
+        blobs: BlobStore,
         settings: Settings,
         name: str,
-        metrics: WorkerMetrics | None = None,
-        images: bloblib.BlobStore | None = None,
-        executor: concurrent.futures.ThreadPoolExecutor | None = None,
+        metrics: WorkerMetrics,
     ):
         self.store = store
+        self.steering = steering
+        self.runner = runner
+        self.blobs = blobs
         self.settings = settings
         self.name = name
-        self.metrics = metrics or WorkerMetrics()
-        self.images = images or bloblib.open_store(settings)
-        # The one thread that runs torch: pass the executor the model was loaded on (see torch_thread).
-        executor = executor or torch_thread()
-        self.runner = JobRunner(store, pipeline, settings, name, self.metrics, self.images, executor)
+        self.metrics = metrics
         self.job: ActiveJob | None = None
         self.stopping = asyncio.Event()
         self._last_reclaim = 0.0
@@ -108,6 +110,14 @@ class Worker:
             log.warning("could not hand the job back (it is reclaimed after the lease): %s", exc)
         logging.shutdown()
         os._exit(0)
+
+    async def publish(self, device: str) -> None:
+        """Say which device this worker runs on (GET /v1/info). Best effort: a worker runs fine
+        without it."""
+        try:
+            await asyncio.wait_for(self.store.publish_worker(self.name, device), 2.0)
+        except (*TRANSIENT, asyncio.TimeoutError) as exc:
+            log.warning("could not publish the worker's device: %s", exc)
 
     async def run(self) -> None:
         await self._until_redis(self.store.ensure_group)
@@ -154,7 +164,7 @@ class Worker:
             job.interrupt("shutdown")
         self.metrics.busy.set(1)
         try:
-            with slog.job_context(job.job_id, job.attempt):
+            with logs.job_context(job.job_id, job.attempt):
                 await self.runner.run_and_finish(job)
         finally:
             self.job = None
@@ -171,7 +181,7 @@ class Worker:
         if now - self._last_reclaim < self.settings.reclaim_interval_s:
             return
         self._last_reclaim = now
-        await steering(self.store).expire_pauses()  # pauses left unanswered end here
+        await self.steering.expire_pauses()  # pauses left unanswered end here
         claimed = await self.store.reclaim(self.name)
         if claimed:
             log.info("claimed a pending job", extra={"entry_id": claimed[0], "from_worker": claimed[1]})
@@ -184,37 +194,46 @@ class Worker:
         if job_id is None:  # the entry was trimmed away: nothing to run
             await self.store.ack(entry_id)
             return None
-        if await steering(self.store).route(self.name, entry_id, job_id):
+        if await self.steering.route(self.name, entry_id, job_id):
             return None  # a resume or fork whose context is warm on another worker: handed there
         return entry_id, job_id
 
     async def start(self, entry_id: str, job_id: str) -> ActiveJob | None:
         started = await self.store.start(job_id, entry_id, self.name)
         if started.outcome != "run":
-            with slog.job_context(job_id, started.attempt or None):
+            with logs.job_context(job_id, started.attempt or None):
                 log.info("entry not run: %s", started.outcome, extra={"entry_id": entry_id})
             if started.outcome == "dead":
-                self.metrics.jobs.labels("failed").inc()
+                self.metrics.jobs.labels(Ended.failed.value).inc()
             if started.outcome in ("dead", "canceled"):
-                await self.images.job_ended(job_id)
+                await self.blobs.job_ended(job_id)
             return None
-        raw = await self.store.get_job(job_id)
-        record = json.loads(raw["request"]) if raw else {}
+        message = await self._message(job_id)
         self.metrics.attempts.inc()
         if started.takeover:
             self.metrics.takeovers.inc()
-        with slog.job_context(job_id, started.attempt):
+        with logs.job_context(job_id, started.attempt):
             log.info(
                 "job started",
                 extra={
                     "takeover": started.takeover,
                     "worker": self.name,
-                    **slog.prompt_for_log(record.get("prompt", ""), self.settings.log_prompts),
+                    **logs.prompt_for_log(message.prompt if message else "", self.settings.log_prompts),
                 },
             )
         return ActiveJob(
-            job_id, entry_id, started.attempt, started.takeover, record, Translator(job_id, started.attempt)
+            job_id, entry_id, started.attempt, started.takeover, message, Translator(job_id, started.attempt)
         )
+
+    async def _message(self, job_id: str) -> JobMessage | None:
+        """The job's message from the queue, or None when it cannot be read (a newer version, a
+        damaged hash): the runner then fails the job, and the worker goes on."""
+        raw = await self.store.get_job(job_id)
+        try:
+            return JobMessage.from_json(raw["request"]) if raw else None
+        except (ValueError, UnknownVersion) as exc:  # pydantic's ValidationError is a ValueError
+            log.error("cannot read the job's message: %s", exc)
+            return None
 
     # -- liveness ---------------------------------------------------------------------------------------
 

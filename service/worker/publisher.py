@@ -1,7 +1,8 @@
 """Publishing one attempt's events: the job being run (ActiveJob), text-delta coalescing
-(DeltaBuffer) and the Publisher that writes events off the pipeline's thread under the attempt's
-fence. Every write of a running job goes through `through_outage`, which retries it through a
-Redis outage. The job runner (runner.py) owns these; nothing here runs the pipeline.
+(DeltaBuffer), the lease-checked write of an attempt's blobs (AttemptBlobs) and the Publisher that
+writes events off the pipeline's thread under the attempt's fence. Every write of a running job
+goes through `through_outage`, which retries it through a Redis outage. The job runner (runner.py)
+builds these; nothing here runs the pipeline.
 """
 
 from __future__ import annotations
@@ -12,20 +13,20 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
-
-from redis.exceptions import RedisError
+from typing import TypeVar
 
 from strokes.model.spec.events import TextDelta
+from strokes.service.blobs.store import BlobStore
+from strokes.service.queue.client import TRANSIENT
+from strokes.service.queue.store import Store
 from strokes.service.shared import images as imagelib
-from strokes.service.shared.wire import TRAJECTORY_FIELD, Translator, Wire
-
-if TYPE_CHECKING:
-    from strokes.service.worker.runner import JobRunner
+from strokes.service.shared.messages import JobMessage
+from strokes.service.shared.wire import TRAJECTORY_FIELD
+from strokes.service.worker.metrics import WorkerMetrics
+from strokes.service.worker.translate import Translator, Wire
 
 log = logging.getLogger("strokes.worker")
 T = TypeVar("T")
-TRANSIENT = (RedisError, OSError, TimeoutError)
 
 
 async def through_outage(op: Callable[[], Awaitable[T]]) -> T:
@@ -48,11 +49,13 @@ class LeaseLost(Exception):
 
 @dataclass
 class ActiveJob:
+    """The job an attempt runs, and the flags the event loop and the pipeline thread share."""
+
     job_id: str
     entry_id: str
     attempt: int
     takeover: bool
-    record: dict[str, Any]
+    message: JobMessage | None  # None: the queue's message could not be read (the job cannot run)
     translator: Translator
     began: float = field(default_factory=time.time)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -66,6 +69,24 @@ class ActiveJob:
         self.stop.set()
 
 
+class AttemptBlobs:
+    """Writes an attempt's blobs (images, the trajectory) before the fenced script that names them
+    (emit, finish, pause). Blobs are written outside the fences, so it first checks that the attempt
+    still holds the job: False, writing nothing, when it does not. (One that loses the job in
+    between writes under its own attempt's keys, which the fenced scripts then refuse to name.)"""
+
+    def __init__(self, store: Store, blobs: BlobStore):
+        self.store, self.blobs = store, blobs
+
+    async def put(self, job: ActiveJob, items: list[tuple[str, bytes]]) -> bool:
+        held, _cancel = await through_outage(lambda: self.store.lease(job.job_id, job.attempt))
+        if not held:
+            return False
+        for key, body in items:
+            await through_outage(lambda k=key, b=body: self.blobs.put(k, b))
+        return True
+
+
 class Publisher:
     """Publishes one attempt's events in order, off the pipeline's thread.
 
@@ -77,9 +98,16 @@ class Publisher:
     """
 
     def __init__(
-        self, runner: JobRunner, job: ActiveJob, loop: asyncio.AbstractEventLoop, max_pending: int = 2048
+        self,
+        store: Store,
+        blobs: AttemptBlobs,
+        metrics: WorkerMetrics,
+        job: ActiveJob,
+        loop: asyncio.AbstractEventLoop,
+        max_pending: int = 2048,
     ):
-        self.runner, self.job, self.loop = runner, job, loop
+        self.store, self.blobs, self.metrics = store, blobs, metrics
+        self.job, self.loop = job, loop
         self.queue: asyncio.Queue[tuple[Wire, bytes | None] | None] = asyncio.Queue()
         self.slots = threading.Semaphore(max_pending)
         self.lost = False
@@ -123,7 +151,7 @@ class Publisher:
                     self.slots.release()
 
     async def _send(self, items: list[tuple[Wire, bytes | None]]) -> None:
-        runner, job = self.runner, self.job
+        job = self.job
         # The trajectory so far: the batch's latest record is enough (the emits below all name
         # the same blob, and go out together after it is written).
         trajectory = next((w for w, _png in reversed(items) if w.trajectory is not None), None)
@@ -134,7 +162,7 @@ class Publisher:
         ]
         if trajectory is not None:
             blobs.append((trajectory.fields[TRAJECTORY_FIELD], trajectory.trajectory))
-        if blobs and not await runner.put_blobs(job, blobs):
+        if blobs and not await self.blobs.put(job, blobs):
             raise LeaseLost(job.job_id)
         emits = []
         for wire, _png in items:
@@ -143,13 +171,13 @@ class Publisher:
                 emits.append((self.seq, wire.name, wire.data, wire.fields))
         if not emits:
             return
-        results = await through_outage(lambda: runner.store.emit_many(job.job_id, job.attempt, emits))
+        results = await through_outage(lambda: self.store.emit_many(job.job_id, job.attempt, emits))
         for result in results:
             if not result.ok:
                 raise LeaseLost(job.job_id)
             if result.cancel:
                 job.interrupt("cancel")
-        runner.metrics.events.inc(len(emits))
+        self.metrics.events.inc(len(emits))
 
 
 class DeltaBuffer:

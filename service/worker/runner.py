@@ -1,12 +1,13 @@
-"""Running one job and ending it: the `run` and `finish` steps of the worker loop (worker.py).
+"""Running one job and ending it: the `run` and `finish` steps of the worker loop (loop.py).
 
-The pipeline runs on the torch thread; each event it yields is translated (wire.py) and published
-under the attempt's fence (publisher.py). The pipeline asks `should_cancel()` between tokens and
-denoising steps; it turns true on cancel, on lease loss, at the deadline and on SIGTERM (the job's
-`interrupt`), and the job then stops within one step. Its outcome becomes one fenced script:
-finish (succeeded, canceled, failed), steering's pause, or requeue (hand-back, retry); a
-trajectory is written to the blob store, under the attempt's own key, just before the script that
-names it.
+`run` prepares the job (its message's parameters, its input image, a fork's or resume's context),
+runs the pipeline on the torch thread, translates each event (translate.py) and publishes it under
+the attempt's fence (publisher.py), and returns the attempt's Outcome (outcomes.py). The pipeline
+asks `should_cancel()` between tokens and denoising steps; it turns true on cancel, on lease loss,
+at the deadline and on SIGTERM (the job's `interrupt`), and the job then stops within one step.
+`finish` records the outcome with one fenced script: finish (succeeded, canceled, failed), the
+pause (steering), or requeue (hand-back, retry); a trajectory is written to the blob store, under
+the attempt's own key, just before the script that names it.
 
 A job never kills the worker: an exception of its own ends it with job.failed and the real cause;
 only Redis being away (the loop retries) and a fatal device error (FatalError: the job is handed
@@ -21,24 +22,24 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
 
-from strokes.model.spec.events import NO_IMAGE_MESSAGE, Done, Paused, StageCompleted, StageStarted, TextDelta
+from strokes.model.spec.events import NO_IMAGE_MESSAGE, Done, StageCompleted, StageStarted, TextDelta
 from strokes.model.spec.events import Event as PipelineEvent
-from strokes.model.spec.params import GenerationParams, InvalidParams
-from strokes.service.blobs import store as bloblib
-from strokes.service.queue import keys as keyspace
+from strokes.model.spec.events import Paused as PausedEvent
+from strokes.model.spec.params import GenerationParams, InvalidParams, RunOptions
+from strokes.service.blobs.store import BlobStore
+from strokes.service.queue import keys
+from strokes.service.queue.client import TRANSIENT
 from strokes.service.queue.keys import JobStatus
-from strokes.service.queue.steering import steering
+from strokes.service.queue.steering import Steering
 from strokes.service.queue.store import Store
-from strokes.service.schemas import params_from_record
 from strokes.service.shared import images as imagelib
-from strokes.service.shared import logs as slog
-from strokes.service.shared.metrics import WorkerMetrics
+from strokes.service.shared import logs
 from strokes.service.shared.settings import Settings
 from strokes.service.shared.wire import (
     JOB_CANCELED,
@@ -47,9 +48,24 @@ from strokes.service.shared.wire import (
     encode_trajectory,
     trajectory_key,
 )
+from strokes.service.worker import steering as worker_steering
+from strokes.service.worker.metrics import WorkerMetrics
+from strokes.service.worker.outcomes import (
+    Canceled,
+    Ended,
+    ErrorType,
+    Failed,
+    HandedBack,
+    JobError,
+    Lost,
+    Outcome,
+    Paused,
+    Retry,
+    Succeeded,
+)
 from strokes.service.worker.publisher import (
-    TRANSIENT,
     ActiveJob,
+    AttemptBlobs,
     DeltaBuffer,
     LeaseLost,
     Publisher,
@@ -60,16 +76,24 @@ log = logging.getLogger("strokes.worker")
 
 
 class Pipeline(Protocol):
-    def run(self, params: GenerationParams, should_cancel: Callable[[], bool]) -> Iterator[PipelineEvent]: ...
+    """What the worker runs: the model's pipeline (model/generation/pipeline.py) or a test's."""
 
+    def run(
+        self, params: GenerationParams, should_cancel: Callable[[], bool], options: RunOptions
+    ) -> Iterator[PipelineEvent]: ...
 
-class PermanentError(Exception):
-    """The job cannot succeed on any attempt (bad parameters, its input image expired)."""
+    def holds_warm(self, key: str) -> bool:
+        """Whether the contexts of the run kept under `key` are still warm here."""
+        ...
 
 
 class FatalError(Exception):
     """The device or the process is broken (e.g. a CUDA error poisons the context): the job was
     handed back with its cause written, and the worker exits (its supervisor restarts it)."""
+
+
+class CannotRun(Exception):
+    """The job cannot run on any attempt (bad parameters, its input image or context expired)."""
 
 
 # Errors after which the CUDA context (or the process) cannot be trusted with another job.
@@ -80,11 +104,6 @@ def is_fatal(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or any(marker in str(exc) for marker in _FATAL_MARKERS)
 
 
-def error_of(exc: BaseException) -> dict[str, str]:
-    """The job's error for an exception: its real cause, type and message."""
-    return {"type": "generation_failed", "message": f"{type(exc).__name__}: {exc}"[:500]}
-
-
 class JobRunner:
     """Runs the worker's jobs, one at a time, on the pipeline and ends each (see the module
     docstring). Holds the torch thread and the pipeline thread's own Redis client."""
@@ -92,20 +111,23 @@ class JobRunner:
     def __init__(
         self,
         store: Store,
+        steering: Steering,
         pipeline: Pipeline,
         settings: Settings,
         name: str,
         metrics: WorkerMetrics,
-        images: bloblib.BlobStore,
+        blobs: BlobStore,
         executor: concurrent.futures.ThreadPoolExecutor,
     ):
         self.store = store
+        self.steering = steering
         self.pipeline = pipeline
         self.settings = settings
         self.name = name
         self.metrics = metrics
-        self.images = images
-        self.executor = executor  # the one thread that runs torch (worker.torch_thread)
+        self.blobs = blobs
+        self.attempt_blobs = AttemptBlobs(store, blobs)
+        self.executor = executor  # the one thread that runs torch (loop.torch_thread)
         self._probe: redis.Redis | None = None  # sync client of the pipeline thread (cancel checks)
 
     def close(self) -> None:
@@ -120,44 +142,46 @@ class JobRunner:
         retries; reclaim recovers the job) and a fatal device error (the job is handed back with
         its cause written, then the process exits) go further."""
         try:
-            outcome, payload = await self.run_job(job)
-            await self.finish(job, outcome, payload)
+            await self.finish(job, await self.run(job))
         except LeaseLost:
-            self.metrics.jobs.labels("lost").inc()
+            self.metrics.jobs.labels(Ended.lost.value).inc()
         except TRANSIENT:
             raise
         except Exception as exc:
             log.exception("the job failed outside the pipeline")
-            cause = error_of(exc)
+            cause = JobError.of(exc)
             if is_fatal(exc):
-                await self.finish(job, "retry", cause)
-                raise FatalError(cause["message"]) from exc
-            await self.finish(job, "failed", cause)
+                await self.finish(job, Retry(cause))
+                raise FatalError(cause.message) from exc
+            await self.finish(job, Failed(cause))
 
-    async def run_job(self, job: ActiveJob) -> tuple[str, Any]:
-        """Run the pipeline; returns (outcome, payload): succeeded (Done) | canceled | handback |
-        lost | retry (error) | failed (error)."""
+    # -- run ----------------------------------------------------------------------------------------
+
+    async def run(self, job: ActiveJob) -> Outcome:
+        """Run the pipeline to the attempt's outcome."""
+        if job.message is None:
+            return Failed(JobError(ErrorType.invalid_job, "the job's message could not be read"))
         try:
             params = await self._params(job)
-            params, extra = await steering(self.store).prepare_run(
-                job.job_id, job.record, params, self.images, self.pipeline
+            params, options = await worker_steering.run_options(
+                self.steering, self.blobs, job.job_id, job.message, params
             )
-        except (PermanentError, LookupError, InvalidParams) as exc:  # steering: a fork or resume
-            return "failed", {"type": "invalid_job", "message": str(exc)}
+        except (CannotRun, worker_steering.ContextExpired, InvalidParams) as exc:
+            return Failed(JobError(ErrorType.invalid_job, str(exc)))
         loop = asyncio.get_running_loop()
-        publisher = Publisher(self, job, loop)
+        publisher = Publisher(self.store, self.attempt_blobs, self.metrics, job, loop)
 
         def should_cancel() -> bool:
             return self._should_cancel(job)
 
-        def produce() -> Done | None:
-            events = self.pipeline.run(params, should_cancel, **extra)
+        def produce() -> Done | PausedEvent | None:
+            events = self.pipeline.run(params, should_cancel, options)
             try:
                 return consume(events)
             finally:
                 close = getattr(events, "close", None)
                 if close is not None:
-                    close()  # unwinds the pipeline (its finally blocks free its buffers)
+                    close()  # unwinds a generator (its finally blocks free the pipeline's buffers)
 
         deltas = DeltaBuffer(self.settings.delta_max_tokens, self.settings.delta_max_ms / 1000)
 
@@ -167,7 +191,7 @@ class JobRunner:
                 png = imagelib.encode_png(wire.image[1]) if wire.image is not None else None
                 publisher.submit(wire, png)  # PNG encoding stays on this thread
 
-        def consume(events: Iterator[PipelineEvent]) -> Done | None:
+        def consume(events: Iterator[PipelineEvent]) -> Done | PausedEvent | None:
             for event in events:
                 if isinstance(event, TextDelta):
                     merged = deltas.add(event)
@@ -178,57 +202,60 @@ class JobRunner:
                 if held is not None:
                     publish(held)
                 if isinstance(event, StageStarted):
-                    slog.set_stage(event.stage.value)
+                    logs.set_stage(event.stage.value)
                 publish(event)
                 if isinstance(event, StageCompleted):
-                    log.info(
-                        "stage completed",
-                        extra={
-                            "seconds": round(event.seconds, 3),
-                            "prefilled_tokens": event.prefilled_tokens,
-                            "cached_tokens": event.cached_tokens,
-                        },
-                    )
-                    self.metrics.observe_stage(
-                        event.stage.value,
-                        event.seconds,
-                        steps=event.steps,
-                        generated_tokens=event.generated_tokens,
-                        prefilled_tokens=event.prefilled_tokens,
-                        cached_tokens=event.cached_tokens,
-                    )
-                if isinstance(event, (Done, Paused)):
+                    self._observe(event)
+                if isinstance(event, (Done, PausedEvent)):
                     return event
             return None
 
         try:
-            done = await loop.run_in_executor(self.executor, contextvars.copy_context().run, produce)
+            end = await loop.run_in_executor(self.executor, contextvars.copy_context().run, produce)
             error = None
         except Exception as exc:
-            done, error = None, exc
+            end, error = None, exc
         await publisher.close()  # every queued event is written (or refused) before the outcome
         if publisher.error is not None:
-            return "retry", error_of(publisher.error)
+            return Retry(JobError.of(publisher.error))
         if publisher.lost or isinstance(error, LeaseLost):
-            return "lost", None
+            return Lost()
         if error is not None:
             if job.reason is not None:  # we asked it to stop, and it stopped
                 return self._interrupted(job)
             if isinstance(error, InvalidParams):  # the model's own limits (e.g. its largest side)
-                return "failed", {"type": "invalid_request", "message": str(error)}
+                return Failed(JobError(ErrorType.invalid_request, str(error)))
             log.error("pipeline failed", exc_info=error)
             if is_fatal(error):
                 raise error
-            return "retry", error_of(error)
-        if done is None:
+            return Retry(JobError.of(error))
+        if end is None:
             if job.reason is not None:
                 return self._interrupted(job)
-            return "retry", {"type": "generation_failed", "message": "the pipeline ended without a result"}
-        if isinstance(done, Paused):
-            return "paused", done
-        if done.final_image_id is None:  # the model chose to stop before drawing anything
-            return "failed", {"type": "no_image", "message": NO_IMAGE_MESSAGE}
-        return "succeeded", done
+            return Retry(JobError(ErrorType.generation_failed, "the pipeline ended without a result"))
+        if isinstance(end, PausedEvent):
+            return Paused(end)
+        if end.final_image_id is None:  # the model chose to stop before drawing anything
+            return Failed(JobError(ErrorType.no_image, NO_IMAGE_MESSAGE))
+        return Succeeded(end)
+
+    def _observe(self, event: StageCompleted) -> None:
+        log.info(
+            "stage completed",
+            extra={
+                "seconds": round(event.seconds, 3),
+                "prefilled_tokens": event.prefilled_tokens,
+                "cached_tokens": event.cached_tokens,
+            },
+        )
+        self.metrics.observe_stage(
+            event.stage.value,
+            event.seconds,
+            steps=event.steps,
+            generated_tokens=event.generated_tokens,
+            prefilled_tokens=event.prefilled_tokens,
+            cached_tokens=event.cached_tokens,
+        )
 
     def _should_cancel(self, job: ActiveJob) -> bool:
         """The pipeline's check between tokens and steps. Besides the flags set from the event
@@ -248,9 +275,7 @@ class JobRunner:
                     socket_connect_timeout=0.5,
                     retry=SyncRetry(NoBackoff(), 0),
                 )
-            status, attempt, cancel = self._probe.hmget(
-                keyspace.job(job.job_id), "status", "attempt", "cancel"
-            )
+            status, attempt, cancel = self._probe.hmget(keys.job(job.job_id), "status", "attempt", "cancel")
         except TRANSIENT:
             job.next_probe = now + 1.0  # Redis is away: the event loop's retries deal with it
             return False
@@ -260,102 +285,98 @@ class JobRunner:
             job.interrupt("cancel")
         return job.stop.is_set()
 
-    def _interrupted(self, job: ActiveJob) -> tuple[str, Any]:
+    def _interrupted(self, job: ActiveJob) -> Outcome:
         if job.reason == "deadline":
             message = f"the job ran longer than its deadline of {self.settings.job_deadline_s:g} s"
-            return "failed", {"type": "deadline_exceeded", "message": message}
-        outcome = {"cancel": "canceled", "shutdown": "handback", "lease_lost": "lost", "error": "lost"}
-        return outcome[job.reason or "cancel"], None
-
-    async def finish(self, job: ActiveJob, outcome: str, payload: Any) -> None:
-        s = self.store
-        if outcome == "succeeded":
-            done: Done = payload
-            data, fields = job.translator.completed(done, self._timings(job))
-            fields = {**fields, **steering(s).warm_fields(job.job_id, self.name, self.pipeline)}
-            ok = await self._put_trajectory(job, done.trajectory) and await through_outage(
-                lambda: s.finish(
-                    job.job_id, job.attempt, JobStatus.succeeded, JOB_COMPLETED, data, fields=fields
-                ),
-            )
-            result = "succeeded" if ok else "lost"
-        elif outcome == "canceled":
-            ok = await through_outage(
-                lambda: s.finish(
-                    job.job_id,
-                    job.attempt,
-                    JobStatus.canceled,
-                    JOB_CANCELED,
-                    {"job_id": job.job_id, "attempt": job.attempt},
-                ),
-            )
-            result = "canceled" if ok else "lost"
-        elif outcome == "failed":
-            ok = await through_outage(
-                lambda: s.finish(
-                    job.job_id,
-                    job.attempt,
-                    JobStatus.failed,
-                    JOB_FAILED,
-                    {"job_id": job.job_id, "attempt": job.attempt, "error": payload},
-                    fields={"error": payload},
-                ),
-            )
-            result = "failed" if ok else "lost"
-        elif outcome == "paused":  # steering: the context is stored, the job released
-            await steering(s).mark_warm(job.job_id, self.name, self.pipeline)
-            state = "fenced"
-            if await self._put_trajectory(job, payload.trajectory):
-                state = await through_outage(lambda: steering(s).pause(job.job_id, job.attempt, payload))
-            if state == "cancel":
-                return await self.finish(job, "canceled", None)
-            result = "paused" if state == "paused" else "lost"
-        elif outcome in ("handback", "retry"):
-            state = await through_outage(lambda: s.requeue(job.job_id, job.attempt, outcome, payload))
-            result = {
-                "queued": "handed_back" if outcome == "handback" else "retried",
-                "dead": "failed",
-                "canceled": "canceled",
-            }.get(state, "lost")
-        else:
-            result = "lost"
-        if result in ("succeeded", "canceled", "failed"):
-            await self.images.job_ended(job.job_id)
-        self.metrics.jobs.labels(result).inc()
-        log.info("job ended: %s", result, extra={"outcome": result})
-
-    # -- helpers --------------------------------------------------------------------------------------
-
-    async def put_blobs(self, job: ActiveJob, blobs: list[tuple[str, bytes]]) -> bool:
-        """Write (key, bytes) blobs of the attempt before the fenced script that names them (emit,
-        finish, pause). Blobs are written outside the fences, so first check that the attempt
-        still holds the job: False, writing nothing, when it does not. (One that loses the job in
-        between writes under its own attempt's keys, which the fenced scripts then refuse to name.)"""
-        held, _cancel = await through_outage(lambda: self.store.lease(job.job_id, job.attempt))
-        if not held:
-            return False
-        for key, body in blobs:
-            await through_outage(lambda k=key, b=body: self.images.put(k, b))
-        return True
-
-    async def _put_trajectory(self, job: ActiveJob, trajectory: dict[str, Any]) -> bool:
-        """The attempt's whole trajectory, before the finish or pause that names it."""
-        key = trajectory_key(job.job_id, job.attempt)
-        return await self.put_blobs(job, [(key, encode_trajectory(trajectory))])
+            return Failed(JobError(ErrorType.deadline_exceeded, message))
+        if job.reason == "shutdown":
+            return HandedBack()
+        if job.reason in ("lease_lost", "error"):
+            return Lost()
+        return Canceled()
 
     async def _params(self, job: ActiveJob) -> GenerationParams:
         image = None
-        if job.record.get("input_image"):
-            from strokes.service.api.jobs import INPUT_IMAGE_ID
-
-            png = await self.images.get(imagelib.storage_key(job.job_id, 0, INPUT_IMAGE_ID))
+        if job.message.input_image:
+            key = imagelib.storage_key(job.job_id, 0, imagelib.INPUT_IMAGE_ID)
+            png = await self.blobs.get(key)
             if png is None:
-                raise PermanentError("the input image has expired")
+                raise CannotRun("the input image has expired")
             image = await asyncio.to_thread(imagelib.decode_png, png)
         try:
-            return params_from_record(job.record, image, self.settings.max_side)
-        except (InvalidParams, ValueError, KeyError, TypeError) as exc:
-            raise PermanentError(f"invalid parameters: {exc}") from exc
+            return job.message.to_params(image, self.settings.max_side)
+        except (InvalidParams, ValueError) as exc:
+            raise CannotRun(f"invalid parameters: {exc}") from exc
 
-    def _timings(self, job: ActiveJob) -> dict[str, float]:
-        return {"attempt_run_s": round(time.time() - job.began, 4)}
+    # -- finish -------------------------------------------------------------------------------------
+
+    async def finish(self, job: ActiveJob, outcome: Outcome) -> None:
+        """Record the attempt's outcome (one fenced script), then count it and, when the job ended
+        for good, delete its input."""
+        match outcome:
+            case Succeeded(done):
+                ended = await self._succeed(job, done)
+            case Failed(error):
+                data = {"job_id": job.job_id, "attempt": job.attempt, "error": error.to_json()}
+                fields = {"error": error.to_json()}
+                ended = await self._end(job, JobStatus.failed, JOB_FAILED, data, fields)
+            case Canceled():
+                ended = await self._cancel(job)
+            case Paused(paused):
+                ended = await self._pause(job, paused)
+            case Retry(error):
+                ended = await self._requeue(job, "retry", error)
+            case HandedBack():
+                ended = await self._requeue(job, "handback", None)
+            case Lost():
+                ended = Ended.lost
+        if ended.terminal:
+            await self.blobs.job_ended(job.job_id)
+        self.metrics.jobs.labels(ended.value).inc()
+        log.info("job ended: %s", ended.value, extra={"outcome": ended.value})
+
+    async def _succeed(self, job: ActiveJob, done: Done) -> Ended:
+        data, fields = job.translator.completed(done, {"attempt_run_s": round(time.time() - job.began, 4)})
+        if self.pipeline.holds_warm(job.job_id):  # named with the end, before job.completed, so a
+            fields = {**fields, "warm_worker": self.name}  # fork sent on that event is routed here
+        if not await self._put_trajectory(job, done.trajectory):
+            return Ended.lost
+        return await self._end(job, JobStatus.succeeded, JOB_COMPLETED, data, fields)
+
+    async def _cancel(self, job: ActiveJob) -> Ended:
+        data = {"job_id": job.job_id, "attempt": job.attempt}
+        return await self._end(job, JobStatus.canceled, JOB_CANCELED, data, None)
+
+    async def _end(
+        self, job: ActiveJob, status: JobStatus, event: str, data: dict, fields: dict | None
+    ) -> Ended:
+        finished = await through_outage(
+            lambda: self.store.finish(job.job_id, job.attempt, status, event, data, fields=fields)
+        )
+        return Ended(status.value) if finished else Ended.lost
+
+    async def _pause(self, job: ActiveJob, paused: PausedEvent) -> Ended:
+        """The context is stored, the job released; a cancel that came first ends it canceled."""
+        if self.pipeline.holds_warm(job.job_id):
+            await through_outage(lambda: self.steering.name_warm_holder(job.job_id, self.name))
+        if not await self._put_trajectory(job, paused.trajectory):
+            return Ended.lost
+        pause = await through_outage(
+            lambda: worker_steering.pause_of(self.steering, job.job_id, job.attempt, paused)
+        )
+        state = await through_outage(lambda: self.steering.pause(job.job_id, job.attempt, pause))
+        if state == "cancel":
+            return await self._cancel(job)
+        return Ended.paused if state == "paused" else Ended.lost
+
+    async def _requeue(self, job: ActiveJob, reason: str, error: JobError | None) -> Ended:
+        cause = error.to_json() if error is not None else None
+        state = await through_outage(lambda: self.store.requeue(job.job_id, job.attempt, reason, cause))
+        if state == "queued":
+            return Ended.handed_back if reason == "handback" else Ended.retried
+        return {"dead": Ended.failed, "canceled": Ended.canceled}.get(state, Ended.lost)
+
+    async def _put_trajectory(self, job: ActiveJob, trajectory: dict) -> bool:
+        """The attempt's whole trajectory, before the finish or pause that names it."""
+        key = trajectory_key(job.job_id, job.attempt)
+        return await self.attempt_blobs.put(job, [(key, encode_trajectory(trajectory))])

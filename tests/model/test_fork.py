@@ -13,7 +13,7 @@ from strokes.model.generation.pipeline import Pipeline
 from strokes.model.generation.warm import WarmContexts
 from strokes.model.spec.events import ImageCompleted, Paused, StageCompleted
 from strokes.model.spec.forks import ForkPoint, params_from_trajectory, plan_fork
-from strokes.model.spec.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
+from strokes.model.spec.params import GenerationParams, ImageSettings, InvalidParams, RunOptions, TextSettings
 
 SAMPLED = TextSettings(max_tokens=8, do_sample=True, temperature=1.0)
 # What must match between a parent's stage and a fork's (timings and cache counters may differ).
@@ -36,7 +36,7 @@ def params(**changes) -> GenerationParams:
 
 
 def run(engine, p, fork=None, processor=None):
-    events = list(Pipeline(engine).run(p, fork=fork, logits_processor=processor))
+    events = list(Pipeline(engine).run(p, options=RunOptions(fork=fork, logits_processor=processor)))
     images = {e.image_id: e.pixels for e in events if isinstance(e, ImageCompleted)}
     return events, events[-1].trajectory, images
 
@@ -113,10 +113,12 @@ def test_interleaved_forks_replay_the_models_own_choices(own_engine):
         )
         assert_same_run(parent, images, child, child_images)
     warm = Pipeline(own_engine, warm=WarmContexts(device_bytes=1 << 30))
-    list(warm.run(p, logits_processor=steer, warm_key="parent"))
+    list(warm.run(p, options=RunOptions(logits_processor=steer, warm_key="parent")))
     for it, stage in dict.fromkeys(kinds):  # the same from warm caches (logits kept per boundary)
         fork = fork_of(parent, images, ForkPoint(it, stage))
-        events = list(warm.run(params_from_trajectory(parent), fork=fork, logits_processor=steer))
+        events = list(
+            warm.run(params_from_trajectory(parent), options=RunOptions(fork=fork, logits_processor=steer))
+        )
         child_images = {e.image_id: e.pixels for e in events if isinstance(e, ImageCompleted)}
         assert_same_run(parent, images, events[-1].trajectory, child_images)
     assert warm.warm.hits == len(dict.fromkeys(kinds))
@@ -205,7 +207,9 @@ def test_a_paused_run_continued_unchanged_equals_the_uninterrupted_run(own_engin
     _, parent, images = guided
     p, fork, seen = params(), None, []
     while True:  # pause after every plan and reflection, continue each time as it is
-        events = list(Pipeline(own_engine).run(p, fork=fork, pause_after=("plan", "reflect")))
+        events = list(
+            Pipeline(own_engine).run(p, options=RunOptions(fork=fork, pause_after=("plan", "reflect")))
+        )
         last = events[-1]
         seen += [e.image_id for e in events if isinstance(e, ImageCompleted)]
         if not isinstance(last, Paused):
@@ -219,12 +223,12 @@ def test_a_paused_run_continued_unchanged_equals_the_uninterrupted_run(own_engin
 
 
 def test_a_pause_continued_with_an_edited_plan_draws_from_the_edit(own_engine):
-    events = list(Pipeline(own_engine).run(params(), pause_after=("plan",)))
+    events = list(Pipeline(own_engine).run(params(), options=RunOptions(pause_after=("plan",))))
     paused = events[-1]
     assert isinstance(paused, Paused) and (paused.iteration, paused.stage.value) == (1, "plan")
     assert not any(isinstance(e, ImageCompleted) for e in events)
     fork = plan_fork(paused.trajectory, ForkPoint(1, "plan", text="<ins>a green cube</ins>"))
-    events = list(Pipeline(own_engine).run(params(), fork=fork, pause_after=("plan",)))
+    events = list(Pipeline(own_engine).run(params(), options=RunOptions(fork=fork, pause_after=("plan",))))
     paused = events[-1]
     assert isinstance(paused, Paused) and (paused.iteration, paused.stage.value) == (2, "plan")
     assert paused.trajectory["stages"][0]["text"] == "<ins>a green cube</ins>"
@@ -234,12 +238,16 @@ def test_forks_from_warm_contexts_equal_rebuilt_ones_and_prefill_nothing_of_the_
     _, parent, images = guided
     warm = WarmContexts(device_bytes=1 << 30)
     pipeline = Pipeline(own_engine, warm=warm)
-    list(pipeline.run(params(), warm_key="parent"))  # the parent again, now with its caches kept
+    list(
+        pipeline.run(params(), options=RunOptions(warm_key="parent"))
+    )  # the parent again, now with its caches kept
     assert warm.holds("parent")
     kinds = [(s["iteration"], s["stage"]) for s in parent["stages"]]
     for n, (it, stage) in enumerate(kinds, start=1):
         fork = fork_of(parent, images, ForkPoint(it, stage))
-        events = list(pipeline.run(params_from_trajectory(parent), fork=fork, warm_key=f"fork-{n}"))
+        events = list(
+            pipeline.run(params_from_trajectory(parent), options=RunOptions(fork=fork, warm_key=f"fork-{n}"))
+        )
         child = events[-1].trajectory
         child_images = {e.image_id: e.pixels for e in events if isinstance(e, ImageCompleted)}
         assert_same_run(parent, images, child, child_images)
@@ -247,12 +255,14 @@ def test_forks_from_warm_contexts_equal_rebuilt_ones_and_prefill_nothing_of_the_
         assert sum(e.prefilled_tokens for e in done[:n]) == 0  # the prefix came from warm caches
     assert warm.hits == len(kinds)
     # A paused run kept warm resumes from its caches, edited or not, and stays exact.
-    events = list(pipeline.run(params(), pause_after=("reflect",), warm_key="paused"))
+    events = list(pipeline.run(params(), options=RunOptions(pause_after=("reflect",), warm_key="paused")))
     paused = events[-1]
     resumed = list(
         pipeline.run(
             params(),
-            fork=plan_fork(paused.trajectory, ForkPoint(1, "reflect")).load_images(images.__getitem__),
+            options=RunOptions(
+                fork=plan_fork(paused.trajectory, ForkPoint(1, "reflect")).load_images(images.__getitem__)
+            ),
         )
     )
     assert comparable(resumed[-1].trajectory) == comparable(parent)
@@ -262,11 +272,11 @@ def test_forks_from_warm_contexts_equal_rebuilt_ones_and_prefill_nothing_of_the_
 def test_the_warm_budget_drops_the_least_recently_used(own_engine):
     warm = WarmContexts(device_bytes=0, host_bytes=0)
     pipeline = Pipeline(own_engine, warm=warm)
-    list(pipeline.run(params(max_iterations=1), warm_key="a"))
+    list(pipeline.run(params(max_iterations=1), options=RunOptions(warm_key="a")))
     assert not warm.holds("a") and warm.nbytes() == 0
     one = Pipeline(own_engine, warm=WarmContexts(device_bytes=1 << 30))
-    list(one.run(params(max_iterations=1), warm_key="a"))
+    list(one.run(params(max_iterations=1), options=RunOptions(warm_key="a")))
     size = one.warm.nbytes()
     one.warm.device_bytes = int(size * 1.5)
-    list(one.run(params(max_iterations=1, seed=4), warm_key="b"))
+    list(one.run(params(max_iterations=1, seed=4), options=RunOptions(warm_key="b")))
     assert one.warm.holds("b") and not one.warm.holds("a")

@@ -21,7 +21,7 @@ from strokes.model.spec.events import (
     TextDelta,
     Verdict,
 )
-from strokes.model.spec.params import GenerationParams, ImageSettings, InvalidParams, TextSettings
+from strokes.model.spec.params import GenerationParams, ImageSettings, InvalidParams, RunOptions, TextSettings
 
 REFINE = ImageSettings(steps=4, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
 
@@ -92,7 +92,7 @@ def test_a_correct_verdict_ends_the_loop_without_a_refinement(own_engine):
     plan = text_ids(own_engine, "<ins>draw a blue sphere</ins> <des>a blue sphere</des>")
     reflection = text_ids(own_engine, "The intermediate step is correct. The sphere is blue.")
     p = params(plan=TextSettings(max_tokens=40), reflect=TextSettings(max_tokens=40))
-    events = list(Pipeline(own_engine).run(p, logits_processor=Script(plan + reflection)))
+    events = list(Pipeline(own_engine).run(p, options=RunOptions(logits_processor=Script(plan + reflection))))
     assert stages_of(events) == [(1, "plan"), (1, "draft"), (1, "reflect")]
     reflect = [e for e in events if isinstance(e, StageCompleted) and e.stage == Stage.reflect][0]
     assert (
@@ -162,7 +162,7 @@ def test_interleaved_protocol_follows_the_models_own_choices(own_engine):
         + [tok.eos_id]  # and the end
     )
     p = params(protocol="interleaved", plan=TextSettings(max_tokens=60), reflect=TextSettings(max_tokens=60))
-    events = list(Pipeline(own_engine).run(p, logits_processor=Script(script)))
+    events = list(Pipeline(own_engine).run(p, options=RunOptions(logits_processor=Script(script))))
     assert stages_of(events) == [(1, "plan"), (1, "draft"), (1, "reflect"), (1, "refine"), (1, "reflect")]
     verdicts = [e.verdict for e in events if isinstance(e, StageCompleted) and e.stage == Stage.reflect]
     assert verdicts == [Verdict.wrong, Verdict.correct]
@@ -185,7 +185,9 @@ def test_interleaved_image_request_inside_a_text_and_the_iteration_limit(own_eng
         plan=TextSettings(max_tokens=30),
         reflect=TextSettings(max_tokens=30),
     )
-    events = list(Pipeline(own_engine).run(p, logits_processor=Script(step * 2 + [tok.bos_id])))
+    events = list(
+        Pipeline(own_engine).run(p, options=RunOptions(logits_processor=Script(step * 2 + [tok.bos_id])))
+    )
     assert stages_of(events) == [
         (1, "plan"),
         (1, "draft"),

@@ -293,8 +293,8 @@ async def test_input_goes_when_the_job_ends_in_any_way(blob_settings: Settings, 
 
     from strokes.service.queue.client import connect
     from strokes.service.queue.store import Store
-    from strokes.service.shared.metrics import WorkerMetrics
     from strokes.service.worker.loop import Worker
+    from strokes.service.worker.metrics import WorkerMetrics
 
     s = blob_settings.model_copy(
         update={

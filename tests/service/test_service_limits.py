@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from strokes.model.spec.events import Stage, TextDelta
+from strokes.service.api.schemas import GenerationRequest
 from strokes.service.cli.worker import cpu_share
-from strokes.service.schemas import GenerationRequest
 from strokes.service.shared import budget
 from strokes.service.shared.settings import Settings
 from strokes.service.worker.publisher import DeltaBuffer

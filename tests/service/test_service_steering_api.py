@@ -19,11 +19,11 @@ from strokes.model.generation.loading import load_engine
 from strokes.model.generation.pipeline import Pipeline
 from strokes.model.spec.events import ImageCompleted, Paused, Stage
 from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
+from strokes.service.api.schemas import params_from_record
 from strokes.service.blobs import store as blobs
 from strokes.service.queue import keys
 from strokes.service.queue.steering import steering
 from strokes.service.queue.store import Store
-from strokes.service.schemas import params_from_record
 from strokes.service.shared import images as imagelib
 from strokes.service.shared.settings import Settings
 from strokes.service.shared.wire import TRAJECTORY_FIELD, encode_trajectory, trajectory_key

@@ -232,7 +232,7 @@ async def test_workers_silent_for_three_leases_leave_the_workers_set(store: Stor
     await store.r.zadd(keys.WORKERS, {"crashed": stale_ms})
     await store.heartbeat("alive")
     assert await store.r.zrange(keys.WORKERS, 0, -1) == [b"alive"]
-    assert await store.live_workers() == 1
+    assert await store.count_live_workers() == 1
 
 
 async def test_only_an_idle_worker_reclaims_and_a_restarted_redis_waits_for_the_heartbeats(store: Store):

@@ -13,9 +13,9 @@ from strokes.model.spec.events import StageCompleted
 from strokes.service.blobs.store import LocalBlobs
 from strokes.service.queue import keys
 from strokes.service.queue.store import Store
-from strokes.service.shared.metrics import WorkerMetrics
 from strokes.service.shared.settings import Settings
 from strokes.service.worker.loop import Worker
+from strokes.service.worker.metrics import WorkerMetrics
 
 REQUEST = {"prompt": "a cube", "width": 32, "height": 32, "max_iterations": 1}
 

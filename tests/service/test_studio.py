@@ -30,8 +30,8 @@ from PIL import Image
 from svc_testkit import ROOT, Proc, env_with, free_port, start_api, start_worker, wait_for
 
 from strokes.service.api.routes.studio import WorkerInfo, defaults_for, device_kind
+from strokes.service.api.schemas import GenerationRequest
 from strokes.service.queue import keys
-from strokes.service.schemas import GenerationRequest
 
 pytestmark = pytest.mark.slow
 

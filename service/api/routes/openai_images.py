@@ -40,6 +40,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from strokes.service.api import errors, jobs
 from strokes.service.api.auth import OwnerDep
+from strokes.service.api.deps import SettingsDep
 from strokes.service.api.errors import GenerationFailed, GenerationTimedOut, InvalidRequest
 from strokes.service.api.openai_schemas import (
     EDIT_FORM,
@@ -55,11 +56,11 @@ from strokes.service.api.openai_schemas import (
     usage,
     validation_param,
 )
+from strokes.service.api.schemas import ErrorResponse, GenerationRequest
 from strokes.service.blobs.store import BlobStore
 from strokes.service.queue.store import Store
-from strokes.service.schemas import ErrorResponse, GenerationRequest
 from strokes.service.shared import images as imagelib
-from strokes.service.shared.settings import Settings, SettingsDep
+from strokes.service.shared.settings import Settings
 from strokes.service.shared.wire import (
     IMAGE_FIELD_PREFIX,
     IMAGE_PROGRESS,
@@ -91,6 +92,7 @@ async def submit_all(
             key = None if idempotency_key is None else f"{idempotency_key[:240]}#{i}"
             job, replayed = await jobs.submit(
                 store,
+                request.app.state.steering,
                 settings,
                 owner,
                 native,

@@ -1,4 +1,4 @@
-"""The steering route: POST /v1/generations/{id}/continue (service/steering.py does the work).
+"""The steering route: POST /v1/generations/{id}/continue (service/api/forks.py does the work).
 
 Forks need no route of their own (POST /v1/generations with `fork`); cancel while paused is the
 ordinary DELETE.
@@ -8,12 +8,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from strokes.service.api import jobs
+from strokes.service.api import forks, jobs
 from strokes.service.api.auth import OwnerDep
-from strokes.service.api.deps import COMMON, BlobsDep, StoreDep, bounded, error_responses
-from strokes.service.queue.steering import steering
-from strokes.service.schemas import ContinueRequest, Job
-from strokes.service.shared.settings import SettingsDep
+from strokes.service.api.deps import (
+    COMMON,
+    BlobsDep,
+    SettingsDep,
+    SteeringDep,
+    StoreDep,
+    bounded,
+    error_responses,
+)
+from strokes.service.api.schemas import ContinueRequest, Job
 
 router = APIRouter()
 
@@ -32,6 +38,7 @@ async def continue_generation(
     settings: SettingsDep,
     owner: OwnerDep,
     blobs: BlobsDep,
+    steering: SteeringDep,
     body: ContinueRequest | None = None,
 ) -> Job:
     """The job goes back to the queue as an ordinary attempt (any worker runs it): it rebuilds the
@@ -40,7 +47,7 @@ async def continue_generation(
 
     async def work() -> Job:
         job = await jobs.find(store, job_id, owner)
-        await steering(store).continue_job(job, body.text if body else None, blobs)
+        await forks.continue_job(steering, job, body.text if body else None, blobs)
         response.headers["Location"] = jobs.links(job_id)["self"]
         return await jobs.current_view(store, job_id)
 

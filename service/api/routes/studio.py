@@ -16,14 +16,10 @@ heartbeat is live and forgets entries of workers long gone.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, Literal
 
-import redis
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import RedirectResponse
 from pydantic import BaseModel
@@ -31,15 +27,10 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from strokes.model.spec.params import MIN_SIDE, SIZE_MULTIPLE
-from strokes.service.queue import keys
-from strokes.service.schemas import (
-    MAX_PROMPT_CHARS,
-    DraftSettings,
-    GenerationRequest,
-    PlanSettings,
-    ReflectSettings,
-)
-from strokes.service.shared.settings import Settings, SettingsDep
+from strokes.service.api.deps import SettingsDep, StoreDep, bounded
+from strokes.service.api.schemas import GenerationRequest
+from strokes.service.shared.messages import MAX_PROMPT_CHARS, DraftSettings, PlanSettings, ReflectSettings
+from strokes.service.shared.settings import Settings
 
 log = logging.getLogger("strokes.studio")
 
@@ -163,38 +154,14 @@ def device_kind(workers: list[WorkerInfo]) -> str:
     return "none" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
 
 
-async def live_workers(r, settings: Settings) -> list[WorkerInfo]:
-    horizon = time.time() * 1000 - settings.lease_ttl_s * 1000
-    live = [
-        n.decode() if isinstance(n, bytes) else n
-        for n in await r.zrangebyscore(keys.WORKERS, horizon, "+inf")
-    ]
-    published = await r.hgetall(keys.WORKER_INFO)
-    workers, stale = [], []
-    for raw_name, raw in published.items():
-        name = raw_name.decode() if isinstance(raw_name, bytes) else raw_name
-        try:
-            info = json.loads(raw)
-        except ValueError:
-            stale.append(name)
-            continue
-        if name in live:
-            workers.append(WorkerInfo(name=name, device=str(info.get("device", "unknown"))))
-        elif time.time() - float(info.get("at", 0)) > STALE_WORKER_S:
-            stale.append(name)
-    if stale:
-        await r.hdel(keys.WORKER_INFO, *stale)
-    return sorted(workers, key=lambda w: w.name)
-
-
 router = APIRouter()
 
 
 @router.get("/v1/info", response_model=Info, summary="Defaults, limits and workers, for the studio page")
-async def info(request: Request, settings: SettingsDep) -> Info:
+async def info(request: Request, settings: SettingsDep, store: StoreDep) -> Info:
     # No API key needed: the page asks this before it has one. Errors map in errors.py (503).
-    r = request.app.state.store.r
-    workers = await asyncio.wait_for(live_workers(r, settings), settings.redis_deadline_s)
+    devices = await bounded(settings, store.worker_devices(STALE_WORKER_S))
+    workers = [WorkerInfo(name=name, device=device) for name, device in sorted(devices.items())]
     device = device_kind(workers)
     return Info(
         defaults=defaults_for("cpu" if device == "cpu" else "cuda"),
@@ -234,15 +201,3 @@ class StudioFiles(StaticFiles):
 def install(app: FastAPI) -> None:
     app.include_router(router)
     app.mount("/studio", StudioFiles(directory=STATIC_DIR, html=True), name="studio")
-
-
-def publish_worker(redis_url: str, name: str, device: str) -> None:
-    """The worker's device, for /v1/info. Best effort: a worker runs fine without it."""
-    try:
-        client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-        try:
-            client.hset(keys.WORKER_INFO, name, json.dumps({"device": device, "at": time.time()}))
-        finally:
-            client.close()
-    except (redis.RedisError, OSError) as exc:
-        log.warning("could not publish the worker's device: %s", exc)

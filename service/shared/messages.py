@@ -1,19 +1,24 @@
-"""Request and response bodies of the HTTP API (pydantic), and the request -> GenerationParams step.
+"""The job message: a generation's request as it crosses the queue, typed and versioned.
 
-The request mirrors model.generation.params.GenerationParams field for field, with the same ranges, so the
-OpenAPI document tells clients the real limits; `to_params` then runs GenerationParams.validate()
-as the final word. Unknown fields are rejected (`extra="forbid"`).
+The API validates a request (service/api/schemas.py GenerationRequest: these fields, with the
+input image's bytes) and writes the job's message into the job hash (field `request`) as JSON; the
+worker reads it back with `JobMessage.from_json` (one parse, the same validators) and runs
+`to_params()`. The image bytes never cross Redis: `input_image` says whether the input is in the
+blob store ({job_id}/0/input). `version` changes whenever a field changes meaning; a worker
+refuses a message of a version it does not know, so a rolling upgrade never misreads a job.
+
+The fields mirror model.spec.params.GenerationParams field for field, with the same ranges, so the
+OpenAPI document tells clients the real limits; GenerationParams.validate() has the last word.
+Unknown fields are rejected (`extra="forbid"`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from strokes.model.spec.forks import CONTROL_TOKEN
 from strokes.model.spec.params import (
     DRAFT_DEFAULTS,
     MAX_SIDE,
@@ -28,24 +33,24 @@ from strokes.model.spec.params import (
 from strokes.model.spec.prompts import TEMPLATE_NAMES
 from strokes.service.shared.webhooks import EVENTS as WEBHOOK_EVENTS
 
+MESSAGE_VERSION = 1
 MAX_PROMPT_CHARS = 4000
 MAX_TEMPLATE_CHARS = 4000
-# Chat-template control tokens (`<|im_end|>`, `<|vision_start|>`, ...). Typed by a user they must
-# never reach the tokenizer as control tokens; we refuse them outright with a clear 422.
-_CONTROL_TOKEN = re.compile(r"<\|[^<>|\s]{1,64}\|>")
 
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _reject_control_tokens(text: str, what: str) -> str:
-    match = _CONTROL_TOKEN.search(text)
+    """Chat-template control tokens (`<|im_end|>`, `<|vision_start|>`, ...) typed by a user must never
+    reach the tokenizer as control tokens: refused outright (a 422 naming the field)."""
+    match = CONTROL_TOKEN.search(text)
     if match:
         raise ValueError(f"{what} contains the reserved token string {match.group(0)!r}")
     return text
 
 
 class _ImageSettingsBase(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
 
     steps: int = Field(
         50,
@@ -92,7 +97,7 @@ assert RefineSettings().to_settings() == REFINE_DEFAULTS
 
 
 class _TextSettingsBase(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
 
     max_tokens: int = Field(512, ge=1, le=4096)
     do_sample: bool = False
@@ -119,7 +124,7 @@ WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
 class ForkRequest(BaseModel):
     """Start from a completed stage of an earlier generation of the same key (docs/steering.md)."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     job_id: str = Field(max_length=64, description="the parent generation")
     iteration: int | None = Field(None, ge=1, le=64, description="with stage: the fork point")
@@ -140,10 +145,10 @@ class ForkRequest(BaseModel):
     @field_validator("text", "instruction")
     @classmethod
     def _no_control_tokens(cls, value: str | None) -> str | None:
-        return _steering_text(value)
+        return steering_text(value)
 
 
-def _steering_text(value: str | None) -> str | None:
+def steering_text(value: str | None) -> str | None:
     """A caller's words for the context (an edit, an instruction): the prompt's rules."""
     if value is not None:
         if not value.strip():
@@ -159,24 +164,11 @@ FORK_INHERITS = frozenset(
 )
 
 
-class GenerationRequest(BaseModel):
-    """POST /v1/generations: one process-driven generation."""
+class GenerationFields(BaseModel):
+    """The fields of a generation, shared by the request (the API's GenerationRequest) and the job
+    message; each adds how it carries the input image."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        allow_inf_nan=False,
-        json_schema_extra={
-            "examples": [
-                {
-                    "prompt": "a red cube on a blue sphere",
-                    "width": 512,
-                    "height": 512,
-                    "max_iterations": 2,
-                    "draft": {"steps": 30},
-                }
-            ]
-        },
-    )
+    model_config = STRICT
 
     prompt: str | None = Field(
         None, min_length=1, max_length=MAX_PROMPT_CHARS, description="required, except for a fork"
@@ -195,11 +187,7 @@ class GenerationRequest(BaseModel):
         default_factory=dict, description="stage instruction overrides; `{prompt}` is replaced"
     )
     preview_every: int = Field(0, ge=0, le=200, description="a preview image every k steps (0: none)")
-    input_image: str | None = Field(
-        None,
-        max_length=24 * 1024 * 1024,
-        description="start image (edit): base64 or a data: URL of a PNG, JPEG or WebP",
-    )
+    input_image: Any = None  # the request: the image's bytes (base64); the message: whether there is one
     fork: ForkRequest | None = Field(None, description="start from a stage of an earlier generation")
     pause_after: list[Literal["plan", "reflect"]] = Field(
         default_factory=list, max_length=2, description="pause (status paused) after these stages"
@@ -235,148 +223,52 @@ class GenerationRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _webhook(self) -> GenerationRequest:
+    def _webhook(self) -> GenerationFields:
         if self.webhook_events is not None and self.webhook_url is None:
             raise ValueError("webhook_events needs a webhook_url")
         return self
 
-    def job_record(self) -> dict[str, Any]:
-        """What the job hash keeps of the request: everything but the image bytes."""
-        record = self.model_dump(mode="json", exclude={"input_image"})
-        record["input_image"] = self.input_image is not None
-        return record
 
-    def fingerprint(self) -> str:
-        """A hash of the whole request, to tell a retried POST from a different one."""
-        body = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(body.encode()).hexdigest()
+class UnknownVersion(ValueError):
+    """A message of a version this process does not know (written by a newer API)."""
 
 
-def params_from_record(
-    record: dict[str, Any], input_image=None, max_side: int = MAX_SIDE
-) -> GenerationParams:
-    """The validated GenerationParams of a stored request (the worker's side of the contract)."""
-    params = GenerationParams(
-        prompt=record["prompt"],
-        protocol=record.get("protocol", "guided"),
-        width=int(record.get("width", 1024)),
-        height=int(record.get("height", 1024)),
-        max_iterations=int(record.get("max_iterations", 3)),
-        draft=DraftSettings(**record.get("draft", {})).to_settings(),
-        refine=RefineSettings(**record.get("refine", {})).to_settings(),
-        plan=PlanSettings(**record.get("plan", {})).to_settings(),
-        reflect=ReflectSettings(**record.get("reflect", {})).to_settings(),
-        seed=record.get("seed"),
-        think=bool(record.get("think", True)),
-        input_image=input_image,
-        templates=dict(record.get("templates", {})),
-        preview_every=int(record.get("preview_every", 0)),
-    )
-    return params.validate(max_side=max_side)
+class JobMessage(GenerationFields):
+    """A job as the queue carries it: the request without the image's bytes."""
 
+    input_image: bool = False  # the input image is in the blob store ({job_id}/0/input)
+    version: int = MESSAGE_VERSION
 
-# ---- responses ----------------------------------------------------------------------------------
-
-
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-    param: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class ImageRef(BaseModel):
-    id: str
-    url: str
-    width: int
-    height: int
-    iteration: int | None = None
-    stage: str | None = None
-
-
-class StageSummary(BaseModel):
-    iteration: int
-    stage: str
-    seconds: float
-    text: str | None = None
-    verdict: str | None = None
-    image: ImageRef | None = None
-
-
-class ParentRef(BaseModel):
-    """Where a fork started: the parent and the stage after which it went on."""
-
-    job_id: str
-    iteration: int | None = None
-    stage: str | None = None
-
-
-class PauseInfo(BaseModel):
-    """What a paused job waits for: continue (POST .../continue) or cancel, before expires_at."""
-
-    iteration: int
-    stage: str
-    text: str | None = None
-    expires_at: float
-
-
-class ContinueRequest(BaseModel):
-    """POST /v1/generations/{id}/continue."""
-
-    model_config = _STRICT
-
-    text: str | None = Field(
-        None,
-        max_length=MAX_PROMPT_CHARS,
-        description="replace the paused stage's text (else go on unchanged)",
-    )
-
-    @field_validator("text")
     @classmethod
-    def _text(cls, value: str | None) -> str | None:
-        return _steering_text(value)
+    def from_json(cls, raw: str | bytes) -> JobMessage:
+        message = cls.model_validate_json(raw)
+        if message.version != MESSAGE_VERSION:
+            raise UnknownVersion(
+                f"job message version {message.version}; this worker reads {MESSAGE_VERSION}"
+            )
+        return message
 
+    def to_json(self) -> str:
+        return self.model_dump_json()
 
-class JobLinks(BaseModel):
-    self: str
-    events: str
-    trajectory: str
-
-
-class Job(BaseModel):
-    """A generation job as GET /v1/generations/{id} shows it."""
-
-    id: str
-    object: Literal["generation"] = "generation"
-    status: Literal["queued", "running", "paused", "succeeded", "failed", "canceled"]
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    attempt: int
-    queue_position: int | None = None
-    cancel_requested: bool = False
-    request: dict[str, Any]
-    stages: list[StageSummary] = []
-    images: list[ImageRef] = []
-    final_image: ImageRef | None = None
-    iterations: int | None = None
-    timings: dict[str, float] | None = None
-    usage: dict[str, int] | None = None
-    error: ErrorDetail | None = None
-    parent: ParentRef | None = None
-    paused: PauseInfo | None = None
-    links: JobLinks
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-
-
-class Readiness(BaseModel):
-    status: Literal["ready", "not_ready"]
-    redis: bool
-    workers: int
-    reason: str | None = None
+    def to_params(self, input_image=None, max_side: int = MAX_SIDE) -> GenerationParams:
+        """The validated GenerationParams of this job (`input_image`: its pixels, when it has one)."""
+        if self.prompt is None:
+            raise ValueError("a job message always has a prompt")
+        params = GenerationParams(
+            prompt=self.prompt,
+            protocol=self.protocol,
+            width=self.width,
+            height=self.height,
+            max_iterations=self.max_iterations,
+            draft=self.draft.to_settings(),
+            refine=self.refine.to_settings(),
+            plan=self.plan.to_settings(),
+            reflect=self.reflect.to_settings(),
+            seed=self.seed,
+            think=self.think,
+            input_image=input_image,
+            templates=dict(self.templates),
+            preview_every=self.preview_every,
+        )
+        return params.validate(max_side=max_side)

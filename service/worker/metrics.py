@@ -1,15 +1,4 @@
-"""Prometheus metrics of the API and the workers, safe across processes.
-
-API (served at /metrics):
-    strokes_api_requests_total{method,route,status}     requests answered
-    strokes_api_request_seconds{method,route}           time to the response's first byte
-    strokes_api_jobs_submitted_total                     jobs accepted (202)
-    strokes_api_rejections_total{reason}                 requests refused for load (queue_full: 429s)
-    strokes_api_sse_streams                              SSE streams open now
-    strokes_queue_depth                                  jobs accepted and not started
-    strokes_queue_lag                                    queue entries not yet delivered to a worker
-    strokes_queue_pending                                entries delivered and not acknowledged
-    strokes_workers_alive                                workers with a live heartbeat
+"""Prometheus metrics of a worker process, served on its own port (`strokes worker --metrics-port`).
 
 Worker (its own port, `strokes worker --metrics-port`):
     strokes_worker_jobs_total{outcome}                   succeeded|failed|canceled|retried|handed_back|lost
@@ -27,92 +16,26 @@ Worker (its own port, `strokes worker --metrics-port`):
     strokes_worker_model_load_seconds                    checkpoint load time
     strokes_worker_gpu_memory_bytes                      torch.cuda.memory_allocated (0 on CPU)
     strokes_worker_gpu_memory_peak_bytes                 torch.cuda.max_memory_allocated (0 on CPU)
-
-Webhook dispatcher (its own port, `strokes webhooks --metrics-port`):
-    strokes_webhook_deliveries_total{outcome}            delivered|failed|given_up|refused
-    strokes_webhook_attempt_seconds                      one delivery attempt's HTTP time
-
-Several API processes (uvicorn --workers N): set PROMETHEUS_MULTIPROC_DIR and every process
-writes its values to files there; /metrics then aggregates them (prometheus_client multiprocess
-mode). Each worker process serves its own registry on its own port.
 """
 
 from __future__ import annotations
-
-import os
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
     start_http_server,
 )
-from prometheus_client.multiprocess import MultiProcessCollector
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 RATE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 
 
-def multiprocess() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-
-
-class ApiMetrics:
-    def __init__(self) -> None:
-        # In multiprocess mode values live in files and the registry is only for exposition.
-        self.registry = None if multiprocess() else CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "strokes_api_requests", "HTTP requests answered", ["method", "route", "status"], registry=r
-        )
-        self.latency = Histogram(
-            "strokes_api_request_seconds",
-            "time to the response's first byte",
-            ["method", "route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.submitted = Counter("strokes_api_jobs_submitted", "jobs accepted", registry=r)
-        self.rejections = Counter(
-            "strokes_api_rejections", "requests refused for load", ["reason"], registry=r
-        )
-        self.sse_streams = Gauge(
-            "strokes_api_sse_streams", "SSE streams open", registry=r, multiprocess_mode="livesum"
-        )
-        self.queue_depth = Gauge(
-            "strokes_queue_depth", "jobs accepted and not started", registry=r, multiprocess_mode="mostrecent"
-        )
-        self.queue_lag = Gauge(
-            "strokes_queue_lag", "queue entries not yet delivered", registry=r, multiprocess_mode="mostrecent"
-        )
-        self.queue_pending = Gauge(
-            "strokes_queue_pending",
-            "entries delivered, not acknowledged",
-            registry=r,
-            multiprocess_mode="mostrecent",
-        )
-        self.workers_alive = Gauge(
-            "strokes_workers_alive",
-            "workers with a live heartbeat",
-            registry=r,
-            multiprocess_mode="mostrecent",
-        )
-
-    def exposition(self) -> bytes:
-        if self.registry is not None:
-            return generate_latest(self.registry)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-        return generate_latest(registry)
-
-
 class WorkerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, devices: list[str] | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
-        self.devices: list[str] | None = None  # the worker's devices ("cuda:1", ...), for observe_gpu
+        self.devices = devices  # the worker's devices ("cuda:1", ...), for observe_gpu; None: current
         self.jobs = Counter("strokes_worker_jobs", "jobs ended here, by outcome", ["outcome"], registry=r)
         self.attempts = Counter("strokes_worker_attempts", "attempts started here", registry=r)
         self.takeovers = Counter(
@@ -179,9 +102,8 @@ class WorkerMetrics:
                 self.decode_rate.labels(stage).observe(generated_tokens / seconds)
 
     def observe_gpu(self) -> None:
-        """GPU memory from torch, summed over the worker's own CUDA devices (`self.devices`, set by
-        the worker; default the calling thread's current one), if torch is loaded and sees a GPU
-        (never imports it). The device is named: the event loop's thread is not the thread that
+        """GPU memory from torch, summed over the worker's own CUDA devices (`self.devices`; default
+        the calling thread's current one), if torch is loaded and sees a GPU (never imports it). The device is named: the event loop's thread is not the thread that
         made the model's device current."""
         import sys
 
@@ -193,22 +115,3 @@ class WorkerMetrics:
             return
         self.gpu_memory.set(sum(torch.cuda.memory_allocated(d) for d in cuda))
         self.gpu_memory_peak.set(sum(torch.cuda.max_memory_allocated(d) for d in cuda))
-
-
-class WebhookMetrics:
-    """The dispatcher's (`strokes webhooks --metrics-port`):
-    strokes_webhook_deliveries_total{outcome}   delivered|failed (an attempt, retried)|given_up|refused
-    strokes_webhook_attempt_seconds             one delivery attempt's HTTP time
-    """
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = r = registry or CollectorRegistry()
-        self.deliveries = Counter(
-            "strokes_webhook_deliveries", "webhook attempts by outcome", ["outcome"], registry=r
-        )
-        self.seconds = Histogram(
-            "strokes_webhook_attempt_seconds", "one attempt's HTTP time", buckets=LATENCY_BUCKETS, registry=r
-        )
-
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,85 @@
+"""Prometheus metrics of the API process (a name per line, as /metrics serves them).
+
+API (served at /metrics):
+    strokes_api_requests_total{method,route,status}     requests answered
+    strokes_api_request_seconds{method,route}           time to the response's first byte
+    strokes_api_jobs_submitted_total                     jobs accepted (202)
+    strokes_api_rejections_total{reason}                 requests refused for load (queue_full: 429s)
+    strokes_api_sse_streams                              SSE streams open now
+    strokes_queue_depth                                  jobs accepted and not started
+    strokes_queue_lag                                    queue entries not yet delivered to a worker
+    strokes_queue_pending                                entries delivered and not acknowledged
+    strokes_workers_alive                                workers with a live heartbeat
+
+Several API processes (uvicorn --workers N): set PROMETHEUS_MULTIPROC_DIR and every process
+writes its values to files there; /metrics then aggregates them (prometheus_client multiprocess
+mode). Each worker process serves its own registry on its own port.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        # In multiprocess mode values live in files and the registry is only for exposition.
+        self.registry = None if multiprocess() else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "strokes_api_requests", "HTTP requests answered", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "strokes_api_request_seconds",
+            "time to the response's first byte",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.submitted = Counter("strokes_api_jobs_submitted", "jobs accepted", registry=r)
+        self.rejections = Counter(
+            "strokes_api_rejections", "requests refused for load", ["reason"], registry=r
+        )
+        self.sse_streams = Gauge(
+            "strokes_api_sse_streams", "SSE streams open", registry=r, multiprocess_mode="livesum"
+        )
+        self.queue_depth = Gauge(
+            "strokes_queue_depth", "jobs accepted and not started", registry=r, multiprocess_mode="mostrecent"
+        )
+        self.queue_lag = Gauge(
+            "strokes_queue_lag", "queue entries not yet delivered", registry=r, multiprocess_mode="mostrecent"
+        )
+        self.queue_pending = Gauge(
+            "strokes_queue_pending",
+            "entries delivered, not acknowledged",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.workers_alive = Gauge(
+            "strokes_workers_alive",
+            "workers with a live heartbeat",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+
+    def exposition(self) -> bytes:
+        if self.registry is not None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)

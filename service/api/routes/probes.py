@@ -1,0 +1,75 @@
+"""The service's probes: liveness (/healthz), readiness (/readyz) and Prometheus metrics (/metrics)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+
+from strokes.service.api.deps import (
+    MetricsDep,
+    SettingsDep,
+    StoreDep,
+    bounded,
+)
+from strokes.service.api.schemas import Health, Readiness
+from strokes.service.queue.store import Store
+
+log = logging.getLogger("strokes.api")
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness}},
+    summary="Readiness: Redis reachable and (by default) a live worker",
+)
+async def readyz(store: StoreDep, settings: SettingsDep):
+    try:
+        workers = await bounded(settings, _ready_probe(store))
+        redis_ok = True
+    except (RedisError, OSError, TimeoutError):
+        workers, redis_ok = 0, False
+    reason = None
+    if not redis_ok:
+        reason = "redis unreachable"
+    elif settings.ready_requires_worker and workers == 0:
+        reason = "no live worker"
+    body = Readiness(
+        status="ready" if reason is None else "not_ready", redis=redis_ok, workers=workers, reason=reason
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
+
+
+async def _ready_probe(store: Store) -> int:
+    await store.r.ping()
+    return await store.count_live_workers()
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    summary="Prometheus metrics",
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def metrics_endpoint(store: StoreDep, settings: SettingsDep, metrics: MetricsDep) -> Response:
+    try:
+        stats = await bounded(settings, store.queue_stats())
+        metrics.queue_depth.set(stats.depth)
+        metrics.queue_pending.set(stats.pending)
+        metrics.workers_alive.set(stats.workers)
+        if stats.lag is not None:
+            metrics.queue_lag.set(stats.lag)
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("queue metrics unavailable: %s", exc)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
