@@ -16,7 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
+
 from strokes.service.blobs import store as bloblib
+from strokes.service.blobs.store import BlobStore
 from strokes.service.queue.client import connect
 from strokes.service.queue.steering import Steering
 from strokes.service.queue.store import Store
@@ -126,11 +129,8 @@ async def serve(
         connect_timeout_s=2.0,
         max_connections=32,
     )
-    store = Store(client, settings)
-    steering = Steering(client, settings)
     blobs = bloblib.open_store(settings)
-    runner = JobRunner(store, steering, pipeline, settings, name, metrics, blobs, executor)
-    worker = Worker(store, steering, runner, blobs, settings, name, metrics)
+    worker = build_worker(settings, client, pipeline, name, metrics, blobs, executor)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
@@ -139,5 +139,22 @@ async def serve(
         await worker.run()
     finally:
         await blobs.close()
-        await store.close()
+        await worker.store.close()
     return worker.exit_code
+
+
+def build_worker(
+    settings: Settings,
+    client: aioredis.Redis,
+    pipeline: Pipeline,
+    name: str,
+    metrics: WorkerMetrics,
+    blobs: BlobStore,
+    executor: concurrent.futures.ThreadPoolExecutor,
+) -> Worker:
+    """The loop and everything it uses, on one Redis client: the store and steering's scripts, the
+    runner on the torch thread `executor` (the one the model was loaded on)."""
+    store = Store(client, settings)
+    steering = Steering(client, settings)
+    runner = JobRunner(store, steering, pipeline, settings, name, metrics, blobs, executor)
+    return Worker(store, steering, runner, blobs, settings, name, metrics)
