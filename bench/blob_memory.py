@@ -318,10 +318,11 @@ def main() -> int:
 
 def preview_refs(http: httpx.Client, job_id: str) -> list[dict]:
     """The preview image refs of a finished job, from its event log (status lists no previews)."""
-    from strokes.service.cli.sse_client import iter_sse
+    from strokes_client.events import SSEParser, iter_raw
 
     with http.stream("GET", f"/v1/generations/{job_id}/events") as reply:
-        events = [e.json() for e in iter_sse(reply.iter_lines()) if e.event == "image.progress"]
+        raw = iter_raw(SSEParser(), reply.iter_lines())
+        events = [json.loads(e.data) for e in raw if e.name == "image.progress"]
     return [e["preview"] for e in events if "preview" in e]
 
 

@@ -1,6 +1,6 @@
 """Resuming or forking a generation from a warm context (the KV caches a worker kept,
 model/generation/warm.py) vs rebuilding the context from the recorded trajectory
-(model/generation/fork.py: replay every stage).
+(model/spec/forks.py: replay every stage).
 
 Setup: the shared small configuration (DESIGN.md section 5), 256x256 images, 20 timesteps, greedy
 plans and reflections of 48 tokens (end-of-sequence banned so every text stage does fixed work),

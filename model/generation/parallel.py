@@ -234,10 +234,3 @@ def load_parallel_engine(checkpoint: str, devices: list[str], dtype: str | None 
     init_group(0, world, engine.device, rendezvous)
     engine.branch_group = BranchGroup(engine, 0, world)
     return engine
-
-
-def load_parallel_pipeline(checkpoint: str, devices: list[str], dtype: str | None = None):
-    """The worker's pipeline over several devices (`strokes worker --devices cuda:0,cuda:1,...`)."""
-    from strokes.model.generation.pipeline import Pipeline
-
-    return Pipeline(load_parallel_engine(checkpoint, devices, dtype))

@@ -1,10 +1,10 @@
 """Process-driven generation: plan -> draft -> reflect -> refine, iteration after iteration, in
 ONE growing context whose KV caches are reused from stage to stage.
 
-The pipeline yields `model.generation.events` and knows nothing of HTTP or Redis. Two protocols:
+The pipeline yields `model.spec.events` and knows nothing of HTTP or Redis. Two protocols:
 
 - `guided` (default; for the public BAGEL-7B-MoT, which was not trained for this loop): the
-  pipeline drives the stages. It appends a stage instruction (model/generation/prompts.py) as user text,
+  pipeline drives the stages. It appends a stage instruction (model/spec/prompts.py) as user text,
   decodes the plan, generates the draft, appends the draft, asks for and decodes the reflection,
   parses the verdict, and when it is not "correct" generates the refinement (an edit of the draft
   under BAGEL's edit guidance); then the next iteration, until "correct" or max_iterations.
@@ -24,7 +24,7 @@ run its input resize (a no-op from 512 to 1024 px, an upscale below 512). model/
 the contexts; model/generation/run.py holds one generation's state and the stages both protocols are made of.
 
 Steering (docs/steering.md): a run may start from a recorded stage boundary of another (`fork`,
-model/generation/fork.py: the recorded stages are replayed into the contexts, then the protocol runs on),
+model/spec/forks.py: the recorded stages are replayed into the contexts, then the protocol runs on),
 stop after chosen stages (`pause_after`: a `Paused` event), and keep its caches warm for later
 forks (model/generation/warm.py). Every stage records the random generator's state after it, which is what
 makes a replay exact.

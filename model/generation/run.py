@@ -2,9 +2,9 @@
 stage (an instruction, then the model's text), an image stage (a draft or a refinement under the
 three guidance contexts), and a follow-up instruction after the final image.
 
-Each stage yields its `model.generation.events`, counts its usage, and is recorded in the trajectory together
+Each stage yields its `model.spec.events`, counts its usage, and is recorded in the trajectory together
 with the random generator's state after it and the contexts' boundary after it (model/generation/warm.py).
-During a fork (model/generation/fork.py) a stage is not computed but replayed: the recorded text or image goes
+During a fork (model/spec/forks.py) a stage is not computed but replayed: the recorded text or image goes
 into the contexts and the recorded generator state is restored, so what runs live afterwards is
 exactly what the parent would have run.
 """

@@ -5,7 +5,7 @@ wrote (plans, reflections) with its verdict, or the image it drew (by its image 
 `it1-draft`, with the exact settings), plus timings and token counts. The image id is the same
 everywhere: the API serves it at /v1/generations/{job}/images/{image_id}, and `strokes generate`
 (and the client's example script) write it to the file `{image_id}.png`. For forks and resumes
-(model/generation/fork.py) each stage also records the random generator's state after it (`rng`, and
+(model/spec/forks.py) each stage also records the random generator's state after it (`rng`, and
 `rng_vae` before an image's VAE posterior draw); a fork's record names its `parent` and marks
 replayed stages `inherited`. `strokes generate` writes it as
 trajectory.json beside the images; the service stores it with the job.
@@ -27,7 +27,7 @@ class Trajectory:
     params: GenerationParams
     seed: int
     stages: list[dict[str, Any]] = field(default_factory=list)
-    parent: dict[str, Any] | None = None  # a fork's lineage (model/generation/fork.py): job, fork point, edit
+    parent: dict[str, Any] | None = None  # a fork's lineage (model/spec/forks.py): job, fork point, edit
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, **record: Any) -> dict[str, Any]:

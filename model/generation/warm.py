@@ -1,6 +1,6 @@
 """Warm contexts: the KV caches of recently paused or finished runs, kept for forks and resumes.
 
-A fork or a resume normally rebuilds its context by replaying the recorded stages (model/generation/fork.py):
+A fork or a resume normally rebuilds its context by replaying the recorded stages (model/spec/forks.py):
 every token and image of the prefix is prefilled again. When the worker still holds the caches of
 a run whose recorded stages begin with the fork's, the replay starts from a copy of those caches
 cut at the right stage boundary instead, and prefills nothing for that part.

@@ -1,7 +1,7 @@
 """Image preprocessing and latent packing rules of the official BAGEL code, as pure functions.
 
 Contract (all reproduce the reference bit for bit in float32):
-- The size rule (`resize_size`) and `to_rgb` live in model/network/sizing.py, torch-free for the API.
+- The size rule (`resize_size`) and `to_rgb` live in model/spec/sizing.py, torch-free for the API.
 - `ImageTransform(max_size, min_size, stride, max_pixels)`: resize (PIL bicubic, which is what
   torchvision's functional resize does to a PIL image) then ToTensor + Normalize(0.5, 0.5), giving
   (3, H, W) float32 in [-1, 1]. Real instances: `VAE_TRANSFORM` and `VIT_TRANSFORM`; the reference

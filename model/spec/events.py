@@ -134,7 +134,7 @@ class StageCompleted(Event):
     width: int | None = None
     height: int | None = None
     steps: int | None = None
-    inherited: bool = False  # replayed from a fork's parent (model/generation/fork.py), not computed anew
+    inherited: bool = False  # replayed from a fork's parent (model/spec/forks.py), not computed anew
     # The trajectory record so far (model/generation/trajectory.py): what a fork of the unfinished run needs.
     trajectory: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -161,7 +161,7 @@ NO_IMAGE_MESSAGE = "the model ended the generation without drawing an image"
 @dataclass
 class Paused(Event):
     """The run stopped after a stage the caller asked to pause after (`pause_after`). `trajectory`
-    is the record so far; continuing is a fork of it at this stage (model/generation/fork.py), with
+    is the record so far; continuing is a fork of it at this stage (model/spec/forks.py), with
     the stage's text as it is or replaced. Nothing follows this event."""
 
     name: ClassVar[str] = "paused"

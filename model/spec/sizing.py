@@ -1,7 +1,7 @@
 """The official BAGEL input-image size rule and RGB conversion, without torch.
 
 They live apart from model/network/transforms.py (which applies them with torch) so that the API
-process, which must not import torch, reduces uploads with exactly the rule the model applies (service/images.py).
+process, which must not import torch, reduces uploads with exactly the rule the model applies (service/shared/images.py).
 """
 
 from __future__ import annotations

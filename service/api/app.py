@@ -2,12 +2,12 @@
 
 The API holds no model and never imports torch: it validates, admits and enqueues jobs, and
 serves their status, events and trajectories from Redis and their images from the blob store
-(service/blobs.py; it also sweeps that store, one replica at a time). The routes are in
+(service/blobs/store.py; it also sweeps that store, one replica at a time). The routes are in
 routes.py (a generation's life, the probes), generations.py (the list), openai_images.py,
 steering_api.py, studio.py and docs_ui.py; errors become responses in errors.py alone.
 
 `strokes api` runs this app under uvicorn and `strokes openapi` writes openapi.yaml from it
-(service/api_cli.py).
+(service/cli/api.py).
 """
 
 from __future__ import annotations

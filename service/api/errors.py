@@ -67,10 +67,6 @@ class UnsupportedMediaType(ServiceError):
     status, type = 415, "unsupported_media_type"
 
 
-class NotAcceptable(ServiceError):
-    status, type = 406, "not_acceptable"
-
-
 class IdempotencyKeyReused(ServiceError):
     # draft-ietf-httpapi-idempotency-key-header: a reused key with another payload is a 422
     status, type = 422, "idempotency_key_reused"
@@ -192,7 +188,7 @@ def _wrong_media_type(request: Request, exc: RequestValidationError) -> str | No
     return f"the body must be sent as Content-Type: {expected}, not {media}"
 
 
-# ---- the OpenAI-compatible routes (service/openai_images.py) answer in OpenAI's error shape ----
+# ---- the OpenAI-compatible routes (service/api/routes/openai_images.py) answer in OpenAI's error shape ----
 
 OPENAI_PATH_PREFIX = "/v1/images/"
 _OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}

@@ -1,6 +1,6 @@
 """`strokes api` (the HTTP API under uvicorn) and `strokes openapi` (openapi.yaml from the app).
 
-`strokes api --host H --port P --redis-url URL` runs service/api.py's app;
+`strokes api --host H --port P --redis-url URL` runs service/api/app.py's app;
 `strokes openapi [--check]` writes (or checks) openapi.yaml.
 """
 

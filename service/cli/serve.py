@@ -2,7 +2,7 @@
 (when STROKES_WEBHOOK_SECRET is set), and (when no Redis URL is given) a private redis-server with
 AOF on, in a temporary folder.
 
-Images go to the local-directory blob store (service/blobs.py): with the private Redis, in the
+Images go to the local-directory blob store (service/blobs/store.py): with the private Redis, in the
 same temporary folder (both go at exit); otherwise where STROKES_BLOB_DIR (or
 STROKES_BLOB_BACKEND=s3) says.
 

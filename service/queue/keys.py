@@ -3,7 +3,7 @@
 One module so the data layout can be read in one place (arq's constants.py). All keys share the
 `strokes:` prefix; point several deployments at one Redis with different database numbers.
 Redis holds job state, events and references: image bytes and trajectories (the record of every
-stage, with the generator's state at each) live in the blob store (service/blobs.py).
+stage, with the generator's state at each) live in the blob store (service/blobs/store.py).
 
 | key                         | type   | what                                                        |
 |-----------------------------|--------|-------------------------------------------------------------|
@@ -22,7 +22,7 @@ stage, with the generator's state at each) live in the blob store (service/blobs
 | strokes:owner:{owner}:jobs  | zset   | the owner's job ids by creation time (ms), for GET /v1/generations |
 | strokes:webhooks            | stream | webhook outbox: events to deliver, consumer group WEBHOOK_GROUP |
 | strokes:webhooks:dead       | stream | webhook deliveries given up after `webhook_retry_for_s`      |
-| strokes:steer:{id}          | string | a fork's or paused job's context (service/steering.py): blob keys, fork point |
+| strokes:steer:{id}          | string | a fork's or paused job's context (service/api/forks.py): blob keys, fork point |
 | strokes:paused              | zset   | paused job id -> when its pause expires (ms)                 |
 """
 
@@ -89,9 +89,11 @@ def idempotency(owner: str, key: str) -> str:
 class JobStatus(str, Enum):
     """Where a job is in its life. Only the Lua scripts (service/lua/*.lua) move a job between states."""
 
+    # (That docstring is part of openapi.yaml, kept as it was when the scripts moved to service/queue/lua/.)
+
     queued = "queued"  # accepted, durable, waiting for a worker (or handed back by one)
     running = "running"  # a worker holds it under the attempt number in the job hash
-    paused = "paused"  # stopped at a pause point, holding no worker (service/steering.py)
+    paused = "paused"  # stopped at a pause point, holding no worker (service/api/forks.py)
     succeeded = "succeeded"  # terminal: job.completed was emitted
     failed = "failed"  # terminal: job.failed was emitted, and the job is in the dead letters
     canceled = "canceled"  # terminal: job.canceled was emitted

@@ -27,7 +27,7 @@ SCRIPT_NAMES = (
 
 
 def load_script(name: str) -> str:
-    """service/lua/{name}.lua with the shared prelude in front (the webhook outbox's key filled in)."""
+    """service/queue/lua/{name}.lua with the shared prelude in front (the webhook outbox's key filled in)."""
     prelude = (LUA_DIR / "prelude.lua").read_text().replace("{{WEBHOOK_OUTBOX}}", keys.WEBHOOK_OUTBOX)
     return prelude + "\n" + (LUA_DIR / f"{name}.lua").read_text()
 

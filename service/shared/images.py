@@ -1,13 +1,13 @@
 """The image codecs of the service, and the storage key of every image.
 
 Stored images are PNG bytes under a storage key `{job_id}/{attempt}/{image_id}` (attempt 0 is the
-request's input image) in the blob store (service/blobs.py; never in Redis): each attempt writes
+request's input image) in the blob store (service/blobs/store.py; never in Redis): each attempt writes
 its own keys, so a stale attempt can never overwrite what the current one produced, and the job
 hash says which attempt each image id points to.
 
 Uploads are decoded defensively: allowed formats only (no FITS & co.), the pixel count checked
 from the header before any decoding (decompression bombs). Then they are reduced to what the
-model will use: RGB with transparency on white, and BAGEL's input resize (model/network/sizing.py) when
+model will use: RGB with transparency on white, and BAGEL's input resize (model/spec/sizing.py) when
 it shrinks the image, so a 4096^2 upload is stored (and costs) what a 1024^2 one does. The model
 applies the same rule again and gets the same pixels: the rule is idempotent on its own output,
 and an image it would enlarge is stored as it came. Re-encoded as PNG without metadata.

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = 16 * 1024 * 1024
     max_input_pixels: int = 4096 * 4096  # decompression-bomb guard for input images
     max_side: int = 1024  # largest width/height a request may ask for (BAGEL's bound)
-    max_job_cost: int = Field(16_000_000, ge=1)  # token-steps per job (service/budget.py's formula)
+    max_job_cost: int = Field(16_000_000, ge=1)  # token-steps per job (service/api/budget.py's formula)
     max_positions: int = Field(32768, ge=1)  # the model's max_position_embeddings
     key_max_jobs: int = Field(20, ge=0)  # queued + running jobs per API key (0: none; no keys: none)
 
@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     jobs_index_ttl_s: int = 7 * 86400
     prefer_wait_max_s: float = 60.0  # the longest `Prefer: wait=N` a POST honours
 
-    # Blob store (service/blobs.py): image bytes live here, never in Redis
+    # Blob store (service/blobs/store.py): image bytes live here, never in Redis
     blob_backend: Literal["local", "s3"] = "local"
     blob_dir: Path = Path(tempfile.gettempdir()) / "strokes-blobs"  # local: shared by API and workers
     blob_output_ttl_s: int = Field(90000, ge=60)  # outputs and previews: the result TTL + 1 h of run
@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     openai_wait_s: float = 600.0  # a non-streaming request waits this long, then cancels its jobs (504)
 
     # Webhooks (docs/webhooks.md)
-    # "whsec_<base64>"; several, space-separated and new first, while rotating (service/webhooks.py);
+    # "whsec_<base64>"; several, space-separated and new first, while rotating (service/shared/webhooks.py);
     # unset: a webhook_url is refused
     webhook_secret: SecretStr | None = None
     webhook_allow_networks: Annotated[list[str], NoDecode] = []  # CIDRs exempt from the SSRF check

@@ -4,7 +4,7 @@ the address check against server-side request forgery, and Standard Webhooks sig
 A job names `webhook_url` and `webhook_events` (default: the terminal events). The job hash keeps
 `webhook_url` and `webhook_events` as ",name,name," (so the Lua emit path tests membership with
 one plain `string.find`), and the emit path copies every matching event into the outbox stream
-keys.WEBHOOK_OUTBOX; `strokes webhooks` (service/dispatcher.py) delivers them.
+keys.WEBHOOK_OUTBOX; `strokes webhooks` (service/webhooks/dispatcher.py) delivers them.
 
 Address check: every address the URL's host resolves to must be public (not loopback, private,
 link-local, shared, multicast, reserved or unspecified) unless it lies in a network of

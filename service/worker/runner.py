@@ -21,7 +21,7 @@ import concurrent.futures
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Protocol
 
 import redis
@@ -80,7 +80,7 @@ class Pipeline(Protocol):
 
     def run(
         self, params: GenerationParams, should_cancel: Callable[[], bool], options: RunOptions
-    ) -> Iterator[PipelineEvent]: ...
+    ) -> Generator[PipelineEvent, None, None]: ...
 
     def holds_warm(self, key: str) -> bool:
         """Whether the contexts of the run kept under `key` are still warm here."""
@@ -179,9 +179,7 @@ class JobRunner:
             try:
                 return consume(events)
             finally:
-                close = getattr(events, "close", None)
-                if close is not None:
-                    close()  # unwinds a generator (its finally blocks free the pipeline's buffers)
+                events.close()  # unwinds the generator (its finally blocks free the pipeline's buffers)
 
         deltas = DeltaBuffer(self.settings.delta_max_tokens, self.settings.delta_max_ms / 1000)
 

@@ -2,16 +2,16 @@
 
 `install(app)` adds, in one call from the app factory:
 
-- `/studio/` the page's static files (service/studio/: index.html, *.js ES modules, studio.css; no
+- `/studio/` the page's static files (service/api/studio/: index.html, *.js ES modules, studio.css; no
   build step, nothing loaded from the network, a Content-Security-Policy that says so);
 - `/` a redirect to `/studio/` (the query string kept, so `/?job=gen_...` opens that job);
 - `GET /v1/info` what the page needs before its first request: defaults for a new generation
   (CPU-sized when every live worker runs on CPU), the limits of each field, whether an API key is
   required, the live workers' devices, and which optional routes this server has.
 
-Workers say which device they run on with `publish_worker(...)` once the model is loaded: one
-field of the hash keys.WORKER_INFO (worker name -> JSON {device, at}). /v1/info reports those whose
-heartbeat is live and forgets entries of workers long gone.
+Workers say which device they run on once the model is loaded (Store.publish_worker: one field
+of the hash keys.WORKER_INFO, worker name -> JSON {device, at}). /v1/info reports those whose
+heartbeat is live and forgets entries of workers long gone (Store.worker_devices).
 """
 
 from __future__ import annotations
