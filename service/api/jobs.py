@@ -33,6 +33,7 @@ from strokes.service.blobs.links import presign_refs
 from strokes.service.blobs.store import BlobStore
 from strokes.service.queue import keys
 from strokes.service.queue.keys import JobStatus
+from strokes.service.queue.results import Admission
 from strokes.service.queue.steering import Steering
 from strokes.service.queue.store import Store
 from strokes.service.shared import images as imagelib
@@ -219,10 +220,10 @@ async def submit(
         fields[IMAGE_FIELD_PREFIX + imagelib.INPUT_IMAGE_ID] = {**ref, "attempt": 0}
     if request.webhook_url is not None:
         fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events))
-    admission = Admission(job_id, owner, message, request.fingerprint(), idempotency_key, fields, estimate)
+    submission = Submission(job_id, owner, message, request.fingerprint(), idempotency_key, fields, estimate)
     try:
         job, replayed = await asyncio.wait_for(
-            _enqueue(store, steering, settings, admission, blobs, fork), deadline_s
+            _enqueue(store, steering, settings, submission, blobs, fork), deadline_s
         )
     except (QueueFull, QuotaExceeded, IdempotencyKeyReused):  # surely no job: drop its input now
         await _drop(blobs, stored_input)
@@ -235,8 +236,8 @@ async def submit(
 
 
 @dataclass(frozen=True)
-class Admission:
-    """One job as the enqueue script admits it."""
+class Submission:
+    """One job as it goes to the enqueue script."""
 
     job_id: str
     owner: str
@@ -282,7 +283,7 @@ async def _enqueue(
     store: Store,
     steering: Steering,
     settings: Settings,
-    job: Admission,
+    job: Submission,
     blobs: BlobStore,
     fork: forks.ForkJob | None,
 ) -> tuple[Job, bool]:
@@ -300,17 +301,17 @@ async def _enqueue(
         # every attempt's events fit: a job within budget never loses events to trimming
         events_maxlen=job.estimate.events * settings.max_attempts,
     )
-    if result.outcome != "ok" and fork is not None:
+    if result.outcome != Admission.ok and fork is not None:
         await forks.drop_fork(steering, job.job_id, blobs)
-    if result.outcome == "full":
+    if result.outcome == Admission.full:
         raise QueueFull(await store.retry_after())
-    if result.outcome == "quota":
+    if result.outcome == Admission.quota:
         raise QuotaExceeded(settings.key_max_jobs, await store.retry_after())
-    if result.outcome == "conflict":
+    if result.outcome == Admission.conflict:
         raise IdempotencyKeyReused(
             "this Idempotency-Key was used with a different request body", param="Idempotency-Key"
         )
-    return await current_view(store, result.job_id, blobs), result.outcome == "duplicate"
+    return await current_view(store, result.job_id, blobs), result.outcome == Admission.duplicate
 
 
 async def wait_terminal(store: Store, job_id: str, seconds: float) -> bool:

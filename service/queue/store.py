@@ -41,7 +41,16 @@ from redis.exceptions import ResponseError
 from strokes.service.queue import keys
 from strokes.service.queue.client import decode, field_args
 from strokes.service.queue.keys import JobStatus
-from strokes.service.queue.results import Emitted, Enqueued, Event, QueueStats, Started
+from strokes.service.queue.results import (
+    Admission,
+    Emitted,
+    Enqueued,
+    Event,
+    QueueStats,
+    Requeued,
+    Start,
+    Started,
+)
 from strokes.service.queue.scripts import SCRIPTS
 from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.settings import Settings
@@ -132,10 +141,10 @@ class Store:
                 raise TimeoutError("the job was not fsynced to the AOF in time")
         else:
             result = await self.scripts["enqueue"](keys=script_keys, args=args)
-        outcome = decode(result[0])
-        if outcome == "ok":
+        outcome = Admission(decode(result[0]))
+        if outcome == Admission.ok:
             return Enqueued("ok", job_id, position=int(result[2]))
-        if outcome in ("full", "quota"):
+        if outcome in (Admission.full, Admission.quota):
             return Enqueued(outcome, depth=int(result[1]))
         return Enqueued(outcome, decode(result[1]))
 
@@ -282,9 +291,9 @@ class Store:
                 uuid.uuid4().hex,  # this call's token: a retry of it is recognised
             ],
         )
-        outcome = decode(result[0])
-        attempt = int(result[1]) if len(result) > 1 and outcome != "skip" else 0
-        return Started(outcome, attempt, outcome == "run" and decode(result[2]) == "1")
+        outcome = Start(decode(result[0]))
+        attempt = int(result[1]) if len(result) > 1 and outcome != Start.skip else 0
+        return Started(outcome, attempt, outcome == Start.run and decode(result[2]) == "1")
 
     async def emit(
         self,
@@ -360,7 +369,7 @@ class Store:
 
     async def requeue(
         self, job_id: str, attempt: int, reason: str, error: dict[str, str] | None = None
-    ) -> str:
+    ) -> Requeued:
         """Hand the job back ('handback') or retry it after an error ('retry'). Returns
         queued | dead (attempts exhausted: failed + dead letter) | canceled | fenced."""
         s = self.settings
@@ -378,7 +387,7 @@ class Store:
                 s.result_ttl_s,
             ],
         )
-        return decode(result[0])
+        return Requeued(decode(result[0]))
 
     async def lease(self, job_id: str, attempt: int) -> tuple[bool, bool]:
         """(this attempt still holds the job, cancel requested)."""

@@ -34,6 +34,7 @@ from typing import Any
 from strokes.service.blobs.store import BlobStore
 from strokes.service.queue.client import TRANSIENT
 from strokes.service.queue.keys import JobStatus
+from strokes.service.queue.results import Start
 from strokes.service.queue.steering import Steering
 from strokes.service.queue.store import Store
 from strokes.service.shared import logs
@@ -200,12 +201,12 @@ class Worker:
 
     async def start(self, entry_id: str, job_id: str) -> ActiveJob | None:
         started = await self.store.start(job_id, entry_id, self.name)
-        if started.outcome != "run":
+        if started.outcome != Start.run:
             with logs.job_context(job_id, started.attempt or None):
-                log.info("entry not run: %s", started.outcome, extra={"entry_id": entry_id})
-            if started.outcome == "dead":
+                log.info("entry not run: %s", started.outcome.value, extra={"entry_id": entry_id})
+            if started.outcome == Start.dead:
                 self.metrics.jobs.labels(Ended.failed.value).inc()
-            if started.outcome in ("dead", "canceled"):
+            if started.outcome in (Start.dead, Start.canceled):
                 await self.blobs.job_ended(job_id)
             return None
         message = await self._message(job_id)

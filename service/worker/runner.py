@@ -36,6 +36,7 @@ from strokes.service.blobs.store import BlobStore
 from strokes.service.queue import keys
 from strokes.service.queue.client import TRANSIENT
 from strokes.service.queue.keys import JobStatus
+from strokes.service.queue.results import Requeued
 from strokes.service.queue.steering import Steering
 from strokes.service.queue.store import Store
 from strokes.service.shared import images as imagelib
@@ -370,9 +371,9 @@ class JobRunner:
     async def _requeue(self, job: ActiveJob, reason: str, error: JobError | None) -> Ended:
         cause = error.to_json() if error is not None else None
         state = await through_outage(lambda: self.store.requeue(job.job_id, job.attempt, reason, cause))
-        if state == "queued":
+        if state == Requeued.queued:
             return Ended.handed_back if reason == "handback" else Ended.retried
-        return {"dead": Ended.failed, "canceled": Ended.canceled}.get(state, Ended.lost)
+        return {Requeued.dead: Ended.failed, Requeued.canceled: Ended.canceled}.get(state, Ended.lost)
 
     async def _put_trajectory(self, job: ActiveJob, trajectory: dict) -> bool:
         """The attempt's whole trajectory, before the finish or pause that names it."""
