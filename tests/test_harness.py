@@ -2,9 +2,9 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import redis
+from testkit.paths import ROOT
 
 
 def test_private_redis_server_answers(redis_url):
@@ -35,7 +35,7 @@ def test_strokes_command_prints_its_version():
 
 def test_ruff_is_clean():
     """`make lint` passes: the suite fails when code lands unlinted or unformatted."""
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     ruff = [sys.executable, "-m", "ruff"]
     check = subprocess.run([*ruff, "check", "."], cwd=root, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout

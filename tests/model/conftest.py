@@ -1,21 +1,18 @@
-"""Fixtures for the model tests: the golden tiny checkpoint and engines loaded from it."""
+"""Fixtures of the model tests: the golden tiny checkpoint's engine, and a checkpoint written by the
+project's own generator with its engine (GOLDEN and TINY, the paths, are in testkit.paths)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from testkit.paths import TINY
 
 from strokes.model.generation.loading import load_engine
-
-GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
-TINY = GOLDEN / "tiny_ckpt"
 
 
 @pytest.fixture(scope="session")
 def engine():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # the machine is shared: one core per test process
     return load_engine(TINY, device="cpu", dtype=torch.float32)
 
 

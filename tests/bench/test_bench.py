@@ -1,0 +1,109 @@
+"""`strokes bench`: the listing, and the GPU script's CPU modes run through it (its --dry-run proves the
+prepared BAGEL-7B-MoT script runs end to end on a tiny model; without CUDA a real run refuses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from testkit.paths import ROOT
+
+STROKES = [sys.executable, "-m", "strokes.service.cli", "bench"]
+
+
+def test_bench_lists_every_benchmark_script():
+    proc = subprocess.run([*STROKES], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split()[0] for line in proc.stdout.splitlines()}
+    on_disk = {p.stem for p in (ROOT / "bench").glob("*.py")} - {"common"}
+    assert listed == on_disk
+
+
+def test_bench_refuses_an_unknown_name():
+    proc = subprocess.run([*STROKES, "nope"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "unknown benchmark 'nope'" in proc.stderr
+
+
+def test_dry_run_writes_one_json_object(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [*STROKES, "gpu_bagel7b", "--dry-run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result == json.loads(out.read_text())
+    assert result["dry_run"] and not result["skipped"]
+    modes = {(r["size"], r["branches"], r["mode"]) for r in result["denoise"]}
+    assert modes == {
+        (s, b, m) for s in (64, 128) for b, m in ((3, "batched"), (3, "sequential"), (2, "batched"))
+    }
+    assert all(r["finite"] for r in result["denoise"])
+    for key in (
+        "prefill",
+        "decode_short_context",
+        "decode_long_context",
+        "decode_overhead_probe",
+        "estimates",
+    ):
+        assert result[key], key
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_without_cuda_it_exits_2_with_a_message(tmp_path):
+    proc = subprocess.run(
+        [*STROKES, "gpu_bagel7b", "--out", str(tmp_path / "x.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+GPU_CHECK = ROOT / "bench" / "gpu_check.sh"
+
+
+def _gpu_check(tmp_path, tests: str):
+    env = {
+        **__import__("os").environ,
+        "PY": sys.executable,
+        "GPU_CHECK_TESTS": tests,
+        "OUT": str(tmp_path),
+        "GPU_CHECK_RESULTS": str(tmp_path / "results"),
+    }
+    return subprocess.run(
+        ["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, timeout=240, env=env, cwd=ROOT
+    )
+
+
+def test_gpu_check_dry_run_runs_the_tests_and_the_end_to_end_benchmark(tmp_path):
+    """The device script's CPU form: its pytest call (GPU tests skip here) and the benchmark on a
+    tiny model, with the JSON and the logs copied into $OUT as on the device machine."""
+    proc = _gpu_check(
+        tmp_path,
+        "tests/model/test_gpu.py tests/model/test_gpu_path.py::test_length_buckets_sit_just_above_the_live_length",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "gpu_check: PASSED" in proc.stdout
+    result = json.loads((tmp_path / "gpu_e2e.dry-run.json").read_text())
+    assert result["dry_run"] and not result["skipped"]
+    for key in ("decode_1k", "decode_8k", "t2i_512_20", "t2i_1024", "edit_1024", "iteration_1024"):
+        assert result[key], key
+    assert result["edit_1024"]["branch_forwards"] == 3 * 2  # three branches on each Euler step
+    assert result["iteration_1024"]["refined"]
+    assert (tmp_path / "gpu_tests.log").is_file()
+
+
+def test_gpu_check_fails_loudly_when_a_test_fails(tmp_path):
+    failing = tmp_path / "test_broken.py"
+    failing.write_text("def test_broken():\n    assert 1 == 2\n")
+    proc = _gpu_check(tmp_path, str(failing))
+    assert proc.returncode != 0
+    assert "GPU TESTS FAILED" in proc.stderr and "gpu_check: FAILED" in proc.stdout
