@@ -23,6 +23,7 @@ from testkit.s3 import s3_settings
 from strokes.model.spec.sizing import DEFAULT_MAX_PIXELS, resize_size
 from strokes.service.api.app import every
 from strokes.service.blobs import store as bloblib
+from strokes.service.blobs.local import LocalBlobs
 from strokes.service.cli.serve import free_port
 from strokes.service.queue import keys
 from strokes.service.shared import images as imagelib
@@ -152,7 +153,7 @@ async def test_concurrent_writers_and_readers_never_see_a_partial_blob(blobs: bl
 
 
 async def test_local_write_that_died_half_way_is_invisible_and_swept(settings: Settings):
-    store = bloblib.LocalBlobs(settings)
+    store = LocalBlobs(settings)
     await store.put("gen_f/1/it1-draft", PNG)
     folder = settings.blob_dir / "gen_f" / "1"
     # What a worker killed mid-write leaves: a temp file next to where the blob would go.
@@ -232,7 +233,7 @@ def test_s3_needs_a_bucket(settings: Settings):
 
 async def test_one_sweeper_per_interval_across_replicas(settings: Settings):
     s = settings.model_copy(update={"blob_sweep_interval_s": 60.0})
-    store = bloblib.LocalBlobs(s)
+    store = LocalBlobs(s)
     await store.put("gen_k/1/it1-draft", PNG)
     os.utime(s.blob_dir / "gen_k/1/it1-draft", (1, 1))  # written long ago
     client = aioredis.Redis.from_url(s.redis_url)
@@ -291,11 +292,11 @@ def test_the_model_gets_the_same_pixels_from_the_reduced_upload():
 @pytest.mark.parametrize("ending", ["succeeded", "failed", "canceled", "dead_lettered"])
 async def test_input_goes_when_the_job_ends_in_any_way(blob_settings: Settings, ending: str):
     from testkit.pipelines import ScriptedPipeline
+    from testkit.workers import in_process_worker
 
     from strokes.service.queue.client import connect
     from strokes.service.queue.store import Store
-    from strokes.service.worker.loop import Worker
-    from strokes.service.worker.metrics import WorkerMetrics
+    from strokes.service.shared.messages import JobMessage
 
     s = blob_settings.model_copy(
         update={
@@ -312,16 +313,16 @@ async def test_input_goes_when_the_job_ends_in_any_way(blob_settings: Settings, 
     job_id = f"gen_{ending}"
     png, _, _ = imagelib.decode_upload(_upload(48, 32), s.max_input_pixels, s.upload_resize)
     await blobs.put(f"{job_id}/0/input", png)
-    request = {"prompt": "a cube", "width": 32, "height": 32, "max_iterations": 1, "input_image": True}
+    message = JobMessage(prompt="a cube", width=32, height=32, max_iterations=1, input_image=True)
     assert (
-        await store.enqueue(job_id, owner="", request=request, body_hash="h", idempotency_key=None)
+        await store.enqueue(job_id, owner="", message=message, body_hash="h", idempotency_key=None)
     ).outcome == "ok"
     if ending == "dead_lettered":  # its worker died on every attempt: the next start dead-letters it
         await store.r.hset(keys.job(job_id), mapping={"status": "running", "failures": "2"})
     pipeline = ScriptedPipeline(
         steps=200 if ending == "canceled" else 2, step_s=0.02, fail=ending == "failed"
     )
-    worker = Worker(store, pipeline, s, "w1", WorkerMetrics(), images=blobs)
+    worker = in_process_worker(store.r, s, "w1", pipeline, blobs=blobs)
     task = asyncio.create_task(worker.run())
     try:
         if ending == "canceled":

@@ -17,9 +17,11 @@ from pydantic import SecretStr
 from strokes.model.spec.events import Paused, Stage
 from strokes.service.queue import keys
 from strokes.service.queue.keys import JobStatus
-from strokes.service.queue.steering import steering
+from strokes.service.queue.steering import Steering
 from strokes.service.queue.store import Store
+from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.wire import TRAJECTORY_FIELD, trajectory_key
+from strokes.service.worker.steering import pause_of
 
 
 async def snapshot(r) -> dict[str, Any]:
@@ -86,7 +88,7 @@ def twice(store: Store) -> Twice:
 
 async def _enqueue(store: Store, job_id: str, owner: str = "k1", key: str | None = None):
     return await store.enqueue(
-        job_id, owner=owner, request={"prompt": "x"}, body_hash="h", idempotency_key=key
+        job_id, owner=owner, message=JobMessage(prompt="x"), body_hash="h", idempotency_key=key
     )
 
 
@@ -193,21 +195,21 @@ async def test_admission_sets_are_reconciled_against_the_job_hashes(store: Store
 
 
 async def test_pause_continue_and_end_paused_run_twice_change_nothing_more(store: Store):
-    steer = steering(store)
+    steer = Steering(store.r, store.settings)
     twice = Twice(store, steer.scripts)
     assert (await _enqueue(store, "p1")).outcome == "ok"
     assert (await _take(store, "w1"))[0] == "p1"
     paused = Paused(1, Stage.plan, "a plan", {"seed": 1, "stages": [{"iteration": 1, "stage": "plan"}]})
-    assert await steer.pause("p1", 1, paused) == "paused"
+    assert await steer.pause("p1", 1, await pause_of(steer, "p1", 1, paused)) == "paused"
     # The steer record is written by the fenced script, and names the attempt's trajectory blob.
     record = json.loads(await store.r.get(keys.steer("p1")))
     assert record["trajectory_key"] == trajectory_key("p1", 1) == "p1/1/trajectory.json"
     assert record["point"] == {"iteration": 1, "stage": "plan"} and "trajectory" not in record
     assert (await store.get_job("p1"))[TRAJECTORY_FIELD] == "p1/1/trajectory.json"
-    assert await steer.pause("p1", 2, paused) == "fenced"  # not the attempt that holds it
-    assert await steer.continue_job(await store.get_job("p1"), None, blobs=None) == "queued"
+    assert await steer.pause("p1", 2, await pause_of(steer, "p1", 2, paused)) == "fenced"  # not the holder
+    assert await steer.resume("p1", {"job_id": "p1", "attempt": 1}) == (True, "paused")  # continue.lua
     assert (await _take(store, "w1"))[0] == "p1"
-    assert await steer.pause("p1", 2, paused) == "paused"
+    assert await steer.pause("p1", 2, await pause_of(steer, "p1", 2, paused)) == "paused"
     assert json.loads(await store.r.get(keys.steer("p1")))["trajectory_key"] == "p1/2/trajectory.json"
     assert await steer.cancel_paused("p1")
     assert {"pause", "continue", "end_paused"} <= {n for n, _, _ in twice.calls}
@@ -217,7 +219,7 @@ async def test_pause_continue_and_end_paused_run_twice_change_nothing_more(store
 
 
 async def test_a_fork_is_routed_to_an_idle_holder_even_before_its_heartbeat_catches_up(store: Store):
-    steer = steering(store)
+    steer = Steering(store.r, store.settings)
     await _enqueue(store, "parent")
     assert (await _take(store, "holder"))[0] == "parent"
     await store.heartbeat("holder", "parent")  # the holder's beat names the job it runs

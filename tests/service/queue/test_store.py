@@ -10,11 +10,12 @@ import time
 import pytest
 
 from strokes.service.api.errors import NotReady
-from strokes.service.blobs.store import LocalBlobs
+from strokes.service.api.forks import trajectory_of
+from strokes.service.blobs.local import LocalBlobs
 from strokes.service.queue import keys
 from strokes.service.queue.keys import JobStatus
-from strokes.service.queue.steering import steering
 from strokes.service.queue.store import Store
+from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.wire import TRAJECTORY_FIELD, trajectory_key
 
 
@@ -22,7 +23,7 @@ async def _enqueue(store: Store, job_id: str, **kw):
     return await store.enqueue(
         job_id,
         owner=kw.pop("owner", ""),
-        request={"prompt": "x"},
+        message=JobMessage(prompt="x"),
         body_hash=kw.pop("body_hash", "h"),
         idempotency_key=kw.pop("key", None),
     )
@@ -107,7 +108,7 @@ async def test_a_stale_attempts_trajectory_blob_never_becomes_the_jobs_trajector
     job = await store.get_job("j1")
     assert TRAJECTORY_FIELD not in job  # the takeover un-names the old attempt's blob
     with pytest.raises(NotReady):  # a fork waits for the new attempt's first stage
-        await steering(store).trajectory_of(job, blobs)
+        await trajectory_of(job, blobs)
     # The stale attempt goes on: its blob write lands under its own key; naming it is refused.
     await blobs.put(stale, b'{"stages": ["attempt 1, stage 1", "attempt 1, stage 2"]}')
     assert not (await store.emit("j1", 1, 2, "stage.completed", {}, {TRAJECTORY_FIELD: stale})).ok
@@ -121,7 +122,7 @@ async def test_a_stale_attempts_trajectory_blob_never_becomes_the_jobs_trajector
     await blobs.put(stale, b'{"stages": ["attempt 1, late"]}')  # however late it writes
     job = await store.get_job("j1")
     assert job[TRAJECTORY_FIELD] == current
-    assert await steering(store).trajectory_of(job, blobs) == b'{"stages": ["attempt 2"]}'
+    assert await trajectory_of(job, blobs) == b'{"stages": ["attempt 2"]}'
 
 
 async def test_a_retried_emit_is_applied_once_and_a_retried_finish_is_not_refused(store: Store):

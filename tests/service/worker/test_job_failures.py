@@ -11,14 +11,15 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 from testkit.pipelines import ScriptedPipeline
+from testkit.workers import in_process_worker
 
 from strokes.model.spec.events import NO_IMAGE_MESSAGE, Done, ImageCompleted, Stage, StageStarted
-from strokes.model.spec.params import GenerationParams
+from strokes.model.spec.params import GenerationParams, RunOptions
 from strokes.service.queue import keys
 from strokes.service.queue.store import Store
+from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.settings import Settings
 from strokes.service.worker.loop import EXIT_FATAL, Worker
-from strokes.service.worker.metrics import WorkerMetrics
 
 REQUEST = {"prompt": "a cube", "width": 32, "height": 32, "max_iterations": 1}
 
@@ -26,7 +27,9 @@ REQUEST = {"prompt": "a cube", "width": 32, "height": 32, "max_iterations": 1}
 class Misbehaving(ScriptedPipeline):
     """Runs like ScriptedPipeline, except for prompts naming a misbehaviour."""
 
-    def run(self, params: GenerationParams, should_cancel: Callable[[], bool]) -> Iterator:
+    def run(
+        self, params: GenerationParams, should_cancel: Callable[[], bool], options: RunOptions = RunOptions()
+    ) -> Iterator:
         if params.prompt == "no image":  # the interleaved model stopping before it draws
             yield StageStarted(1, Stage.plan)
             yield Done(None, 0, 0.01, {}, {"version": 1})
@@ -36,7 +39,7 @@ class Misbehaving(ScriptedPipeline):
             return
         if params.prompt == "device error":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        yield from super().run(params, should_cancel)
+        yield from super().run(params, should_cancel, options)
 
 
 @pytest.fixture
@@ -52,9 +55,9 @@ def fast(settings: Settings) -> Settings:
 
 
 async def _submit(store: Store, job_id: str, prompt: str = "a cube") -> None:
-    request = {**REQUEST, "prompt": prompt}
+    message = JobMessage(**{**REQUEST, "prompt": prompt})
     assert (
-        await store.enqueue(job_id, owner="", request=request, body_hash="h", idempotency_key=None)
+        await store.enqueue(job_id, owner="", message=message, body_hash="h", idempotency_key=None)
     ).outcome == "ok"
 
 
@@ -69,7 +72,7 @@ async def _terminal(store: Store, job_id: str, timeout: float = 20.0) -> dict[st
 
 
 def _worker(store: Store, settings: Settings, name: str) -> Worker:
-    return Worker(Store(store.r, settings), Misbehaving(steps=2), settings, name, WorkerMetrics())
+    return in_process_worker(store.r, settings, name, Misbehaving(steps=2))
 
 
 async def _failed_event(store: Store, job_id: str) -> dict:
@@ -129,9 +132,7 @@ async def test_a_job_that_breaks_the_device_on_every_attempt_ends_with_that_caus
 
 async def test_a_job_past_its_deadline_fails_with_deadline_exceeded(store: Store, fast: Settings):
     settings = fast.model_copy(update={"job_deadline_s": 0.5})
-    worker = Worker(
-        Store(store.r, settings), ScriptedPipeline(steps=400, step_s=0.01), settings, "w1", WorkerMetrics()
-    )
+    worker = in_process_worker(store.r, settings, "w1", ScriptedPipeline(steps=400, step_s=0.01))
     task = asyncio.create_task(worker.run())
     await _submit(store, "long")
     assert (await _terminal(store, "long"))["status"] == "failed"

@@ -8,14 +8,15 @@ import json
 
 import pytest
 from testkit.pipelines import ScriptedPipeline
+from testkit.workers import in_process_worker
 
 from strokes.model.spec.events import StageCompleted
-from strokes.service.blobs.store import LocalBlobs
+from strokes.service.blobs.local import LocalBlobs
 from strokes.service.queue import keys
 from strokes.service.queue.store import Store
+from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.settings import Settings
 from strokes.service.worker.loop import Worker
-from strokes.service.worker.metrics import WorkerMetrics
 
 REQUEST = {"prompt": "a cube", "width": 32, "height": 32, "max_iterations": 1}
 
@@ -34,7 +35,7 @@ def fast(settings: Settings) -> Settings:
 
 async def _submit(store: Store, job_id: str, request: dict | None = None) -> None:
     result = await store.enqueue(
-        job_id, owner="", request=request or REQUEST, body_hash="h", idempotency_key=None
+        job_id, owner="", message=JobMessage(**(request or REQUEST)), body_hash="h", idempotency_key=None
     )
     assert result.outcome == "ok"
 
@@ -45,10 +46,10 @@ class RecordingPipeline(ScriptedPipeline):
 
     sent: list[dict] | None = None
 
-    def run(self, params, should_cancel):
+    def run(self, params, should_cancel, options):
         stages: list[str] = []
         self.sent = []
-        for event in super().run(params, should_cancel):
+        for event in super().run(params, should_cancel, options):
             if isinstance(event, StageCompleted):
                 stages.append(event.stage.value)
                 event.trajectory = {"version": 1, "stages": list(stages)}
@@ -69,7 +70,7 @@ class RecordingBlobs(LocalBlobs):
 
 
 def _worker(store: Store, settings: Settings, name: str, pipeline: ScriptedPipeline) -> Worker:
-    return Worker(Store(store.r, settings), pipeline, settings, name, WorkerMetrics())
+    return in_process_worker(store.r, settings, name, pipeline)
 
 
 async def _until(predicate, timeout: float = 10.0, what: str = ""):
@@ -103,7 +104,7 @@ async def _stop(*tasks_and_workers) -> None:
 async def test_job_runs_to_one_completed_event_with_stored_images(store: Store, fast: Settings):
     pipeline = RecordingPipeline(steps=3)
     blobs = RecordingBlobs(fast)
-    worker = Worker(Store(store.r, fast), pipeline, fast, "w1", WorkerMetrics(), images=blobs)
+    worker = in_process_worker(store.r, fast, "w1", pipeline, blobs=blobs)
     task = asyncio.create_task(worker.run())
     await _submit(store, "j1")
     assert await _terminal(store, "j1") == "succeeded"
@@ -119,7 +120,7 @@ async def test_job_runs_to_one_completed_event_with_stored_images(store: Store, 
     assert names.count("job.completed") == 1 and names[-1] == "job.completed"
     job = await store.get_job("j1")
     assert json.loads(job["final_image"])["id"] == "it1-refine"
-    assert (await worker.images.get("j1/1/it1-draft"))[:8] == b"\x89PNG\r\n\x1a\n"  # in the blob store
+    assert (await worker.blobs.get("j1/1/it1-draft"))[:8] == b"\x89PNG\r\n\x1a\n"  # in the blob store
     # The whole trajectory replaced the stages-so-far blob; Redis holds its key only.
     assert job["trajectory_key"] == "j1/1/trajectory.json"
     assert json.loads(await blobs.get("j1/1/trajectory.json")) == whole
