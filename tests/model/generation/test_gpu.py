@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testkit.paths import TINY
+from testkit.decoding import STEPS, greedy
+from testkit.paths import GOLDEN, TINY
 
 from strokes.model.generation.loading import load_engine
 from strokes.model.spec.params import ImageSettings
@@ -50,8 +51,6 @@ def test_bf16_cuda_agrees_with_float32_cpu():
 
 
 def test_float32_cuda_matches_the_golden_cases():
-    from testkit.paths import GOLDEN
-
     from strokes.model.testing.conformance import run_golden
 
     lines, ok = run_golden(GOLDEN, device="cuda:0")
@@ -73,11 +72,9 @@ def test_cuda_graph_decode_matches_eager_decode():
 
 def test_bf16_graph_decode_matches_eager_token_for_token():
     """The issue's case: bf16 on CUDA, 300 greedy steps, graphs per bucket vs eager decoding."""
-    from test_gpu_path import STEPS, _greedy
-
     engine = load_engine(TINY, device="cuda:0")
-    eager_ids, eager_logits, _ = _greedy(engine, False, STEPS)
-    graph_ids, graph_logits, _ = _greedy(engine, True, STEPS)
+    eager_ids, eager_logits, _ = greedy(engine, False, STEPS)
+    graph_ids, graph_logits, _ = greedy(engine, True, STEPS)
     assert engine._decoder.captures >= 2  # two length buckets, each captured once
     assert graph_ids == eager_ids
     diff = (graph_logits - eager_logits).abs()
@@ -102,8 +99,6 @@ def test_graphs_and_memory_live_on_a_non_default_device():
 
 
 def test_bf16_cuda_passes_the_bf16_golden_bounds():
-    from testkit.paths import GOLDEN
-
     from strokes.model.testing.conformance import run_golden
 
     lines, ok = run_golden(GOLDEN, device="cuda:0", dtype="bfloat16")

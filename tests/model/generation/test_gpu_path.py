@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from testkit.decoding import STEPS, greedy
 from testkit.paths import TINY
 
 from strokes.model.generation.loading import load_engine, prepare_device
@@ -18,24 +19,6 @@ from strokes.model.network.attention import attention_reference, attention_sdpa
 from strokes.model.network.kv_cache import branch_rooms
 from strokes.model.network.static_decode import MIN_BUCKET, length_bucket
 from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
-
-STEPS = 300
-
-
-def _greedy(engine, static: bool, steps: int):
-    """Greedy-decode `steps` tokens (stop tokens fed back like any other) after a prompt."""
-    engine.static_decode = static
-    cache = engine.new_cache(capacity=64 + steps)
-    engine.append_text(cache, "Once upon a time there was a little robot who")
-    step = engine.decode_stepper(cache, steps)
-    token, ids, logits = engine.tokenizer.bos_id, [], []
-    for _ in range(steps):
-        out = step(token).float()
-        token = int(out.argmax())
-        ids.append(token)
-        logits.append(out)
-    engine.static_decode = False
-    return ids, torch.stack(logits), cache
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -46,8 +29,8 @@ def test_static_decoder_matches_eager_decoding_token_for_token(dtype):
     mean 0.06 (measured here: max 0.125, mean ~0.003)."""
     torch.manual_seed(0)
     engine = load_engine(TINY, device="cpu", dtype=dtype)
-    eager_ids, eager_logits, _ = _greedy(engine, False, STEPS)
-    static_ids, static_logits, cache = _greedy(engine, True, STEPS)
+    eager_ids, eager_logits, _ = greedy(engine, False, STEPS)
+    static_ids, static_logits, cache = greedy(engine, True, STEPS)
     assert cache.length > MIN_BUCKET  # the decode moved to a second bucket on the way
     assert static_ids == eager_ids
     diff = (static_logits - eager_logits).abs()

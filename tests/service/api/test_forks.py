@@ -13,20 +13,22 @@ import json
 
 import pytest
 import torch
-from test_service_api import QUICK, _client, _error, _png
+from testkit.asgi import SMALL, AppClient, black_png, error_of
 
 from strokes.model.generation.loading import load_engine
 from strokes.model.generation.pipeline import Pipeline
 from strokes.model.spec.events import ImageCompleted, Paused, Stage
 from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
-from strokes.service.api.schemas import params_from_record
 from strokes.service.blobs import store as blobs
+from strokes.service.blobs.local import LocalBlobs
 from strokes.service.queue import keys
-from strokes.service.queue.steering import steering
+from strokes.service.queue.steering import Steering
 from strokes.service.queue.store import Store
 from strokes.service.shared import images as imagelib
+from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.settings import Settings
 from strokes.service.shared.wire import TRAJECTORY_FIELD, encode_trajectory, trajectory_key
+from strokes.service.worker.steering import pause_of, run_options
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def finished_run(tiny_checkpoint):
     engine = load_engine(tiny_checkpoint, device="cpu", dtype=torch.float32)
     text = TextSettings(max_tokens=4)
     params = GenerationParams(
-        prompt=QUICK["prompt"],
+        prompt=SMALL["prompt"],
         width=64,
         height=64,
         max_iterations=1,
@@ -64,8 +66,8 @@ async def test_a_fork_is_admitted_like_any_job_and_takes_its_parents_request(
     settings: Settings, store: Store, finished_run
 ):
     trajectory, images = finished_run
-    async with _client(settings.model_copy(update={"queue_cap": 3})) as client:
-        parent = (await client.post("/v1/generations", json={**QUICK, "seed": None})).json()
+    async with AppClient(settings.model_copy(update={"queue_cap": 3})) as client:
+        parent = (await client.post("/v1/generations", json={**SMALL, "seed": None})).json()
         await _finish(store, parent["id"], trajectory, images)
         fork = {"fork": {"job_id": parent["id"], "iteration": 1, "stage": "reflect"}}
         headers = {"Idempotency-Key": "fork-1"}
@@ -79,7 +81,7 @@ async def test_a_fork_is_admitted_like_any_job_and_takes_its_parents_request(
             "iteration": 1,
             "stage": "reflect",
         }
-        assert job["request"]["prompt"] == QUICK["prompt"] and job["request"]["seed"] == trajectory["seed"]
+        assert job["request"]["prompt"] == SMALL["prompt"] and job["request"]["seed"] == trajectory["seed"]
         assert len(await store.r.keys(keys.steer("*"))) == 1  # the duplicates' records were dropped
         steer = json.loads(await store.r.get(keys.steer(job["id"])))
         assert steer["images"] == {"it1-draft": imagelib.storage_key(parent["id"], 1, "it1-draft")}
@@ -90,18 +92,18 @@ async def test_a_fork_is_admitted_like_any_job_and_takes_its_parents_request(
         assert copies == [settings.blob_dir / steer["trajectory_key"]]  # the duplicates' went too
         assert copies[0].read_bytes() == encode_trajectory(trajectory)  # as the parent wrote it
         for _ in range(2):  # the fork and these two fill the queue (the finished parent is not in it)
-            assert (await client.post("/v1/generations", json=QUICK)).status_code == 202
+            assert (await client.post("/v1/generations", json=SMALL)).status_code == 202
         full = await client.post(
             "/v1/generations", json={"fork": {"job_id": parent["id"], "instruction": "green"}}
         )
-        assert full.status_code == 429 and _error(full)["type"] == "queue_full"
+        assert full.status_code == 429 and error_of(full)["type"] == "queue_full"
         # The parent is not paused: continue is a 409; a queued job has no stages to fork yet.
         reply = await client.post(f"/v1/generations/{parent['id']}/continue", json={})
-        assert reply.status_code == 409 and _error(reply)["type"] == "not_ready"
+        assert reply.status_code == 409 and error_of(reply)["type"] == "not_ready"
         reply = await client.post(
             "/v1/generations", json={"fork": {"job_id": job["id"], "iteration": 1, "stage": "plan"}}
         )
-        assert reply.status_code == 409 and _error(reply)["param"] == "fork.job_id"
+        assert reply.status_code == 409 and error_of(reply)["param"] == "fork.job_id"
 
 
 async def test_the_trajectory_is_read_through_the_job_hash_and_a_fork_keeps_its_own_copy(
@@ -109,8 +111,8 @@ async def test_the_trajectory_is_read_through_the_job_hash_and_a_fork_keeps_its_
 ):
     trajectory, images = finished_run
     blob_store = blobs.open_store(settings)
-    async with _client(settings) as client:
-        parent = (await client.post("/v1/generations", json=QUICK)).json()
+    async with AppClient(settings) as client:
+        parent = (await client.post("/v1/generations", json=SMALL)).json()
         await _finish(store, parent["id"], trajectory, images)
         reply = await client.get(parent["links"]["trajectory"])
         assert reply.status_code == 200 and reply.content == encode_trajectory(trajectory)
@@ -118,31 +120,32 @@ async def test_the_trajectory_is_read_through_the_job_hash_and_a_fork_keeps_its_
         child = (await client.post("/v1/generations", json=fork)).json()
 
         # The blob store does not answer: 503, as for images.
-        class Away(blobs.LocalBlobs):
+        class Away(LocalBlobs):
             async def get(self, key: str) -> bytes | None:
                 raise blobs.BlobUnavailable("the store is away")
 
         client.app.state.blobs = Away(settings)
         reply = await client.get(parent["links"]["trajectory"])
-        assert reply.status_code == 503 and _error(reply)["type"] == "service_unavailable"
+        assert reply.status_code == 503 and error_of(reply)["type"] == "service_unavailable"
         client.app.state.blobs = blob_store
 
         # The parent's trajectory expires: its route and new forks of it say so ...
         await blob_store.delete(trajectory_key(parent["id"], 1))
         reply = await client.get(parent["links"]["trajectory"])
-        assert reply.status_code == 404 and _error(reply)["message"] == "the trajectory has expired"
+        assert reply.status_code == 404 and error_of(reply)["message"] == "the trajectory has expired"
         reply = await client.post("/v1/generations", json=fork)
-        assert reply.status_code == 404 and _error(reply)["param"] == "fork.job_id"
+        assert reply.status_code == 404 and error_of(reply)["param"] == "fork.job_id"
     # ... but the fork made before still runs from its own copy.
-    record = json.loads((await store.get_job(child["id"]))["request"])
-    params = params_from_record(record, None, settings.max_side)
-    params, extra = await steering(store).prepare_run(child["id"], record, params, blob_store)
-    assert params.seed == trajectory["seed"] and [s["stage"] for s in extra["fork"].stages] == [
+    message = JobMessage.from_json((await store.get_job(child["id"]))["request"])
+    params = message.to_params(None, settings.max_side)
+    steering = Steering(store.r, settings)
+    params, options = await run_options(steering, blob_store, child["id"], message, params)
+    assert params.seed == trajectory["seed"] and [s["stage"] for s in options.fork.stages] == [
         "plan",
         "draft",
         "reflect",
     ]
-    assert extra["fork"].lineage["job_id"] == parent["id"]
+    assert options.fork.lineage["job_id"] == parent["id"]
 
 
 @pytest.mark.parametrize("keep_inputs", [False, True], ids=["inputs-deleted", "inputs-kept"])
@@ -152,16 +155,16 @@ async def test_an_ended_edit_job_is_forked_only_where_its_input_is_kept(
     trajectory, images = finished_run
     edit = {**trajectory, "settings": {**trajectory["settings"], "starting_image": True}}
     settings = settings.model_copy(update={"blob_keep_inputs": keep_inputs})
-    upload = "data:image/png;base64," + base64.b64encode(_png(40, 24)).decode()
+    upload = "data:image/png;base64," + base64.b64encode(black_png(40, 24)).decode()
     fork = {"job_id": None, "iteration": 1, "stage": "reflect"}
-    async with _client(settings) as client:
-        parent = (await client.post("/v1/generations", json={**QUICK, "input_image": upload})).json()
+    async with AppClient(settings) as client:
+        parent = (await client.post("/v1/generations", json={**SMALL, "input_image": upload})).json()
         await _finish(store, parent["id"], edit, images)
         await blobs.open_store(settings).job_ended(parent["id"])  # as the worker's end of the job
         reply = await client.post("/v1/generations", json={"fork": {**fork, "job_id": parent["id"]}})
         if not keep_inputs:
-            assert reply.status_code == 404 and _error(reply)["param"] == "fork.job_id"
-            assert "input image is gone" in _error(reply)["message"]
+            assert reply.status_code == 404 and error_of(reply)["param"] == "fork.job_id"
+            assert "input image is gone" in error_of(reply)["message"]
             return
         assert reply.status_code == 202, reply.text
         child = reply.json()
@@ -174,13 +177,15 @@ async def test_an_ended_edit_job_is_forked_only_where_its_input_is_kept(
 async def test_the_api_ends_an_unanswered_pause_without_any_worker(settings: Settings, store: Store):
     """A pool scaled to zero: no worker's reclaim beat ends the pause; the API's sweep does."""
     settings = settings.model_copy(update={"pause_timeout_s": 1, "pause_sweep_interval_s": 0.05})
-    async with _client(settings) as client:
-        job = (await client.post("/v1/generations", json=QUICK)).json()
+    async with AppClient(settings) as client:
+        job = (await client.post("/v1/generations", json=SMALL)).json()
         await store.heartbeat("w-gone")
         entry_id, job_id = await store.poll("w-gone", 100)
         started = await store.start(job_id, entry_id, "w-gone")
         paused = Paused(1, Stage.plan, "a plan", {"seed": 1, "stages": [{"iteration": 1, "stage": "plan"}]})
-        assert await steering(Store(store.r, settings)).pause(job["id"], started.attempt, paused) == "paused"
+        steering = Steering(store.r, settings)
+        pause = await pause_of(steering, job["id"], started.attempt, paused)
+        assert await steering.pause(job["id"], started.attempt, pause) == "paused"
         await store.drop_heartbeat("w-gone")  # the last worker leaves
 
         async def ended() -> dict:

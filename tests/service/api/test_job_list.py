@@ -7,25 +7,23 @@ import asyncio
 
 import httpx
 import pytest
-from test_service_api import _client, _error
+from testkit.asgi import SMALL, AppClient, error_of
 
 from strokes.service.queue import keys
 from strokes.service.queue.store import Store
 from strokes.service.shared.settings import Settings
 
-QUICK = {"prompt": "a red cube", "width": 64, "height": 64, "max_iterations": 1}
-
 
 @pytest.fixture
 async def client(settings: Settings):
-    async with _client(settings) as c:
+    async with AppClient(settings) as c:
         yield c
 
 
 async def _submit(client: httpx.AsyncClient, n: int, headers: dict | None = None) -> list[str]:
     ids = []
     for i in range(n):
-        reply = await client.post("/v1/generations", json={**QUICK, "seed": i}, headers=headers)
+        reply = await client.post("/v1/generations", json={**SMALL, "seed": i}, headers=headers)
         assert reply.status_code == 202, reply.text
         ids.append(reply.json()["id"])
     return ids
@@ -58,12 +56,12 @@ async def test_list_filters_by_status(client: httpx.AsyncClient):
     queued = (await client.get("/v1/generations", params={"status": "queued"})).json()
     assert [job["id"] for job in queued["data"]] == [ids[2], ids[0]]
     bad = await client.get("/v1/generations", params={"status": "done"})
-    assert bad.status_code == 422 and _error(bad)["param"] == "query.status"
+    assert bad.status_code == 422 and error_of(bad)["param"] == "query.status"
 
 
 async def test_list_shows_only_the_callers_jobs(settings: Settings):
     keyed = settings.model_copy(update={"api_keys": ["key-a", "key-b"]})
-    async with _client(keyed) as client:
+    async with AppClient(keyed) as client:
         mine = await _submit(client, 2, {"Authorization": "Bearer key-a"})
         theirs = await _submit(client, 1, {"Authorization": "Bearer key-b"})
         a = (await client.get("/v1/generations", headers={"Authorization": "Bearer key-a"})).json()
@@ -85,14 +83,14 @@ async def test_expired_jobs_are_skipped_and_dropped_from_the_index(client: httpx
 async def test_unknown_cursor_and_bad_limit_are_422(client: httpx.AsyncClient):
     await _submit(client, 1)
     reply = await client.get("/v1/generations", params={"after": "gen_" + "x" * 22})
-    assert reply.status_code == 422 and _error(reply)["param"] == "after"
+    assert reply.status_code == 422 and error_of(reply)["param"] == "after"
     reply = await client.get("/v1/generations", params={"limit": 0})
-    assert reply.status_code == 422 and _error(reply)["param"] == "query.limit"
+    assert reply.status_code == 422 and error_of(reply)["param"] == "query.limit"
 
 
 async def test_index_is_capped_and_expires(settings: Settings, store: Store):
     capped = settings.model_copy(update={"jobs_index_max": 3, "jobs_index_ttl_s": 1000})
-    async with _client(capped) as client:
+    async with AppClient(capped) as client:
         ids = await _submit(client, 5)
         page = (await client.get("/v1/generations")).json()
     assert [job["id"] for job in page["data"]] == ids[:1:-1]
@@ -100,7 +98,7 @@ async def test_index_is_capped_and_expires(settings: Settings, store: Store):
 
 
 async def test_prefer_wait_times_out_with_202(client: httpx.AsyncClient):
-    reply = await client.post("/v1/generations", json=QUICK, headers={"Prefer": "wait=1"})
+    reply = await client.post("/v1/generations", json=SMALL, headers={"Prefer": "wait=1"})
     assert reply.status_code == 202 and reply.json()["status"] == "queued"
     assert reply.headers["preference-applied"] == "wait=1"
 
@@ -113,7 +111,7 @@ async def test_prefer_wait_returns_the_job_when_it_ends_in_time(client: httpx.As
         await store.cancel(members[0].decode())
 
     canceler = asyncio.create_task(cancel_when_queued())
-    reply = await client.post("/v1/generations", json=QUICK, headers={"Prefer": "respond-async, wait=30"})
+    reply = await client.post("/v1/generations", json=SMALL, headers={"Prefer": "respond-async, wait=30"})
     await canceler
     assert reply.status_code == 200, reply.text
     assert reply.json()["status"] == "canceled" and reply.json()["finished_at"] is not None
@@ -122,8 +120,8 @@ async def test_prefer_wait_returns_the_job_when_it_ends_in_time(client: httpx.As
 
 async def test_prefer_wait_is_capped_by_settings(settings: Settings):
     short = settings.model_copy(update={"prefer_wait_max_s": 0.2})
-    async with _client(short) as client:
-        reply = await client.post("/v1/generations", json=QUICK, headers={"Prefer": "wait=600"})
+    async with AppClient(short) as client:
+        reply = await client.post("/v1/generations", json=SMALL, headers={"Prefer": "wait=600"})
     assert reply.status_code == 202 and reply.headers["preference-applied"] == "wait=0.2"
 
 
@@ -135,7 +133,7 @@ async def test_a_wrong_content_type_is_a_415_that_says_so(client: httpx.AsyncCli
         "/v1/generations", content=b'{"prompt": "a red cube"}', headers={"Content-Type": content_type}
     )
     assert reply.status_code == 415, reply.text
-    error = _error(reply)
+    error = error_of(reply)
     assert error["type"] == "unsupported_media_type"
     assert "application/json" in error["message"] and content_type in error["message"]
 
