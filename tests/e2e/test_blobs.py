@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import redis
 from PIL import Image
-from testkit.jobs import QUICK, stream_events, submit
+from testkit.jobs import QUICK, payload, stream_events, submit
 from testkit.processes import start_api, start_worker, wait_workers
+from testkit.redis_contents import redis_holds_references_only
 from testkit.s3 import s3_env
 
 from strokes.service.blobs import store as bloblib
@@ -46,31 +46,6 @@ def _refs(value) -> list[dict]:
         return []
     own = [value] if {"id", "url", "width", "height"} <= set(value) else []
     return own + [r for v in value.values() for r in _refs(v)]
-
-
-def _redis_holds_references_only(url: str) -> None:
-    """Every key, every value: no PNG signature and no trajectory (its stage records carry the
-    generator's state, `"rng"`) anywhere, and no key larger than 16 KiB."""
-    client = redis.Redis.from_url(url)
-    try:
-        for key in client.scan_iter(count=1000):
-            kind = client.type(key).decode()
-            if kind == "string":
-                values = [client.get(key)]
-            elif kind == "hash":
-                values = list(client.hgetall(key).values())
-            elif kind == "stream":
-                values = [v for _, fields in client.xrange(key) for v in fields.values()]
-            elif kind == "zset":
-                values = client.zrange(key, 0, -1)
-            else:
-                values = client.lrange(key, 0, -1) if kind == "list" else list(client.smembers(key))
-            assert not any(b"\x89PNG" in v or b"iVBORw0KGgo" in v for v in values), key
-            assert not any(b'"rng"' in v for v in values), key
-            size = sum(len(v) for v in values)
-            assert size < 16 * 1024, (key, size)
-    finally:
-        client.close()
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
@@ -115,11 +90,11 @@ def test_upload_previews_and_images_round_trip_and_redis_keeps_no_pixels(
     procs.append(worker)
     wait_workers(server.url, {"w1": worker})
     events = stream_events(base, job["id"], headers=OWNER)
-    assert events[-1].event == "job.completed"
+    assert events[-1].name == "job.completed"
 
-    refs = [r for e in events for r in _refs(e.json())]
+    refs = [r for e in events for r in _refs(payload(e))]
     previews = [r for r in refs if r["id"].startswith("preview-")]
-    assert previews and any(r["id"] == events[-1].json()["final_image"]["id"] for r in refs)
+    assert previews and any(r["id"] == payload(events[-1])["final_image"]["id"] for r in refs)
     status = httpx.get(f"{base}/v1/generations/{job['id']}", headers=OWNER, timeout=5).json()
     outputs = [r for r in _refs(status) if r["id"] != "input"]
     for ref in {r["id"]: r for r in refs + outputs}.values():
@@ -158,4 +133,4 @@ def test_upload_previews_and_images_round_trip_and_redis_keeps_no_pixels(
     reply = httpx.get(f"{base}/v1/generations/{job['id']}/trajectory", headers=OWNER, timeout=10)
     assert reply.status_code == 200 and reply.content == trajectory
     assert all("rng" in stage for stage in json.loads(trajectory)["stages"])
-    _redis_holds_references_only(server.url)
+    redis_holds_references_only(server.url)

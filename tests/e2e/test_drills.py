@@ -8,17 +8,15 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from testkit.jobs import QUICK, SLOW, TERMINAL, stream_events, submit
+from testkit.jobs import QUICK, SLOW, TERMINAL, iter_events, payload, stream_events, submit
 from testkit.processes import BLOB_DIR, Proc, env_with, start_api, start_worker, wait_for, wait_workers
 
 from strokes.model.spec.events import NO_IMAGE_MESSAGE
 from strokes.service.cli.serve import free_port
-from strokes.service.cli.sse_client import iter_sse
 from strokes.service.queue import keys
 
 pytestmark = pytest.mark.slow
@@ -51,14 +49,14 @@ def test_interleaved_job_without_an_image_fails_clearly_and_the_worker_runs_the_
     procs += [api, worker]
     job = submit(base, NO_IMAGE)
     events = stream_events(base, job["id"])
-    assert [e.event for e in events if e.event in TERMINAL] == ["job.failed"]
+    assert [e.name for e in events if e.name in TERMINAL] == ["job.failed"]
     error = {"type": "no_image", "message": NO_IMAGE_MESSAGE}
-    assert events[-1].json()["error"] == error
+    assert payload(events[-1])["error"] == error
     view = _job(base, job["id"])
     assert (view["status"], view["error"], view["final_image"]) == ("failed", {**error, "param": None}, None)
     assert worker.alive()
     after = submit(base, QUICK)
-    assert stream_events(base, after["id"])[-1].event == "job.completed"
+    assert stream_events(base, after["id"])[-1].name == "job.completed"
     assert worker.alive()
 
 
@@ -72,16 +70,16 @@ def test_a_worker_paused_past_its_lease_is_taken_over_and_writes_nothing_when_it
     }
     procs += list(workers.values())
     job = submit(base, SLOW)
-    first = stream_events(base, job["id"], stop=lambda e: e.event == "image.progress")
-    victim = next(e.json()["worker"] for e in first if e.event == "job.started")
+    first = stream_events(base, job["id"], stop=lambda e: e.name == "image.progress")
+    victim = next(payload(e)["worker"] for e in first if e.name == "job.started")
     workers[victim].signal(signal.SIGSTOP)
     try:
         events = stream_events(base, job["id"])  # taken over by the other worker, to its end
     finally:
         workers[victim].signal(signal.SIGCONT)
-    started = [e.json() for e in events if e.event == "job.started"]
+    started = [payload(e) for e in events if e.name == "job.started"]
     assert [(s["attempt"], s["takeover"]) for s in started] == [(1, False), (2, True)]
-    assert events[-1].event == "job.completed" and sum(e.event in TERMINAL for e in events) == 1
+    assert events[-1].name == "job.completed" and sum(e.name in TERMINAL for e in events) == 1
 
     # The new attempt's worker ends its bookkeeping (e.g. naming itself the warm holder) first.
     (survivor,) = (proc for name, proc in workers.items() if name != victim)
@@ -131,9 +129,9 @@ def test_redis_kill_9_and_restart_from_the_aof_loses_no_job_and_robs_no_live_wor
         )
     for job in jobs:
         events = stream_events(base, job["id"])
-        names = [e.event for e in events]
+        names = [e.name for e in events]
         assert names.count("job.completed") == 1 and sum(n in TERMINAL for n in names) == 1
-        started = [e.json() for e in events if e.event == "job.started"]
+        started = [payload(e) for e in events if e.name == "job.started"]
         assert [s["takeover"] for s in started] == [False], (job["id"], started)  # one attempt each
     admin.close()
 
@@ -159,7 +157,7 @@ def test_oversize_and_ahead_of_stream_cursors(redis_url, tiny_checkpoint, logdir
     running = submit(base, SLOW)
     reader = threading.Thread(target=stream_events, args=(base, running["id"]), daemon=True)
     reader.start()  # the shared reader of this job is busy
-    stream_events(base, running["id"], stop=lambda e: e.event == "image.progress")
+    stream_events(base, running["id"], stop=lambda e: e.name == "image.progress")
     ahead: list = []
     connected = threading.Event()
 
@@ -169,7 +167,7 @@ def test_oversize_and_ahead_of_stream_cursors(redis_url, tiny_checkpoint, logdir
         with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(10, read=60)) as reply:
             assert reply.status_code == 200
             connected.set()
-            ahead.extend(iter_sse(reply.iter_lines()))
+            ahead.extend(iter_events(reply.iter_lines()))
 
     late = threading.Thread(target=follow_from_ahead, daemon=True)
     late.start()
@@ -197,10 +195,10 @@ def test_a_trimmed_log_resumed_from_0_says_so_with_a_gap_event(redis_url, tiny_c
     client.xtrim(keys.events(job["id"]), maxlen=3, approximate=False)  # as a smaller events_maxlen would have
     client.close()
     resumed = stream_events(base, job["id"])
-    assert resumed[0].event == "gap" and resumed[0].id is None
-    gap = resumed[0].json()
+    assert resumed[0].name == "gap" and resumed[0].id is None
+    gap = payload(resumed[0])
     assert (gap["after"], gap["next"]) == ("0", full[-3].id)
-    assert [(e.id, e.event) for e in resumed[1:]] == [(e.id, e.event) for e in full[-3:]]
+    assert [(e.id, e.name) for e in resumed[1:]] == [(e.id, e.name) for e in full[-3:]]
     # a cursor inside what is kept resumes without a gap
     assert [e.id for e in stream_events(base, job["id"], last_event_id=full[-3].id)] == [
         e.id for e in full[-2:]
@@ -253,11 +251,10 @@ def test_budget_quota_impossible_parameters_and_redis_refusals_are_clear_answers
 
 
 def _long_step_worker(redis_url, checkpoint, logdir, **settings) -> Proc:
-    env = env_with(redis_url, **settings)
-    env["PYTHONPATH"] = str(Path(__file__).parent)
+    env = env_with(redis_url, **settings)  # with tests/ on PYTHONPATH, for testkit.pipelines
     args = ["worker", "--checkpoint", str(checkpoint), "--device", "cpu", "--name", "decoding"]
     worker = Proc(
-        [*args, "--pipeline", "svc_testkit:long_step_pipeline"], env, logdir / "worker-decoding.log"
+        [*args, "--pipeline", "testkit.pipelines:long_step_pipeline"], env, logdir / "worker-decoding.log"
     )
     wait_workers(redis_url, {"decoding": worker})
     return worker
@@ -271,16 +268,18 @@ def test_sigterm_in_the_middle_of_a_long_step_hands_the_job_back_within_a_second
     worker = _long_step_worker(redis_url, tiny_checkpoint, logdir)
     procs.append(worker)
     job = submit(base, QUICK)
-    stream_events(base, job["id"], stop=lambda e: e.event == "image.progress")  # inside the long step
+    stream_events(base, job["id"], stop=lambda e: e.name == "image.progress")  # inside the long step
     sent = time.monotonic()
     worker.signal(signal.SIGTERM)
     assert worker.wait(10) == 0
     assert time.monotonic() - sent < 1.5, "the worker waited for the step to end"
     view = _job(base, job["id"])
     assert (view["status"], view["attempt"]) == ("queued", 1)
-    events = stream_events(base, job["id"], stop=lambda e: e.event == "job.queued" and e.json().get("reason"))
-    assert events[-1].json()["reason"] == "handback"
-    assert [e.event for e in events].count("image.progress") == 1  # the step's result is dropped
+    events = stream_events(
+        base, job["id"], stop=lambda e: e.name == "job.queued" and payload(e).get("reason")
+    )
+    assert payload(events[-1])["reason"] == "handback"
+    assert [e.name for e in events].count("image.progress") == 1  # the step's result is dropped
 
 
 def test_a_job_without_progress_past_its_lease_fails_and_the_worker_exits_for_a_restart(
@@ -294,18 +293,17 @@ def test_a_job_without_progress_past_its_lease_fails_and_the_worker_exits_for_a_
     procs.append(worker)
     job = submit(base, QUICK)
     events = stream_events(base, job["id"])  # the step hangs; the progress lease ends the job
-    assert events[-1].event == "job.failed"
-    assert events[-1].json()["error"]["type"] == "no_progress"
+    assert events[-1].name == "job.failed"
+    assert payload(events[-1])["error"]["type"] == "no_progress"
     assert worker.wait(10) == 3  # a hung kernel cannot be interrupted: exit, to be restarted
 
 
 def test_strokes_serve_outlives_a_job_that_breaks_its_worker(redis_url, tiny_checkpoint, tmp_path):
     port = free_port()
-    env = env_with(redis_url, max_attempts=1)
-    env["PYTHONPATH"] = str(Path(__file__).parent)
+    env = env_with(redis_url, max_attempts=1)  # with tests/ on PYTHONPATH, for testkit.pipelines
     cmd = ["serve", "--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]
     serve = Proc(
-        [*cmd, "--redis-url", redis_url, "--pipeline", "svc_testkit:device_error_pipeline"],
+        [*cmd, "--redis-url", redis_url, "--pipeline", "testkit.pipelines:device_error_pipeline"],
         env,
         tmp_path / "serve.log",
     )
@@ -314,10 +312,10 @@ def test_strokes_serve_outlives_a_job_that_breaks_its_worker(redis_url, tiny_che
         wait_for(lambda: _healthy(base), 60, 0.1, "strokes serve to answer")
         broken = submit(base, {**QUICK, "prompt": "device error"})
         events = stream_events(base, broken["id"])
-        assert events[-1].event == "job.failed"
-        assert "CUDA error: an illegal memory access" in events[-1].json()["error"]["message"]
+        assert events[-1].name == "job.failed"
+        assert "CUDA error: an illegal memory access" in payload(events[-1])["error"]["message"]
         after = submit(base, QUICK)  # taken by the worker `strokes serve` started in its place
-        assert stream_events(base, after["id"])[-1].event == "job.completed"
+        assert stream_events(base, after["id"])[-1].name == "job.completed"
         assert serve.alive()
         assert "the worker exited with 3; restarting it" in serve.output()
     finally:

@@ -1,5 +1,5 @@
 """End to end: the real API and worker processes on free ports, the tiny model, a real
-redis-server, and real SSE consumed with httpx. Jobs are made long by their parameters (image
+redis-server, and real RawEvent consumed with httpx. Jobs are made long by their parameters (image
 size, denoising steps, iterations), never by sleeps in the product."""
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import pytest
 import redis
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from testkit.jobs import QUICK, SLOW, TERMINAL, stream_events, submit
+from strokes_client.events import RawEvent
+from testkit.jobs import QUICK, SLOW, TERMINAL, iter_events, payload, stream_events, submit
 from testkit.processes import Proc, launch_worker, start_api, start_worker, wait_for, wait_workers
 
 from strokes.service.cli.serve import free_port
-from strokes.service.cli.sse_client import SSE
 from strokes.service.queue import keys
 
 pytestmark = pytest.mark.slow
@@ -61,13 +61,13 @@ def _wait_status(base: str, job_id: str, statuses: tuple[str, ...], timeout: flo
 
 
 class Follower(threading.Thread):
-    """Follows a job's SSE stream in the background to its end, reconnecting with Last-Event-ID
+    """Follows a job's RawEvent stream in the background to its end, reconnecting with Last-Event-ID
     when the stream breaks, as an EventSource does."""
 
     def __init__(self, base: str, job_id: str):
         super().__init__(daemon=True)
         self.base, self.job_id = base, job_id
-        self.events: list[SSE] = []
+        self.events: list[RawEvent] = []
         self.reconnects = 0
         self.error: BaseException | None = None
 
@@ -77,11 +77,11 @@ class Follower(threading.Thread):
         while time.monotonic() < deadline:
             try:
                 for sse in _iter(self.base, self.job_id, last):
-                    if sse.event == "error":
+                    if sse.name == "error":
                         break
                     self.events.append(sse)
                     last = sse.id
-                    if sse.event in TERMINAL:
+                    if sse.name in TERMINAL:
                         return
             except (httpx.HTTPError, AssertionError) as exc:
                 self.error = exc
@@ -89,19 +89,17 @@ class Follower(threading.Thread):
             time.sleep(0.3)
 
     def seen(self, name: str) -> bool:
-        return any(e.event == name for e in list(self.events))
+        return any(e.name == name for e in list(self.events))
 
 
 def _iter(base: str, job_id: str, last: str | None):
     headers = {"Last-Event-ID": last} if last else {}
-    from strokes.service.cli.sse_client import iter_sse
-
     with httpx.stream(
         "GET", f"{base}/v1/generations/{job_id}/events", headers=headers, timeout=httpx.Timeout(5, read=60)
     ) as reply:
         if reply.status_code != 200:
             raise AssertionError(f"events answered {reply.status_code}")
-        yield from iter_sse(reply.iter_lines())
+        yield from iter_events(reply.iter_lines())
 
 
 @dataclass
@@ -134,14 +132,14 @@ def service(redis_server, tiny_checkpoint, tmp_path_factory):
 def test_guided_job_streams_every_stage_with_fetchable_pngs_and_one_terminal_event(service: Service):
     job = submit(service.base, QUICK)
     events = stream_events(service.base, job["id"])
-    names = [e.event for e in events]
+    names = [e.name for e in events]
     assert names[:2] == ["job.queued", "job.started"]
     assert names[-1] == "job.completed" and sum(n in TERMINAL for n in names) == 1
     ids = [_ms(e.id) for e in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
-    data = [e.json() for e in events]
+    data = [payload(e) for e in events]
     assert {d["job_id"] for d in data} == {job["id"]}
-    pairs = [(e.event, e.json()) for e in events]
+    pairs = [(e.name, payload(e)) for e in events]
 
     started = [(d["iteration"], d["stage"]) for name, d in pairs if name == "stage.started"]
     completed = {d["stage"]: d for name, d in pairs if name == "stage.completed"}
@@ -181,7 +179,7 @@ def _after(n: int):
     """A stop condition: cut the connection after n events."""
     seen = []
 
-    def stop(event: SSE) -> bool:
+    def stop(event: RawEvent) -> bool:
         seen.append(event)
         return len(seen) >= n
 
@@ -193,11 +191,11 @@ def test_resume_with_last_event_id_gives_every_event_exactly_once_in_order(servi
     got = stream_events(service.base, job["id"], stop=_after(5))
     assert _status(service.base, job["id"])["status"] in ("queued", "running")  # cut mid-job
     got += stream_events(service.base, job["id"], last_event_id=got[-1].id, stop=_after(25))
-    assert got[-1].event not in TERMINAL
+    assert got[-1].name not in TERMINAL
     got += stream_events(service.base, job["id"], after=got[-1].id)  # ?after= works the same
     full = stream_events(service.base, job["id"])  # the whole log, read after the end
-    assert [(e.id, e.event, e.data) for e in got] == [(e.id, e.event, e.data) for e in full]
-    assert sum(e.event in TERMINAL for e in got) == 1
+    assert [(e.id, e.name, e.data) for e in got] == [(e.id, e.name, e.data) for e in full]
+    assert sum(e.name in TERMINAL for e in got) == 1
     reply = httpx.get(
         f"{service.base}/v1/generations/{job['id']}/events", headers={"Last-Event-ID": full[-1].id}, timeout=5
     )
@@ -206,7 +204,7 @@ def test_resume_with_last_event_id_gives_every_event_exactly_once_in_order(servi
 
 def test_cancel_of_a_queued_and_of_a_running_job(service: Service):
     running = submit(service.base, SLOW)
-    before = stream_events(service.base, running["id"], stop=lambda e: e.event == "image.progress")
+    before = stream_events(service.base, running["id"], stop=lambda e: e.name == "image.progress")
     queued = submit(service.base, QUICK)  # behind the running job on the only worker
     reply = httpx.delete(f"{service.base}/v1/generations/{queued['id']}", timeout=5)
     assert reply.status_code == 200 and reply.json()["status"] == "canceled"
@@ -217,24 +215,24 @@ def test_cancel_of_a_queued_and_of_a_running_job(service: Service):
     assert reply.status_code == 202 and reply.json()["cancel_requested"] is True
     after = stream_events(service.base, running["id"], last_event_id=before[-1].id)
     elapsed = time.monotonic() - began
-    assert after[-1].event == "job.canceled" and elapsed < 2.0
+    assert after[-1].name == "job.canceled" and elapsed < 2.0
     # ts: when the worker's pipeline produced the event (events may be written a little later)
-    late = [e for e in after if e.event == "image.progress" and e.json()["ts"] > requested]
+    late = [e for e in after if e.name == "image.progress" and payload(e)["ts"] > requested]
     assert len(late) <= 1, "denoising went on for more than one step after the cancel"
     assert httpx.delete(f"{service.base}/v1/generations/{running['id']}", timeout=5).status_code == 200
 
     # The worker is free now, and takes entries in order: once a job submitted after the
     # canceled one has completed, the worker has passed the canceled job's entry.
     later = submit(service.base, QUICK)
-    assert stream_events(service.base, later["id"])[-1].event == "job.completed"
-    events = [e.event for e in stream_events(service.base, queued["id"])]
+    assert stream_events(service.base, later["id"])[-1].name == "job.completed"
+    events = [e.name for e in stream_events(service.base, queued["id"])]
     assert events == ["job.queued", "job.canceled"]
     assert _status(service.base, queued["id"])["started_at"] is None
 
 
 def test_client_disconnect_does_not_cancel_the_job(service: Service):
     job = submit(service.base, MEDIUM)
-    stream_events(service.base, job["id"], stop=lambda e: e.event == "stage.started")
+    stream_events(service.base, job["id"], stop=lambda e: e.name == "stage.started")
     assert _wait_status(service.base, job["id"], ("succeeded", "failed", "canceled"))["status"] == "succeeded"
 
 
@@ -244,7 +242,7 @@ def test_edit_job_with_an_input_image_runs_from_that_image(service: Service):
     upload = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
     job = submit(service.base, {**QUICK, "input_image": upload})
     events = stream_events(service.base, job["id"])
-    assert events[-1].event == "job.completed"
+    assert events[-1].name == "job.completed"
     status = _status(service.base, job["id"])
     assert "input" in {image["id"] for image in status["images"]}
     draft = next(s for s in status["stages"] if s["stage"] == "draft")
@@ -282,7 +280,7 @@ def _total(metrics: dict, name: str, **labels: str) -> float:
 
 def _scrape_until(url: str, name: str, **labels: str) -> dict:
     """The metrics at `url` once `name` is non-zero: counters that move after the terminal event
-    (the job's outcome, the SSE request's end) may lag the client by a moment."""
+    (the job's outcome, the RawEvent request's end) may lag the client by a moment."""
     deadline = time.monotonic() + 10
     while True:
         metrics = _metrics(httpx.get(url, timeout=5).text)
@@ -380,16 +378,16 @@ def test_kill_9_of_a_worker_mid_job_is_taken_over_within_15_s_with_one_terminal_
     follower = Follower(base, job["id"])
     follower.start()
     wait_for(lambda: follower.seen("image.progress"), 60, what="the first denoising step")
-    victim = next(e.json()["worker"] for e in follower.events if e.event == "job.started")
+    victim = next(payload(e)["worker"] for e in follower.events if e.name == "job.started")
     killed_at = time.time()
     os.kill(workers[victim][0].pid, signal.SIGKILL)
     follower.join(90)
     assert not follower.is_alive(), "the job did not end"
 
     events = follower.events
-    names = [e.event for e in events]
+    names = [e.name for e in events]
     assert names[-1] == "job.completed" and sum(n in TERMINAL for n in names) == 1
-    starts = [(e, e.json()) for e in events if e.event == "job.started"]
+    starts = [(e, payload(e)) for e in events if e.name == "job.started"]
     assert [(d["attempt"], d["worker"], d["takeover"]) for _, d in starts] == [
         (1, victim, False),
         (2, next(n for n in workers if n != victim), True),
@@ -397,7 +395,7 @@ def test_kill_9_of_a_worker_mid_job_is_taken_over_within_15_s_with_one_terminal_
     taken_over_after = _ms(starts[1][0].id)[0] / 1000 - killed_at
     assert taken_over_after < 15, f"taken over {taken_over_after:.1f} s after the kill"
     later = events[events.index(starts[1][0]) :]
-    assert all(e.json()["attempt"] == 2 for e in later)  # nothing from the dead attempt after
+    assert all(payload(e)["attempt"] == 2 for e in later)  # nothing from the dead attempt after
     ids = [_ms(e.id) for e in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     client = redis.Redis.from_url(private_redis.url)
@@ -418,7 +416,7 @@ def test_sigterm_hands_the_running_job_back_at_once_and_the_worker_exits_0(
     follower = Follower(base, job["id"])
     follower.start()
     wait_for(lambda: follower.seen("image.progress"), 60, what="the first denoising step")
-    victim = next(e.json()["worker"] for e in follower.events if e.event == "job.started")
+    victim = next(payload(e)["worker"] for e in follower.events if e.name == "job.started")
     proc = workers[victim][0]
     sent = time.time()
     proc.signal(signal.SIGTERM)
@@ -426,11 +424,11 @@ def test_sigterm_hands_the_running_job_back_at_once_and_the_worker_exits_0(
     exited_after = time.time() - sent
     follower.join(90)
     events = follower.events
-    handback = next(e for e in events if e.event == "job.queued" and e.json().get("reason") == "handback")
+    handback = next(e for e in events if e.name == "job.queued" and payload(e).get("reason") == "handback")
     assert _ms(handback.id)[0] / 1000 - sent < 1.5, "not handed back at once"
     assert exited_after < 5
-    assert events[-1].event == "job.completed" and sum(e.event in TERMINAL for e in events) == 1
-    starts = [e.json() for e in events if e.event == "job.started"]
+    assert events[-1].name == "job.completed" and sum(e.name in TERMINAL for e in events) == 1
+    starts = [payload(e) for e in events if e.name == "job.started"]
     assert [s["worker"] for s in starts] == [victim, next(n for n in workers if n != victim)]
     assert "worker stopped" in proc.output()
 
@@ -472,7 +470,7 @@ def test_redis_stopped_and_restarted_under_a_running_api_and_worker(
     assert _wait_status(base, first["id"], ("succeeded", "failed", "canceled"))["status"] == "succeeded"
     assert _wait_status(base, second["id"], ("succeeded", "failed", "canceled"))["status"] == "succeeded"
     events = stream_events(base, first["id"])
-    assert sum(e.event in TERMINAL for e in events) == 1
+    assert sum(e.name in TERMINAL for e in events) == 1
     assert [(e.id, e.data) for e in follower.events] == [(e.id, e.data) for e in events]  # resumed whole
     assert follower.reconnects >= 1
 

@@ -1,5 +1,5 @@
 """Steering end to end: the real API and a worker process, the tiny model, a real redis-server,
-real SSE. Forks (exact, edited, follow-ups, refused), pause points, continue, cancel while paused
+real RawEvent. Forks (exact, edited, follow-ups, refused), pause points, continue, cancel while paused
 and pause expiry. Every wait is on an event or a status, never a sleep."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from test_service_blobs_e2e import _redis_holds_references_only
-from testkit.jobs import TERMINAL, stream_events, submit
+from testkit.jobs import TERMINAL, payload, stream_events, submit
 from testkit.processes import Proc, start_api, start_worker, wait_for
+from testkit.redis_contents import redis_holds_references_only
 
 pytestmark = pytest.mark.slow
 
@@ -72,12 +72,12 @@ def _run(base: str, body: dict) -> tuple[dict, list]:
     """Submit and follow to the terminal event; (final job view, events)."""
     job = submit(base, body, AUTH)
     events = stream_events(base, job["id"], headers=AUTH)
-    assert events[-1].event == "job.completed", events[-1]
+    assert events[-1].name == "job.completed", events[-1]
     return _get(base, job["id"]), events
 
 
 def _until(name: str):
-    return lambda sse: sse.event in (name, *TERMINAL)
+    return lambda sse: sse.name in (name, *TERMINAL)
 
 
 def _images(base: str, view: dict) -> dict[str, bytes]:
@@ -108,7 +108,7 @@ def test_an_unedited_fork_of_a_finished_job_reproduces_its_remaining_stages_and_
     assert _images(service.base, fork) == images  # the PNG bytes of every image, bitwise
     assert fork["parent"] == {"job_id": view["id"], "iteration": 1, "stage": "reflect"}
     assert fork["request"]["prompt"] == JOB["prompt"] and fork["request"]["fork"]["stage"] == "reflect"
-    done = [e.json() for e in events if e.event == "stage.completed"]
+    done = [payload(e) for e in events if e.name == "stage.completed"]
     assert [d.get("inherited", False) for d in done] == [True] * 3 + [False] * 5
     assert fork["usage"]["images"] == 3  # the draft was inherited, three images were drawn anew
     trajectory = httpx.get(f"{service.base}/v1/generations/{fork['id']}/trajectory", headers=AUTH).json()
@@ -168,17 +168,17 @@ def test_pause_after_plans_and_reflections_continue_unchanged_equals_the_uninter
     while True:
         events, cursor = _pause(service.base, job["id"], cursor)
         last = events[-1]
-        if last.event in TERMINAL:
+        if last.name in TERMINAL:
             break
-        data = last.json()
+        data = payload(last)
         pauses.append((data["iteration"], data["stage"]))
         assert data["text"] and data["expires_at"] > 0
         paused = _get(service.base, job["id"])
         assert paused["status"] == "paused" and paused["paused"]["stage"] == data["stage"]
-        _redis_holds_references_only(service.redis_url)  # the context is in the blob store
+        redis_holds_references_only(service.redis_url)  # the context is in the blob store
         reply = _post(service.base, f"/v1/generations/{job['id']}/continue", {})
         assert reply.status_code == 202, reply.text
-    assert last.event == "job.completed"
+    assert last.name == "job.completed"
     assert pauses == [(1, "plan"), (1, "reflect"), (2, "plan"), (2, "reflect")]
     final = _get(service.base, job["id"])
     assert _stages(final) == _stages(view) and _images(service.base, final) == images
@@ -196,7 +196,7 @@ def test_continue_with_an_edited_plan_and_the_refusals_of_continue(service):
     reply = _post(service.base, path, {"text": plan})
     assert reply.status_code == 202 and reply.json()["status"] == "queued"
     events = stream_events(service.base, job["id"], headers=AUTH, after=cursor)
-    assert [e.event for e in events][:1] == ["job.resumed"] and events[-1].event == "job.completed"
+    assert [e.name for e in events][:1] == ["job.resumed"] and events[-1].name == "job.completed"
     final = _get(service.base, job["id"])
     assert final["stages"][0]["text"] == plan
     reply = _post(service.base, path, {})
@@ -210,7 +210,7 @@ def test_cancel_while_paused_ends_the_job_and_the_canceled_job_can_still_be_fork
     reply = httpx.delete(f"{service.base}/v1/generations/{job['id']}", headers=AUTH, timeout=5)
     assert reply.status_code == 200 and reply.json()["status"] == "canceled"
     events = stream_events(service.base, job["id"], headers=AUTH)
-    assert [e.event for e in events if e.event in TERMINAL] == ["job.canceled"]
+    assert [e.name for e in events if e.name in TERMINAL] == ["job.canceled"]
     assert _post(service.base, f"/v1/generations/{job['id']}/continue", {}).status_code == 409
     # An unfinished job keeps the stages it completed: a fork goes on from them, exactly.
     reply = _post(
@@ -228,10 +228,10 @@ def test_cancel_while_paused_ends_the_job_and_the_canceled_job_can_still_be_fork
 def test_an_unanswered_pause_ends_canceled_with_a_reason_after_the_configured_time(service):
     job = submit(service.base, {**JOB, "max_iterations": 1, "pause_after": ["plan"]}, AUTH)
     events, _ = _pause(service.base, job["id"])
-    expires_at = events[-1].json()["expires_at"]
+    expires_at = payload(events[-1])["expires_at"]
     events = stream_events(service.base, job["id"], headers=AUTH, timeout=PAUSE_TIMEOUT_S + 60)
-    assert [e.event for e in events if e.event in TERMINAL] == ["job.canceled"]
-    assert events[-1].json()["reason"] == "pause_expired"
+    assert [e.name for e in events if e.name in TERMINAL] == ["job.canceled"]
+    assert payload(events[-1])["reason"] == "pause_expired"
     final = wait_for(lambda: (v := _get(service.base, job["id"]))["status"] == "canceled" and v, 10)
     assert final["error"]["type"] == "pause_expired" and final["finished_at"] >= expires_at - 1
 
@@ -261,12 +261,12 @@ def _attempts(events) -> list[tuple[str, int]]:
     """Per attempt: the worker that ran it and the tokens its inherited stages prefilled."""
     out, worker, prefilled = [], None, 0
     for e in events:
-        if e.event == "job.started":
+        if e.name == "job.started":
             if worker is not None:
                 out.append((worker, prefilled))
-            worker, prefilled = e.json()["worker"], 0
-        elif e.event == "stage.completed" and e.json().get("inherited"):
-            prefilled += e.json()["prefilled_tokens"]
+            worker, prefilled = payload(e)["worker"], 0
+        elif e.name == "stage.completed" and payload(e).get("inherited"):
+            prefilled += payload(e)["prefilled_tokens"]
     return [*out, (worker, prefilled)]
 
 
@@ -276,7 +276,7 @@ def test_a_resume_goes_to_the_worker_holding_its_warm_context_and_prefills_nothi
     cursor = None
     while True:
         events, cursor = _pause(base, job["id"], cursor)
-        if events[-1].event in TERMINAL:
+        if events[-1].name in TERMINAL:
             break
         assert _post(base, f"/v1/generations/{job['id']}/continue", {}).status_code == 202
     everything = stream_events(base, job["id"], headers=AUTH)
@@ -295,12 +295,12 @@ def test_when_the_holder_is_gone_another_worker_rebuilds_the_context_exactly(pai
     body = {**JOB, "seed": 12}
     job = submit(base, {**body, "pause_after": ["reflect"]}, AUTH)
     events, cursor = _pause(base, job["id"])
-    holder = next(e.json()["worker"] for e in events if e.event == "job.started")
+    holder = next(payload(e)["worker"] for e in events if e.name == "job.started")
     assert workers[holder].stop() == 0  # SIGTERM: its warm caches are gone with it
     while True:
         assert _post(base, f"/v1/generations/{job['id']}/continue", {}).status_code == 202
         events, cursor = _pause(base, job["id"], cursor)
-        if events[-1].event in TERMINAL:
+        if events[-1].name in TERMINAL:
             break
     final = _get(base, job["id"])
     assert final["status"] == "succeeded"

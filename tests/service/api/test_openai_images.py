@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 
 import httpx
 import numpy as np
@@ -16,7 +15,6 @@ import pytest
 import redis
 from PIL import Image
 from testkit.jobs import QUICK
-from testkit.paths import ROOT
 from testkit.processes import Proc, env_with, start_api, start_worker, wait_workers
 
 from strokes.service.api.app import create_app
@@ -244,10 +242,9 @@ def test_partial_images_are_the_superseded_drafts_and_refinements(
     # the first two, and it2-refine comes as the completed image.
     api, base = start_api(private_redis.url, tmp_path)
     procs.append(api)
-    env = env_with(private_redis.url)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "service"), str(ROOT)])
+    env = env_with(private_redis.url)  # with tests/ on PYTHONPATH, for testkit.pipelines
     args = ["worker", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--name", "w-scripted"]
-    args += ["--pipeline", "scripted_pipelines:two_refined_iterations"]
+    args += ["--pipeline", "testkit.pipelines:two_refined_iterations"]
     worker = Proc(args, env, tmp_path / "worker-scripted.log")
     procs.append(worker)
     wait_workers(private_redis.url, {"w-scripted": worker})

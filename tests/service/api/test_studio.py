@@ -15,9 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +25,8 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
-from testkit.paths import ROOT
 from testkit.processes import Proc, env_with, start_api, start_worker, wait_for
+from testkit.studio import ARTIFACTS, FAST, Page, job_view
 
 from strokes.service.api.routes.studio import WorkerInfo, defaults_for, device_kind
 from strokes.service.api.schemas import GenerationRequest
@@ -37,16 +35,6 @@ from strokes.service.queue import keys
 
 pytestmark = pytest.mark.slow
 
-ARTIFACTS = ROOT / "artifacts"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 KEY = "studio-test-key"
 SLOW_BODY = {
     "prompt": "x",
@@ -58,28 +46,8 @@ SLOW_BODY = {
     "plan": {"max_tokens": 8},
     "reflect": {"max_tokens": 8},
 }
-# What the tests type into the form: small and fast on the tiny model.
-FAST = {"width": 64, "height": 64, "steps": 6, "iterations": 2, "seed": 3, "preview-every": 1}
 # Long enough to act on while it runs (several seconds on the tiny model, longer under load).
 SLOW = {"width": 256, "height": 256, "steps": 40, "iterations": 2, "seed": 3, "preview-every": 4}
-# Records every stage card as it is added, and every image a card shows, before the page's own
-# scripts run: the order in which things appeared, not just the end state.
-RECORDER = """
-window.__seen = []; window.__images = {};
-new MutationObserver((records) => {
-  for (const r of records) {
-    for (const node of r.addedNodes) {
-      if (node.nodeType === 1 && node.matches('li.stage')) window.__seen.push(
-        node.dataset.iteration + ':' + node.dataset.stage);
-    }
-    if (r.type === 'attributes' && r.target.matches('li.stage img')) {
-      const card = r.target.closest('li.stage');
-      const key = card.dataset.iteration + ':' + card.dataset.stage;
-      (window.__images[key] ||= []).push(r.target.alt);
-    }
-  }
-}).observe(document, {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
-"""
 
 
 # Form controls and buttons a screen reader could not name.
@@ -87,28 +55,6 @@ UNNAMED_CONTROLS = """() => [...document.querySelectorAll('input, select, textar
   .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
     && !(el.tagName === 'BUTTON' && el.textContent.trim()))
   .map((el) => el.outerHTML.slice(0, 80))"""
-
-
-def _chromium() -> str | None:
-    return os.environ.get("STROKES_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("BROWSER TESTS SKIPPED: playwright is not installed (`make test` installs it)")
-    exe = _chromium()
-    if exe is None:
-        pytest.skip(
-            "BROWSER TESTS SKIPPED: no chromium binary (`make test` installs Debian's chromium; "
-            "or set STROKES_CHROMIUM)"
-        )
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -133,58 +79,6 @@ def service(redis_server, tiny_checkpoint, tmp_path_factory) -> Iterator[dict[st
     finally:
         for proc in procs:
             proc.stop()
-
-
-class Page:
-    """A Playwright page on the studio that collects console errors and outside requests."""
-
-    def __init__(self, context, base: str):
-        self.base = base
-        self.page = context.new_page()
-        self.errors: list[str] = []
-        self.outside: list[str] = []
-        self.event_requests: list[dict[str, str]] = []
-        self.page.add_init_script(RECORDER)
-        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
-        self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
-        self.page.on("request", self._request)
-
-    def _request(self, request) -> None:
-        url = request.url
-        if not (url.startswith(self.base) or url.startswith(("blob:", "data:"))):
-            self.outside.append(url)
-        if url.endswith("/events"):
-            self.event_requests.append(request.headers)
-
-    def open(self, path: str = "/") -> None:
-        self.page.goto(self.base + path)
-        self.page.wait_for_selector("#server:has-text('live')")
-
-    def fill(self, prompt: str, values: dict[str, object]) -> None:
-        self.page.fill("#prompt", prompt)
-        self.page.click("details.advanced summary")
-        for field, value in values.items():
-            self.page.fill(f"#{field}", str(value))
-        self.page.fill("#plan-tokens", "8")
-        self.page.fill("#reflect-tokens", "8")
-
-    def submit(self) -> str:
-        self.page.click("#submit")
-        self.page.wait_for_url(re.compile(r"job=gen_"))
-        return self.page.url.split("job=")[1]
-
-    def wait_status(self, status: str, timeout_s: float = 120) -> None:
-        self.page.wait_for_selector(f".job[data-status={status}]", timeout=timeout_s * 1000)
-
-    def check_clean(self, allowed: tuple[str, ...] = ()) -> None:
-        errors = [e for e in self.errors if not any(a in e for a in allowed)]
-        assert not errors, errors
-        assert not self.outside, self.outside
-
-
-def _job(base: str, job_id: str, key: str | None = None) -> dict:
-    headers = {"Authorization": f"Bearer {key}"} if key else None
-    return httpx.get(f"{base}/v1/generations/{job_id}", headers=headers, timeout=5).json()
 
 
 def _png(width: int, height: int) -> bytes:
@@ -274,7 +168,7 @@ def test_submit_and_watch_every_stage(service, browser):
     job_id = p.submit()
     p.wait_status("succeeded")
 
-    job = _job(service["base"], job_id)
+    job = job_view(service["base"], job_id)
     assert job["status"] == "succeeded"
     order = _expected_order(job)
     assert _seen(p.page, order) == order  # each stage appeared once, in order
@@ -326,7 +220,7 @@ def test_queue_position_full_queue_then_cancel_a_running_job(service, browser):
     blocker = httpx.post(
         base + "/v1/generations", json={**SLOW_BODY, "prompt": "occupies the worker"}, timeout=10
     ).json()
-    wait_for(lambda: _job(base, blocker["id"])["status"] == "running", 60, what="the blocker to run")
+    wait_for(lambda: job_view(base, blocker["id"])["status"] == "running", 60, what="the blocker to run")
     context = browser.new_context()
     p = Page(context, base)
     p.open()
@@ -349,7 +243,7 @@ def test_queue_position_full_queue_then_cancel_a_running_job(service, browser):
     p.page.click(".job button.cancel")
     p.wait_status("canceled", 60)
     assert p.page.inner_text(".job .status") == "Canceled"
-    assert _job(base, job_id)["status"] == "canceled"
+    assert job_view(base, job_id)["status"] == "canceled"
     assert p.page.is_hidden(".job button.cancel")
     p.check_clean()
     context.close()
@@ -381,7 +275,7 @@ def test_reload_resumes_and_a_shared_link_shows_everything(service, browser):
     )
     assert re.fullmatch(r"\d+-\d+", p.event_requests[0].get("last-event-id", ""))
     p.wait_status("succeeded", 180)
-    job = _job(service["base"], job_id)
+    job = job_view(service["base"], job_id)
     cards = p.page.eval_on_selector_all(
         "li.stage", "els => els.map(e => e.dataset.iteration + ':' + e.dataset.stage)"
     )
@@ -445,7 +339,7 @@ def test_api_key_entered_once(service, browser):
     p.page.wait_for_selector("#image-preview:not([hidden]) img[src^='data:image/png']")
     job_id = p.submit()
     p.wait_status("succeeded")
-    job = _job(service["keyed"], job_id, KEY)
+    job = job_view(service["keyed"], job_id, KEY)
     assert job["status"] == "succeeded" and job["request"]["input_image"] is True
     assert "from a starting image" in p.page.inner_text(".job .meta")
     p.page.wait_for_selector(".job .input-image:not([hidden]) img[src^='blob:']")
@@ -538,7 +432,7 @@ def test_steering_controls_hand_the_contracts_fork_specs(service, browser):
     body = {**SLOW_BODY, "width": 64, "height": 64, "max_iterations": 1, "seed": 3}
     body.update(draft={"steps": 4}, refine={"steps": 4})
     job_id = httpx.post(base + "/v1/generations", json=body, timeout=10).json()["id"]
-    wait_for(lambda: _job(base, job_id)["status"] == "succeeded", 120, what="the job to succeed")
+    wait_for(lambda: job_view(base, job_id)["status"] == "succeeded", 120, what="the job to succeed")
     context = browser.new_context()
     p = Page(context, base)
     p.open()
@@ -564,7 +458,7 @@ def test_steering_controls_hand_the_contracts_fork_specs(service, browser):
     p.page.click("li.stage[data-stage=plan] .steer button:has-text('Fork from here')")
     p.page.wait_for_selector(area, state="detached")
 
-    verdict = _job(base, job_id)["stages"][2]["verdict"]
+    verdict = job_view(base, job_id)["stages"][2]["verdict"]
     assert verdict != "correct"  # the tiny model's reflections are never a clear "correct"
     p.page.click("li.stage[data-stage=reflect] .steer button:has-text('Call it correct')")
     p.page.click("li.stage[data-stage=reflect] .steer button:has-text('Write the corrective instruction')")
@@ -617,7 +511,7 @@ def test_the_stream_resumes_after_the_api_restarts(service, browser, tmp_path):
         p.page.wait_for_selector(".job .note:empty", state="attached", timeout=60000)  # connected again
         p.wait_status("succeeded", 180)
         assert p.event_requests and re.fullmatch(r"\d+-\d+", p.event_requests[0].get("last-event-id", ""))
-        job = _job(base, job_id)
+        job = job_view(base, job_id)
         assert _seen(p.page, _expected_order(job)) == _expected_order(job)
         assert p.page.inner_text(".job .note") == ""
         _wait_images(p.page, job)

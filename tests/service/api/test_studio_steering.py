@@ -16,9 +16,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import redis
-from test_studio import ARTIFACTS, FAST, Page, _job
-from test_studio import browser as browser  # the module's chromium fixture, shared
 from testkit.processes import start_api, start_worker, wait_for
+from testkit.studio import ARTIFACTS, FAST, Page, job_view
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +97,7 @@ def test_gallery_lists_the_callers_jobs_newest_first(base, browser):
     p.page.wait_for_url(re.compile(f"job={first}"))
     p.page.wait_for_selector(f".job[data-job='{first}'][data-status=succeeded]")
     cards = p.page.eval_on_selector_all(f".job[data-job='{first}'] li.stage", "els => els.length")
-    assert cards == len(_job(base, first)["stages"])
+    assert cards == len(job_view(base, first)["stages"])
     p.check_clean()
     context.close()
 
@@ -130,7 +129,7 @@ def test_fork_from_an_edited_plan_opens_beside_its_parent(base, browser):
     p.page.wait_for_selector(f".job[data-job='{child}'][data-status=succeeded]", timeout=120000)
     assert p.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.job)") == [parent, child]
 
-    job = _job(base, child)
+    job = job_view(base, child)
     assert job["parent"] == {"job_id": parent, "iteration": 1, "stage": "plan"}
     assert job["stages"][0]["stage"] == "plan" and job["stages"][0]["text"] == EDITED_PLAN
     branch = f".job[data-job='{child}']"
@@ -168,7 +167,7 @@ def test_fork_from_an_edited_plan_opens_beside_its_parent(base, browser):
         follow,
         child,
     ]
-    job = _job(base, follow)
+    job = job_view(base, follow)
     assert job["parent"]["job_id"] == parent
     cards = p.page.eval_on_selector_all(
         f".job[data-job='{follow}'] li.stage",
@@ -195,7 +194,7 @@ def test_pause_after_the_plan_edit_and_continue(base, browser):
     job_id = p.submit()
     p.wait_status("paused", 120)
     assert p.page.inner_text(".job .status") == "Waiting for you"
-    job = _job(base, job_id)
+    job = job_view(base, job_id)
     assert job["status"] == "paused" and job["paused"]["stage"] == "plan"
     area = "li.stage[data-stage=plan] .steer textarea"
     assert p.page.input_value(area) == job["paused"]["text"]
@@ -210,7 +209,7 @@ def test_pause_after_the_plan_edit_and_continue(base, browser):
     p.page.fill(area, EDITED_PLAN)
     p.page.click("li.stage[data-stage=plan] .steer button:has-text('Continue with this text')")
     p.wait_status("succeeded", 120)
-    job = _job(base, job_id)
+    job = job_view(base, job_id)
     assert job["stages"][0]["text"] == EDITED_PLAN
     assert p.page.inner_text("li.stage[data-stage=plan] .ins") == "draw a green cube"
     assert p.page.is_hidden(".job .note") or p.page.inner_text(".job .note") == ""
