@@ -21,6 +21,7 @@ from strokes.service.api.app import create_app
 from strokes.service.api.routes import openai_images
 from strokes.service.queue import keys
 from strokes.service.queue.keys import JobStatus
+from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.settings import Settings
 
 # Native fields that make a tiny-model job quick (size comes from OpenAI's `size`).
@@ -263,7 +264,7 @@ async def test_follow_ends_with_a_terminal_event_even_when_the_log_expired(store
     # request must still end (from the job hash), not wait out its bound.
     store.settings = store.settings.model_copy(update={"sse_block_ms": 200})  # the client's timeout is 5 s
     job_id = "gen_" + "e" * 22
-    await store.enqueue(job_id, owner="", request={"prompt": "x"}, body_hash="h", idempotency_key=None)
+    await store.enqueue(job_id, owner="", message=JobMessage(prompt="x"), body_hash="h", idempotency_key=None)
     entry = await store.poll("w-follow", 100)
     started = await store.start(job_id, entry[0], "w-follow")
     final = {

@@ -21,11 +21,14 @@ from testkit.processes import Proc, env_with, start_api, start_worker, wait_for
 
 from strokes.service.cli.serve import free_port
 from strokes.service.queue import keys
+from strokes.service.queue.client import connect
 from strokes.service.queue.keys import JobStatus
 from strokes.service.queue.store import Store
 from strokes.service.shared import webhooks
+from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.settings import Settings
 from strokes.service.webhooks.dispatcher import Dispatcher, Message
+from strokes.service.webhooks.metrics import WebhookMetrics
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 LOOPBACK = "127.0.0.0/8"
@@ -115,7 +118,10 @@ def test_secrets_must_be_whsec_base64():
 
 
 async def test_delivery_retries_an_unresolvable_host_and_refuses_an_internal_one(redis_url: str):
-    dispatcher = Dispatcher(Settings(redis_url=redis_url, webhook_secret=SECRET), "d-unit")
+    settings = Settings(redis_url=redis_url, webhook_secret=SECRET)
+    redis = connect(settings.redis_url, timeout_s=5, connect_timeout_s=1)
+    http = httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False)
+    dispatcher = Dispatcher(settings, "d-unit", WebhookMetrics(), redis, http)
     try:
         gone = Message("1-0", "gen_x", "job.completed", "1-0", "http://no-such-host.invalid/h", "{}")
         assert await dispatcher._post(gone, 1) == "host 'no-such-host.invalid' does not resolve"
@@ -135,7 +141,7 @@ async def _enqueue_running(store: Store, job_id: str, url: str, events: list[str
     result = await store.enqueue(
         job_id,
         owner="",
-        request={"prompt": "x"},
+        message=JobMessage(prompt="x"),
         body_hash="h",
         idempotency_key=None,
         fields=webhooks.hash_fields(url, events),
@@ -186,7 +192,7 @@ async def test_terminal_events_by_default_and_none_without_a_url(store: Store):
     assert [e["event"] for e in await _outbox(store)] == ["job.canceled"]
     # A job without a webhook writes nothing there.
     plain = "gen_" + "c" * 22
-    await store.enqueue(plain, owner="", request={"prompt": "x"}, body_hash="h", idempotency_key=None)
+    await store.enqueue(plain, owner="", message=JobMessage(prompt="x"), body_hash="h", idempotency_key=None)
     assert (await store.cancel(plain))[0] == "canceled"
     assert len(await _outbox(store)) == 1
 
