@@ -1,5 +1,5 @@
 """The Python client's pure parts: Retry-After, backoff, the event-stream parser, typed events.
-(The client against the real service: tests/service/test_client.py.)"""
+(The client against the real service: tests/client/test_service.py.)"""
 
 from __future__ import annotations
 

@@ -366,7 +366,7 @@ def test_commands_are_ones_the_strokes_cli_accepts():
     services = load_compose()["services"]
     for command in (services["api"]["command"], services["worker"]["command"]):
         if command[0] not in subcommands.choices:
-            pytest.skip(f"`strokes {command[0]}` is not registered in service/cli.py yet")
+            pytest.skip(f"`strokes {command[0]}` is not registered in service/cli/main.py yet")
         parser.parse_args(command)  # exits (fails the test) on an unknown flag
 
 
@@ -382,7 +382,7 @@ def test_every_strokes_variable_is_a_setting():
     settings = pytest.importorskip("strokes.service.shared.settings")
     fields = set(settings.Settings.model_fields)
     unknown = {n for n in strokes_env_names() if n.removeprefix("STROKES_").lower() not in fields}
-    assert unknown == set(), "STROKES_* variables the service does not read (service/settings.py)"
+    assert unknown == set(), "STROKES_* variables the service does not read (service/shared/settings.py)"
 
 
 def test_images_are_the_same_everywhere():

@@ -1,5 +1,5 @@
 """The documentation keeps up with the code: every event is documented in docs/events.md, known to
-the Python client and the studio, named only from service/wire.py's list in the Lua scripts, and
+the Python client and the studio, named only from service/shared/wire.py's list in the Lua scripts, and
 the README's links resolve."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def test_lua_scripts_and_the_studio_name_only_listed_events_and_the_studio_handl
         *(ROOT / "service" / "api" / "studio").glob("*.js"),
     ]:
         unknown = set(name.findall(path.read_text())) - set(EVENT_NAMES)
-        assert not unknown, f"{path.name} names events service/wire.py does not list: {unknown}"
+        assert not unknown, f"{path.name} names events service/shared/wire.py does not list: {unknown}"
     handled = re.findall(
         r'case "([a-z_.]+)":', (ROOT / "service" / "api" / "studio" / "state.js").read_text()
     )

@@ -25,7 +25,7 @@ from strokes.model.spec.params import GenerationParams, ImageSettings, TextSetti
 def test_static_decoder_matches_eager_decoding_token_for_token(dtype):
     """Hundreds of steps, crossing two length buckets: the same tokens; logits within float32
     rounding (float32) or, in bfloat16 (other kernels, another rounding order), within the logit
-    tolerance of the bf16 conformance check (tests/model/test_bf16_conformance.py): max 0.26,
+    tolerance of the bf16 conformance check (tests/model/testing/test_bf16_conformance.py): max 0.26,
     mean 0.06 (measured here: max 0.125, mean ~0.003)."""
     torch.manual_seed(0)
     engine = load_engine(TINY, device="cpu", dtype=dtype)

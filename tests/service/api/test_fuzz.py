@@ -71,7 +71,7 @@ def test_no_generated_request_gets_a_5xx_or_breaks_the_schema(live_api, operatio
     # test_openai_images.py against a worker.
     waits = operation.path.startswith("/v1/images/")
     if waits and mode == GenerationMode.POSITIVE:
-        pytest.skip("a valid request waits for a worker (tests/service/test_openai_images.py)")
+        pytest.skip("a valid request waits for a worker (tests/service/api/test_openai_images.py)")
 
     try:
         check()

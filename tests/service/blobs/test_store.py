@@ -1,4 +1,4 @@
-"""The blob store's contract (service/blobs.py), ONE suite run against both backends: a local
+"""The blob store's contract (service/blobs/store.py), ONE suite run against both backends: a local
 directory, and S3 through a real S3-compatible HTTP server on loopback (moto's server mode).
 No client call is patched. Plus the backend-specific parts: a write that died half-way (local),
 presigned URLs and an unreachable endpoint (S3), the sweep lock, and the upload reduction."""
