@@ -14,15 +14,17 @@ from dataclasses import replace
 
 from strokes.model.spec import budget
 from strokes.model.spec.budget import Estimate, Geometry
+from strokes.model.spec.params import GenerationParams
 from strokes.service.shared.messages import JobMessage
 
 JOB_EVENTS = 4  # job.queued, job.started, the terminal event, a hand-back's job.queued
 PAUSE_EVENTS = 3  # job.paused, job.resumed, the next attempt's job.started
 
 
-def estimate(message: JobMessage, geometry: Geometry = budget.BAGEL_7B_MOT) -> Estimate:
-    """The worst case of a job, its own events included."""
-    params = message.to_params()
+def estimate(
+    message: JobMessage, params: GenerationParams, geometry: Geometry = budget.BAGEL_7B_MOT
+) -> Estimate:
+    """The worst case of a job (its message, and the parameters made of it), its own events included."""
     iterations = params.max_iterations
     if message.fork is not None and message.fork.instruction is not None:
         iterations *= 2  # a follow-up replays the parent's iterations, then runs up to as many new ones
@@ -39,9 +41,11 @@ class OverBudget(ValueError):
         self.limit, self.figure, self.maximum = limit, figure, maximum
 
 
-def check(message: JobMessage, *, max_cost: int, max_positions: int, max_events: int) -> Estimate:
+def check(
+    message: JobMessage, params: GenerationParams, *, max_cost: int, max_positions: int, max_events: int
+) -> Estimate:
     """The estimate, or OverBudget naming the first limit the request exceeds."""
-    est = estimate(message)
+    est = estimate(message, params)
     if est.cost > max_cost:
         raise OverBudget(
             f"the request's compute cost is {est.cost:,} token-steps, over the limit of {max_cost:,} "

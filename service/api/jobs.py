@@ -187,10 +187,11 @@ async def submit(
         )
     elif request.prompt is None:
         raise InvalidRequest("prompt: required (or fork an earlier generation)", param="prompt")
-    message.to_params(None, settings.max_side)  # GenerationParams.validate() has the last word
+    params = message.to_params(None, settings.max_side)  # GenerationParams.validate() has the last word
     try:
         estimate = budget.check(
             message,
+            params,
             max_cost=settings.max_job_cost,
             max_positions=settings.max_positions,
             max_events=settings.events_maxlen // settings.max_attempts,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from strokes.model.spec.forks import CONTROL_TOKEN
 from strokes.model.spec.params import (
@@ -146,6 +146,11 @@ class ForkRequest(BaseModel):
     @classmethod
     def _no_control_tokens(cls, value: str | None) -> str | None:
         return steering_text(value)
+
+    @model_serializer(mode="wrap")
+    def _only_given(self, handler) -> dict[str, Any]:
+        # The fork point as the caller gave it: a stage, or a follow-up instruction (no nulls).
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 def steering_text(value: str | None) -> str | None:

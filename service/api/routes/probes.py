@@ -7,7 +7,6 @@ import logging
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.exceptions import RedisError
 
 from strokes.service.api.deps import (
     MetricsDep,
@@ -16,6 +15,7 @@ from strokes.service.api.deps import (
     bounded,
 )
 from strokes.service.api.schemas import Health, Readiness
+from strokes.service.queue.client import TRANSIENT
 from strokes.service.queue.store import Store
 
 log = logging.getLogger("strokes.api")
@@ -38,7 +38,7 @@ async def readyz(store: StoreDep, settings: SettingsDep):
     try:
         workers = await bounded(settings, _ready_probe(store))
         redis_ok = True
-    except (RedisError, OSError, TimeoutError):
+    except TRANSIENT:
         workers, redis_ok = 0, False
     reason = None
     if not redis_ok:
@@ -70,6 +70,6 @@ async def metrics_endpoint(store: StoreDep, settings: SettingsDep, metrics: Metr
         metrics.workers_alive.set(stats.workers)
         if stats.lag is not None:
             metrics.queue_lag.set(stats.lag)
-    except (RedisError, OSError, TimeoutError) as exc:
+    except TRANSIENT as exc:
         log.warning("queue metrics unavailable: %s", exc)
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
