@@ -14,6 +14,7 @@ from strokes.model.network.attention import attention_reference, attention_sdpa,
 from strokes.model.network.bagel import sincos_2d
 from strokes.model.network.config import BagelConfig, LLMConfig, ViTConfig, load_config
 from strokes.model.network.kv_cache import KVCache
+from strokes.model.spec.budget import BAGEL_7B_MOT
 from strokes.model.spec.params import ImageSettings
 
 REAL = BagelConfig(
@@ -49,6 +50,13 @@ def test_full_size_model_has_exactly_the_official_keys_and_shapes():
     assert {k: s for k, s in ours.items() if s != ref[k]} == {}
     assert sum(p.numel() for p in model.parameters()) == 14_607_260_128
     assert expected_tensors(vae) == {k: tuple(v) for k, v in keys["ae.safetensors"].items()}
+
+
+def test_the_api_prices_requests_with_the_real_models_own_geometry():
+    """The API holds no model: it prices for BAGEL-7B-MoT with a constant, which must be what the
+    configuration derives (one formula, model/spec/budget.py, fed by BagelConfig.geometry)."""
+    assert REAL.geometry == BAGEL_7B_MOT
+    assert load_config(TINY).geometry == BAGEL_7B_MOT  # the golden tiny checkpoint keeps BAGEL's grid
 
 
 def test_checkpoint_position_tables_are_the_sincos_formula():

@@ -139,3 +139,20 @@ async def test_a_job_past_its_deadline_fails_with_deadline_exceeded(store: Store
     assert (await _failed_event(store, "long"))["type"] == "deadline_exceeded"
     worker.request_stop()
     await asyncio.wait_for(task, 10)
+
+
+async def test_a_message_of_a_version_it_does_not_know_fails_as_invalid_and_the_worker_goes_on(
+    store: Store, fast: Settings
+):
+    """A newer API's job during a rolling upgrade: refused, not misread (the message's version)."""
+    newer = JobMessage(**REQUEST).model_copy(update={"version": 2})
+    enqueued = await store.enqueue("newer", owner="", message=newer, body_hash="h", idempotency_key=None)
+    assert enqueued.outcome == "ok"
+    await _submit(store, "next")
+    worker = _worker(store, fast, "w1")
+    task = asyncio.create_task(worker.run())
+    assert (await _terminal(store, "newer"))["status"] == "failed"
+    assert (await _failed_event(store, "newer"))["type"] == "invalid_job"
+    assert (await _terminal(store, "next"))["status"] == "succeeded"
+    worker.request_stop()
+    await asyncio.wait_for(task, 10)
