@@ -1,10 +1,12 @@
 """The documentation keeps up with the code: every event is documented in docs/events.md, known to
-the Python client and the studio, named only from service/shared/wire.py's list in the Lua scripts, and
-the README's links resolve."""
+the Python client and the studio, named only from service/shared/wire.py's list in the Lua scripts;
+the README's links resolve, and every test file the repository names outside tests/ exists."""
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 from strokes_client.events import EVENT_TYPES
 from testkit.paths import ROOT
@@ -46,3 +48,30 @@ def test_readme_links_resolve():
                 assert (readme.parent / target).exists(), f"{readme.name}: {target}"
     assert "docs/events.md" in (ROOT / "README.md").read_text()
     assert "clients/python" in (ROOT / "README.md").read_text()
+
+
+# Where the repository's prose and comments may name a test file (tests/ names its own).
+NAMING_TESTS = (".md", ".py", ".sh", ".ini", ".toml", ".yaml", ".yml")
+NOT_OURS = {".git", ".venv", "tests", "node_modules", "artifacts", "__pycache__"}
+
+
+def _ours() -> list[Path]:
+    """The repository's own text files outside tests/ (virtual environments and builds pruned)."""
+    found = []
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if d not in NOT_OURS and not d.endswith(".egg-info")]
+        for name in files:
+            if name.endswith(NAMING_TESTS) or name in ("Makefile", "Dockerfile"):
+                found.append(Path(folder) / name)
+    return found
+
+
+def test_every_test_file_named_outside_the_tests_exists():
+    """Docs, comments and scripts that point at a test (`tests/...py`) follow it when it moves."""
+    missing = []
+    for path in _ours():
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for named in re.findall(r"\btests/[\w/]+\.py\b", line):
+                if not (ROOT / named).is_file():
+                    missing.append(f"{path.relative_to(ROOT)}:{number}: {named}")
+    assert not missing, "\n".join(sorted(missing))
