@@ -2,7 +2,7 @@
 # The GPU path's device check: one call on one H100/H200 as the device machine comes (its python3
 # has CUDA torch, transformers, safetensors, pillow, pytest; nothing is fetched or installed),
 # in under 8 minutes:
-#   1. the GPU tests: tests/model/test_gpu.py (CUDA graphs vs eager in bf16, a non-default device,
+#   1. the GPU tests: tests/model/generation/test_gpu.py (CUDA graphs vs eager in bf16, a non-default device,
 #      golden cases in fp32 and within the bf16 bounds, no host sync in the denoising loop), the
 #      GPU path's CPU-form tests and the branch-parallel tests (NCCL where two GPUs exist);
 #   2. bench/gpu_e2e.py: the real BAGEL-7B-MoT shape with random bf16 weights: decode ms/token at
@@ -13,7 +13,7 @@
 #
 # Usage: bench/gpu_check.sh              # on the device machine: device tool `run` with
 #                                        # command "bench/gpu_check.sh", timeout_s 540
-#        bench/gpu_check.sh --dry-run    # CPU: the same steps on a tiny model (tests/test_bench.py)
+#        bench/gpu_check.sh --dry-run    # CPU: the same steps on a tiny model (tests/bench/test_bench.py)
 # Env: PY (default python3), GPU_CHECK_TESTS (test paths), GPU_CHECK_RESULTS (default bench/results),
 #      GPU_CHECK_BUDGET_S (default 420: the
 #      benchmark skips what would end past it, counted from the script's start).
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
-TESTS=${GPU_CHECK_TESTS:-tests/model/test_gpu.py tests/model/test_gpu_path.py tests/model/test_parallel.py}
+TESTS=${GPU_CHECK_TESTS:-tests/model/generation/test_gpu.py tests/model/generation/test_gpu_path.py tests/model/generation/test_parallel.py}
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
 RESULTS=${GPU_CHECK_RESULTS:-bench/results}
 LOGS=$(mktemp -d)

@@ -8,7 +8,7 @@ It walks the installed `strokes` distribution's runtime requirements (not the de
 importlib.metadata, evaluating environment markers for the image's platform (Linux x86_64,
 CPython 3.12), and pins every package reached to its installed version. torch is left out: the
 Dockerfile installs the CUDA build of it separately, and the CPU build installed here would pin
-the wrong variant. tests/test_deploy.py fails when the file no longer covers pyproject.toml.
+the wrong variant. tests/deploy/test_deploy.py fails when the file no longer covers pyproject.toml.
 """
 
 from __future__ import annotations

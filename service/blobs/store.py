@@ -1,6 +1,6 @@
 """The blob store: image bytes and trajectories live here, Redis keeps only references to them.
 
-Contract (both backends, one behaviour suite in tests/service/test_service_blobs.py):
+Contract (both backends, one behaviour suite in tests/service/blobs/test_store.py):
 - Keys are `{job_id}/{attempt}/{name}`. `{job_id}/0/input` is the request's input image;
   `{job_id}/{attempt}/{image_id}` an attempt's image or preview (images.storage_key);
   `{job_id}/{attempt}/trajectory.json` an attempt's trajectory, rewritten at each stage end

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from strokes.service.api.app import OPENAPI_PATH, create_app, openapi_yaml
 from strokes.service.shared.settings import Settings
 
 
@@ -24,6 +23,7 @@ def settings_from_args(args, **extra: Any) -> Settings:
 def run_api(args) -> int:
     import uvicorn
 
+    from strokes.service.api.app import create_app
     from strokes.service.cli.main import port_in_use
     from strokes.service.shared import logs
 
@@ -46,6 +46,8 @@ def run_api(args) -> int:
 
 
 def run_openapi(args) -> int:
+    from strokes.service.api.app import openapi_yaml
+
     text = openapi_yaml()
     path = Path(args.output)
     if args.check:
@@ -68,6 +70,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_api)
 
     p = subparsers.add_parser("openapi", help="write openapi.yaml from the app")
-    p.add_argument("--output", "-o", default=str(OPENAPI_PATH), help="where to write the document")
+    p.add_argument(
+        "--output",
+        "-o",
+        default=str(Path(__file__).resolve().parents[2] / "openapi.yaml"),
+        help="where to write the document",
+    )
     p.add_argument("--check", action="store_true", help="fail if the file differs")
     p.set_defaults(func=run_openapi)

@@ -10,11 +10,12 @@ import socket
 
 from strokes.service.shared import logs
 from strokes.service.shared.settings import Settings
-from strokes.service.webhooks import dispatcher
-from strokes.service.webhooks.metrics import WebhookMetrics
 
 
 def run_dispatcher(args) -> int:
+    from strokes.service.webhooks import dispatcher
+    from strokes.service.webhooks.metrics import WebhookMetrics
+
     overrides = {"redis_url": args.redis_url} if args.redis_url else {}
     settings = Settings(**overrides)
     logs.setup(settings.log_level, "webhooks")

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from strokes.service.shared import logs
 from strokes.service.shared.settings import Settings
-from strokes.service.worker import main as worker_main
-from strokes.service.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("strokes.worker")
 
 
 def run_worker(args) -> int:
+    from strokes.service.worker import main as worker_main
+    from strokes.service.worker.metrics import WorkerMetrics
+
     overrides = {"redis_url": args.redis_url} if args.redis_url else {}
     settings = Settings(**overrides)
     logs.setup(settings.log_level, "worker")

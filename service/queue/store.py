@@ -143,7 +143,7 @@ class Store:
             result = await self.scripts["enqueue"](keys=script_keys, args=args)
         outcome = Admission(decode(result[0]))
         if outcome == Admission.ok:
-            return Enqueued("ok", job_id, position=int(result[2]))
+            return Enqueued(outcome, job_id, position=int(result[2]))
         if outcome in (Admission.full, Admission.quota):
             return Enqueued(outcome, depth=int(result[1]))
         return Enqueued(outcome, decode(result[1]))

@@ -22,7 +22,7 @@ from strokes.model.spec.events import (
 )
 
 # The SSE event names: the one list (docs/events.md, the client, the studio and the Lua scripts are
-# checked against it in tests/test_docs.py). A stage's events keep the pipeline's own names.
+# checked against it in tests/docs/test_docs.py). A stage's events keep the pipeline's own names.
 JOB_QUEUED = "job.queued"
 JOB_STARTED = "job.started"
 STAGE_STARTED = StageStarted.name
