@@ -18,6 +18,7 @@ from torch import nn
 
 from strokes.model.generation.engine import Engine
 from strokes.model.network.bagel import Bagel
+from strokes.model.network.compiled import CompileOptions
 from strokes.model.network.config import BagelConfig, CheckpointError, load_config
 from strokes.model.network.tokenizer import BagelTokenizer
 from strokes.model.network.vae import AutoEncoder
@@ -133,9 +134,11 @@ def load_engine(
     *,
     attn_impl: str = "sdpa",
     batch_branches: bool = True,
+    compile: CompileOptions | None = None,
 ) -> Engine:
     """Load the checkpoint folder (or hub repo id) onto `device`. dtype defaults to bf16 on CUDA,
-    float32 on CPU; the VAE always runs in float32 (as the reference runs it)."""
+    float32 on CPU; the VAE always runs in float32 (as the reference runs it). `compile`: run the
+    decoder's layers compiled (model/network/compiled.py); None: eager."""
     folder = resolve_checkpoint(checkpoint)
     dev = prepare_device(device)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(dev))
@@ -150,6 +153,7 @@ def load_engine(
     model, vae = build_model(cfg, attn_impl)
     load_safetensors_into(model, folder / "ema.safetensors", dev, torch_dtype)
     load_safetensors_into(vae, folder / "ae.safetensors", dev, torch.float32)
+    model.language_model.compile_regions(compile)
     engine = Engine(model, vae, tokenizer, batch_branches=batch_branches)
     engine.load_seconds = time.perf_counter() - started
     return engine
