@@ -80,6 +80,7 @@ class Engine:
         self.cfg: BagelConfig = model.cfg
         self.batch_branches = batch_branches
         self.vae_dtype = vae_dtype
+        self.weights = "bf16"  # "fp8" once the decoder layers are quantized (model/network/fp8.py)
         # Decode with static shapes on GPU (CUDA graphs per length bucket on the decoder's own arena,
         # kept across jobs); eager elsewhere. Tests turn it on on the CPU (no graphs there).
         self.static_decode = model.device.type == "cuda"

@@ -20,6 +20,7 @@ from strokes.model.generation.engine import Engine
 from strokes.model.network.bagel import Bagel
 from strokes.model.network.compiled import CompileOptions
 from strokes.model.network.config import BagelConfig, CheckpointError, load_config
+from strokes.model.network.fp8 import WEIGHTS, Fp8Unavailable, quantize_decoder, require_fp8
 from strokes.model.network.tokenizer import BagelTokenizer
 from strokes.model.network.vae import AutoEncoder
 
@@ -135,12 +136,21 @@ def load_engine(
     attn_impl: str = "sdpa",
     batch_branches: bool = True,
     compile: CompileOptions | None = None,
+    weights: str = "bf16",
 ) -> Engine:
     """Load the checkpoint folder (or hub repo id) onto `device`. dtype defaults to bf16 on CUDA,
     float32 on CPU; the VAE always runs in float32 (as the reference runs it). `compile`: run the
-    decoder's layers compiled (model/network/compiled.py); None: eager."""
+    decoder's layers compiled (model/network/compiled.py); None: eager. `weights="fp8"`: the
+    decoder layers' linear layers in FP8 (model/network/fp8.py; FP8-capable GPUs only)."""
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     folder = resolve_checkpoint(checkpoint)
     dev = prepare_device(device)
+    if weights == "fp8":
+        try:
+            require_fp8(dev)  # before the weights are read: fail in a second, not after a minute
+        except Fp8Unavailable as e:
+            raise CheckpointError(str(e)) from e
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(dev))
     started = time.perf_counter()
     cfg = load_config(folder)
@@ -153,7 +163,10 @@ def load_engine(
     model, vae = build_model(cfg, attn_impl)
     load_safetensors_into(model, folder / "ema.safetensors", dev, torch_dtype)
     load_safetensors_into(vae, folder / "ae.safetensors", dev, torch.float32)
+    if weights == "fp8":
+        quantize_decoder(model.language_model)
     model.language_model.compile_regions(compile)
     engine = Engine(model, vae, tokenizer, batch_branches=batch_branches)
+    engine.weights = weights
     engine.load_seconds = time.perf_counter() - started
     return engine

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import importlib
 import logging
 import os
@@ -30,12 +31,22 @@ log = logging.getLogger("strokes.worker")
 PipelineFactory = Callable[[str, str, "str | None"], Pipeline]  # (checkpoint, device, dtype)
 
 
-def load_pipeline(checkpoint: str, device: str, dtype: str | None = None) -> Pipeline:
-    """The real pipeline: BAGEL loaded once onto `device`."""
+def load_pipeline(
+    checkpoint: str,
+    device: str,
+    dtype: str | None = None,
+    weights: str = "bf16",
+    compile_cache: str | None = None,
+) -> Pipeline:
+    """The real pipeline: BAGEL loaded once onto `device` (FP8 weights, compiled layers on request)."""
     from strokes.model.generation.loading import load_engine
     from strokes.model.generation.pipeline import Pipeline as ModelPipeline
+    from strokes.model.network.compiled import CompileOptions
 
-    return ModelPipeline(load_engine(checkpoint, device=device, dtype=dtype))
+    compile_options = CompileOptions(cache_dir=compile_cache) if compile_cache else None
+    return ModelPipeline(
+        load_engine(checkpoint, device=device, dtype=dtype, weights=weights, compile=compile_options)
+    )
 
 
 def factory_from_path(path: str) -> PipelineFactory:
@@ -118,11 +129,16 @@ def run_worker(args) -> int:
             return 2
     name = args.name or default_name(args.device)
     factory = factory_from_path(args.pipeline) if args.pipeline else load_pipeline
+    if args.pipeline and (args.weights != "bf16" or args.compile_cache):
+        log.error("--weights and --compile-cache apply to the built-in pipeline, not --pipeline")
+        return 2
+    if not args.pipeline:
+        factory = functools.partial(load_pipeline, weights=args.weights, compile_cache=args.compile_cache)
     if len(devices) > 1 and not args.pipeline:
         from strokes.model.generation.parallel import load_parallel_pipeline
 
         def factory(checkpoint, device, dtype):
-            return load_parallel_pipeline(checkpoint, devices, dtype)
+            return load_parallel_pipeline(checkpoint, devices, dtype, args.weights, args.compile_cache)
 
     began = time.perf_counter()
     log.info(
@@ -174,6 +190,18 @@ def register(subparsers) -> None:
         "parallel, one per device (overrides --device)",
     )
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: per device)")
+    p.add_argument(
+        "--weights",
+        default=os.environ.get("STROKES_WEIGHTS", "bf16"),
+        choices=["bf16", "fp8"],
+        help="fp8: the decoder layers' linear layers in FP8 (Ada/Hopper GPUs); default $STROKES_WEIGHTS or bf16",
+    )
+    p.add_argument(
+        "--compile-cache",
+        default=os.environ.get("STROKES_COMPILE_CACHE"),
+        help="compile the decoder's layers (torch.compile, inductor), keeping compiled artifacts in this "
+        "folder across restarts; default $STROKES_COMPILE_CACHE, unset: eager",
+    )
     p.add_argument("--redis-url", default=None, help="Redis to use (default: $STROKES_REDIS_URL)")
     p.add_argument("--name", default=None, help="consumer name, unique per worker (default host-device-pid)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
