@@ -101,6 +101,20 @@ def build_model(cfg: BagelConfig, attn_impl: str = "sdpa") -> tuple[Bagel, AutoE
         return Bagel(cfg, attn_impl), AutoEncoder(cfg.vae)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch.device for `device`, refused when it does not exist; nothing is made current (no
+    CUDA context is created on it: the leader of several devices checks its followers' this way)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"device {device} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CheckpointError(
+                f"device {device} requested but only {torch.cuda.device_count()} GPUs exist"
+            )
+    return dev
+
+
 def prepare_device(device: str | torch.device) -> torch.device:
     """The torch.device for `device`, made the calling thread's current CUDA device when it is one.
 
@@ -110,16 +124,10 @@ def prepare_device(device: str | torch.device) -> torch.device:
     can; this covers what torch and libraries create implicitly. Call it on the thread that runs
     the model (the worker's torch thread loads and runs on the same one).
     """
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CheckpointError(f"device {device} requested but CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-        if dev.index >= torch.cuda.device_count():
-            raise CheckpointError(
-                f"device {device} requested but only {torch.cuda.device_count()} GPUs exist"
-            )
         torch.cuda.set_device(dev)
     return dev
 
