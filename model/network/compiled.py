@@ -43,6 +43,7 @@ class CompileOptions:
         None  # inductor/Triton caches on disk; None: torch's default (/tmp/torchinductor_*)
     )
     mode: str | None = None  # torch.compile mode: None (default) or "max-autotune-no-cudagraphs"
+    backend: str = "inductor"  # "aot_eager": traced but not code-generated (the device check's dry run)
 
 
 # The regions as plain functions of (layer, tensors): one code object each, so one trace per shape
@@ -106,10 +107,10 @@ class Regions:
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, RECOMPILE_LIMIT)
         if hasattr(dynamo_config, "recompile_limit"):
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-        mode = options.mode
+        mode, backend = options.mode, options.backend
 
         def compiled(fn, dynamic: bool):
-            return torch.compile(fn, dynamic=dynamic, mode=mode, fullgraph=True)
+            return torch.compile(fn, dynamic=dynamic, mode=mode, backend=backend, fullgraph=True)
 
         self.static = (compiled(_pre_static, False), compiled(_post_static, False))
         self.dynamic = (compiled(_pre_dynamic, True), compiled(_post_dynamic, True))
