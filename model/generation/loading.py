@@ -159,6 +159,10 @@ def load_engine(
             require_fp8(dev)  # before the weights are read: fail in a second, not after a minute
         except Fp8Unavailable as e:
             raise CheckpointError(str(e)) from e
+        if dtype not in (None, "bf16", "bfloat16", torch.bfloat16):
+            raise CheckpointError(
+                f"--weights fp8 computes with bfloat16 activations; --dtype {dtype} cannot go with it"
+            )
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(dev))
     started = time.perf_counter()
     cfg = load_config(folder)

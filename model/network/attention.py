@@ -15,8 +15,9 @@ kernels accumulate in float32). No path passes a dense mask on CUDA:
 - an image block, a square causal block, a single decoded token: plain SDPA (`is_causal` for the
   square block), grouped heads through `enable_gqa` (no copy of keys or values);
 - a causal prefill after a cache (Tq != Tk): `causal_lower_right`, which flash runs natively (its
-  causal is bottom-right) with grouped heads; on the CPU, where no kernel takes it, the query heads
-  of a group are folded into the query axis behind a (Tq, Tk) mask instead (`prefill_folded`);
+  causal is bottom-right) with grouped heads, for bf16/fp16 on CUDA; elsewhere (the CPU, float32),
+  where no fused kernel takes it, the query heads of a group are folded into the query axis behind
+  a (Tq, Tk) mask instead (`prefill_folded`);
 - the static decoder's step over a length bucket (model/network/static_decode.py): flex attention
   with a block mask whose live block count is a device tensor (`decode_block_mask`), so a CUDA
   graph replays it for every position of the bucket and only the live blocks are read.
@@ -215,7 +216,8 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     kind = shape_kind(tq, tk, causal)
     with _backend_context(q, kind, tq, tk):
         if kind == "prefill":
-            return prefill_lower_right(q, k, v) if q.is_cuda else prefill_folded(q, k, v)
+            flash_dtype = q.dtype in (torch.bfloat16, torch.float16)  # flash runs bottom-right natively
+            return prefill_lower_right(q, k, v) if q.is_cuda and flash_dtype else prefill_folded(q, k, v)
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=kind == "square", enable_gqa=q.shape[1] != k.shape[1]
         )
