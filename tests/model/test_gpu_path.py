@@ -265,7 +265,7 @@ def test_gpu_memory_metrics_read_the_workers_own_devices(monkeypatch):
     m = WorkerMetrics()
     m.devices = ["cuda:1", "cuda:2"]
     m.observe_gpu()
-    assert asked == ["cuda:1", "cuda:2"]
+    assert [str(d) for d in asked] == ["cuda:1", "cuda:2"]
     assert m.gpu_memory._value.get() == 20 and m.gpu_memory_peak._value.get() == 40
     asked.clear()
     m.devices = ["cpu"]
