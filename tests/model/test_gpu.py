@@ -122,7 +122,7 @@ def test_compiled_bf16_passes_the_bf16_golden_bounds(tmp_path):
     from strokes.model.testing.conformance import run_case
 
     engine = load_engine(TINY, device="cuda:0", compile=CompileOptions(cache_dir=str(tmp_path)))
-    for case in ("t1_text_gen", "t4_edit", "t6_t2i_nonsquare"):
+    for case in ("t1_text_gen", "t4_edit"):  # text, and a three-branch edit: few shapes to compile
         diffs = run_case(engine, GOLDEN / "cases" / f"{case}.json")
         assert not diffs.failures, (case, diffs.failures)
 
