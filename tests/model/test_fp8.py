@@ -63,3 +63,20 @@ def test_emulated_fp8_passes_its_bounds_on_every_golden_case():
     torch.set_num_threads(1)
     lines, ok = run_golden(GOLDEN, dtype="bfloat16", emulate_fp8=True)
     assert ok, "\n".join(lines)
+
+
+def test_the_worker_refuses_fp8_on_the_cpu_in_one_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "strokes.service.cli", "worker", "--checkpoint", str(TINY), "--device", "cpu"]
+        + ["--weights", "fp8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "compute capability 8.9+" in output and "Traceback" not in output
