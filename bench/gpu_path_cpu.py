@@ -135,7 +135,8 @@ def bench_decode(engine, reps, context=700, capacity=4096):
     cache = engine.new_cache(capacity)
     ids = torch.randint(0, 700, (context,), generator=torch.Generator().manual_seed(2)).tolist()
     engine.append_ids(cache, ids)
-    decoder = StaticDecoder(engine.model, cache, use_graph=False)
+    decoder = StaticDecoder(engine.model, use_graph=False)
+    decoder.begin(cache, capacity - context)  # an arena of `capacity` slots (a power of two)
     real = static_decode.length_bucket
 
     def step(whole: bool):  # StaticDecoder.step runs in inference mode
@@ -144,10 +145,10 @@ def bench_decode(engine, reps, context=700, capacity=4096):
             decoder.step(5)
         finally:
             static_decode.length_bucket = real
-        cache.truncate(context, context)  # the same step again: the same live length
+        decoder.length = decoder.rope = context  # the same step again: the same live length
 
     ms = lockstep({"old_capacity_ms": lambda: step(True), "new_bucket_ms": lambda: step(False)}, reps)
-    ms.update(context=context, capacity=capacity, bucket=real(context + 1, capacity))
+    ms.update(context=context, capacity=decoder.capacity, bucket=real(context + 1, decoder.capacity))
     ms["ratio_old_over_new"] = round(ms["old_capacity_ms"] / ms["new_bucket_ms"], 3)
     return ms
 

@@ -10,8 +10,8 @@ reference exactly (BAGEL.md 2.3-4.3): a text is T(x) = <|im_start|> x <|im_end|>
 positions; an image block is <|vision_start|> tokens <|vision_end|>, every token at the context's
 current position, which then advances by one. Image generation reads up to three contexts and never
 commits to them; its branches run batched (`batch_branches`) or one per device (`branch_group`,
-model/generation/parallel.py). Text decodes through the static decoder on GPU (CUDA graphs per length bucket,
-kept across a job's stages).
+model/generation/parallel.py). Text decodes through the static decoder on GPU (CUDA graphs per length bucket
+on the decoder's own arena, kept across jobs).
 
 Randomness is explicit: every draw comes from a caller's CPU `torch.Generator` in the reference's
 order (VAE posterior noise, then initial latent noise), or the caller passes the tensors; so one
@@ -80,10 +80,14 @@ class Engine:
         self.cfg: BagelConfig = model.cfg
         self.batch_branches = batch_branches
         self.vae_dtype = vae_dtype
-        # Decode with static shapes on GPU (CUDA graphs per length bucket, kept for the job's cache
-        # across its text stages); eager elsewhere. Tests turn it on on the CPU (no graphs there).
+        self.weights = "bf16"  # "fp8" once the decoder layers are quantized (model/network/fp8.py)
+        # Decode with static shapes on GPU (CUDA graphs per length bucket on the decoder's own arena,
+        # kept across jobs); eager elsewhere. Tests turn it on on the CPU (no graphs there).
         self.static_decode = model.device.type == "cuda"
         self.use_graphs = True
+        # The static decoder's attention (model/network/static_decode.py): None picks flex when the
+        # regions are compiled, else the masked SDPA.
+        self.decode_kernel: str | None = None
         self._decoder: StaticDecoder | None = None
         self._markers: torch.Tensor | None = None  # (2,) <|vision_start|>, <|vision_end|> ids on the device
         # Several devices (model/generation/parallel.py): None, or a group that runs one branch per rank.
@@ -207,17 +211,23 @@ class Engine:
 
     # ---- text decoding ------------------------------------------------------------------------
     def decode_stepper(self, cache: KVCache, tokens: int) -> Callable[[int], torch.Tensor]:
-        """A function feeding one token at the cache's end and returning the next logits (V,);
-        room for `tokens` steps is reserved first so the static decoder's storage stays put. The
-        static decoder (and its graphs) is reused while the cache keeps its storage: across the
-        text stages of a job whose caches were sized from its budget."""
-        cache.reserve(tokens)
+        """A function feeding one token after the cache's committed tokens and returning the next
+        logits (V,), for up to `tokens` steps. Eager: the tokens go into the cache (room reserved
+        first; the caller truncates). Static: into the decoder's own arena, the cache only read;
+        one decoder (and its CUDA graphs) serves every text stage of every job."""
         if not self.static_decode:
+            cache.reserve(tokens)
             return lambda token: self.append_ids(cache, [token])
-        if self._decoder is None or not self._decoder.bound_to(cache):
+        kernel = self.decode_kernel or ("flex" if self.model.language_model.regions.compiled else "mask")
+        if self._decoder is None or self._decoder.kernel != kernel:
             self._decoder = None  # drop the old graphs before capturing new ones
-            self._decoder = StaticDecoder(self.model, cache, use_graph=self.use_graphs)
-        return self._decoder.step
+            self._decoder = StaticDecoder(
+                self.model,
+                use_graph=self.use_graphs,
+                kernel=kernel,
+                compiled=self.model.language_model.regions.compiled and self.device.type == "cuda",
+            )
+        return self._decoder.begin(cache, tokens)
 
     def decode_text(
         self,

@@ -18,7 +18,9 @@ from torch import nn
 
 from strokes.model.generation.engine import Engine
 from strokes.model.network.bagel import Bagel
+from strokes.model.network.compiled import CompileOptions
 from strokes.model.network.config import BagelConfig, CheckpointError, load_config
+from strokes.model.network.fp8 import WEIGHTS, Fp8Unavailable, quantize_decoder, require_fp8
 from strokes.model.network.tokenizer import BagelTokenizer
 from strokes.model.network.vae import AutoEncoder
 
@@ -99,6 +101,20 @@ def build_model(cfg: BagelConfig, attn_impl: str = "sdpa") -> tuple[Bagel, AutoE
         return Bagel(cfg, attn_impl), AutoEncoder(cfg.vae)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch.device for `device`, refused when it does not exist; nothing is made current (no
+    CUDA context is created on it: the leader of several devices checks its followers' this way)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"device {device} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CheckpointError(
+                f"device {device} requested but only {torch.cuda.device_count()} GPUs exist"
+            )
+    return dev
+
+
 def prepare_device(device: str | torch.device) -> torch.device:
     """The torch.device for `device`, made the calling thread's current CUDA device when it is one.
 
@@ -108,16 +124,10 @@ def prepare_device(device: str | torch.device) -> torch.device:
     can; this covers what torch and libraries create implicitly. Call it on the thread that runs
     the model (the worker's torch thread loads and runs on the same one).
     """
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CheckpointError(f"device {device} requested but CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-        if dev.index >= torch.cuda.device_count():
-            raise CheckpointError(
-                f"device {device} requested but only {torch.cuda.device_count()} GPUs exist"
-            )
         torch.cuda.set_device(dev)
     return dev
 
@@ -133,11 +143,26 @@ def load_engine(
     *,
     attn_impl: str = "sdpa",
     batch_branches: bool = True,
+    compile: CompileOptions | None = None,
+    weights: str = "bf16",
 ) -> Engine:
     """Load the checkpoint folder (or hub repo id) onto `device`. dtype defaults to bf16 on CUDA,
-    float32 on CPU; the VAE always runs in float32 (as the reference runs it)."""
+    float32 on CPU; the VAE always runs in float32 (as the reference runs it). `compile`: run the
+    decoder's layers compiled (model/network/compiled.py); None: eager. `weights="fp8"`: the
+    decoder layers' linear layers in FP8 (model/network/fp8.py; FP8-capable GPUs only)."""
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     folder = resolve_checkpoint(checkpoint)
     dev = prepare_device(device)
+    if weights == "fp8":
+        try:
+            require_fp8(dev)  # before the weights are read: fail in a second, not after a minute
+        except Fp8Unavailable as e:
+            raise CheckpointError(str(e)) from e
+        if dtype not in (None, "bf16", "bfloat16", torch.bfloat16):
+            raise CheckpointError(
+                f"--weights fp8 computes with bfloat16 activations; --dtype {dtype} cannot go with it"
+            )
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(dev))
     started = time.perf_counter()
     cfg = load_config(folder)
@@ -150,6 +175,10 @@ def load_engine(
     model, vae = build_model(cfg, attn_impl)
     load_safetensors_into(model, folder / "ema.safetensors", dev, torch_dtype)
     load_safetensors_into(vae, folder / "ae.safetensors", dev, torch.float32)
+    if weights == "fp8":
+        quantize_decoder(model.language_model)
+    model.language_model.compile_regions(compile)
     engine = Engine(model, vae, tokenizer, batch_branches=batch_branches)
+    engine.weights = weights
     engine.load_seconds = time.perf_counter() - started
     return engine

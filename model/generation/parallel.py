@@ -19,28 +19,51 @@ ODE state; the followers are branch servers that only ever wait for the leader:
 - `shutdown`: the followers return.
 
 Control messages are one broadcast int64 header, so a follower never needs the pipeline, the
-tokenizer or a cancel flag: the leader stops sending steps and ends the image. If a process dies
-mid-step the others block in the collective: the worker's process supervisor (compose, k8s)
-restarts the whole worker.
+tokenizer or a cancel flag: the leader stops sending steps and ends the image.
+
+Idle is not a collective: between images a follower waits on a doorbell key in the group's store
+(`_wait_for_work`, no deadline), which the leader sets before an image or a shutdown, so an idle
+hour never meets the collectives' timeout (NCCL's watchdog would otherwise end the process after
+it and the next job would hang). The collectives themselves only run while work flows, under a
+timeout of minutes (`init_group`). A follower that dies is noticed at once by the leader's
+watchdog (`watch_followers`, on the processes' sentinels), which logs which one and how it ended
+and ends the worker with EXIT_LOST_FOLLOWER, so its supervisor restarts it instead of a job
+hanging in a collective; a follower ends when its leader dies (it watches its parent).
+
+Memory: at the end of every image each follower reports its allocator's figures to the leader
+(one small all_gather), which keeps them per device for the worker's metrics (model/devices.py);
+the leader never touches the followers' GPUs (no CUDA context there).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import sys
+import threading
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from strokes.model import devices as devicelib
 from strokes.model.network.kv_cache import Context, KVCache, Prefix, branch_rooms
 from strokes.model.network.transforms import latent_position_ids
 
 IMAGE, STEP, END, SHUTDOWN = 1, 2, 3, 4
+COLLECTIVE_TIMEOUT_S = 600  # a step's collectives, while work flows (idle waits have no deadline)
+DOORBELL_POLL_S = 60  # a follower's store wait is renewed this often while idle
+EXIT_LOST_FOLLOWER = 75  # the worker's exit status when a follower process died
+log = logging.getLogger("strokes.model.parallel")
 
 
-def init_group(rank: int, world: int, device: torch.device, rendezvous: str, timeout_s: float = 3600) -> None:
+def init_group(
+    rank: int, world: int, device: torch.device, rendezvous: str, timeout_s: float = COLLECTIVE_TIMEOUT_S
+) -> None:
     """Join the process group: NCCL when the devices are GPUs, gloo on the CPU. `rendezvous` is a
-    file path all ranks can reach (one machine: no port to pick, none to race for)."""
+    file path all ranks can reach (one machine: no port to pick, none to race for). `timeout_s`
+    bounds a collective while work flows; idle followers wait outside collectives."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(
@@ -56,9 +79,14 @@ def init_group(rank: int, world: int, device: torch.device, rendezvous: str, tim
 class BranchGroup:
     """This process's part of the group; `engine.branch_group` on the leader."""
 
-    def __init__(self, engine, rank: int, world: int):
+    def __init__(self, engine, rank: int, world: int, devices: list[str] | None = None):
         self.engine, self.rank, self.world = engine, rank, world
         self.device = engine.device  # NCCL moves tensors of this device; gloo CPU tensors
+        self.devices = devices or [f"rank{r}" for r in range(world)]  # each rank's device, for metrics
+        self.store = dist.distributed_c10d._get_default_store()  # the doorbell: idle waits happen here
+        self.rings = 0  # doorbell keys set (leader) or answered (follower)
+        self.followers: list = []  # the leader's follower processes, when it spawned them
+        self.stopping = threading.Event()  # set: the followers may end (their watchdog is disarmed)
         self.rooms: dict[int, Prefix] = {}  # branch -> room, the branches this rank runs
         self.slots = 0  # branches per rank in this image
         self.grid: tuple[int, int] = (0, 0)
@@ -75,6 +103,36 @@ class BranchGroup:
             header[i] = value
         dist.broadcast(header, src=0)
         return header.tolist() if self.rank else list(values)  # the leader never waits for the GPU
+
+    def _ring(self) -> None:
+        """The leader: wake the followers for the header that follows."""
+        self.store.set(f"strokes/work/{self.rings}", "1")
+        if self.rings:  # every follower answered the previous ring (it took part in what followed)
+            self.store.delete_key(f"strokes/work/{self.rings - 1}")
+        self.rings += 1
+
+    def _wait_for_work(self) -> None:
+        """A follower, idle: wait for the leader's next ring, however long; never in a collective."""
+        key = f"strokes/work/{self.rings}"
+        while True:
+            try:
+                self.store.wait([key], timedelta(seconds=DOORBELL_POLL_S))
+                break
+            except RuntimeError as e:  # the store's wait timed out: keep waiting
+                if "timeout" not in str(e).lower():
+                    raise
+        self.rings += 1
+
+    def _exchange_memory(self) -> None:
+        """Every rank's allocator figures to the leader (after an image), kept per device there."""
+        mine = devicelib.allocator_memory(self.device)
+        figures = torch.tensor([mine.allocated, mine.peak], dtype=torch.long, device=self.device)
+        gathered = [torch.empty_like(figures) for _ in range(self.world)]
+        dist.all_gather(gathered, figures)
+        if self.rank == 0:
+            for rank in range(1, self.world):
+                allocated, peak = gathered[rank].tolist()
+                devicelib.report(devicelib.DeviceMemory(self.devices[rank], allocated, peak))
 
     def _velocity(self, room: Prefix, block: torch.Tensor) -> torch.Tensor:
         """One branch's velocity (N, P), as the single-device path computes it."""
@@ -96,6 +154,7 @@ class BranchGroup:
     def start_image(self, contexts: list[Context], tokens: int, h: int, w: int) -> None:
         """Send every follower the contexts of its branches; keep a room for the leader's own."""
         self._set_grid(h, w, len(contexts))
+        self._ring()
         self._header(IMAGE, len(contexts), tokens, h, w)
         for branch, ctx in enumerate(contexts):
             owner = branch % self.world
@@ -117,8 +176,11 @@ class BranchGroup:
     def end_image(self) -> None:
         self._header(END)
         self.rooms.clear()
+        self._exchange_memory()
 
     def shutdown(self) -> None:
+        self.stopping.set()
+        self._ring()
         self._header(SHUTDOWN)
 
     # ---- a follower ----------------------------------------------------------------------------
@@ -154,8 +216,12 @@ class BranchGroup:
     def serve(self) -> None:
         """A follower's loop: answer the leader's images and steps until it shuts the group down."""
         assert self.rank > 0, "the leader drives the group; followers serve"
+        idle = True
         while True:
+            if idle:
+                self._wait_for_work()
             cmd, a, b, c, d, _ = self._header()
+            idle = cmd == END
             if cmd == IMAGE:
                 self._set_grid(c, d, a)
                 self._receive_contexts(a, b)
@@ -167,6 +233,7 @@ class BranchGroup:
                 self._run(packed[:-1].view(n, p), packed[-1:], a)
             elif cmd == END:
                 self.rooms.clear()
+                self._exchange_memory()
             elif cmd == SHUTDOWN:
                 return
             else:
@@ -177,16 +244,23 @@ class BranchGroup:
 
 
 def _follower(
-    checkpoint: str, device: str, dtype: str | None, rank: int, world: int, rendezvous: str
+    checkpoint: str,
+    device: str,
+    dtype: str | None,
+    rank: int,
+    world: int,
+    rendezvous: str,
+    devices: list[str],
+    weights: str,
+    compile_cache: str | None,
 ) -> None:
     """A follower process: the model on its device, serving branches until the leader shuts down.
     It also ends when the worker that spawned it dies (even by SIGKILL, which skips the
-    multiprocessing clean-up of daemonic children): otherwise it would wait in a collective."""
-    import os
-    import threading
+    multiprocessing clean-up of daemonic children): otherwise it would wait for work forever."""
     import time
 
     from strokes.model.generation.loading import load_engine
+    from strokes.model.network.compiled import CompileOptions
 
     parent = os.getppid()
 
@@ -197,40 +271,93 @@ def _follower(
 
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
 
-    engine = load_engine(checkpoint, device=device, dtype=dtype)
+    compile_options = CompileOptions(cache_dir=compile_cache) if compile_cache else None
+    engine = load_engine(checkpoint, device=device, dtype=dtype, weights=weights, compile=compile_options)
     init_group(rank, world, engine.device, rendezvous)
     try:
-        BranchGroup(engine, rank, world).serve()
+        BranchGroup(engine, rank, world, devices).serve()
     finally:
         dist.destroy_process_group()
 
 
-def load_parallel_engine(checkpoint: str, devices: list[str], dtype: str | None = None):
-    """The leader's engine on devices[0], with one follower process per other device (spawned,
-    daemonic: they end with the worker), all in one process group; `engine.branch_group` set."""
-    import multiprocessing
+def watch_followers(processes: list, devices: list[str], on_lost=None) -> threading.Event:
+    """The leader's watchdog: when a follower process ends while the worker runs, say which one and
+    how, then `on_lost(message)` (default: end the worker with EXIT_LOST_FOLLOWER, so its supervisor
+    restarts it rather than a job waiting in a collective for a rank that is gone). Returns the
+    event that disarms it: set on an orderly shutdown and at the interpreter's exit (which ends
+    daemonic followers on purpose)."""
+    import atexit
+    from multiprocessing.connection import wait
 
-    from strokes.model.generation.loading import load_engine, prepare_device
+    stopping = threading.Event()
+    atexit.register(stopping.set)  # runs before multiprocessing's own exit handler ends the followers
+
+    def lost(message: str) -> None:
+        log.error(message)
+        print(f"strokes: {message}", file=sys.stderr, flush=True)
+        os._exit(EXIT_LOST_FOLLOWER)
+
+    on_lost = on_lost or lost
+
+    def watch() -> None:
+        ended = wait([p.sentinel for p in processes])
+        if stopping.is_set():
+            return
+        for process, device in zip(processes, devices, strict=True):
+            if process.sentinel in ended:
+                process.join(timeout=5)  # reap it: its exit code
+                on_lost(
+                    f"branch follower on {device} (pid {process.pid}) ended with exit code "
+                    f"{process.exitcode}: this worker cannot run guidance branches without it and stops"
+                )
+                return
+
+    threading.Thread(target=watch, name="follower-watch", daemon=True).start()
+    return stopping
+
+
+def load_parallel_engine(
+    checkpoint: str,
+    devices: list[str],
+    dtype: str | None = None,
+    weights: str = "bf16",
+    compile_cache: str | None = None,
+):
+    """The leader's engine on devices[0], with one follower process per other device (spawned,
+    daemonic: they end with the worker), all in one process group; `engine.branch_group` set.
+    The leader checks every device exists but makes only devices[0] current: no CUDA context on
+    the followers' GPUs."""
+    import multiprocessing
+    import tempfile
+
+    from strokes.model.generation.loading import check_device, load_engine
+    from strokes.model.network.compiled import CompileOptions
     from strokes.model.network.config import CheckpointError
 
     gpus = [d for d in devices if d != "cpu"]
     if len(set(gpus)) != len(gpus):  # CPU processes may repeat "cpu" (gloo; tests, small setups)
         raise CheckpointError(f"--devices lists a GPU twice: {','.join(devices)}")
     for device in devices:
-        prepare_device(device)  # fail fast on a missing device, before any process starts
-    import tempfile
-
+        check_device(device)  # fail fast on a missing device, before any process starts
     world = len(devices)
     rendezvous = f"{tempfile.mkdtemp(prefix='strokes-branches-')}/rendezvous"  # fresh: never reused
     spawn = multiprocessing.get_context("spawn")
+    followers = []
     for rank, device in enumerate(devices[1:], start=1):
-        spawn.Process(
+        process = spawn.Process(
             target=_follower,
-            args=(str(checkpoint), device, dtype, rank, world, rendezvous),
+            args=(str(checkpoint), device, dtype, rank, world, rendezvous, devices, weights, compile_cache),
             name=f"strokes-branches-{device}",
             daemon=True,
-        ).start()
-    engine = load_engine(checkpoint, device=devices[0], dtype=dtype)
+        )
+        process.start()
+        followers.append(process)
+    stopping = watch_followers(followers, devices[1:])
+    for device in devices[1:]:  # the followers' memory comes from them (zero until their first image)
+        devicelib.report(devicelib.DeviceMemory(device, 0, 0))
+    compile_options = CompileOptions(cache_dir=compile_cache) if compile_cache else None
+    engine = load_engine(checkpoint, device=devices[0], dtype=dtype, weights=weights, compile=compile_options)
     init_group(0, world, engine.device, rendezvous)
-    engine.branch_group = BranchGroup(engine, 0, world)
+    engine.branch_group = BranchGroup(engine, 0, world, devices)
+    engine.branch_group.followers, engine.branch_group.stopping = followers, stopping
     return engine

@@ -78,8 +78,13 @@ class Run:
         self.logits_processor, self.reuse_cache = logits_processor, reuse_cache
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(6), "little")
         self.generator = torch.Generator().manual_seed(seed)
-        hit = warm.take(fork.stages, engine.device) if (warm is not None and fork and fork.stages) else None
-        self.contexts = Contexts(engine, hit, job_budget(engine.cfg, engine.tokenizer.segment, params))
+        budget = job_budget(engine.cfg, engine.tokenizer.segment, params)
+        hit = (
+            warm.take(fork.stages, engine.device, budget)
+            if (warm is not None and fork and fork.stages)
+            else None
+        )
+        self.contexts = Contexts(engine, hit, budget)
         # The contexts after each stage, for model/generation/warm.py; those of stages served warm
         # come with it.
         self.boundaries: list[Boundary] = []

@@ -4,7 +4,7 @@ then (like the reference) the decoded string re-tokenised and prefilled as T(tex
 Shapes: V=vocabulary.
 
 Each token is fed through the engine's decode step (`Engine.decode_stepper`): on GPU the static
-decoder (model/network/static_decode.py; CUDA graphs per length bucket, kept across a job's text stages),
+decoder (model/network/static_decode.py; CUDA graphs per length bucket, kept across jobs),
 elsewhere an eager append. What the client sees of the text follows one rule (`VisibleText`), for
 the streamed pieces and the final text alike. Randomness comes only from the caller's generator.
 """

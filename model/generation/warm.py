@@ -3,7 +3,8 @@
 A fork or a resume normally rebuilds its context by replaying the recorded stages (model/spec/forks.py):
 every token and image of the prefix is prefilled again. When the worker still holds the caches of
 a run whose recorded stages begin with the fork's, the replay starts from a copy of those caches
-cut at the right stage boundary instead, and prefills nothing for that part.
+cut at the right stage boundary instead, and prefills nothing for that part. The copies are sized
+from the forking job's budget, like a fresh job's caches, so they never grow mid-job.
 
 Each kept entry has the run's caches as they were at its end, and for every stage boundary the
 cache lengths and RoPE positions there (caches only ever append, so the first tokens of a longer
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from strokes.model.generation.budget import Budget
 from strokes.model.network.kv_cache import KVCache, Prefix
 
 
@@ -74,12 +76,21 @@ class Hit:
     key: str
 
 
-def _copy(cache: KVCache, length: int, rope: int, device: torch.device) -> KVCache:
-    """An independent cache of the first `length` tokens, on `device`."""
-    out = cache.fork()
-    out.truncate(length, rope)
-    if out.k.device != device:
-        out.k, out.v = out.k.to(device), out.v.to(device)
+def _copy(cache: KVCache, length: int, rope: int, device: torch.device, capacity: int) -> KVCache:
+    """An independent cache of the first `length` tokens, on `device`, with room for `capacity`
+    (the forking job's budget): one allocation and one copy, never grown mid-job."""
+    src_k, src_v = cache.k[:, :, :length], cache.v[:, :, :length]  # (L, G, n, D)
+    out = KVCache(
+        src_k.shape[0],
+        src_k.shape[1],
+        src_k.shape[3],
+        capacity=max(capacity, length, 1),
+        dtype=src_k.dtype,
+        device=device,
+    )
+    out.k[:, :, :length] = src_k  # a host-to-device copy when the entry was moved to the host
+    out.v[:, :, :length] = src_v
+    out.advance(length, rope)
     return out
 
 
@@ -144,8 +155,9 @@ class WarmContexts:
             used -= e.nbytes
             del self._entries[e.key]
 
-    def take(self, records: list[dict], device: torch.device) -> Hit | None:
-        """The longest warm prefix of `records` (the stages a fork replays), as fresh copies."""
+    def take(self, records: list[dict], device: torch.device, budget: Budget | None = None) -> Hit | None:
+        """The longest warm prefix of `records` (the stages a fork replays), as fresh copies sized
+        for the forking job's `budget` (model/generation/budget.py; None: exactly the prefix)."""
         digests = [stage_digest(r) for r in records]
         with self._lock:
             best, best_n = None, 0
@@ -163,8 +175,8 @@ class WarmContexts:
             self.hits += 1
             self._entries.move_to_end(best.key)
             b = best.boundaries[best_n - 1]
-            cond = _copy(best.cond, *b.cond, device)
-            img_uncond = _copy(best.img_uncond, *b.img_uncond, device)
+            cond = _copy(best.cond, *b.cond, device, budget.cond if budget else 0)
+            img_uncond = _copy(best.img_uncond, *b.img_uncond, device, budget.img_uncond if budget else 0)
             return Hit(
                 stages=best_n,
                 cond=cond,

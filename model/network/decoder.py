@@ -20,24 +20,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from strokes.model.network.attention import IMPLEMENTATIONS
+from strokes.model.network.compiled import CompileOptions, Regions
 from strokes.model.network.config import LLMConfig
 from strokes.model.network.kv_cache import Context
 
 Gen = slice | None  # the block's tokens that use the generation expert; None: all understanding
 
 
-class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm: normalise in float32, cast back, then scale."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2 RMSNorm: normalise in float32, cast back to x's dtype, then scale (..., E) -> (..., E).
+    Compiled (model/network/compiled.py), the float32 part stays in registers: one read, one write."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
+
+class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def route(x: torch.Tensor, gen: Gen, und_fn: Callable, gen_fn: Callable) -> torch.Tensor:
@@ -67,8 +72,14 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, N, T, D) rotated by cos, sin (B, 1, T, D): x * cos + rotate_half(x) * sin."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up, in the input dtype as the reference computes it."""
+    return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -79,7 +90,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 # attend(q (B, H, T, D), k (B, G, T, D), v (B, G, T, D)) -> (B, H, T, D): the cache-aware part.
@@ -99,9 +110,10 @@ class MoTAttention(nn.Module):
             setattr(self, f"q_norm{suffix}", RMSNorm(d, cfg.rms_norm_eps))
             setattr(self, f"k_norm{suffix}", RMSNorm(d, cfg.rms_norm_eps))
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gen: Gen, attend: Attend
-    ) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gen: Gen
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, E) -> q (B, H, T, D), k (B, G, T, D) normed and rotated, v (B, G, T, D)."""
         b, t, _ = x.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
         q = route(x, gen, self.q_proj, self.q_proj_moe_gen).view(b, t, h, d)  # (B, T, H, D)
@@ -113,9 +125,18 @@ class MoTAttention(nn.Module):
         k = route(k, gen, self.k_norm, self.k_norm_moe_gen).transpose(1, 2)  # (B, G, T, D)
         q = apply_rope(q, cos, sin).to(x.dtype)
         k = apply_rope(k, cos, sin).to(x.dtype)
-        out = attend(q, k, v.transpose(1, 2))  # (B, H, T, D)
+        return q, k, v.transpose(1, 2)
+
+    def output(self, out: torch.Tensor, gen: Gen) -> torch.Tensor:
+        """Attention output (B, H, T, D) -> (B, T, E) through the experts' o_proj."""
+        b, h, t, d = out.shape
         out = out.transpose(1, 2).reshape(b, t, h * d)  # (B, T, H*D)
         return route(out, gen, self.o_proj, self.o_proj_moe_gen)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gen: Gen, attend: Attend
+    ) -> torch.Tensor:
+        return self.output(attend(*self.project(x, cos, sin, gen)), gen)
 
 
 class MoTLayer(nn.Module):
@@ -128,11 +149,21 @@ class MoTLayer(nn.Module):
             setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
             setattr(self, f"{name}_moe_gen", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
 
-    def forward(self, x, cos, sin, gen: Gen, attend: Attend) -> torch.Tensor:
+    # The layer in two regions around the cache-aware attention (model/network/compiled.py compiles
+    # each once for every layer): everything element-wise or a matmul is in one of them.
+    def attention_inputs(self, x, cos, sin, gen: Gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, E) -> q (B, H, T, D), k (B, G, T, D), v (B, G, T, D)."""
         a = route(x, gen, self.input_layernorm, self.input_layernorm_moe_gen)
-        x = x + self.self_attn(a, cos, sin, gen, attend)
+        return self.self_attn.project(a, cos, sin, gen)
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor, gen: Gen) -> torch.Tensor:
+        """The residual stream x (B, T, E) after the attention output (B, H, T, D) and the MLP."""
+        x = x + self.self_attn.output(attended, gen)
         m = route(x, gen, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
         return x + route(m, gen, self.mlp, self.mlp_moe_gen)
+
+    def forward(self, x, cos, sin, gen: Gen, attend: Attend) -> torch.Tensor:
+        return self.finish(x, attend(*self.attention_inputs(x, cos, sin, gen)), gen)
 
 
 class MoTDecoder(nn.Module):
@@ -153,8 +184,13 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.attn_impl = attn_impl
+        self.regions = Regions()  # eager; `compile_regions` swaps in compiled ones (compiled.py)
         self.model = MoTDecoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def compile_regions(self, options: CompileOptions | None) -> None:
+        """Run every layer's two regions compiled with `options` (None: eager again)."""
+        self.regions = Regions(options)
 
     def forward_block(
         self,
@@ -187,17 +223,14 @@ class LanguageModel(nn.Module):
         positions = torch.stack([offsets + ctx.rope for ctx in contexts])  # (B, T)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         kernel = IMPLEMENTATIONS[self.attn_impl]
-
+        pre, post = self.regions.for_block(t, image=gen is not None)
         for index, layer in enumerate(self.model.layers):
-
-            def attend(q, k, v, index=index):
-                outs = []
-                for row, ctx in enumerate(contexts):
-                    cache, n = ctx.cache, ctx.length
-                    cache.write(index, n, k[row], v[row])
-                    keys, values = cache.keys(index, n + t), cache.values(index, n + t)  # (G, n+T, D)
-                    outs.append(kernel(q[row : row + 1], keys[None], values[None], causal))
-                return outs[0] if b == 1 else torch.cat(outs, dim=0)  # (B, H, T, D)
-
-            x = layer(x, cos, sin, gen, attend)
+            q, k, v = pre(layer, x, cos, sin, gen)  # (B, H, T, D), (B, G, T, D), (B, G, T, D)
+            outs = []
+            for row, ctx in enumerate(contexts):
+                cache, n = ctx.cache, ctx.length
+                cache.write(index, n, k[row], v[row])
+                keys, values = cache.keys(index, n + t), cache.values(index, n + t)  # (G, n+T, D)
+                outs.append(kernel(q[row : row + 1], keys[None], values[None], causal))
+            x = post(layer, x, outs[0] if b == 1 else torch.cat(outs, dim=0), gen)  # (B, T, E)
         return route(x, gen, self.model.norm, self.model.norm_moe_gen)

@@ -5,7 +5,7 @@ Shapes: L=layers, G=kv heads, C=capacity (tokens), D=head_dim, T=tokens.
 One `KVCache` holds the keys and values of one growing context (keys stored after k_norm and
 RoPE, as the reference stores them) and the next RoPE position. Appending writes into spare
 capacity. A job sizes its caches once from its budget (model/generation/budget.py), so the storage never moves
-mid-job (a CUDA graph of the decode stays bound to it); if a budget was short the storage doubles,
+mid-job (no copy, no second allocation); if a budget was short the storage doubles,
 still amortised O(1) per token instead of the reference's O(n) reallocation per call
 (`reallocations` counts it). A `Prefix` is a read-only view of a cache's first
 tokens: BAGEL's text-unconditional context is always a prefix of the conditional one (the
@@ -37,8 +37,8 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        # Zero-filled, so a step that attends over the whole capacity behind a mask (the static
-        # decode of static_decode.py) never meets non-finite garbage in the unused part.
+        # Zero-filled: the unused part never holds non-finite garbage (a masked kernel that reads
+        # it multiplies it by a zero weight).
         self.k = torch.zeros(
             num_layers, kv_heads, capacity, head_dim, dtype=dtype, device=device
         )  # (L, G, C, D)

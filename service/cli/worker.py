@@ -31,6 +31,8 @@ def run_worker(args) -> int:
         checkpoint=str(args.checkpoint),
         devices=devices,
         dtype=args.dtype,
+        weights=args.weights,
+        compile_cache=args.compile_cache,
         warm_device_bytes=settings.warm_device_bytes,
         warm_host_bytes=settings.warm_host_bytes,
     )
@@ -43,6 +45,9 @@ def run_worker(args) -> int:
                 "cannot serve metrics on %s:%s: %s", args.metrics_host, args.metrics_port, exc.strerror or exc
             )
             return 2
+    if args.pipeline and (args.weights != "bf16" or args.compile_cache):
+        log.error("--weights and --compile-cache apply to the built-in pipeline, not --pipeline")
+        return 2
     name = args.name or worker_main.default_name(model.device)
     factory = worker_main.factory_from_path(args.pipeline) if args.pipeline else worker_main.load_pipeline
     log.info("loading the model", extra={"checkpoint": model.checkpoint, "device": model.device, "why": why})
@@ -81,6 +86,18 @@ def register(subparsers) -> None:
         "parallel, one per device (overrides --device)",
     )
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: per device)")
+    p.add_argument(
+        "--weights",
+        default=os.environ.get("STROKES_WEIGHTS", "bf16"),
+        choices=["bf16", "fp8"],
+        help="fp8: the decoder layers' linear layers in FP8 (Ada/Hopper GPUs); default $STROKES_WEIGHTS or bf16",
+    )
+    p.add_argument(
+        "--compile-cache",
+        default=os.environ.get("STROKES_COMPILE_CACHE"),
+        help="compile the decoder's layers (torch.compile, inductor), keeping compiled artifacts in this "
+        "folder across restarts; default $STROKES_COMPILE_CACHE, unset: eager",
+    )
     p.add_argument("--redis-url", default=None, help="Redis to use (default: $STROKES_REDIS_URL)")
     p.add_argument("--name", default=None, help="consumer name, unique per worker (default host-device-pid)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")

@@ -38,6 +38,8 @@ class ModelSpec:
     checkpoint: str
     devices: tuple[str, ...]  # one, or several: guidance branches in parallel (model/generation/parallel.py)
     dtype: str | None  # None: per device
+    weights: str  # bf16, or fp8: the decoder layers' linear layers in FP8 (Ada/Hopper GPUs)
+    compile_cache: str | None  # compile the decoder's layers, artifacts kept here; None: eager
     warm_device_bytes: int  # warm contexts kept for forks and resumes (model/generation/warm.py) ...
     warm_host_bytes: int  # ... on the device, then in host memory
 
@@ -50,16 +52,27 @@ PipelineFactory = Callable[[ModelSpec], Pipeline]
 
 
 def load_pipeline(model: ModelSpec) -> Pipeline:
-    """The real pipeline: BAGEL loaded once onto the device(s), with its warm contexts."""
+    """The real pipeline: BAGEL loaded once onto the device(s), with its warm contexts (FP8 weights,
+    compiled layers on request)."""
     from strokes.model.generation.loading import load_engine
     from strokes.model.generation.parallel import load_parallel_engine
     from strokes.model.generation.pipeline import Pipeline as ModelPipeline
     from strokes.model.generation.warm import WarmContexts
+    from strokes.model.network.compiled import CompileOptions
 
     if len(model.devices) > 1:
-        engine = load_parallel_engine(model.checkpoint, list(model.devices), model.dtype)
+        engine = load_parallel_engine(
+            model.checkpoint, list(model.devices), model.dtype, model.weights, model.compile_cache
+        )
     else:
-        engine = load_engine(model.checkpoint, device=model.device, dtype=model.dtype)
+        compile_options = CompileOptions(cache_dir=model.compile_cache) if model.compile_cache else None
+        engine = load_engine(
+            model.checkpoint,
+            device=model.device,
+            dtype=model.dtype,
+            weights=model.weights,
+            compile=compile_options,
+        )
     return ModelPipeline(engine, warm=WarmContexts(model.warm_device_bytes, model.warm_host_bytes))
 
 

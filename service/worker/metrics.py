@@ -14,8 +14,9 @@ Worker (its own port, `strokes worker --metrics-port`):
     strokes_worker_cached_tokens_total                   tokens served from the reused KV cache
     strokes_worker_events_total                          events published
     strokes_worker_model_load_seconds                    checkpoint load time
-    strokes_worker_gpu_memory_bytes                      torch.cuda.memory_allocated (0 on CPU)
-    strokes_worker_gpu_memory_peak_bytes                 torch.cuda.max_memory_allocated (0 on CPU)
+    strokes_worker_gpu_memory_bytes                      torch.cuda.memory_allocated, all devices (0 on CPU)
+    strokes_worker_gpu_memory_peak_bytes                 torch.cuda.max_memory_allocated, all devices (0 on CPU)
+    strokes_worker_gpu_device_memory_bytes{device,kind}  per device: allocated|peak
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class WorkerMetrics:
         self.gpu_memory_peak = Gauge(
             "strokes_worker_gpu_memory_peak_bytes", "peak GPU memory allocated", registry=r
         )
+        self.gpu_device_memory = Gauge(
+            "strokes_worker_gpu_device_memory_bytes", "GPU memory per device", ["device", "kind"], registry=r
+        )
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -102,16 +106,17 @@ class WorkerMetrics:
                 self.decode_rate.labels(stage).observe(generated_tokens / seconds)
 
     def observe_gpu(self) -> None:
-        """GPU memory from torch, summed over the worker's own CUDA devices (`self.devices`; default
-        the calling thread's current one), if torch is loaded and sees a GPU (never imports it). The device is named: the event loop's thread is not the thread that
-        made the model's device current."""
-        import sys
+        """GPU memory of the worker's own CUDA devices (`self.devices`, set by the worker; default the
+        calling thread's current one), one figure per device from the process that uses it
+        (model/devices.py: a follower's comes from its reports), if torch is loaded and sees a GPU
+        (never imports it). The totals sum them; the per-device gauge labels each."""
+        from strokes.model import devices as devicelib
 
-        torch = sys.modules.get("torch")
-        if torch is None or not torch.cuda.is_available():
+        memory = devicelib.memory_by_device(self.devices or [])
+        if not memory:
             return
-        cuda = [d for d in (self.devices or [None]) if d is None or d.startswith("cuda")]
-        if not cuda:
-            return
-        self.gpu_memory.set(sum(torch.cuda.memory_allocated(d) for d in cuda))
-        self.gpu_memory_peak.set(sum(torch.cuda.max_memory_allocated(d) for d in cuda))
+        self.gpu_memory.set(sum(m.allocated for m in memory))
+        self.gpu_memory_peak.set(sum(m.peak for m in memory))
+        for m in memory:
+            self.gpu_device_memory.labels(m.device, "allocated").set(m.allocated)
+            self.gpu_device_memory.labels(m.device, "peak").set(m.peak)

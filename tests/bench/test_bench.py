@@ -75,13 +75,14 @@ def _gpu_check(tmp_path, tests: str):
         "GPU_CHECK_RESULTS": str(tmp_path / "results"),
     }
     return subprocess.run(
-        ["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, timeout=240, env=env, cwd=ROOT
+        ["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, timeout=420, env=env, cwd=ROOT
     )
 
 
-def test_gpu_check_dry_run_runs_the_tests_and_the_end_to_end_benchmark(tmp_path):
-    """The device script's CPU form: its pytest call (GPU tests skip here) and the benchmark on a
-    tiny model, with the JSON and the logs copied into $OUT as on the device machine."""
+def test_gpu_check_dry_run_runs_the_tests_the_attention_table_and_the_end_to_end_benchmark(tmp_path):
+    """The device script's CPU form: its pytest call (GPU tests skip here), the attention table and
+    the benchmark in every mode on a tiny model, with the JSON and the logs copied into $OUT as on
+    the device machine."""
     proc = _gpu_check(
         tmp_path,
         "tests/model/generation/test_gpu.py"
@@ -89,13 +90,19 @@ def test_gpu_check_dry_run_runs_the_tests_and_the_end_to_end_benchmark(tmp_path)
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "gpu_check: PASSED" in proc.stdout
+    table = json.loads((tmp_path / "attention_table.dry-run.json").read_text())
+    assert {rule["kind"] for rule in table["rules"]} == {"image", "square", "prefill", "single"}
     result = json.loads((tmp_path / "gpu_e2e.dry-run.json").read_text())
     assert result["dry_run"] and not result["skipped"]
-    for key in ("decode_1k", "decode_8k", "t2i_512_20", "t2i_1024", "edit_1024", "iteration_1024"):
-        assert result[key], key
-    assert result["edit_1024"]["branch_forwards"] == 3 * 2  # three branches on each Euler step
-    assert result["iteration_1024"]["refined"]
-    assert (tmp_path / "gpu_tests.log").is_file()
+    rows = ("decode_1k", "decode_8k", "t2i_512_20", "t2i_1024", "iteration_1024")
+    for mode in ("eager", "compiled", "fp8"):
+        for row in rows:
+            assert result["modes"][mode][row], (mode, row)
+            assert result["summary"][row][mode] > 0
+        assert result["modes"][mode]["iteration_1024"]["refined"]
+    assert result["compiled_vs_eager"]["t2i_512_20_final_latent_relative_l2"] < 1e-3
+    assert 0 < result["fp8_vs_eager"]["t2i_512_20_final_latent_relative_l2"] < 0.1
+    assert (tmp_path / "gpu_tests.log").is_file() and (tmp_path / "attention_table.log").is_file()
 
 
 def test_gpu_check_fails_loudly_when_a_test_fails(tmp_path):

@@ -280,3 +280,24 @@ def test_the_warm_budget_drops_the_least_recently_used(own_engine):
     one.warm.device_bytes = int(size * 1.5)
     list(one.run(params(max_iterations=1, seed=4), options=RunOptions(warm_key="b")))
     assert one.warm.holds("b") and not one.warm.holds("a")
+
+
+def test_a_warm_fork_gets_caches_sized_from_its_budget_that_never_grow(own_engine, guided, monkeypatch):
+    """The copies a warm fork starts from have the job's budget as capacity (not the prefix's
+    length), so the rest of the job appends in place: no reallocation, no copy, no rebind."""
+    from strokes.model.generation.budget import job_budget
+
+    _, parent, images = guided
+    warm = WarmContexts(device_bytes=1 << 30)
+    pipeline = Pipeline(own_engine, warm=warm)
+    list(pipeline.run(params(), warm_key="parent"))
+    hits, take = [], warm.take
+    monkeypatch.setattr(warm, "take", lambda *a, **kw: hits.append(take(*a, **kw)) or hits[-1])
+    fork = fork_of(parent, images, ForkPoint(1, "plan"))
+    forked = params_from_trajectory(parent)
+    list(pipeline.run(forked, fork=fork))
+    (hit,) = hits
+    budget = job_budget(own_engine.cfg, own_engine.tokenizer.segment, forked)
+    assert hit.cond.capacity >= budget.cond and hit.img_uncond.capacity >= budget.img_uncond
+    assert hit.cond.length < hit.cond.capacity  # the job went on appending after the warm prefix
+    assert hit.cond.reallocations == 0 and hit.img_uncond.reallocations == 0

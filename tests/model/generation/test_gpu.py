@@ -70,15 +70,72 @@ def test_cuda_graph_decode_matches_eager_decode():
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-3)
 
 
-def test_bf16_graph_decode_matches_eager_token_for_token():
-    """The issue's case: bf16 on CUDA, 300 greedy steps, graphs per bucket vs eager decoding."""
+@pytest.mark.parametrize("kernel", ["mask", "flex"])
+def test_bf16_graph_decode_keeps_eagers_tokens_but_at_near_ties(kernel, tmp_path):
+    """bf16 on CUDA, 300 steps, graphs per bucket vs eager decoding, judged as BF16.md allows
+    (model/testing/greedy.py): teacher-forced on eager's tokens, a different argmax only at a near
+    tie, logits within 0.26 / 0.06. "flex" runs the compiled flex kernels inside the graphs."""
+    from strokes.model.network.compiled import CompileOptions
+    from strokes.model.testing.greedy import compare_greedy
+
     engine = load_engine(TINY, device="cuda:0")
     eager_ids, eager_logits, _ = greedy(engine, False, STEPS)
-    graph_ids, graph_logits, _ = greedy(engine, True, STEPS)
-    assert engine._decoder.captures >= 2  # two length buckets, each captured once
-    assert graph_ids == eager_ids
-    diff = (graph_logits - eager_logits).abs()
-    assert diff.max() <= 0.26 and diff.mean() <= 0.06
+    if kernel == "flex":
+        engine.model.language_model.compile_regions(CompileOptions(cache_dir=str(tmp_path)))
+    _, graph_logits, _ = greedy(engine, True, STEPS, kernel, feed=eager_ids)
+    assert engine._decoder.kernel == kernel and engine._decoder.captures >= 2  # two buckets, one capture each
+    comparison = compare_greedy(eager_logits.cpu(), graph_logits.cpu())
+    assert comparison.ok, comparison.summary()
+
+
+def test_graphs_are_reused_by_the_next_job():
+    """A second job's decode replays the graphs the first captured (the decoder's own arena)."""
+    engine = load_engine(TINY, device="cuda:0")
+    engine.static_decode = True
+    for job in range(2):
+        cache = engine.new_cache()
+        engine.append_text(cache, f"job {job}: once upon a time")
+        list(engine.decode_text(cache, max_tokens=16, commit=False))
+        if job == 0:
+            decoder, captures = engine._decoder, engine._decoder.captures
+    assert engine._decoder is decoder and decoder.captures == captures and decoder.arena_allocations == 1
+
+
+def test_the_mask_free_prefill_runs_bottom_right_on_cuda():
+    from strokes.model.network.attention import attention_reference, prefill_lower_right
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 28, 64, 128, generator=gen)
+    k, v = (torch.randn(1, 4, 1024 + 64, 128, generator=gen) for _ in range(2))
+    expected = attention_reference(q, k, v, causal=True)
+    out = prefill_lower_right(*(t.cuda().bfloat16() for t in (q, k, v))).float().cpu()
+    assert (out - expected).abs().max() < 0.05
+
+
+def test_compiled_bf16_passes_the_bf16_golden_bounds(tmp_path):
+    from strokes.model.network.compiled import CompileOptions
+    from strokes.model.testing.conformance import run_case
+
+    engine = load_engine(TINY, device="cuda:0", compile=CompileOptions(cache_dir=str(tmp_path)))
+    for case in ("t1_text_gen", "t4_edit"):  # text, and a three-branch edit: few shapes to compile
+        diffs = run_case(engine, GOLDEN / "cases" / f"{case}.json")
+        assert not diffs.failures, (case, diffs.failures)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs FP8 tensor cores",
+)
+def test_fp8_weights_pass_their_golden_bounds_and_match_their_emulation():
+    from strokes.model.network.fp8 import Float8Linear
+    from strokes.model.testing.conformance import run_golden
+
+    linear = torch.nn.Linear(256, 512, device="cuda:0", dtype=torch.bfloat16)
+    x = torch.randn(3, 7, 256, device="cuda:0", dtype=torch.bfloat16)
+    kernel, emulated = Float8Linear(linear, emulate=False), Float8Linear(linear, emulate=True)
+    assert ((kernel(x).float() - emulated(x).float()).norm() / emulated(x).float().norm()) < 0.01
+    lines, ok = run_golden(GOLDEN, device="cuda:0", dtype="bfloat16", weights="fp8")
+    assert ok, "\n".join(lines)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

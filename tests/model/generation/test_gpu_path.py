@@ -19,25 +19,52 @@ from strokes.model.network.attention import attention_reference, attention_sdpa
 from strokes.model.network.kv_cache import branch_rooms
 from strokes.model.network.static_decode import MIN_BUCKET, length_bucket
 from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
+from strokes.model.testing.greedy import compare_greedy
 
 
+@pytest.mark.parametrize("kernel", ["mask", "flex"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_static_decoder_matches_eager_decoding_token_for_token(dtype):
-    """Hundreds of steps, crossing two length buckets: the same tokens; logits within float32
-    rounding (float32) or, in bfloat16 (other kernels, another rounding order), within the logit
-    tolerance of the bf16 conformance check (tests/model/testing/test_bf16_conformance.py): max 0.26,
-    mean 0.06 (measured here: max 0.125, mean ~0.003)."""
+def test_static_decoder_matches_eager_decoding(dtype, kernel):
+    """Hundreds of steps, crossing two length buckets. float32: the same tokens, logits within
+    float32 rounding. bfloat16 (other kernels, another rounding order): teacher-forced on eager's
+    tokens, a different argmax only at a near tie and logits within BF16.md's bounds
+    (model/testing/greedy.py; measured here: max ~0.125, mean ~0.003)."""
     torch.manual_seed(0)
     engine = load_engine(TINY, device="cpu", dtype=dtype)
     eager_ids, eager_logits, _ = greedy(engine, False, STEPS)
-    static_ids, static_logits, cache = greedy(engine, True, STEPS)
-    assert cache.length > MIN_BUCKET  # the decode moved to a second bucket on the way
-    assert static_ids == eager_ids
-    diff = (static_logits - eager_logits).abs()
+    feed = None if dtype == "float32" else eager_ids
+    static_ids, static_logits, reached = greedy(engine, True, STEPS, kernel, feed)
+    assert engine._decoder.kernel == kernel
+    assert reached > MIN_BUCKET  # the decode moved to a second bucket on the way
     if dtype == "float32":
-        assert diff.max() < 1e-4
+        assert static_ids == eager_ids
+        assert (static_logits - eager_logits).abs().max() < 1e-4
     else:
-        assert diff.max() <= 0.26 and diff.mean() <= 0.06, (diff.max(), diff.mean())
+        comparison = compare_greedy(eager_logits, static_logits)
+        assert comparison.ok, comparison.summary()
+
+
+def test_the_bf16_token_judge_still_fails_on_a_real_fault(monkeypatch):
+    """A static decoder whose RoPE position is one off is caught in bf16 despite the near-tie rule."""
+    import strokes.model.network.static_decode as static_decode
+
+    engine = load_engine(TINY, device="cpu", dtype="bfloat16")
+    eager_ids, eager_logits, _ = greedy(engine, False, 64)
+    real = static_decode.rope_tables
+    monkeypatch.setattr(static_decode, "rope_tables", lambda pos, *a: real(pos + 1, *a))
+    _, broken_logits, _ = greedy(engine, True, 64, "mask", eager_ids)
+    assert not compare_greedy(eager_logits, broken_logits).ok
+
+
+def test_the_token_judge_allows_flips_only_at_near_ties():
+    reference = torch.tensor([[5.0, 4.9, 0.0], [5.0, 1.0, 0.0], [0.0, 3.0, 2.0]])
+    near_tie = reference + torch.tensor([[-0.06, 0.06, 0.0], [0.0] * 3, [0.0] * 3])
+    assert compare_greedy(reference, near_tie).ok and compare_greedy(reference, near_tie).flips == [0]
+    clear_gap = reference.clone()
+    clear_gap[1] = torch.tensor([1.0, 5.0, 0.0])
+    assert not compare_greedy(reference, clear_gap).ok
+    drift = reference + 0.1  # every logit off by 0.1: the mean bound catches it
+    assert not compare_greedy(reference, drift).ok
 
 
 def test_bf16_attention_scores_and_softmax_are_float32():
@@ -88,20 +115,33 @@ def test_length_buckets_sit_just_above_the_live_length():
     assert len({length_bucket(n, 1 << 20) for n in range(1, 8193)}) <= 24  # few graphs per job
 
 
-def test_the_static_decoder_is_reused_across_text_stages_of_one_cache(engine):
-    engine.static_decode = True
+def test_one_static_decoder_and_its_arena_serve_every_stage_of_every_job(engine):
+    """The decoder (its arena, and on GPU its graphs) is bound to no job's cache: a second stage and
+    a second job reuse it as it is, decode what eager decoding decodes, and leave the job's cache
+    as it was (the decoded text is committed by re-prefilling it, as the reference does)."""
+
+    def stages(static: bool) -> list[str]:
+        engine.static_decode = static
+        texts = []
+        for prompt in ("first job", "another job"):
+            cache = engine.new_cache(capacity=512)
+            for stage in ("plan", "reflect"):
+                engine.append_text(cache, f"{prompt}: {stage}")
+                before = (cache.length, cache.rope)
+                list(engine.decode_text(cache, max_tokens=4, commit=False))
+                assert (cache.length, cache.rope) == before
+                texts.append(list(engine.decode_text(cache, max_tokens=6)))
+        return ["".join(s.delta for s in steps) for steps in texts]
+
     try:
-        cache = engine.new_cache(capacity=512)
-        engine.append_text(cache, "first stage")
-        list(engine.decode_text(cache, max_tokens=4))
-        first = engine._decoder
-        engine.append_text(cache, "second stage")
-        list(engine.decode_text(cache, max_tokens=4))
-        assert engine._decoder is first  # graphs (on GPU) captured once, kept for the next stage
-        other = engine.new_cache(capacity=512)
-        engine.append_text(other, "another job")
-        list(engine.decode_text(other, max_tokens=2))
-        assert engine._decoder is not first and engine._decoder.bound_to(other)
+        eager = stages(False)
+        engine._decoder = None
+        static = stages(True)
+        decoder = engine._decoder
+        assert static == eager
+        assert decoder.arena_allocations == 1  # four stages of two jobs, one arena
+        again = stages(True)
+        assert engine._decoder is decoder and decoder.arena_allocations == 1 and again == eager
     finally:
         engine.static_decode = False
 
@@ -201,7 +241,7 @@ def test_prepare_device_and_cuda_checks_without_a_gpu():
 
 def test_gpu_memory_metrics_read_the_workers_own_devices(monkeypatch):
     """observe_gpu asks torch about each named CUDA device, not the current one."""
-    from strokes.service.worker.metrics import WorkerMetrics
+    from strokes.service.shared.metrics import WorkerMetrics
 
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -210,7 +250,7 @@ def test_gpu_memory_metrics_read_the_workers_own_devices(monkeypatch):
     m = WorkerMetrics()
     m.devices = ["cuda:1", "cuda:2"]
     m.observe_gpu()
-    assert asked == ["cuda:1", "cuda:2"]
+    assert [str(d) for d in asked] == ["cuda:1", "cuda:2"]
     assert m.gpu_memory._value.get() == 20 and m.gpu_memory_peak._value.get() == 40
     asked.clear()
     m.devices = ["cpu"]

@@ -56,19 +56,25 @@ def _job(engine):
     return [ev.pixels for ev in events if isinstance(ev, ImageCompleted)]
 
 
-def _rank_main(rank: int, world: int, rendezvous: str, device: str, out: str) -> None:
+def _rank_main(
+    rank: int, world: int, rendezvous: str, device: str, out: str, timeout_s: float = 120, idle_s: float = 0
+) -> None:
+    import time
+
+    from strokes.model import devices as devicelib
     from strokes.model.generation.parallel import BranchGroup, init_group
 
     torch.set_num_threads(1)
     engine = load_engine(TINY, device=device.format(rank=rank), dtype="float32")
-    init_group(rank, world, engine.device, rendezvous, timeout_s=120)
-    group = BranchGroup(engine, rank, world)
+    init_group(rank, world, engine.device, rendezvous, timeout_s=timeout_s)
+    group = BranchGroup(engine, rank, world, [f"dev{r}" for r in range(world)])
     try:
         if rank:
             group.serve()
             return
+        time.sleep(idle_s)  # the followers wait, idle, past the collectives' timeout
         engine.branch_group = group
-        result = {"edit": _edit_image(engine), "job": _job(engine)}
+        result = {"edit": _edit_image(engine), "job": _job(engine), "reports": sorted(devicelib._reports)}
         group.shutdown()
         torch.save(result, out)
     finally:
@@ -94,7 +100,7 @@ def _single_process(device: str):
     return {"edit": _edit_image(engine), "job": _job(engine)}
 
 
-def _check(world: int, device: str, tmp_path, factory: bool = False) -> None:
+def _check(world: int, device: str, tmp_path, factory: bool = False, timeout_s=120, idle_s=0) -> None:
     out = tmp_path / "rank0.pt"
     if factory:
         devices = [device.format(rank=r) for r in range(world)]
@@ -102,7 +108,10 @@ def _check(world: int, device: str, tmp_path, factory: bool = False) -> None:
     else:
         rendezvous = str(tmp_path / "rendezvous")
         mp.start_processes(
-            _rank_main, args=(world, rendezvous, device, str(out)), nprocs=world, start_method="spawn"
+            _rank_main,
+            args=(world, rendezvous, device, str(out), timeout_s, idle_s),
+            nprocs=world,
+            start_method="spawn",
         )
     parallel = torch.load(out, weights_only=False)
     single = _single_process(device.format(rank=0))
@@ -113,12 +122,62 @@ def _check(world: int, device: str, tmp_path, factory: bool = False) -> None:
     assert len(parallel["job"]) == len(single["job"]) >= 1
     for a, b in zip(parallel["job"], single["job"], strict=True):
         assert np.array_equal(a, b)
+    if not factory:  # every follower reported its memory to the leader after the images
+        assert parallel["reports"] == [f"dev{r}" for r in range(1, world)]
 
 
 @pytest.mark.parametrize("world", [3, 2])
 def test_branches_on_gloo_processes_equal_the_sequential_single_process_images(world, tmp_path):
     """3 processes: one branch each; 2 processes: the leader also runs the third branch."""
     _check(world, "cpu", tmp_path)
+
+
+def test_idle_followers_outlast_the_collectives_timeout(tmp_path):
+    """Followers idle for twice the collectives' timeout (the leader not yet sending work) wait on
+    the store's doorbell, not in a collective, and then serve the job as usual."""
+    _check(2, "cpu", tmp_path, timeout_s=4, idle_s=8)
+
+
+LEADER_THEN_IDLE = """
+import sys, time, torch
+torch.set_num_threads(1)
+from strokes.model.generation.parallel import load_parallel_engine
+engine = load_parallel_engine(sys.argv[1], ["cpu", "cpu"], "float32")
+print("ready", *[p.pid for p in engine.branch_group.followers], flush=True)
+time.sleep(120)
+print("still running", flush=True)
+"""
+
+
+def test_a_lost_follower_ends_the_worker_at_once_saying_which(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from strokes.model.generation.parallel import EXIT_LOST_FOLLOWER
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with subprocess.Popen(
+        [sys.executable, "-c", LEADER_THEN_IDLE, str(TINY)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as leader:
+        try:
+            ready, follower = leader.stdout.readline().split()
+            assert ready == "ready"
+            os.kill(int(follower), signal.SIGKILL)
+            began = time.monotonic()
+            _, stderr = leader.communicate(timeout=60)
+            assert leader.returncode == EXIT_LOST_FOLLOWER and time.monotonic() - began < 30
+            assert f"branch follower on cpu (pid {follower}) ended with exit code -9" in stderr
+        finally:
+            if leader.poll() is None:
+                leader.kill()
+                leader.communicate()
 
 
 def test_the_workers_factory_spawns_its_followers_and_gives_the_same_images(tmp_path, monkeypatch):
