@@ -266,7 +266,10 @@ def test_reload_resumes_and_a_shared_link_shows_everything(service, browser):
     p.page.reload()
     # Restored from this tab's storage at once, then resumed from the last event it had.
     p.page.wait_for_selector(f".job[data-job='{job_id}'] li.stage")
-    assert p.page.eval_on_selector_all("li.stage", "els => els.length") >= before
+    # (the restored stages are drawn in the page's next frames: wait for them, not for a time)
+    p.page.wait_for_function(
+        "n => document.querySelectorAll('li.stage').length >= n", arg=before, timeout=10000
+    )
     # Playwright's sync API hands over request events only inside its own calls: poll through one.
     wait_for(
         lambda: p.page.wait_for_timeout(50) or p.event_requests,
