@@ -1,4 +1,5 @@
-"""The layering of model/: network <- generation <- testing, and nothing in model/ imports service/.
+"""The layering of model/: network <- generation <- training <- testing, and nothing in model/
+imports service/ (spec, the torch-free vocabulary, imports none of the others).
 
 Read from the source (lazy imports inside functions included), not from sys.modules.
 """
@@ -13,10 +14,25 @@ import pytest
 MODEL = Path(__file__).resolve().parents[2] / "model"
 
 # What each subpackage must never import (prefixes of module names).
+TRAINING = "strokes.model.training"
 FORBIDDEN = {
-    "network": ("strokes.model.generation", "strokes.model.testing", "strokes.model.commands", "service"),
-    "generation": ("strokes.model.testing", "strokes.model.commands", "service"),
-    "testing": ("strokes.model.commands", "service"),
+    "spec": (
+        "strokes.model.network",
+        "strokes.model.generation",
+        TRAINING,
+        "strokes.model.testing",
+        "strokes.service",
+    ),
+    "network": (
+        "strokes.model.generation",
+        TRAINING,
+        "strokes.model.testing",
+        "strokes.model.commands",
+        "strokes.service",
+    ),
+    "generation": (TRAINING, "strokes.model.testing", "strokes.model.commands", "strokes.service"),
+    "training": ("strokes.model.testing", "strokes.model.commands", "strokes.service"),
+    "testing": ("strokes.model.commands", "strokes.service"),
 }
 
 
