@@ -85,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     device, why = devices.resolve(args.device)
     print(f"loading {args.checkpoint} on {device} ({why}) ...", file=sys.stderr)
-    engine = load_engine(args.checkpoint, device=device, dtype=args.dtype)
+    engine = load_engine(args.checkpoint, device=device, dtype=args.dtype, adapter=args.adapter)
     print(f"loaded in {engine.load_seconds:.1f} s", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     if params.input_image is not None:  # kept beside the trajectory, so that it can be forked
@@ -250,6 +250,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, float32 on CPU)"
     )
+    p.add_argument("--adapter", default=None, help="a LoRA adapter of `strokes train`, merged at load")
     p.add_argument("--out", default="out", help="folder for the images and trajectory.json")
     p.add_argument(
         "--protocol",

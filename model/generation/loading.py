@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from strokes.model.generation.adapters import merge_adapter
 from strokes.model.generation.engine import Engine
 from strokes.model.network.bagel import Bagel
 from strokes.model.network.config import BagelConfig, CheckpointError, load_config
@@ -133,9 +134,11 @@ def load_engine(
     *,
     attn_impl: str = "sdpa",
     batch_branches: bool = True,
+    adapter: str | Path | None = None,
 ) -> Engine:
     """Load the checkpoint folder (or hub repo id) onto `device`. dtype defaults to bf16 on CUDA,
-    float32 on CPU; the VAE always runs in float32 (as the reference runs it)."""
+    float32 on CPU; the VAE always runs in float32 (as the reference runs it). `adapter`: a LoRA
+    adapter folder of `strokes train`, merged into the weights (model/generation/adapters.py)."""
     folder = resolve_checkpoint(checkpoint)
     dev = prepare_device(device)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(dev))
@@ -150,6 +153,8 @@ def load_engine(
     model, vae = build_model(cfg, attn_impl)
     load_safetensors_into(model, folder / "ema.safetensors", dev, torch_dtype)
     load_safetensors_into(vae, folder / "ae.safetensors", dev, torch.float32)
+    if adapter is not None:
+        merge_adapter(model, cfg, adapter)
     engine = Engine(model, vae, tokenizer, batch_branches=batch_branches)
     engine.load_seconds = time.perf_counter() - started
     return engine

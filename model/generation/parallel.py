@@ -177,7 +177,13 @@ class BranchGroup:
 
 
 def _follower(
-    checkpoint: str, device: str, dtype: str | None, rank: int, world: int, rendezvous: str
+    checkpoint: str,
+    device: str,
+    dtype: str | None,
+    rank: int,
+    world: int,
+    rendezvous: str,
+    adapter: str | None = None,
 ) -> None:
     """A follower process: the model on its device, serving branches until the leader shuts down.
     It also ends when the worker that spawned it dies (even by SIGKILL, which skips the
@@ -197,7 +203,7 @@ def _follower(
 
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
 
-    engine = load_engine(checkpoint, device=device, dtype=dtype)
+    engine = load_engine(checkpoint, device=device, dtype=dtype, adapter=adapter)
     init_group(rank, world, engine.device, rendezvous)
     try:
         BranchGroup(engine, rank, world).serve()
@@ -205,7 +211,9 @@ def _follower(
         dist.destroy_process_group()
 
 
-def load_parallel_engine(checkpoint: str, devices: list[str], dtype: str | None = None):
+def load_parallel_engine(
+    checkpoint: str, devices: list[str], dtype: str | None = None, adapter: str | None = None
+):
     """The leader's engine on devices[0], with one follower process per other device (spawned,
     daemonic: they end with the worker), all in one process group; `engine.branch_group` set."""
     import multiprocessing
@@ -226,18 +234,20 @@ def load_parallel_engine(checkpoint: str, devices: list[str], dtype: str | None 
     for rank, device in enumerate(devices[1:], start=1):
         spawn.Process(
             target=_follower,
-            args=(str(checkpoint), device, dtype, rank, world, rendezvous),
+            args=(str(checkpoint), device, dtype, rank, world, rendezvous, adapter),
             name=f"strokes-branches-{device}",
             daemon=True,
         ).start()
-    engine = load_engine(checkpoint, device=devices[0], dtype=dtype)
+    engine = load_engine(checkpoint, device=devices[0], dtype=dtype, adapter=adapter)
     init_group(0, world, engine.device, rendezvous)
     engine.branch_group = BranchGroup(engine, 0, world)
     return engine
 
 
-def load_parallel_pipeline(checkpoint: str, devices: list[str], dtype: str | None = None):
+def load_parallel_pipeline(
+    checkpoint: str, devices: list[str], dtype: str | None = None, adapter: str | None = None
+):
     """The worker's pipeline over several devices (`strokes worker --devices cuda:0,cuda:1,...`)."""
     from strokes.model.generation.pipeline import Pipeline
 
-    return Pipeline(load_parallel_engine(checkpoint, devices, dtype))
+    return Pipeline(load_parallel_engine(checkpoint, devices, dtype, adapter))

@@ -43,6 +43,9 @@ class ForwardOptions:
     timestep_shift: float = 1.0
     checkpoint_layers: bool = False  # recompute each decoder layer in the backward (activation checkpointing)
     trace: bool = False  # keep the intermediates the golden cases record (TokenLosses.trace)
+    # Under FSDP every rank must give every trainable parameter a gradient, even when its pack has
+    # no CE token, image or ViT token: run such heads on nothing (TokenLosses.zero).
+    all_heads: bool = False
 
 
 @dataclass
@@ -50,6 +53,7 @@ class TokenLosses:
     ce: Tensor | None  # (n_ce,) per-token cross-entropy; None without CE tokens
     mse: Tensor | None  # (n_mse, P) per-element squared error; None without loss images
     trace: dict[str, Tensor] = field(default_factory=dict)
+    zero: Tensor | None = None  # 0, tied to the heads this pack did not use (all_heads)
 
 
 def shift_timesteps(raw: Tensor, shift: float) -> Tensor:
@@ -91,15 +95,23 @@ def masked_attention(masks: list[Tensor], sample_lens: list[int]):
 
 @torch.no_grad()
 def encode_latents(vae: AutoEncoder, batch: PackedBatch, trace: dict[str, Tensor] | None) -> Tensor:
-    """The posterior sample of the padded image batch: (N, Z, Hm/8, Wm/8), scaled and shifted."""
+    """The posterior sample of the padded image batch: (N, Z, Hm/8, Wm/8), scaled and shifted.
+
+    An image fed twice (the noisy draft and its clean copy) is encoded once: batch elements go
+    through the encoder independently, so its moments are the same; each copy draws its own sample.
+    """
     if batch.posterior_eps is None:
         raise ValueError("the batch has no posterior draw: attach_noise first")
     param = next(vae.parameters())
-    images = batch.padded_images.to(param.device, param.dtype)  # (N, 3, Hm, Wm)
-    eps = batch.posterior_eps.to(param.device, param.dtype)
+    unique = list(dict.fromkeys(batch.vae_keys))
+    first = [batch.vae_keys.index(k) for k in unique]
+    images = batch.padded_images[first].to(param.device, param.dtype)  # (U, 3, Hm, Wm)
+    mean, logvar = vae.encode_moments(images)  # (U, Z, Hm/8, Wm/8) each
+    pick = torch.tensor([unique.index(k) for k in batch.vae_keys], device=mean.device)
+    mean, logvar = mean[pick], logvar[pick]  # (N, Z, Hm/8, Wm/8)
     if trace is not None:
-        trace["fwd.vae_moments"] = torch.cat(vae.encode_moments(images), dim=1)
-    return vae.encode(images, eps)
+        trace["fwd.vae_moments"] = torch.cat([mean, logvar], dim=1)
+    return vae.posterior(mean, logvar, batch.posterior_eps.to(param.device, param.dtype))
 
 
 def training_forward(model: Bagel, vae: AutoEncoder, batch: PackedBatch, opts: ForwardOptions) -> TokenLosses:
@@ -111,6 +123,7 @@ def training_forward(model: Bagel, vae: AutoEncoder, batch: PackedBatch, opts: F
     seq = emb.new_zeros(batch.sequence_length, cfg.llm.hidden_size)  # (L, E)
     seq[batch.text_indexes] = emb
     und = [batch.text_indexes]
+    zero = seq.new_zeros(())
 
     if batch.vit_tokens is not None:
         vit_outs, start = [], 0
@@ -124,6 +137,10 @@ def training_forward(model: Bagel, vae: AutoEncoder, batch: PackedBatch, opts: F
         und.append(batch.vit_token_indexes)
         if trace is not None:
             trace["fwd.vit_out"], trace["fwd.connector_out"] = vit_out, connected
+    elif opts.all_heads:
+        nothing = batch.text_ids.new_zeros(0)
+        patches = seq.new_zeros(0, cfg.vit.patch_dim)
+        zero = zero + model.connector(model.vit_model(patches, nothing)).sum()
 
     gen = batch.vae_token_indexes
     if gen is not None:
@@ -149,6 +166,12 @@ def training_forward(model: Bagel, vae: AutoEncoder, batch: PackedBatch, opts: F
             )
     else:
         gen = batch.text_indexes.new_zeros(0)
+        if opts.all_heads:
+            nothing = seq.new_zeros(0)
+            zero = (
+                zero
+                + (model.vae2llm(seq.new_zeros(0, cfg.patch_latent_dim)) + model.time_embedder(nothing)).sum()
+            )
 
     experts = TokenExperts(und=torch.cat(und), gen=gen)
     positions = batch.position_ids[None]  # (1, L)
@@ -170,15 +193,17 @@ def training_forward(model: Bagel, vae: AutoEncoder, batch: PackedBatch, opts: F
         mse = (preds - target[t > 0]) ** 2  # (n_mse, P)
         if trace is not None:
             trace["fwd.mse_preds"] = preds
+    elif opts.all_heads:
+        mse = model.llm2vae(hidden[:0]) ** 2  # (0, P)
     ce = None
-    if batch.num_ce:
+    if batch.num_ce or opts.all_heads:
         logits = lm.lm_head(hidden[batch.ce_indexes])  # (n_ce, V)
         ce = F.cross_entropy(logits.float(), batch.label_ids, reduction="none")  # (n_ce,)
         if trace is not None:
             trace["fwd.ce_logits"] = logits
     if trace is not None:
         trace["fwd.last_hidden_state"] = hidden
-    return TokenLosses(ce, mse, trace or {})
+    return TokenLosses(ce, mse, trace or {}, zero if opts.all_heads else None)
 
 
 class TrainingBagel(Bagel):

@@ -66,6 +66,8 @@ def reduce_losses(
         loss = mse * weights.mse if loss is None else loss + mse * weights.mse
     if loss is None:
         raise ValueError(f"samples {batch.ids}: no token carries loss")
+    if losses.zero is not None:
+        loss = loss + losses.zero
     return Reduced(
         loss / accumulation,
         None if ce is None else ce.detach(),

@@ -77,6 +77,8 @@ class PackedBatch:
     ce_sample: Tensor  # (n_ce,) long: the sample each CE token belongs to
     vae_images: list[Tensor] = field(default_factory=list)  # N x (3, H, W)
     latent_shapes: list[tuple[int, int]] = field(default_factory=list)  # N x (h, w) latent tokens
+    vae_sample: list[int] = field(default_factory=list)  # N: the sample each vae image belongs to
+    vae_keys: list[tuple[int, int]] = field(default_factory=list)  # N: (sample, image): copies share one
     latent_position_ids: Tensor | None = None  # (n_vae,) long
     vae_token_indexes: Tensor | None = None  # (n_vae,) long
     timesteps: Tensor | None = None  # (n_vae,) raw draws, -inf for clean images
@@ -175,6 +177,8 @@ class _Packer:
         self.ce_sample: list[int] = []
         self.vae_images: list[Tensor] = []
         self.latent_shapes: list[tuple[int, int]] = []
+        self.vae_sample: list[int] = []
+        self.vae_keys: list[tuple[int, int]] = []
         self.latent_positions: list[Tensor] = []
         self.vae_indexes: list[int] = []
         self.timesteps: list[float] = []
@@ -252,6 +256,8 @@ class _Packer:
                 h, w = image.shape[1] // cfg.vae_downsample, image.shape[2] // cfg.vae_downsample
                 self.latent_positions.append(latent_position_ids(h, w, cfg.max_latent_size))
                 self.latent_shapes.append((h, w))
+                self.vae_sample.append(sample)
+                self.vae_keys.append((sample, item.image))
                 n_img = h * w
                 self.vae_indexes.extend(range(self.curr, self.curr + n_img))
                 if item.loss:
@@ -295,6 +301,8 @@ class _Packer:
         if self.vae_images:
             out.vae_images = self.vae_images
             out.latent_shapes = self.latent_shapes
+            out.vae_sample = self.vae_sample
+            out.vae_keys = self.vae_keys
             out.latent_position_ids = torch.cat(self.latent_positions)
             out.vae_token_indexes = torch.tensor(self.vae_indexes, dtype=long)
             out.timesteps = torch.tensor(self.timesteps, dtype=torch.float32)

@@ -82,7 +82,7 @@ class Sample:
 
 
 def _fail(where: str, sample_id: str | None, field: str, message: str) -> DataError:
-    who = f" sample {sample_id!r}" if sample_id is not None else ""
+    who = f" sample {sample_id!r}," if sample_id is not None else ""
     return DataError(f"{where}:{who} {field}: {message}")
 
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 # (module, attribute) pairs; each `register(subparsers)` adds one or more subcommands.
 COMMAND_MODULES: list[str] = [
     "strokes.model.commands",
+    "strokes.model.training.commands",
     "strokes.service.cli.api",
     "strokes.service.cli.worker",
     "strokes.service.cli.serve",

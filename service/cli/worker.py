@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from strokes.service.blobs import store as bloblib
@@ -30,12 +31,14 @@ log = logging.getLogger("strokes.worker")
 PipelineFactory = Callable[[str, str, "str | None"], Pipeline]  # (checkpoint, device, dtype)
 
 
-def load_pipeline(checkpoint: str, device: str, dtype: str | None = None) -> Pipeline:
-    """The real pipeline: BAGEL loaded once onto `device`."""
+def load_pipeline(
+    checkpoint: str, device: str, dtype: str | None = None, adapter: str | None = None
+) -> Pipeline:
+    """The real pipeline: BAGEL loaded once onto `device` (a LoRA adapter merged in, if given)."""
     from strokes.model.generation.loading import load_engine
     from strokes.model.generation.pipeline import Pipeline as ModelPipeline
 
-    return ModelPipeline(load_engine(checkpoint, device=device, dtype=dtype))
+    return ModelPipeline(load_engine(checkpoint, device=device, dtype=dtype, adapter=adapter))
 
 
 def factory_from_path(path: str) -> PipelineFactory:
@@ -117,12 +120,14 @@ def run_worker(args) -> int:
             )
             return 2
     name = args.name or default_name(args.device)
-    factory = factory_from_path(args.pipeline) if args.pipeline else load_pipeline
+    factory = (
+        factory_from_path(args.pipeline) if args.pipeline else partial(load_pipeline, adapter=args.adapter)
+    )
     if len(devices) > 1 and not args.pipeline:
         from strokes.model.generation.parallel import load_parallel_pipeline
 
         def factory(checkpoint, device, dtype):
-            return load_parallel_pipeline(checkpoint, devices, dtype)
+            return load_parallel_pipeline(checkpoint, devices, dtype, args.adapter)
 
     began = time.perf_counter()
     log.info(
@@ -174,6 +179,11 @@ def register(subparsers) -> None:
         "parallel, one per device (overrides --device)",
     )
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: per device)")
+    p.add_argument(
+        "--adapter",
+        default=os.environ.get("STROKES_ADAPTER"),
+        help="a LoRA adapter folder of `strokes train`, merged into the weights at load; default $STROKES_ADAPTER",
+    )
     p.add_argument("--redis-url", default=None, help="Redis to use (default: $STROKES_REDIS_URL)")
     p.add_argument("--name", default=None, help="consumer name, unique per worker (default host-device-pid)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
