@@ -124,3 +124,46 @@ def write_samples(folder: Path, size: int = 64, think: bool = True) -> Path:
     converted = convert([exports], folder / "data", think=think)
     assert not converted.skipped, converted.skipped
     return folder / "data" / "samples.jsonl"
+
+
+def proof_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A tiny checkpoint for the CPU proof of training (tests/model/test_train_proof.py).
+
+    The tiny geometry with three changes, all about the images, that make the random VAE behave
+    like the real FLUX VAE where it matters to the flow:
+    - the LLM is 256 wide, so that a latent token's 64 values have room beside the fixed 2-D
+      position table in the residual stream (at width 64 they share every dimension and the
+      velocity is not learned in a few hundred steps);
+    - the posterior is (nearly) deterministic, as FLUX's is (a random VAE's posterior std is ~0.4:
+      latents that noisy cannot be memorised);
+    - the latents are rescaled to unit standard deviation over the synthetic images, as FLUX's
+      scale factor does (the random encoder maps every image to almost the same latent, std
+      0.01). This is an exact reparametrisation: the encoder's mean rows times k, the decoder's
+      first convolution divided by k, so decode(encode(x)) is unchanged.
+    """
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from strokes.model.network.config import load_config
+    from strokes.model.network.vae import AutoEncoder
+    from strokes.model.testing.tiny import PRESETS, make_tiny
+
+    out = make_tiny(folder, seed=seed, sizes=replace(PRESETS["tiny"], hidden=256, intermediate=512))
+    weights = load_file(str(out / "ae.safetensors"))
+    z = weights["encoder.conv_out.bias"].shape[0] // 2  # rows [z:] are the log-variance
+    weights["encoder.conv_out.weight"][z:] = 0.0
+    weights["encoder.conv_out.bias"][z:] = -30.0  # posterior std e^-15
+    cfg = load_config(out)
+    vae = AutoEncoder(cfg.vae)
+    vae.load_state_dict(weights)
+    shapes = [s.shape for _, steps in TRAJECTORIES.values() for s in steps if s.shape]
+    images = torch.stack([cfg.vae_transform(Image.fromarray(shape_image(*sh, 64))) for sh in shapes])
+    with torch.no_grad():
+        k = 1.0 / vae.posterior(*vae.encode_moments(images)).std().item()
+    weights["encoder.conv_out.weight"][:z] *= k
+    weights["encoder.conv_out.bias"][:z] *= k
+    weights["decoder.conv_in.weight"] /= k
+    save_file(weights, str(out / "ae.safetensors"))
+    return out

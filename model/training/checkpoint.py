@@ -46,6 +46,9 @@ from strokes.model.training.optim import EMA
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Setting back: the frozen tables are not in the state (DCP's load already failed on any key the
+# checkpoint lacks), so a strict load would miss them.
+SET_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class ResumeError(ValueError):
@@ -177,7 +180,11 @@ def load(
     state = _state(model, optimizer, ema)
     _quiet(dcp.load, state, checkpoint_id=path / "train_state", no_dist=not d.enabled)
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIONS
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=SET_OPTIONS,
     )
     if ema is not None:
         ema.load_state_dict(state["ema"])
@@ -192,6 +199,6 @@ def load_weights(path: Path, model: nn.Module, ema: EMA | None) -> None:
     if ema is not None:
         state["ema"] = ema.state_dict()
     _quiet(dcp.load, state, checkpoint_id=path / "train_state", no_dist=True)
-    set_model_state_dict(model, state["model"], options=OPTIONS)
+    set_model_state_dict(model, state["model"], options=SET_OPTIONS)
     if ema is not None:
         ema.load_state_dict(state["ema"])

@@ -3,7 +3,9 @@
 `setup(device)` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): one process per GPU
 (cuda:LOCAL_RANK, NCCL), or on CPU (gloo, for tests); without it, one process and no process
 group. `shard(model, precision)` applies `torch.distributed.fsdp.fully_shard` to every decoder
-layer and ViT layer, then to the root: parameters live as float32 shards (the master weights),
+layer, then to the root (embeddings, heads, the ViT and the connector: the ViT runs once per image
+and a pack's images differ from rank to rank, so its layers cannot be units of their own, whose
+all-gathers every rank must call alike): parameters live as float32 shards (the master weights),
 are all-gathered in bf16 for compute with `MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=fp32)` and reduce-scattered with averaging, so each rank's gradient is the mean of
 the ranks' (the loss reduction multiplies by the world size, as the official script does).
@@ -62,7 +64,7 @@ def teardown(d: Dist) -> None:
 
 
 def shard(model: Bagel, bf16: bool) -> nn.Module:
-    """FSDP2 over the model: each MoT layer and ViT layer a unit, the rest in the root's."""
+    """FSDP2 over the model: each MoT layer a unit, the rest in the root's."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = (
@@ -71,8 +73,6 @@ def shard(model: Bagel, bf16: bool) -> nn.Module:
         else MixedPrecisionPolicy()
     )
     for layer in model.language_model.model.layers:
-        fully_shard(layer, mp_policy=policy)
-    for layer in model.vit_model.vision_model.encoder.layers:
         fully_shard(layer, mp_policy=policy)
     return fully_shard(model, mp_policy=policy)
 
