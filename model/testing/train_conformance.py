@@ -282,5 +282,5 @@ def run_train_golden(
         base = load_base(checkpoint, device=device, dtype=torch.float32)
         diffs = run_train_case(base, path)
         ok &= not diffs.failures
-        lines.append(format_train_line(path.stem, diffs))
+        lines.append(format_train_line(f"train/{path.stem}", diffs))
     return lines, ok

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,25 @@ def test_the_replay_fails_when_the_clean_draft_copy_is_taken_for_a_noisy_one(tmp
     failures = _replay_changed(tmp_path, noisy_copy)
     assert any(f.startswith("packed.packed_position_ids") for f in failures), failures
     assert any(f.startswith("packed.nested_attention_mask.0") for f in failures), failures
+
+
+def test_strokes_conformance_replays_the_training_cases_too(tmp_path: Path):
+    golden = tmp_path / "golden"
+    shutil.copytree(GOLDEN, golden, ignore=shutil.ignore_patterns("cases"))
+    (golden / "cases").mkdir()
+    for name in ("t1_text_gen.json", "t1_text_gen.safetensors"):
+        shutil.copy(GOLDEN / "cases" / name, golden / "cases" / name)
+    out = subprocess.run(
+        [sys.executable, "-m", "strokes.service.cli", "conformance", str(golden)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in (
+        "t1_text_gen",
+        "train/tr1_t2i",
+        "train/tr2_interleaved",
+        "train/tr3_edit",
+        "train/tr4_packed_two",
+    ):
+        assert f"PASS {name}" in out.stdout, out.stdout
