@@ -127,10 +127,13 @@ def write_samples(folder: Path, size: int = 64, think: bool = True) -> Path:
 
 
 def proof_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """A tiny checkpoint for the CPU proof of training (tests/model/test_train_proof.py).
+    """A tiny checkpoint for the CPU proof of training (tests/service/test_train_proof.py).
 
-    The tiny geometry with three changes, all about the images, that make the random VAE behave
-    like the real FLUX VAE where it matters to the flow:
+    The tiny geometry with four changes that make the random weights behave like trained ones
+    where a few hundred steps of fine-tuning depend on it:
+    - lm_head scaled by 4, as in the golden tiny checkpoint: a random head of std 0.02 caps every
+      token's probability near 0.3 (the logits cannot spread), which LoRA, leaving the head
+      frozen, could not lift;
     - the LLM is 256 wide, so that a latent token's 64 values have room beside the fixed 2-D
       position table in the residual stream (at width 64 they share every dimension and the
       velocity is not learned in a few hundred steps);
@@ -166,4 +169,7 @@ def proof_checkpoint(folder: Path, seed: int = 0) -> Path:
     weights["encoder.conv_out.bias"][:z] *= k
     weights["decoder.conv_in.weight"] /= k
     save_file(weights, str(out / "ae.safetensors"))
+    model = load_file(str(out / "ema.safetensors"))
+    model["language_model.lm_head.weight"] *= 4.0
+    save_file(model, str(out / "ema.safetensors"))
     return out
