@@ -90,13 +90,13 @@ def one(size: str, mode: str, steps: int, warmup: int, out: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--steps", type=int, default=4, help="measured optimizer steps per configuration")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default: 20 tiny, 3 small)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--one", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        one(*args.one, args.steps, args.warmup, Path(args.out))
+        one(*args.one, args.steps or 3, args.warmup, Path(args.out))
         return
     small_checkpoint()  # written once, outside the measurements
     quiet = wait_for_quiet()
@@ -104,6 +104,7 @@ def main() -> None:
     for size, mode in CONFIGS:
         log(f"== {size} {mode}")
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            steps = args.steps or (20 if size == "tiny" else 3)
             cmd = [
                 sys.executable,
                 __file__,
@@ -111,13 +112,13 @@ def main() -> None:
                 size,
                 mode,
                 "--steps",
-                str(args.steps),
+                str(steps),
                 "--warmup",
                 str(args.warmup),
                 "--out",
                 f.name,
             ]
-            subprocess.run(cmd, check=True, cwd=REPO)
+            subprocess.run(cmd, check=True, cwd=REPO, stdout=sys.stderr)  # its progress lines: stderr
             rows.append(json.loads(Path(f.name).read_text()))
     print(
         f"{'config':<12} {'tokens/step':>11} {'tokens/s':>9} {'s/step':>7} {'peak GB':>8} {'others busy':>11}"

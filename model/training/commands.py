@@ -154,7 +154,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_user_errors(_train_export))
 
     p = sub.add_parser("data", help="training data: convert trajectory exports, check a dataset")
-    data = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    data = p.add_subparsers(
+        dest="data_command", metavar="DATA_COMMAND", required=True, help="from-trajectories or check"
+    )
     q = data.add_parser(
         "from-trajectories", help="service trajectory exports -> samples in the interleaved format"
     )

@@ -32,7 +32,7 @@ import torch
 
 from strokes.model import devices
 from strokes.model.training import checkpoint as ckpt
-from strokes.model.training.base import load_base
+from strokes.model.training.base import Base, load_base
 from strokes.model.training.data import DataPosition, TrainData, pack_config_of
 from strokes.model.training.distributed import Dist, all_sum, setup, shard, teardown
 from strokes.model.training.export import export_adapter, export_checkpoint, gather_weights, merged_weights
@@ -394,7 +394,16 @@ def _log(
     return record
 
 
-def _export(cfg: TrainConfig, run: Path, model, ema, modules, lora_cfg, base, d: Dist) -> Path | None:
+def _export(
+    cfg: TrainConfig,
+    run: Path,
+    model: torch.nn.Module,
+    ema: EMA | None,
+    modules: list[str],
+    lora_cfg: LoRAConfig | None,
+    base: Base,
+    d: Dist,
+) -> Path | None:
     weights = gather_weights(model, ema, d)
     if not d.main:
         return None

@@ -4,6 +4,8 @@ adapter the worker merges at load serves exactly what the adapted model computed
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from strokes.model.training.samples import load_samples
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "golden" / "tiny_ckpt"
 CPU = Dist(0, 1, 0, torch.device("cpu"))
+STROKES = [sys.executable, "-m", "strokes.service.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,38 @@ def test_the_merged_adapter_serves_what_the_adapted_model_computed(batch, tmp_pa
     engine = load_engine(TINY, adapter=out)  # what `strokes worker --adapter` and `generate --adapter` do
     w = engine.model.language_model.model.layers[1].self_attn.v_proj.weight
     assert torch.equal(w, served.model.language_model.model.layers[1].self_attn.v_proj.weight)
+
+    run = subprocess.run(
+        [
+            *STROKES,
+            "generate",
+            "a red square",
+            "--checkpoint",
+            str(TINY),
+            "--adapter",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+        + [
+            "--out",
+            str(tmp_path / "gen"),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--max-iterations",
+            "1",
+        ]
+        + ["--max-text-tokens", "4", "--seed", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "gen" / "trajectory.json").is_file()
 
 
 def test_an_adapter_for_another_base_or_with_missing_tensors_is_refused(tmp_path: Path):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from strokes.model.generation.loading import load_engine
 from strokes.model.testing.tiny_data import write_samples
 from strokes.model.training.checkpoint import ResumeError
 from strokes.model.training.optim import EMA, OptimConfig, lr_at
@@ -79,6 +80,7 @@ def strokes(*args: str) -> list[str]:
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(dataset: Path, tmp_path: Path):
     whole = train(config(dataset, tmp_path / "whole"))
     assert whole.steps == 30 and whole.export is not None
+    assert load_engine(whole.export).cfg.llm.hidden_size == 64  # the official layout, as a worker loads it
 
     killed = config(dataset, tmp_path / "killed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
