@@ -55,6 +55,7 @@ def _config(data: Path, checkpoint: Path, out: Path, max_tokens: int) -> TrainCo
         activation_checkpointing=True,
         log_every=1,
         save_every=STEPS,
+        ema=0.99,  # kept as FSDP2 shards on two processes, gathered for the export
         num_workers=0,
         device="cpu",
         resume="never",

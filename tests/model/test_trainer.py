@@ -160,7 +160,7 @@ def test_a_resume_that_does_not_match_fails_naming_what_differs(dataset: Path, t
 
 
 def test_the_log_has_a_record_per_step_with_the_metrics(dataset: Path, tmp_path: Path, capsys):
-    result = train(config(dataset, tmp_path / "run", steps=4, accumulation=2, ema=0.9))
+    result = train(config(dataset, tmp_path / "run", steps=4, accumulation=2, ema=0.9, num_workers=2))
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     last = records[-1]
@@ -191,3 +191,13 @@ def test_the_ema_follows_the_weights():
     ema.update([("w", p)])
     ema.update([("w", p)])
     assert torch.allclose(ema.shadow["w"], torch.full((3,), 1 - 0.9**2))
+
+
+def test_lora_in_bf16_with_float32_adapters_trains_and_exports_an_adapter(dataset: Path, tmp_path: Path):
+    result = train(config(dataset, tmp_path / "run", mode="lora", precision="bf16", steps=2, lr=1e-2))
+    assert result.export.name == "adapter"
+    adapter = load_file(str(result.export / "adapter.safetensors"))
+    assert all(t.dtype == torch.float32 for t in adapter.values())  # the trained weights: float32
+    assert any(k.endswith("lora_B") and t.abs().max() > 0 for k, t in adapter.items())  # B moved from 0
+    engine = load_engine(TINY, dtype="bfloat16", adapter=result.export)  # the base stays bf16, merged
+    assert engine.dtype == torch.bfloat16
