@@ -30,7 +30,7 @@ from torch import Tensor
 from strokes.model.network.config import BagelConfig
 from strokes.model.spec.sizing import to_rgb
 from strokes.model.training.packing import PackConfig, PackedBatch, SampleTensors, attach_noise, pack
-from strokes.model.training.plan import ItemType, SamplePlan, TokenGeometry, plan_tokens
+from strokes.model.training.plan import ItemType, SamplePlan, SpecialTokens, TokenGeometry, plan_tokens
 from strokes.model.training.samples import DataError
 
 
@@ -59,7 +59,10 @@ def geometry_of(cfg: BagelConfig) -> TokenGeometry:
     return TokenGeometry(cfg.vae_transform, cfg.vit_transform, cfg.latent_downsample, cfg.vit.patch_size)
 
 
-def pack_config_of(cfg: BagelConfig, tokens, text: float, vit: float, vae: float) -> PackConfig:
+def pack_config_of(
+    cfg: BagelConfig, tokens: SpecialTokens, text: float, vit: float, vae: float
+) -> PackConfig:
+    """The packing of a checkpoint's geometry, with conditioning dropout probabilities."""
     return PackConfig(
         tokens=tokens,
         vae_downsample=cfg.latent_downsample,

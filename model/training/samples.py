@@ -122,7 +122,7 @@ def parse_segment(obj: object, base: Path, where: str, sample_id: str, index: in
                 f"{field}.text",
                 f"contains the control token {control} (it cannot be learned)",
             )
-        if loss and role in ("system",):
+        if loss and role == "system":
             raise _fail(where, sample_id, f"{field}.loss", "a system prompt carries no loss")
         return Segment(role, loss, text=text)
     if "text" in obj:
