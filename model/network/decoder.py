@@ -9,7 +9,8 @@ every image marker) except a contiguous run `gen` (VAE latent tokens) that uses 
 expert (`*_moe_gen` weights); a packed training sequence (model/training/forward.py), whose
 latent tokens lie in several runs, routes by index instead (`TokenExperts`). One softmax covers
 every key of the branch: its cached context plus the block. q/k RMSNorm is applied per head before
-RoPE; positions are 1-D (an image block shares one position). Parameter names are exactly the checkpoint's (`language_model.model.layers.N...`).
+RoPE; positions are 1-D (an image block shares one position). Parameter names are exactly the
+checkpoint's (`language_model.model.layers.N...`).
 """
 
 from __future__ import annotations
