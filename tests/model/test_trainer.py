@@ -201,3 +201,28 @@ def test_lora_in_bf16_with_float32_adapters_trains_and_exports_an_adapter(datase
     assert any(k.endswith("lora_B") and t.abs().max() > 0 for k, t in adapter.items())  # B moved from 0
     engine = load_engine(TINY, dtype="bfloat16", adapter=result.export)  # the base stays bf16, merged
     assert engine.dtype == torch.bfloat16
+
+
+def test_train_export_turns_a_lora_run_into_an_official_checkpoint(dataset: Path, tmp_path: Path):
+    result = train(config(dataset, tmp_path / "run", mode="lora", steps=2, lr=1e-2, export="none"))
+    assert result.export is None
+    for kind in ("adapter", "checkpoint"):
+        proc = subprocess.run(
+            strokes("train-export", str(tmp_path / "run"), "--as", kind, "--out", str(tmp_path / kind)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr
+    merged = load_engine(tmp_path / "checkpoint").model.state_dict()
+    served = load_engine(TINY, adapter=tmp_path / "adapter").model.state_dict()
+    assert max((merged[k] - served[k]).abs().max().item() for k in merged) < 1e-6
+    proc = subprocess.run(
+        strokes("train-export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2 and "not a training run folder" in proc.stderr
