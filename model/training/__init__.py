@@ -6,6 +6,7 @@
     packing.py       the official `pack_sequence`: packed tensors, positions, masks, labels
     forward.py       the official training forward on the shared network: per-token CE and MSE
     losses.py        the official loss reduction
+    base.py          the base model of a run, from a checkpoint folder (TrainingBagel + frozen VAE)
     lora.py          low-rank adapters on the experts' projections
     data.py          epochs, packs, ranks and the data position
     optim.py         AdamW, the warmup-cosine schedule, gradient clipping, EMA
