@@ -80,6 +80,9 @@ if [ "$bench_rc" -ne 0 ]; then
   status=1
 fi
 
+# [issue 20] one LoRA training step, BAGEL-7B-MoT shape, 10k-token pack (bench/gpu_train.py; ~90 s; its JSON comes back as gpu_train.log)
+$PY bench/gpu_train.py $([ $DRY = 1 ] && echo --dry-run) --out "$RESULTS/gpu_train$([ $DRY = 1 ] && echo .dry-run).json" > "$LOGS/gpu_train.log" || { echo "!! GPU TRAINING STEP FAILED" >&2; status=1; }
+
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
   cp "$LOGS"/*.log "$OUT"/ 2>/dev/null
   [ -f "$bench_out" ] && cp "$bench_out" "$OUT"/

@@ -67,6 +67,12 @@ def _conformance(args: argparse.Namespace) -> int:
     print(f"device {device} ({why})", file=sys.stderr)
     started = time.perf_counter()
     lines, ok = run_golden(args.golden_dir, device=device, attn_impl=args.attn, dtype=args.dtype)
+    train = Path(args.golden_dir) / "train"
+    if train.is_dir() and args.dtype == "float32":  # the training cases: float32 only
+        from strokes.model.testing.train_conformance import run_train_golden
+
+        train_lines, train_ok = run_train_golden(train, Path(args.golden_dir) / "tiny_ckpt", device=device)
+        lines, ok = [*lines, *train_lines], ok and train_ok
     for line in lines:
         print(line)
     print(f"{'all cases pass' if ok else 'SOME CASES FAIL'} ({time.perf_counter() - started:.1f} s)")
@@ -86,7 +92,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     device, why = devices.resolve(args.device)
     print(f"loading {args.checkpoint} on {device} ({why}) ...", file=sys.stderr)
-    engine = load_engine(args.checkpoint, device=device, dtype=args.dtype)
+    engine = load_engine(args.checkpoint, device=device, dtype=args.dtype, adapter=args.adapter)
     print(f"loaded in {engine.load_seconds:.1f} s", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     if params.input_image is not None:  # kept beside the trajectory, so that it can be forked
@@ -231,7 +237,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "conformance", help="replay golden cases of the official BAGEL code, exit 1 on a mismatch"
     )
-    p.add_argument("golden_dir", help="a folder with tiny_ckpt/ and cases/")
+    p.add_argument(
+        "golden_dir", help="a folder with tiny_ckpt/ and cases/ (and train/: the training cases, in float32)"
+    )
     p.add_argument("--device", default=devices.default(), help=devices.HELP)
     p.add_argument("--attn", choices=["sdpa", "reference"], default="sdpa", help="attention implementation")
     p.add_argument(
@@ -251,6 +259,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, float32 on CPU)"
     )
+    p.add_argument("--adapter", default=None, help="a LoRA adapter of `strokes train`, merged at load")
     p.add_argument("--out", default="out", help="folder for the images and trajectory.json")
     p.add_argument(
         "--protocol",

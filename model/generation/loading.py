@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from strokes.model.generation.adapters import merge_adapter
 from strokes.model.generation.engine import Engine
 from strokes.model.network.bagel import Bagel
 from strokes.model.network.compiled import CompileOptions
@@ -145,11 +146,13 @@ def load_engine(
     batch_branches: bool = True,
     compile: CompileOptions | None = None,
     weights: str = "bf16",
+    adapter: str | Path | None = None,
 ) -> Engine:
     """Load the checkpoint folder (or hub repo id) onto `device`. dtype defaults to bf16 on CUDA,
     float32 on CPU; the VAE always runs in float32 (as the reference runs it). `compile`: run the
     decoder's layers compiled (model/network/compiled.py); None: eager. `weights="fp8"`: the
-    decoder layers' linear layers in FP8 (model/network/fp8.py; FP8-capable GPUs only)."""
+    decoder layers' linear layers in FP8 (model/network/fp8.py; FP8-capable GPUs only). `adapter`: a
+    LoRA adapter folder of `strokes train`, merged into the weights first (model/generation/adapters.py)."""
     if weights not in WEIGHTS:
         raise CheckpointError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     folder = resolve_checkpoint(checkpoint)
@@ -175,6 +178,8 @@ def load_engine(
     model, vae = build_model(cfg, attn_impl)
     load_safetensors_into(model, folder / "ema.safetensors", dev, torch_dtype)
     load_safetensors_into(vae, folder / "ae.safetensors", dev, torch.float32)
+    if adapter is not None:
+        merge_adapter(model, cfg, adapter)
     if weights == "fp8":
         quantize_decoder(model.language_model)
     model.language_model.compile_regions(compile)

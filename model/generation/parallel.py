@@ -253,6 +253,7 @@ def _follower(
     devices: list[str],
     weights: str,
     compile_cache: str | None,
+    adapter: str | None = None,
 ) -> None:
     """A follower process: the model on its device, serving branches until the leader shuts down.
     It also ends when the worker that spawned it dies (even by SIGKILL, which skips the
@@ -272,7 +273,9 @@ def _follower(
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
 
     compile_options = CompileOptions(cache_dir=compile_cache) if compile_cache else None
-    engine = load_engine(checkpoint, device=device, dtype=dtype, weights=weights, compile=compile_options)
+    engine = load_engine(
+        checkpoint, device=device, dtype=dtype, weights=weights, compile=compile_options, adapter=adapter
+    )
     init_group(rank, world, engine.device, rendezvous)
     try:
         BranchGroup(engine, rank, world, devices).serve()
@@ -322,6 +325,7 @@ def load_parallel_engine(
     dtype: str | None = None,
     weights: str = "bf16",
     compile_cache: str | None = None,
+    adapter: str | None = None,
 ):
     """The leader's engine on devices[0], with one follower process per other device (spawned,
     daemonic: they end with the worker), all in one process group; `engine.branch_group` set.
@@ -346,7 +350,18 @@ def load_parallel_engine(
     for rank, device in enumerate(devices[1:], start=1):
         process = spawn.Process(
             target=_follower,
-            args=(str(checkpoint), device, dtype, rank, world, rendezvous, devices, weights, compile_cache),
+            args=(
+                str(checkpoint),
+                device,
+                dtype,
+                rank,
+                world,
+                rendezvous,
+                devices,
+                weights,
+                compile_cache,
+                adapter,
+            ),
             name=f"strokes-branches-{device}",
             daemon=True,
         )
@@ -356,7 +371,9 @@ def load_parallel_engine(
     for device in devices[1:]:  # the followers' memory comes from them (zero until their first image)
         devicelib.report(devicelib.DeviceMemory(device, 0, 0))
     compile_options = CompileOptions(cache_dir=compile_cache) if compile_cache else None
-    engine = load_engine(checkpoint, device=devices[0], dtype=dtype, weights=weights, compile=compile_options)
+    engine = load_engine(
+        checkpoint, device=devices[0], dtype=dtype, weights=weights, compile=compile_options, adapter=adapter
+    )
     init_group(0, world, engine.device, rendezvous)
     engine.branch_group = BranchGroup(engine, 0, world, devices)
     engine.branch_group.followers, engine.branch_group.stopping = followers, stopping

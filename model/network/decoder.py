@@ -6,14 +6,17 @@ H=query heads, G=kv heads, D=head_dim, L=layers.
 
 Routing is data, not dispatch: a block's tokens use the understanding expert (text, ViT tokens,
 every image marker) except a contiguous run `gen` (VAE latent tokens) that uses the generation
-expert (`*_moe_gen` weights). One softmax covers every key of the branch: its cached context plus
-the block. q/k RMSNorm is applied per head before RoPE; positions are 1-D (an image block shares
-one position). Parameter names are exactly the checkpoint's (`language_model.model.layers.N...`).
+expert (`*_moe_gen` weights); a packed training sequence (model/training/forward.py), whose
+latent tokens lie in several runs, routes by index instead (`TokenExperts`). One softmax covers
+every key of the branch: its cached context plus the block. q/k RMSNorm is applied per head before
+RoPE; positions are 1-D (an image block shares one position). Parameter names are exactly the
+checkpoint's (`language_model.model.layers.N...`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,17 @@ from strokes.model.network.compiled import CompileOptions, Regions
 from strokes.model.network.config import LLMConfig
 from strokes.model.network.kv_cache import Context
 
-Gen = slice | None  # the block's tokens that use the generation expert; None: all understanding
+
+@dataclass(frozen=True)
+class TokenExperts:
+    """The expert of every token of a packed sequence: positions `und` use the understanding
+    expert, positions `gen` the generation one (disjoint, together every position)."""
+
+    und: torch.Tensor  # (n_und,) long
+    gen: torch.Tensor  # (n_gen,) long
+
+
+Gen = slice | TokenExperts | None  # the tokens that use the generation expert; None: all understanding
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -54,6 +67,12 @@ def route(x: torch.Tensor, gen: Gen, und_fn: Callable, gen_fn: Callable) -> torc
     """
     if gen is None:
         return und_fn(x)
+    if isinstance(gen, TokenExperts):  # scattered runs: each expert on its own tokens, as the reference
+        und_out = und_fn(x[:, gen.und])  # (B, n_und, ...)
+        routed = und_out.new_empty(x.shape[0], x.shape[1], *und_out.shape[2:])  # (B, T, ...)
+        routed[:, gen.und] = und_out
+        routed[:, gen.gen] = gen_fn(x[:, gen.gen]).to(und_out.dtype)
+        return routed
     out = gen_fn(x)  # (B, T, ...)
     und_out = und_fn(torch.cat([x[:, : gen.start], x[:, gen.stop :]], dim=1)).to(
         out.dtype

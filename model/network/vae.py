@@ -212,6 +212,10 @@ class AutoEncoder(nn.Module):
     def encode(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         """x (B, 3, H, W) -> scaled latent (B, Z, H/8, W/8); noise (B, Z, H/8, W/8) samples the posterior."""
         mean, logvar = self.encode_moments(x)
+        return self.posterior(mean, logvar, noise)
+
+    def posterior(self, mean: Tensor, logvar: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Moments (B, Z, h, w) -> the scaled latent: the mean, or the sample with `noise`."""
         if noise is None:
             z = mean
         else:

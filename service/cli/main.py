@@ -16,6 +16,7 @@ from pydantic import ValidationError
 # Each module's `register(subparsers)` adds one or more subcommands.
 COMMAND_MODULES: list[str] = [
     "strokes.model.commands",  # generate, make-tiny, conformance
+    "strokes.model.training.commands",  # train, train-export, data
     "strokes.service.cli.api",  # api, openapi
     "strokes.service.cli.worker",
     "strokes.service.cli.serve",

@@ -33,6 +33,7 @@ def run_worker(args) -> int:
         dtype=args.dtype,
         weights=args.weights,
         compile_cache=args.compile_cache,
+        adapter=args.adapter,
         warm_device_bytes=settings.warm_device_bytes,
         warm_host_bytes=settings.warm_host_bytes,
     )
@@ -45,8 +46,8 @@ def run_worker(args) -> int:
                 "cannot serve metrics on %s:%s: %s", args.metrics_host, args.metrics_port, exc.strerror or exc
             )
             return 2
-    if args.pipeline and (args.weights != "bf16" or args.compile_cache):
-        log.error("--weights and --compile-cache apply to the built-in pipeline, not --pipeline")
+    if args.pipeline and (args.weights != "bf16" or args.compile_cache or args.adapter):
+        log.error("--weights, --compile-cache and --adapter apply to the built-in pipeline, not --pipeline")
         return 2
     name = args.name or worker_main.default_name(model.device)
     factory = worker_main.factory_from_path(args.pipeline) if args.pipeline else worker_main.load_pipeline
@@ -91,6 +92,11 @@ def register(subparsers) -> None:
         default=os.environ.get("STROKES_WEIGHTS", "bf16"),
         choices=["bf16", "fp8"],
         help="fp8: the decoder layers' linear layers in FP8 (Ada/Hopper GPUs); default $STROKES_WEIGHTS or bf16",
+    )
+    p.add_argument(
+        "--adapter",
+        default=os.environ.get("STROKES_ADAPTER"),
+        help="a LoRA adapter folder of `strokes train`, merged into the weights at load; default $STROKES_ADAPTER",
     )
     p.add_argument(
         "--compile-cache",

@@ -40,6 +40,7 @@ class ModelSpec:
     dtype: str | None  # None: per device
     weights: str  # bf16, or fp8: the decoder layers' linear layers in FP8 (Ada/Hopper GPUs)
     compile_cache: str | None  # compile the decoder's layers, artifacts kept here; None: eager
+    adapter: str | None  # a LoRA adapter folder of `strokes train`, merged into the weights at load
     warm_device_bytes: int  # warm contexts kept for forks and resumes (model/generation/warm.py) ...
     warm_host_bytes: int  # ... on the device, then in host memory
 
@@ -52,8 +53,8 @@ PipelineFactory = Callable[[ModelSpec], Pipeline]
 
 
 def load_pipeline(model: ModelSpec) -> Pipeline:
-    """The real pipeline: BAGEL loaded once onto the device(s), with its warm contexts (FP8 weights,
-    compiled layers on request)."""
+    """The real pipeline: BAGEL loaded once onto the device(s), with its warm contexts (a LoRA adapter
+    merged in, FP8 weights, compiled layers on request)."""
     from strokes.model.generation.loading import load_engine
     from strokes.model.generation.parallel import load_parallel_engine
     from strokes.model.generation.pipeline import Pipeline as ModelPipeline
@@ -62,7 +63,12 @@ def load_pipeline(model: ModelSpec) -> Pipeline:
 
     if len(model.devices) > 1:
         engine = load_parallel_engine(
-            model.checkpoint, list(model.devices), model.dtype, model.weights, model.compile_cache
+            model.checkpoint,
+            list(model.devices),
+            model.dtype,
+            model.weights,
+            model.compile_cache,
+            model.adapter,
         )
     else:
         compile_options = CompileOptions(cache_dir=model.compile_cache) if model.compile_cache else None

@@ -1,4 +1,4 @@
-"""The layering of strokes.model: spec <- network <- generation <- testing, each room importing only
+"""The layering of strokes.model: spec <- network <- generation <- training <- testing, each importing only
 itself and the rooms before it; model/spec loads no torch, however indirectly (both processes import
 it: the API to validate and price, the worker to run); nothing in the model imports the service.
 
@@ -12,7 +12,7 @@ import pytest
 from testkit.imports import TORCH, closure, imports_of, matches, modules_in
 from testkit.paths import ROOT
 
-ROOMS = ("spec", "network", "generation", "testing")  # in order: each may import those before it
+ROOMS = ("spec", "network", "generation", "training", "testing")  # in order: each may import those before it
 COMMANDS = ("strokes.model.commands", "strokes.model.devices")  # the `strokes` subcommands' side
 
 
