@@ -50,7 +50,7 @@ def test_memory_per_device_comes_from_the_process_that_uses_it(fake_cuda):
 def test_the_workers_metrics_label_each_device(fake_cuda):
     from prometheus_client import CollectorRegistry
 
-    from strokes.service.shared.metrics import WorkerMetrics
+    from strokes.service.worker.metrics import WorkerMetrics
 
     devicelib.report(devicelib.DeviceMemory("cuda:1", 7, 9))
     metrics = WorkerMetrics(CollectorRegistry())

@@ -13,7 +13,9 @@ from testkit.imports import TORCH, closure, imports_of, matches, modules_in
 from testkit.paths import ROOT
 
 ROOMS = ("spec", "network", "generation", "training", "testing")  # in order: each may import those before it
-COMMANDS = ("strokes.model.commands", "strokes.model.devices")  # the `strokes` subcommands' side
+COMMANDS = ("strokes.model.commands",)  # the `strokes` subcommands' side
+# model/devices.py (the device default, and each device's memory) is a leaf that rooms above spec
+# may use: it imports nothing of the model, and torch only lazily (spec's own test keeps it out).
 
 
 @pytest.mark.parametrize("room", ROOMS)

@@ -290,12 +290,12 @@ def test_a_warm_fork_gets_caches_sized_from_its_budget_that_never_grow(own_engin
     _, parent, images = guided
     warm = WarmContexts(device_bytes=1 << 30)
     pipeline = Pipeline(own_engine, warm=warm)
-    list(pipeline.run(params(), warm_key="parent"))
+    list(pipeline.run(params(), options=RunOptions(warm_key="parent")))
     hits, take = [], warm.take
     monkeypatch.setattr(warm, "take", lambda *a, **kw: hits.append(take(*a, **kw)) or hits[-1])
     fork = fork_of(parent, images, ForkPoint(1, "plan"))
     forked = params_from_trajectory(parent)
-    list(pipeline.run(forked, fork=fork))
+    list(pipeline.run(forked, options=RunOptions(fork=fork)))
     (hit,) = hits
     budget = job_budget(own_engine.cfg, own_engine.tokenizer.segment, forked)
     assert hit.cond.capacity >= budget.cond and hit.img_uncond.capacity >= budget.img_uncond

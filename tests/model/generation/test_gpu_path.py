@@ -241,7 +241,7 @@ def test_prepare_device_and_cuda_checks_without_a_gpu():
 
 def test_gpu_memory_metrics_read_the_workers_own_devices(monkeypatch):
     """observe_gpu asks torch about each named CUDA device, not the current one."""
-    from strokes.service.shared.metrics import WorkerMetrics
+    from strokes.service.worker.metrics import WorkerMetrics
 
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
