@@ -41,7 +41,8 @@ def one(size: str, mode: str, steps: int, warmup: int, out: Path) -> dict:
     """Run one configuration in this process and return its figures."""
     setup_threads()
     from strokes.model.testing.tiny_data import write_samples
-    from strokes.model.training.trainer import TrainConfig, train
+    from strokes.model.training.config import TrainConfig
+    from strokes.model.training.trainer import train
 
     work = Path(tempfile.mkdtemp(prefix=f"train-{size}-{mode}-"))
     data = write_samples(work, think=True)

@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 
 from strokes.model.training.base import load_base
+from strokes.model.training.config import TrainConfig
 from strokes.model.training.data import TrainData, geometry_of, pack_config_of
 from strokes.model.training.distributed import all_sum, setup, shard
 from strokes.model.training.forward import ForwardOptions
 from strokes.model.training.losses import LossWeights, TokenTotals, reduce_losses
 from strokes.model.training.plan import compile_sample, plan_tokens
 from strokes.model.training.samples import load_samples
-from strokes.model.training.trainer import TrainConfig, train
+from strokes.model.training.trainer import train
 
 DROPOUT = 0.3  # conditioning dropout on: its draws must be per sample too
 STEPS = 3

@@ -6,7 +6,7 @@
     torchrun --nproc-per-node 8 -m strokes.service.cli train ...   (FSDP2 over 8 GPUs)
     strokes train-export RUN --out DIR [--as adapter|checkpoint]   from the run's latest checkpoint
 
-`strokes train` has one flag per field of TrainConfig (model/training/trainer.py). Bad data, a
+`strokes train` has one flag per field of TrainConfig (model/training/config.py). Bad data, a
 missing checkpoint or a resume that does not match is one line on stderr and exit status 2.
 """
 
@@ -37,7 +37,8 @@ def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argp
 
 
 def _train(args: argparse.Namespace) -> int:
-    from strokes.model.training.trainer import CONFIG_FIELDS, TrainConfig, train
+    from strokes.model.training.config import CONFIG_FIELDS, TrainConfig
+    from strokes.model.training.trainer import train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in CONFIG_FIELDS})
     result = train(cfg)
@@ -105,7 +106,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from strokes.model.training.trainer import CONFIG_FIELDS
+    from strokes.model.training.config import CONFIG_FIELDS
 
     types = {"str": str, "int": int, "float": float}
     for f in CONFIG_FIELDS:

@@ -117,8 +117,8 @@ def export_run(run: Path, out: Path, kind: str, step: int | None = None) -> Path
 
     from strokes.model.training import checkpoint as ckpt
     from strokes.model.training.base import load_base
+    from strokes.model.training.config import TrainConfig
     from strokes.model.training.lora import apply_lora
-    from strokes.model.training.trainer import TrainConfig
 
     config_file = run / "config.json"
     if not config_file.is_file():

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from strokes.model.network.bagel import Bagel
+from strokes.model.training.config import ATTENTION, MLP
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 EXPERTS = ("und", "gen")
 
 

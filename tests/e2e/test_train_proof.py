@@ -40,8 +40,9 @@ from strokes.model.spec.events import Done, ImageCompleted, StageCompleted, Stag
 from strokes.model.spec.params import GenerationParams, ImageSettings, TextSettings
 from strokes.model.spec.prompts import INTERLEAVED_PROMPT
 from strokes.model.testing.tiny_data import TRAJECTORIES, proof_checkpoint, shape_image, write_exports
+from strokes.model.training.config import TrainConfig
 from strokes.model.training.samples import load_samples
-from strokes.model.training.trainer import TrainConfig, train
+from strokes.model.training.trainer import train
 
 pytestmark = pytest.mark.slow
 

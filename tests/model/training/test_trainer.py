@@ -22,8 +22,9 @@ from testkit.paths import ROOT
 from strokes.model.generation.loading import load_engine
 from strokes.model.testing.tiny_data import write_samples
 from strokes.model.training.checkpoint import ResumeError
+from strokes.model.training.config import TrainConfig
 from strokes.model.training.optim import EMA, OptimConfig, lr_at
-from strokes.model.training.trainer import TrainConfig, train
+from strokes.model.training.trainer import train
 
 TINY = ROOT / "tests" / "fixtures" / "golden" / "tiny_ckpt"
 

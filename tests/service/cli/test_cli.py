@@ -119,3 +119,11 @@ def test_a_malformed_setting_is_a_one_line_error_that_does_not_echo_it(command, 
         f"strokes: setting {variable}"
     )
     assert "Traceback" not in output and value not in output and "c2VjcmV0" not in output
+
+
+def test_building_the_command_loads_no_torch():
+    """Every process starts by building the `strokes` parser (`strokes api` too): registering the
+    subcommands must not load torch, whatever room they come from (the training options, say)."""
+    probe = "import sys; from strokes.service.cli.main import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False", out.stderr
