@@ -78,6 +78,7 @@ def load_pipeline(model: ModelSpec) -> Pipeline:
             dtype=model.dtype,
             weights=model.weights,
             compile=compile_options,
+            adapter=model.adapter,
         )
     return ModelPipeline(engine, warm=WarmContexts(model.warm_device_bytes, model.warm_host_bytes))
 

@@ -243,7 +243,7 @@ def test_the_service_serves_the_trained_adapter_end_to_end(trained: Trained, red
         for name, (prompt, _) in TRAJECTORIES.items():
             job = submit(base, request(prompt))
             events = stream_events(base, job["id"], timeout=300)
-            assert events[-1].name == "job.completed", worker.output()
+            assert events[-1].name == "job.completed", (payload(events[-1]), worker.output())
             done = [payload(e) for e in events if e.name == "stage.completed"]
             got = [(d["stage"], d.get("text") if d["stage"] in ("plan", "reflect") else None) for d in done]
             assert got == expected(name), (name, got)
