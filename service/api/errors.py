@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from strokes.model.spec.params import InvalidParams
-from strokes.service.blobs.store import BlobUnavailable
+from strokes.service.blobs.health import BlobError, BlobRefused
 
 log = logging.getLogger("strokes.api")
 
@@ -255,6 +255,11 @@ def install(app: FastAPI) -> None:
         )
 
     async def _blobs_down(request: Request, exc: Exception):
+        # The cause (a bucket's name, a path) is the operator's: logged, not told to callers.
+        if isinstance(exc, BlobRefused):
+            log.error("the blob store refuses requests: %s", exc)
+            message = "the blob store (images, trajectories) refuses requests; an operator has been told"
+            return error_response(503, Unavailable.type, message, headers={"Retry-After": "30"})
         log.warning("blob store unreachable: %s", exc)
         return error_response(
             503,
@@ -263,7 +268,7 @@ def install(app: FastAPI) -> None:
             headers={"Retry-After": "1"},
         )
 
-    app.add_exception_handler(BlobUnavailable, _blobs_down)
+    app.add_exception_handler(BlobError, _blobs_down)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
     app.add_exception_handler(TimeoutError, _redis_down)  # the per-request Redis deadline

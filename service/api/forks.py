@@ -27,6 +27,7 @@ from typing import Any
 from strokes.model.spec.forks import ForkPoint, check_edit, plan_fork
 from strokes.model.spec.params import InvalidParams
 from strokes.service.api.errors import NotFound, NotReady
+from strokes.service.blobs.health import BlobError
 from strokes.service.blobs.store import BlobStore
 from strokes.service.queue.keys import JobStatus
 from strokes.service.queue.steering import Steering
@@ -55,7 +56,7 @@ async def trajectory_of(job: dict[str, str], blobs: BlobStore) -> bytes:
     status, key = job["status"], job.get(TRAJECTORY_FIELD)
     if not key and status not in (JobStatus.succeeded.value, JobStatus.paused.value):
         raise NotReady(f"the parent ({status}) has no completed stage yet", param="fork.job_id")
-    raw = await blobs.get(key) if key else None  # BlobUnavailable: 503
+    raw = await blobs.get(key) if key else None  # BlobError: 503
     if raw is None:
         raise NotFound("the parent's trajectory has expired", param="fork.job_id")
     return raw
@@ -118,7 +119,7 @@ async def put_fork(steering: Steering, job_id: str, fork: ForkJob, blobs: BlobSt
 async def drop_fork(steering: Steering, job_id: str, blobs: BlobStore) -> None:
     """Undo put_fork for a fork that was not enqueued (queue full, quota, idempotent replay)."""
     await steering.drop_steer(job_id)
-    with contextlib.suppress(OSError):  # the sweep removes it later
+    with contextlib.suppress(BlobError):  # the sweep removes it later
         await blobs.delete(parent_trajectory_key(job_id))
 
 
@@ -134,7 +135,7 @@ async def continue_job(steering: Steering, job: dict[str, str], text: str | None
     point = steer["point"]
     if text is not None:
         check_edit(text, "text")
-        raw = await blobs.get(steer["trajectory_key"])  # BlobUnavailable: 503
+        raw = await blobs.get(steer["trajectory_key"])  # BlobError: 503
         if raw is None:
             raise NotFound("the paused job's context has expired")
         try:

@@ -29,6 +29,7 @@ from strokes.service.api.errors import (
     QuotaExceeded,
 )
 from strokes.service.api.schemas import GenerationRequest, Job
+from strokes.service.blobs.health import BlobError
 from strokes.service.blobs.links import presign_refs
 from strokes.service.blobs.store import BlobStore
 from strokes.service.queue import keys
@@ -251,7 +252,7 @@ class Submission:
 
 async def _drop(blobs: BlobStore, key: str | None) -> None:
     if key is not None:
-        with contextlib.suppress(OSError):  # the sweep removes it later
+        with contextlib.suppress(BlobError):  # the sweep removes it later
             await blobs.delete(key)
 
 

@@ -10,6 +10,8 @@ API (served at /metrics):
     strokes_queue_lag                                    queue entries not yet delivered to a worker
     strokes_queue_pending                                entries delivered and not acknowledged
     strokes_workers_alive                                workers with a live heartbeat
+    strokes_blob_store_up, strokes_blob_store_state{state}, strokes_blob_store_errors_total{kind}
+                                                         the blob store as this replica sees it
 
 Several API processes (uvicorn --workers N): set PROMETHEUS_MULTIPROC_DIR and every process
 writes its values to files there; /metrics then aggregates them (prometheus_client multiprocess
@@ -28,6 +30,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -77,9 +80,15 @@ class ApiMetrics:
             multiprocess_mode="mostrecent",
         )
 
-    def exposition(self) -> bytes:
+    def exposition(self, *collectors: Collector) -> bytes:
+        """The metrics, with `collectors` of this request's (the blob store's state, read now)."""
         if self.registry is not None:
-            return generate_latest(self.registry)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-        return generate_latest(registry)
+            own = generate_latest(self.registry)
+        else:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            own = generate_latest(registry)
+        extra = CollectorRegistry()
+        for collector in collectors:
+            extra.register(collector)
+        return own + generate_latest(extra)

@@ -160,8 +160,17 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class BlobStoreState(BaseModel):
+    """The blob store as this API replica sees it (service/blobs/health.py)."""
+
+    state: Literal["ok", "unavailable", "refused"]
+    cause: str | None = Field(None, description="why it is not ok, in words")
+    since: float = Field(description="when it entered this state (Unix seconds)")
+
+
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     redis: bool
     workers: int
+    blob_store: BlobStoreState | None = None
     reason: str | None = None

@@ -17,7 +17,8 @@ Life of a job (keys.py has the key layout):
               A job that was `running` is a takeover (its worker died): that counts as a failure
     emit      append an event (and update the job hash) if the attempt still holds the job
     finish    terminal state + terminal event + XACK (+ dead letter when failed), fenced
-    requeue   hand the job back (SIGTERM) or retry it after an error: the entry moves to the
+    requeue   hand the job back (SIGTERM), retry it after an error (a failure) or defer it (the blob
+              store was away while it was prepared: no failure): the entry moves to the
               never-alive HANDBACK consumer, so the next reclaim of any worker picks it up first
     cancel    queued: canceled at once; running: a flag the worker sees at its next event
     reclaim   move one pending entry whose owner has no heartbeat key to an idle caller. The lease
@@ -370,8 +371,9 @@ class Store:
     async def requeue(
         self, job_id: str, attempt: int, reason: str, error: dict[str, str] | None = None
     ) -> Requeued:
-        """Hand the job back ('handback') or retry it after an error ('retry'). Returns
-        queued | dead (attempts exhausted: failed + dead letter) | canceled | fenced."""
+        """Hand the job back ('handback'), retry it after an error ('retry', a failure) or defer it
+        ('defer': it could not be prepared; no failure, storage_max_deferrals at most). Returns
+        queued | dead (attempts or deferrals exhausted: failed + dead letter) | canceled | fenced."""
         s = self.settings
         result = await self.scripts["requeue"](
             keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.DEAD_LETTERS],
@@ -385,6 +387,7 @@ class Store:
                 s.events_maxlen,
                 s.events_ttl_s,
                 s.result_ttl_s,
+                s.storage_max_deferrals,
             ],
         )
         return Requeued(decode(result[0]))

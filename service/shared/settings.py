@@ -121,6 +121,13 @@ class Settings(BaseSettings):
     webhook_concurrency: int = 16  # deliveries in flight per dispatcher
     webhook_resolve_timeout_s: float = 2.0
 
+    # Blob store errors (service/blobs/health.py): a transient one is retried this many times inside
+    # the call, waiting base, 2 x base, ...; a permanent one never. A job being prepared when the
+    # store is away is deferred (requeued without a failure mark) at most storage_max_deferrals times.
+    blob_retries: int = Field(2, ge=0, le=10)
+    blob_retry_base_s: float = Field(0.25, ge=0, le=10)
+    storage_max_deferrals: int = Field(10, ge=0)
+
     # Logs
     log_level: str = "INFO"
     log_prompts: bool = False  # prompt text in INFO logs

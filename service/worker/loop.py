@@ -209,7 +209,7 @@ class Worker:
             if started.outcome in (Start.dead, Start.canceled):
                 await self.blobs.job_ended(job_id)
             return None
-        message = await self._message(job_id)
+        message, deferrals = await self._message(job_id)
         self.metrics.attempts.inc()
         if started.takeover:
             self.metrics.takeovers.inc()
@@ -222,19 +222,22 @@ class Worker:
                     **logs.prompt_for_log(message.prompt if message else "", self.settings.log_prompts),
                 },
             )
+        translator = Translator(job_id, started.attempt)
         return ActiveJob(
-            job_id, entry_id, started.attempt, started.takeover, message, Translator(job_id, started.attempt)
+            job_id, entry_id, started.attempt, started.takeover, message, translator, deferrals=deferrals
         )
 
-    async def _message(self, job_id: str) -> JobMessage | None:
+    async def _message(self, job_id: str) -> tuple[JobMessage | None, int]:
         """The job's message from the queue, or None when it cannot be read (a newer version, a
-        damaged hash): the runner then fails the job, and the worker goes on."""
+        damaged hash): the runner then fails the job, and the worker goes on. And how many times
+        the job was deferred so far."""
         raw = await self.store.get_job(job_id)
+        deferrals = int((raw or {}).get("deferrals") or 0)
         try:
-            return JobMessage.from_json(raw["request"]) if raw else None
+            return (JobMessage.from_json(raw["request"]) if raw else None), deferrals
         except (ValueError, UnknownVersion) as exc:  # pydantic's ValidationError is a ValueError
             log.error("cannot read the job's message: %s", exc)
-            return None
+            return None, deferrals
 
     # -- liveness ---------------------------------------------------------------------------------------
 

@@ -291,6 +291,29 @@ async def test_readyz_needs_redis_and_a_live_worker(client: httpx.AsyncClient, s
     assert reply.status_code == 200 and reply.json()["workers"] == 1
 
 
+async def test_readyz_and_metrics_show_a_blob_store_that_refuses(settings: Settings, store: Store, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("where the blob directory's parent should be")
+    await store.heartbeat("w1")
+    async with AppClient(settings.model_copy(update={"blob_dir": blocker / "blobs"})) as client:
+        reply = await client.get("/readyz")
+        assert reply.status_code == 503
+        body = reply.json()
+        assert body["redis"] is True and body["blob_store"]["state"] == "refused"
+        assert body["reason"].startswith("blob store refused: ") and "not a directory" in body["reason"]
+        text = (await client.get("/metrics")).text
+        assert (
+            "strokes_blob_store_up 0.0" in text and 'strokes_blob_store_errors_total{kind="refused"}' in text
+        )
+        upload = {**SMALL, "input_image": base64.b64encode(black_png(64, 64)).decode()}
+        reply = await client.post("/v1/generations", json=upload)  # the input cannot be stored
+        assert reply.status_code == 503 and error_of(reply)["type"] == "service_unavailable"
+        assert str(blocker) not in error_of(reply)["message"]  # the operator's details stay in the logs
+    async with AppClient(settings) as client:
+        reply = await client.get("/readyz")
+        assert reply.status_code == 200 and reply.json()["blob_store"]["state"] == "ok"
+
+
 async def test_redis_unreachable_answers_503_within_two_seconds(settings: Settings):
     down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     async with AppClient(down) as client:
