@@ -196,6 +196,7 @@ async def submit(
             max_cost=settings.max_job_cost,
             max_positions=settings.max_positions,
             max_events=settings.events_maxlen // settings.max_attempts,
+            resumed=fork.resumption(params) if fork is not None else None,  # its real context
         )
     except budget.OverBudget as exc:
         raise OverBudget(str(exc), param=exc.limit) from exc
@@ -300,8 +301,9 @@ async def _enqueue(
         body_hash=job.body_hash,
         idempotency_key=job.idempotency_key,
         fields=fields,
-        # every attempt's events fit: a job within budget never loses events to trimming
-        events_maxlen=job.estimate.events * settings.max_attempts,
+        # every attempt's events fit (and each deferral's job.queued and job.started): a job
+        # within budget never loses events to trimming
+        events_maxlen=job.estimate.events * settings.max_attempts + 2 * settings.storage_max_deferrals,
     )
     if result.outcome != Admission.ok and fork is not None:
         await forks.drop_fork(steering, job.job_id, blobs)

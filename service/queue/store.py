@@ -329,7 +329,7 @@ class Store:
             if decode(reply[0]) != "ok":
                 out.append(Emitted(False))
             else:
-                out.append(Emitted(True, decode(reply[1]), decode(reply[2]) == "1"))
+                out.append(Emitted(True, decode(reply[1]) == "1"))
         return out
 
     async def finish(

@@ -298,7 +298,7 @@ class Worker:
                 "message": f"the job made no progress for {stalled:.0f} s (limit {s.progress_timeout_s:g} s)",
             }
             log.critical("%s; failing it and exiting", error["message"])
-            data = {"job_id": job.job_id, "attempt": job.attempt, "error": error}
+            data = {"job_id": job.job_id, "attempt": job.attempt, "error": error, "ts": round(time.time(), 6)}
             await self.store.finish(
                 job.job_id, job.attempt, JobStatus.failed, JOB_FAILED, data, fields={"error": error}
             )

@@ -121,6 +121,11 @@ def storage_outcome(exc: BlobError, what: str) -> Failed | Retry:
 _FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "NCCL error")
 
 
+def _now() -> float:
+    """An event's `ts`: when the worker produced it (every event carries one)."""
+    return round(time.time(), 6)
+
+
 def is_fatal(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or any(marker in str(exc) for marker in _FATAL_MARKERS)
 
@@ -348,7 +353,7 @@ class JobRunner:
             case Succeeded(done):
                 ended = await self._succeed(job, done)
             case Failed(error):
-                data = {"job_id": job.job_id, "attempt": job.attempt, "error": error.to_json()}
+                data = {"job_id": job.job_id, "attempt": job.attempt, "error": error.to_json(), "ts": _now()}
                 fields = {"error": error.to_json()}
                 ended = await self._end(job, JobStatus.failed, JOB_FAILED, data, fields)
             case Canceled():
@@ -377,7 +382,7 @@ class JobRunner:
         return await self._end(job, JobStatus.succeeded, JOB_COMPLETED, data, fields)
 
     async def _cancel(self, job: ActiveJob) -> Ended:
-        data = {"job_id": job.job_id, "attempt": job.attempt}
+        data = {"job_id": job.job_id, "attempt": job.attempt, "ts": _now()}
         return await self._end(job, JobStatus.canceled, JOB_CANCELED, data, None)
 
     async def _end(
