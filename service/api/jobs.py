@@ -201,7 +201,7 @@ async def submit(
     except budget.OverBudget as exc:
         raise OverBudget(str(exc), param=exc.limit) from exc
     if request.webhook_url is not None:
-        await _check_webhook(settings, request.webhook_url)
+        await _check_webhook(settings, owner, request.webhook_url)
     upload = fork.upload if fork is not None else None
     if request.input_image is not None:
         try:
@@ -222,7 +222,7 @@ async def submit(
         ref = image_ref(job_id, imagelib.INPUT_IMAGE_ID, width, height, stage="input")
         fields[IMAGE_FIELD_PREFIX + imagelib.INPUT_IMAGE_ID] = {**ref, "attempt": 0}
     if request.webhook_url is not None:
-        fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events))
+        fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events, signer=owner))
     submission = Submission(job_id, owner, message, request.fingerprint(), idempotency_key, fields, estimate)
     try:
         job, replayed = await asyncio.wait_for(
@@ -257,12 +257,16 @@ async def _drop(blobs: BlobStore, key: str | None) -> None:
             await blobs.delete(key)
 
 
-async def _check_webhook(settings: Settings, url: str) -> None:
-    """422 unless webhooks are enabled and the URL's host resolves to allowed addresses only."""
-    if settings.webhook_secret is None:
-        raise InvalidRequest(
-            "webhooks are not enabled on this server (no STROKES_WEBHOOK_SECRET)", param="webhook_url"
+async def _check_webhook(settings: Settings, owner: str, url: str) -> None:
+    """422 unless the caller's key has signing secrets (its own: STROKES_WEBHOOK_SECRETS; without
+    API keys the server's) and the URL's host resolves to allowed addresses only."""
+    if owner not in webhooks.signers(settings):
+        why = (
+            "this API key has no webhook signing secret (STROKES_WEBHOOK_SECRETS)"
+            if settings.api_keys
+            else "webhooks are not enabled on this server (no STROKES_WEBHOOK_SECRET)"
         )
+        raise InvalidRequest(why, param="webhook_url")
     try:
         await webhooks.resolve(url, settings.webhook_allow_networks, settings.webhook_resolve_timeout_s)
     except webhooks.UnsafeURL as exc:

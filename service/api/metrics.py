@@ -12,6 +12,8 @@ API (served at /metrics):
     strokes_workers_alive                                workers with a live heartbeat
     strokes_blob_store_up, strokes_blob_store_state{state}, strokes_blob_store_errors_total{kind}
                                                          the blob store as this replica sees it
+    strokes_webhook_outbox_messages                      webhook messages waiting for delivery
+    strokes_webhook_outbox_dropped_total                 events not queued: the outbox was full
 
 Several API processes (uvicorn --workers N): set PROMETHEUS_MULTIPROC_DIR and every process
 writes its values to files there; /metrics then aggregates them (prometheus_client multiprocess
@@ -29,6 +31,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -92,3 +95,20 @@ class ApiMetrics:
         for collector in collectors:
             extra.register(collector)
         return own + generate_latest(extra)
+
+
+class OutboxCollector:
+    """The webhook outbox's figures, read from Redis at this scrape (the API runs whether or not a
+    dispatcher does, which is when the outbox fills)."""
+
+    def __init__(self, length: int, dropped: int):
+        self.length, self.dropped = length, dropped
+
+    def collect(self):
+        length = GaugeMetricFamily("strokes_webhook_outbox_messages", "webhook messages waiting for delivery")
+        length.add_metric([], float(self.length))
+        dropped = CounterMetricFamily(
+            "strokes_webhook_outbox_dropped", "events not queued for delivery: the outbox was full"
+        )
+        dropped.add_metric([], float(self.dropped))
+        return [length, dropped]

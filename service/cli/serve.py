@@ -194,7 +194,8 @@ def run_serve(args) -> int:
             cmd += ["--pipeline", args.pipeline]
         worker = WorkerSupervisor(cmd, env, stopping)
         threading.Thread(target=worker.watch, daemon=True).start()
-        if Settings().webhook_secret is not None:  # webhooks (issue 11): the dispatcher beside them
+        hooks = Settings()
+        if hooks.webhook_secret is not None or hooks.webhook_secrets:  # webhooks: the dispatcher beside them
             webhook_cmd = [
                 sys.executable,
                 "-m",

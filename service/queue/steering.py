@@ -70,7 +70,10 @@ class Steering:
     def __init__(self, client: aioredis.Redis, settings: Settings):
         self.r = client
         self.settings = settings
-        self.scripts = {name: client.register_script(load_script(name)) for name in STEERING_SCRIPTS}
+        self.scripts = {
+            name: client.register_script(load_script(name, settings.webhook_outbox_max))
+            for name in STEERING_SCRIPTS
+        }
 
     @property
     def steer_ttl_s(self) -> int:

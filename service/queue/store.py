@@ -52,7 +52,7 @@ from strokes.service.queue.results import (
     Start,
     Started,
 )
-from strokes.service.queue.scripts import SCRIPTS
+from strokes.service.queue.scripts import load_scripts
 from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.settings import Settings
 
@@ -65,7 +65,8 @@ class Store:
         self.r = client
         self.blocking = blocking or client
         self.settings = settings
-        self.scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
+        sources = load_scripts(settings.webhook_outbox_max)
+        self.scripts = {name: client.register_script(src) for name, src in sources.items()}
         self._waitaof: bool | None = None
 
     async def close(self) -> None:
@@ -217,6 +218,14 @@ class Store:
         except ResponseError:  # no stream yet
             pass
         return QueueStats(depth, lag, pending, await self.count_live_workers())
+
+    async def outbox_stats(self) -> tuple[int, int]:
+        """(webhook messages waiting for delivery, events dropped because the outbox was full)."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.xlen(keys.WEBHOOK_OUTBOX)
+            pipe.get(keys.WEBHOOK_DROPPED)
+            length, dropped = await pipe.execute()
+        return int(length or 0), int(dropped or 0)
 
     async def retry_after(self) -> int:
         """Whole seconds until a full queue likely has room again: one job's mean run time spread

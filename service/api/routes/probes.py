@@ -21,6 +21,7 @@ from strokes.service.api.deps import (
     StoreDep,
     bounded,
 )
+from strokes.service.api.metrics import OutboxCollector
 from strokes.service.api.schemas import BlobStoreState, Health, Readiness
 from strokes.service.blobs.health import BlobError, BlobState, BlobStoreCollector
 from strokes.service.queue.client import TRANSIENT
@@ -91,4 +92,9 @@ async def metrics_endpoint(
             metrics.queue_lag.set(stats.lag)
     except TRANSIENT as exc:
         log.warning("queue metrics unavailable: %s", exc)
-    return Response(metrics.exposition(BlobStoreCollector(blobs.health)), media_type=CONTENT_TYPE_LATEST)
+    collectors: list = [BlobStoreCollector(blobs.health)]
+    try:
+        collectors.append(OutboxCollector(*await bounded(settings, store.outbox_stats())))
+    except TRANSIENT as exc:
+        log.warning("webhook outbox metrics unavailable: %s", exc)
+    return Response(metrics.exposition(*collectors), media_type=CONTENT_TYPE_LATEST)
