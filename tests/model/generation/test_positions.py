@@ -60,7 +60,7 @@ def test_follow_ups_at_any_depth_are_priced_from_the_recorded_context(own_engine
         assert real <= bound <= estimate.positions
         doubled = budget.estimate(p, input_image=False, iterations=2 * p.max_iterations).positions
         seen.append((depth, real, estimate.positions, doubled))
-    reals, estimates, doubled = zip(*[s[1:] for s in seen])
+    reals, estimates, doubled = zip(*[s[1:] for s in seen], strict=True)
     assert list(reals) == sorted(reals) and list(estimates) == sorted(estimates)  # they grow together
     assert len(set(doubled)) == 1 and reals[-1] > doubled[-1], seen  # the old price stood still
 

@@ -93,12 +93,16 @@ async def test_a_missing_bucket_fails_the_job_at_once_and_the_worker_lives(
     broken = s3_settings(fast, s3_server, "w/", s3_bucket="no-such-bucket")
     blobs = bloblib.open_store(broken)
     try:
-        await _refused_at_once_and_the_worker_lives(store, broken, blobs, "the bucket no-such-bucket does not exist")
+        await _refused_at_once_and_the_worker_lives(
+            store, broken, blobs, "the bucket no-such-bucket does not exist"
+        )
     finally:
         await blobs.close()
 
 
-async def test_a_directory_that_cannot_be_written_fails_the_job_at_once(store: Store, fast: Settings, tmp_path):
+async def test_a_directory_that_cannot_be_written_fails_the_job_at_once(
+    store: Store, fast: Settings, tmp_path
+):
     blocker = tmp_path / "file"
     blocker.write_text("in the way of the blob directory")
     broken = fast.model_copy(update={"blob_dir": blocker / "blobs"})
@@ -134,7 +138,9 @@ async def test_a_store_away_while_the_job_is_prepared_defers_it_without_a_failur
         assert (job["failures"], job["deferrals"], job["attempt"]) == ("0", "1", "2")
         queued = [json.loads(e.data) for e in await store.read_events("gen_defer") if e.name == "job.queued"]
         assert queued[1]["reason"] == "defer" and queued[1]["error"]["type"] == "storage_unavailable"
-        started = [json.loads(e.data) for e in await store.read_events("gen_defer") if e.name == "job.started"]
+        started = [
+            json.loads(e.data) for e in await store.read_events("gen_defer") if e.name == "job.started"
+        ]
         assert [s["takeover"] for s in started] == [False, False]
     finally:
         worker.request_stop()
