@@ -170,13 +170,14 @@ class Steering:
         data = {"job_id": job_id, "reason": "canceled while paused"}
         return await self._end(job_id, data, None, "") == "canceled"
 
-    async def expire_pauses(self, limit: int = 20) -> int:
+    async def expire_pauses(self, limit: int = 20) -> list[str]:
         """End pauses left unanswered past their time (workers call this on their reclaim beat, the
         API every pause_sweep_interval_s: a pool scaled to zero still ends them). Any number of
-        callers at once: end_paused ends a pause once."""
+        callers at once: end_paused ends a pause once. Returns the jobs this call ended (their
+        inputs are the caller's to delete: the queue knows no blob store)."""
         now_ms = int(time.time() * 1000)
         due = await self.r.zrangebyscore(keys.PAUSED, "-inf", now_ms, start=0, num=limit)
-        ended = 0
+        ended = []
         for raw in due:
             job_id = decode(raw)
             error = {
@@ -184,7 +185,8 @@ class Steering:
                 "message": f"the pause was not answered within {self.settings.pause_timeout_s} s",
             }
             data = {"job_id": job_id, "reason": "pause_expired", "error": error}
-            ended += await self._end(job_id, data, error, str(now_ms)) == "canceled"
+            if await self._end(job_id, data, error, str(now_ms)) == "canceled":
+                ended.append(job_id)
         return ended
 
     async def _end(self, job_id: str, data: dict, error: dict | None, before_ms: str) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 from strokes.service.blobs.store import BlobStore
 from strokes.service.queue.client import TRANSIENT
 from strokes.service.queue.keys import JobStatus
-from strokes.service.queue.results import Start
+from strokes.service.queue.results import Requeued, Start
 from strokes.service.queue.steering import Steering
 from strokes.service.queue.store import Store
 from strokes.service.shared import logs
@@ -106,6 +106,8 @@ class Worker:
         try:
             state = await asyncio.wait_for(self.store.requeue(job.job_id, job.attempt, "handback"), 2.0)
             log.info("handed back mid-step: %s; exiting", state)
+            if state in (Requeued.dead, Requeued.canceled):  # it ended here: its input goes
+                await asyncio.wait_for(self.blobs.job_ended(job.job_id), 2.0)
             await asyncio.wait_for(self.store.drop_heartbeat(self.name), 1.0)
         except (*TRANSIENT, asyncio.TimeoutError) as exc:
             log.warning("could not hand the job back (it is reclaimed after the lease): %s", exc)
@@ -182,7 +184,8 @@ class Worker:
         if now - self._last_reclaim < self.settings.reclaim_interval_s:
             return
         self._last_reclaim = now
-        await self.steering.expire_pauses()  # pauses left unanswered end here
+        for job_id in await self.steering.expire_pauses():  # pauses left unanswered end here,
+            await self.blobs.job_ended(job_id)  # and their inputs go with them
         claimed = await self.store.reclaim(self.name)
         if claimed:
             log.info("claimed a pending job", extra={"entry_id": claimed[0], "from_worker": claimed[1]})
@@ -302,6 +305,8 @@ class Worker:
             await self.store.finish(
                 job.job_id, job.attempt, JobStatus.failed, JOB_FAILED, data, fields={"error": error}
             )
+            with contextlib.suppress(asyncio.TimeoutError):  # the job ended: its input goes (bounded)
+                await asyncio.wait_for(self.blobs.job_ended(job.job_id), 5.0)
             await self.store.drop_heartbeat(self.name)
             logging.shutdown()
             os._exit(EXIT_FATAL)

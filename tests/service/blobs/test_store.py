@@ -458,3 +458,51 @@ async def _until(probe, timeout: float = 10.0):
             return value
         await asyncio.sleep(0.02)
     raise AssertionError("timed out")
+
+
+async def test_input_goes_when_a_pause_expires_whoever_ends_it(blob_settings: Settings):
+    """The API's sweep and a worker's reclaim beat both end expired pauses: the inputs go too."""
+    from testkit.pipelines import ScriptedPipeline
+    from testkit.workers import in_process_worker
+
+    from strokes.model.spec.events import Paused, Stage
+    from strokes.service.api.app import end_expired_pauses
+    from strokes.service.queue.client import connect
+    from strokes.service.queue.steering import Steering
+    from strokes.service.queue.store import Store
+    from strokes.service.shared.messages import JobMessage
+    from strokes.service.worker.steering import pause_of
+
+    s = blob_settings.model_copy(update={"reclaim_interval_s": 0.0})
+    store = Store(connect(s.redis_url, timeout_s=5, connect_timeout_s=1), s)
+    await store.ensure_group()
+    steering = Steering(store.r, s)
+    blobs = bloblib.open_store(s)
+    try:
+        for job_id in ("gen_api_sweep", "gen_worker_beat"):
+            await blobs.put(f"{job_id}/0/input", PNG)
+            message = JobMessage(prompt="a cube", width=32, height=32, max_iterations=1, input_image=True)
+            enqueued = await store.enqueue(
+                job_id, owner="", message=message, body_hash="h", idempotency_key=None
+            )
+            assert enqueued.outcome == "ok"
+            await store.heartbeat("w-pauses")
+            entry_id, polled = await store.poll("w-pauses", 100)
+            started = await store.start(polled, entry_id, "w-pauses")
+            paused = Paused(
+                1, Stage.plan, "a plan", {"seed": 1, "stages": [{"iteration": 1, "stage": "plan"}]}
+            )
+            pause = await pause_of(steering, job_id, started.attempt, paused)
+            assert await steering.pause(job_id, started.attempt, pause) == "paused"
+            await store.r.zadd(keys.PAUSED, {job_id: 1})  # its pause is long past due
+            if job_id == "gen_api_sweep":
+                await end_expired_pauses(steering, blobs)
+            else:
+                worker = in_process_worker(store.r, s, "w-beat", ScriptedPipeline(), blobs=blobs)
+                await worker.reclaim()
+                worker.runner.close()
+            assert (await store.get_job(job_id))["status"] == "canceled"
+            assert await blobs.get(f"{job_id}/0/input") is None
+    finally:
+        await blobs.close()
+        await store.close()
