@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from strokes.service.api import budget, forks
+from strokes.service.api import budget, defaults, forks
 from strokes.service.api.errors import (
     IdempotencyKeyReused,
     InvalidImage,
@@ -180,6 +180,8 @@ async def submit(
         raise InvalidRequest(
             "Idempotency-Key must be 1-255 printable ASCII characters", param="Idempotency-Key"
         )
+    fingerprint = request.fingerprint()
+    request = defaults.apply(request, settings.request_defaults)  # what it leaves out: this server's
     message, fork = request.job_message(), None
     if request.fork is not None:  # the parent's message and context (service/api/forks.py)
         fork = await asyncio.wait_for(_fork(store, owner, request, blobs), deadline_s)
@@ -188,6 +190,17 @@ async def submit(
         )
     elif request.prompt is None:
         raise InvalidRequest("prompt: required (or fork an earlier generation)", param="prompt")
+    upload = fork.upload if fork is not None else None
+    if request.input_image is not None:
+        try:
+            upload = await run_in_threadpool(
+                imagelib.decode_upload, request.input_image, settings.max_input_pixels, settings.upload_resize
+            )
+        except imagelib.UploadTooLarge as exc:
+            raise PayloadTooLarge(str(exc), param="input_image") from exc
+        except imagelib.InvalidUpload as exc:
+            raise InvalidImage(str(exc), param="input_image") from exc
+        message = _edit_size(message, upload, settings)
     params = message.to_params(None, settings.max_side)  # GenerationParams.validate() has the last word
     try:
         estimate = budget.check(
@@ -202,16 +215,6 @@ async def submit(
         raise OverBudget(str(exc), param=exc.limit) from exc
     if request.webhook_url is not None:
         await _check_webhook(settings, owner, request.webhook_url)
-    upload = fork.upload if fork is not None else None
-    if request.input_image is not None:
-        try:
-            upload = await run_in_threadpool(
-                imagelib.decode_upload, request.input_image, settings.max_input_pixels, settings.upload_resize
-            )
-        except imagelib.UploadTooLarge as exc:
-            raise PayloadTooLarge(str(exc), param="input_image") from exc
-        except imagelib.InvalidUpload as exc:
-            raise InvalidImage(str(exc), param="input_image") from exc
     job_id = new_job_id()
     fields: dict[str, Any] = {}
     stored_input = None
@@ -223,7 +226,7 @@ async def submit(
         fields[IMAGE_FIELD_PREFIX + imagelib.INPUT_IMAGE_ID] = {**ref, "attempt": 0}
     if request.webhook_url is not None:
         fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events, signer=owner))
-    submission = Submission(job_id, owner, message, request.fingerprint(), idempotency_key, fields, estimate)
+    submission = Submission(job_id, owner, message, fingerprint, idempotency_key, fields, estimate)
     try:
         job, replayed = await asyncio.wait_for(
             _enqueue(store, steering, settings, submission, blobs, fork), deadline_s
@@ -236,6 +239,15 @@ async def submit(
     if job.id != job_id:  # an idempotent replay: the first job has its own input
         await _drop(blobs, stored_input)
     return job, replayed
+
+
+def _edit_size(message: JobMessage, upload: tuple[bytes, int, int], settings: Settings) -> JobMessage:
+    """An edit's message records the size it draws at: its input's, as the model resizes it (the
+    rule the upload was stored by, settings.upload_resize). A width and height sent with an edit
+    never had a say (the model follows the starting image): the job records the truth instead."""
+    _png, width, height = upload
+    width, height = imagelib.model_size(width, height, settings.upload_resize)
+    return message.model_copy(update={"width": width, "height": height})
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,13 @@ class DamagedImage(ValueError):
     is at fault (a worker fails the job `invalid_input`)."""
 
 
+def model_size(width: int, height: int, resize: tuple[int, int, int, int]) -> tuple[int, int]:
+    """The (width, height) the model draws an edit of a (width, height) input at: BAGEL's input
+    resize (model/spec/sizing.py), which enlarges small images too."""
+    max_size, min_size, stride, max_pixels = resize
+    return resize_size(width, height, max_size, min_size, stride, max_pixels)
+
+
 def storage_key(job_id: str, attempt: int, image_id: str) -> str:
     return f"{job_id}/{attempt}/{image_id}"
 

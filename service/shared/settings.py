@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     webhook_secrets: Annotated[dict[str, SecretStr], NoDecode] = {}
     webhook_outbox_max: int = Field(100_000, ge=1)  # messages waiting for delivery; beyond: dropped, counted
 
+    # What a request gets for the fields it leaves out, and what GET /v1/info says (service/api/
+    # defaults.py): "model" (1024 x 1024, 3 iterations, 50 steps) or "cpu" (sized for CPU workers)
+    request_defaults: Literal["model", "cpu"] = "model"
+
     # Logs
     log_level: str = "INFO"
     log_prompts: bool = False  # prompt text in INFO logs

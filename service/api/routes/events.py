@@ -74,11 +74,15 @@ async def generation_events(
     owner: OwnerDep,
     metrics: MetricsDep,
     request: Request,
+    # The form is documented (json_schema_extra) and checked by sse.parse_cursor, whose 422 says
+    # it in words naming the field as it was sent (a pattern= here would answer with the regex).
     last_event_id: Annotated[
-        OptionalStr, Header(pattern=sse.CURSOR.pattern, description="resume after this event id")
+        OptionalStr,
+        Header(description="resume after this event id", json_schema_extra={"pattern": sse.CURSOR.pattern}),
     ] = None,
     after: Annotated[
-        OptionalStr, Query(pattern=sse.CURSOR.pattern, description="resume after this event id")
+        OptionalStr,
+        Query(description="resume after this event id", json_schema_extra={"pattern": sse.CURSOR.pattern}),
     ] = None,
 ):
     if last_event_id is not None:

@@ -367,3 +367,57 @@ def test_every_redis_key_has_the_prefix():
     ]
     assert all(n.startswith(keys.PREFIX) for n in names)
     assert json.dumps(names)  # plain strings
+
+
+@pytest.mark.parametrize("profile", ["model", "cpu"])
+async def test_what_info_says_a_new_generation_gets_is_what_a_bare_request_gets(
+    settings: Settings, profile: str
+):
+    async with AppClient(settings.model_copy(update={"request_defaults": profile})) as client:
+        defaults = (await client.get("/v1/info")).json()["defaults"]
+        bare = (await client.post("/v1/generations", json={"prompt": "a red cube"})).json()["request"]
+        got = {
+            "protocol": bare["protocol"],
+            "width": bare["width"],
+            "height": bare["height"],
+            "max_iterations": bare["max_iterations"],
+            "steps": bare["draft"]["steps"],
+            "preview_every": bare["preview_every"],
+            "plan_max_tokens": bare["plan"]["max_tokens"],
+            "reflect_max_tokens": bare["reflect"]["max_tokens"],
+        }
+        assert got == defaults and bare["refine"]["steps"] == defaults["steps"]
+        # What a caller sends is never changed, nested fields included.
+        sent = {"prompt": "x", "width": 128, "draft": {"cfg_text_scale": 5.0}, "plan": {"max_tokens": 9}}
+        job = (await client.post("/v1/generations", json=sent)).json()["request"]
+        assert (job["width"], job["draft"]["cfg_text_scale"], job["plan"]["max_tokens"]) == (128, 5.0, 9)
+        assert job["draft"]["steps"] == defaults["steps"] and job["height"] == defaults["height"]
+
+
+async def test_an_edit_records_and_reports_the_size_it_draws_at(settings: Settings, store: Store):
+    upload = base64.b64encode(black_png(128, 128)).decode()
+    async with AppClient(settings) as client:
+        job = (await client.post("/v1/generations", json={**SMALL, "input_image": upload})).json()
+        # 128 x 128 comes in; the model takes it at its input size (short side 512): that is the job's
+        assert (job["request"]["width"], job["request"]["height"]) == (512, 512)
+        bare = {"prompt": "x", "input_image": upload}
+        assert (await client.post("/v1/generations", json=bare)).json()["request"]["width"] == 512
+        # A width sent with an edit never had a say (the model follows its starting image): the
+        # job records what it will draw, not what was asked.
+        asked = (await client.post("/v1/generations", json={**bare, "width": 1024})).json()["request"]
+        assert (asked["width"], asked["height"]) == (512, 512)
+
+
+@pytest.mark.parametrize(("header", "query"), [("not-an-id", None), (None, "12-ab"), ("1-2-3", None)])
+async def test_a_malformed_cursor_is_answered_in_words_naming_the_field_sent(
+    client: httpx.AsyncClient, header: str | None, query: str | None
+):
+    path = "/v1/generations/gen_" + "x" * 22 + "/events"
+    reply = await client.get(
+        path, headers={"Last-Event-ID": header} if header else {}, params={"after": query} if query else {}
+    )
+    assert reply.status_code == 422
+    error = error_of(reply)
+    assert error["param"] == ("Last-Event-ID" if header else "after")
+    assert error["message"].startswith(f"{error['param']} must be 0 or an event id <ms>-<seq>")
+    assert "^" not in error["message"] and "pattern" not in error["message"]  # no regex

@@ -35,7 +35,7 @@ def base(redis_server, tiny_checkpoint, tmp_path_factory) -> Iterator[str]:
     logdir = tmp_path_factory.mktemp("studio-steering-logs")
     procs = []
     try:
-        api, base = start_api(url, logdir)
+        api, base = start_api(url, logdir, request_defaults="cpu")
         procs.append(api)
         procs.append(start_worker(url, tiny_checkpoint, logdir, "studio-steer-w"))
         yield base
