@@ -63,10 +63,18 @@ class GenerationRequest(GenerationFields):
 # ---- responses ----------------------------------------------------------------------------------
 
 
+class FieldError(BaseModel):
+    param: str
+    message: str
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str
     param: str | None = None
+    errors: list[FieldError] | None = Field(
+        None, description="a request with several bad fields: each, with its own message (param: the first)"
+    )
 
 
 class ErrorResponse(BaseModel):

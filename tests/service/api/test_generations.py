@@ -421,3 +421,15 @@ async def test_a_malformed_cursor_is_answered_in_words_naming_the_field_sent(
     assert error["param"] == ("Last-Event-ID" if header else "after")
     assert error["message"].startswith(f"{error['param']} must be 0 or an event id <ms>-<seq>")
     assert "^" not in error["message"] and "pattern" not in error["message"]  # no regex
+
+
+async def test_every_bad_field_is_named_with_its_own_message(client: httpx.AsyncClient):
+    bad = {"prompt": "x", "width": 100, "max_iterations": 99, "draft": {"steps": 1}}
+    reply = await client.post("/v1/generations", json=bad)
+    error = error_of(reply)
+    assert reply.status_code == 422 and error["param"] == "width"
+    assert [e["param"] for e in error["errors"]] == ["width", "max_iterations", "draft.steps"]
+    assert all(e["message"].startswith(f"{e['param']}: ") for e in error["errors"])
+    assert "(and 2 more problems: see errors)" in error["message"]
+    one = error_of(await client.post("/v1/generations", json={"prompt": "x", "width": 100}))
+    assert "errors" not in one and one["param"] == "width"

@@ -229,6 +229,14 @@ def test_queue_position_full_queue_then_cancel_a_running_job(service, browser):
 
     p.page.wait_for_selector("li.stage[data-stage=draft][data-status=running]", timeout=120000)
     assert p.page.is_hidden(".job .queue")
+    # The header's clock runs while the job does (it was frozen at the view's figure).
+    p.page.wait_for_selector(".job .timings:has-text('running for')")
+    first = int(re.search(r"running for (\d+) s", p.page.inner_text(".job .timings"))[1])
+    p.page.wait_for_function(
+        "n => (/running for (\\d+) s/.exec(document.querySelector('.job .timings').textContent) || [0, -1])[1] > n",
+        arg=first,
+        timeout=10000,
+    )
     p.page.click(".job button.cancel")
     p.wait_status("canceled", 60)
     assert p.page.inner_text(".job .status") == "Canceled"
@@ -306,6 +314,24 @@ def test_invalid_field_is_shown_next_to_it(service, browser):
     assert p.page.get_attribute("#width", "aria-invalid") is None
     assert "greater than or equal to 2" in p.page.inner_text("#steps-error")
     p.check_clean(allowed=("status of 422",))  # the browser logs the failed POST itself
+    context.close()
+
+
+def test_every_invalid_field_is_shown_at_its_field_at_once(service, browser):
+    context = browser.new_context()
+    p = Page(context, service["base"])
+    p.open()
+    p.fill("a red cube", {**FAST, "width": 100, "steps": 1, "iterations": 99})
+    p.page.click("#submit")
+    p.page.wait_for_selector("#iterations[aria-invalid=true]")
+    for field in ("width", "steps", "iterations"):  # all three, each with its own message
+        assert p.page.get_attribute(f"#{field}", "aria-invalid") == "true", field
+    assert "multiple of 16" in p.page.inner_text("#width-error")
+    assert "greater than or equal to 2" in p.page.inner_text("#steps-error")
+    assert "less than or equal to 8" in p.page.inner_text("#iterations-error")
+    assert p.page.evaluate("document.activeElement.id") == "width"  # the first, focused
+    assert "the 3 fields marked above" in p.page.inner_text("#form-error")
+    p.check_clean(allowed=("status of 422",))
     context.close()
 
 
