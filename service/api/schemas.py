@@ -72,13 +72,18 @@ class ErrorDetail(BaseModel):
     type: str
     message: str
     param: str | None = None
+
+
+class RequestErrorDetail(ErrorDetail):
+    """An error answer's body; a request with several bad fields names each in `errors`."""
+
     errors: list[FieldError] | None = Field(
         None, description="a request with several bad fields: each, with its own message (param: the first)"
     )
 
 
 class ErrorResponse(BaseModel):
-    error: ErrorDetail
+    error: RequestErrorDetail
 
 
 class ImageRef(BaseModel):

@@ -25,8 +25,17 @@ from strokes.service.queue import keys
 
 pytestmark = pytest.mark.slow
 
-# On the tiny checkpoint the interleaved model ends this prompt before it asks for an image.
-NO_IMAGE = {"prompt": "a red cube", "protocol": "interleaved", "width": 128, "height": 128}
+# On the tiny checkpoint the interleaved model ends this prompt before it asks for an image. Its
+# texts are bounded so that the context's worst case fits the tiny model's 4096 positions (the
+# engine refuses a run that could pass them).
+NO_IMAGE = {
+    "prompt": "a red cube",
+    "protocol": "interleaved",
+    "width": 128,
+    "height": 128,
+    "plan": {"max_tokens": 128},
+    "reflect": {"max_tokens": 128},
+}
 FAST_LEASE = {"lease_ttl_s": 2, "heartbeat_interval_s": 0.5, "reclaim_interval_s": 0.2, "cancel_poll_s": 0}
 
 
