@@ -7,6 +7,13 @@ text stages' max_tokens, the size of every image (VAE latents + ViT tokens), so 
 sized from them. Generated text is re-tokenised before it is appended, which can take a few more
 tokens than were decoded: a margin of 1/8 + 16 per text stage covers it. An estimate that still
 falls short is not an error, only a reallocation (`KVCache.reallocations`).
+
+The context's RoPE positions are another matter: past the model's max_position_embeddings its
+rotary embedding was never trained, so a run whose context could pass it is refused before any
+work (`check_positions`, InvalidParams naming `max_positions`). Their bound counts the tokens of
+what the run will append: the system prompt, the replayed stages of a fork (texts tokenised
+exactly, 2 positions per image), then the live iterations it may still run (instructions
+tokenised, each text its max_tokens plus room for re-tokenisation and its markers).
 """
 
 from __future__ import annotations
@@ -14,9 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from strokes.model.network.config import BagelConfig
-from strokes.model.spec.budget import generation_tokens
-from strokes.model.spec.params import GenerationParams
+from strokes.model.spec.budget import generation_tokens, resumption
+from strokes.model.spec.forks import Fork
+from strokes.model.spec.params import GenerationParams, InvalidParams
 from strokes.model.spec.prompts import GEN_THINK_SYSTEM_PROMPT, INTERLEAVED_PROMPT, render
+
+IMAGE_ROPE = 2  # an image's VAE block and ViT block take one position each
 
 
 @dataclass(frozen=True)
@@ -63,3 +73,67 @@ def job_budget(cfg: BagelConfig, tokenize, params: GenerationParams) -> Budget:
         images = 2 * p.max_iterations * image
     cond += shared + instructions + texts + images + block
     return Budget(cond=cond, img_uncond=shared + instructions + block)
+
+
+def _rope_text(max_tokens: int) -> int:
+    """Positions of one decoded text: its tokens, re-tokenisation's few more, its markers."""
+    return max_tokens + 16 + 2
+
+
+def _live_positions(tokenize, p: GenerationParams, iterations: int, prompt: str) -> int:
+    """Positions `iterations` live iterations toward `prompt` may add."""
+    if p.protocol == "guided":
+        plan = max(len(tokenize(render(name, prompt, p.templates))) for name in ("plan_first", "plan_next"))
+        reflect = len(tokenize(render("reflect", prompt, p.templates)))
+        per_iteration = plan + reflect + _rope_text(p.plan.max_tokens) + _rope_text(p.reflect.max_tokens)
+        return iterations * (per_iteration + 2 * IMAGE_ROPE)
+    user = len(tokenize(INTERLEAVED_PROMPT.replace("{prompt}", prompt)))
+    longest = max(p.plan.max_tokens, p.reflect.max_tokens)
+    return user + (3 * iterations + 1) * _rope_text(longest) + 2 * iterations * IMAGE_ROPE
+
+
+def _replayed_positions(tokenize, p: GenerationParams, stages: list[dict]) -> int:
+    """Positions the replay of recorded stages appends (the same items, tokenised the same way)."""
+    positions = (
+        len(tokenize(INTERLEAVED_PROMPT.replace("{prompt}", p.prompt))) if p.protocol != "guided" else 0
+    )
+    for stage in stages:
+        if stage["stage"] == "instruction":
+            positions += IMAGE_ROPE if stage.get("appended_image") else 0
+            if p.protocol != "guided":
+                positions += len(tokenize(INTERLEAVED_PROMPT.replace("{prompt}", stage["instruction"])))
+            continue
+        for key in ("instruction", "text"):
+            if stage.get(key) is not None:
+                positions += len(tokenize(stage[key]))
+        if stage.get("image") and stage.get("appended_to_context"):
+            positions += IMAGE_ROPE
+    return positions
+
+
+def rope_bound(tokenize, params: GenerationParams, fork: Fork | None) -> int:
+    """The RoPE positions a run's context can reach; `tokenize(text) -> ids` is the engine's
+    `segment` (markers included)."""
+    p = params
+    positions = len(tokenize(GEN_THINK_SYSTEM_PROMPT)) if p.think else 0
+    positions += IMAGE_ROPE if p.input_image is not None else 0
+    if fork is None or not fork.stages:
+        return positions + _live_positions(tokenize, p, p.max_iterations, p.prompt)
+    resumed = resumption(p, fork.stages, instruction=fork.instruction, input_image=False)
+    positions += _replayed_positions(tokenize, p, fork.stages)
+    if fork.instruction is not None:
+        positions += IMAGE_ROPE  # the final image, when its stage left it out of the context
+    return positions + _live_positions(tokenize, p, resumed.iterations, resumed.prompt)
+
+
+def check_positions(cfg: BagelConfig, tokenize, params: GenerationParams, fork: Fork | None) -> int:
+    """The run's RoPE bound, or InvalidParams (`max_positions`) when it passes the model's limit."""
+    bound = rope_bound(tokenize, params, fork)
+    limit = cfg.llm.max_position_embeddings
+    if bound > limit:
+        raise InvalidParams(
+            "max_positions",
+            f"the context could reach {bound:,} positions, past the model's limit of {limit:,} "
+            "(max_position_embeddings); use fewer iterations, shorter texts or lower max_tokens",
+        )
+    return bound

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from strokes.model.generation.budget import job_budget
+from strokes.model.generation.budget import check_positions, job_budget
 from strokes.model.generation.cancel import ShouldCancel
 from strokes.model.generation.contexts import ContextItem, Contexts
 from strokes.model.generation.engine import Engine
@@ -78,6 +78,8 @@ class Run:
         self.logits_processor, self.reuse_cache = logits_processor, reuse_cache
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(6), "little")
         self.generator = torch.Generator().manual_seed(seed)
+        # Refused before any work when its context could pass the model's positions.
+        check_positions(engine.cfg, engine.tokenizer.segment, params, fork)
         budget = job_budget(engine.cfg, engine.tokenizer.segment, params)
         hit = (
             warm.take(fork.stages, engine.device, budget)
@@ -138,22 +140,23 @@ class Run:
         return lambda ids, logits: self.logits_processor(self.history + ids, logits)
 
     def _record(self, **record) -> None:
-        """A stage's trajectory record, and the contexts' boundary after it (for warm forks)."""
-        self.trajectory.add(**record)
+        """A stage's trajectory record, with the RoPE positions the context holds after it (what
+        prices a fork of it: model/spec/budget.py), and the contexts' boundary after it (for warm
+        forks)."""
         if len(self.boundaries) < len(self.warm_boundaries):  # the caches are past this stage
-            self.boundaries.append(self.warm_boundaries[len(self.boundaries)])
-            return
-        c = self.contexts
-        logits = None if c.last_logits is None else c.last_logits.detach().to("cpu", copy=True)
-        self.boundaries.append(
-            Boundary(
+            boundary = self.warm_boundaries[len(self.boundaries)]
+        else:
+            c = self.contexts
+            logits = None if c.last_logits is None else c.last_logits.detach().to("cpu", copy=True)
+            boundary = Boundary(
                 (c.cond.length, c.cond.rope),
                 (c.img_uncond.length, c.img_uncond.rope),
                 (c.text_uncond.length, c.text_uncond.rope),
                 len(c.items),
                 logits,
             )
-        )
+        self.trajectory.add(**record, positions=int(boundary.cond[1]))
+        self.boundaries.append(boundary)
 
     def _next_replay(self, it: int, stage: str) -> dict | None:
         """The recorded stage to replay here, or None once the fork point is passed."""

@@ -154,4 +154,5 @@ def plan_fork(trajectory: dict[str, Any], point: ForkPoint) -> Fork:
         lineage["replaced_text"] = last[key]
         last[key] = point.text
         last["edited"] = True
+        last.pop("positions", None)  # the context after it is the new text's (model/spec/budget.py)
     return Fork(cut, lineage=lineage)

@@ -6,10 +6,30 @@ process, which must not import torch, reduces uploads with exactly the rule the 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from PIL import Image
 
 # The official ImageTransform's default max_pixels, used by both the VAE and the ViT transform.
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
+# BAGEL's VAE input rule (max_size, min_size, stride, max_pixels): model/network/transforms.py's VAE_TRANSFORM.
+BAGEL_INPUT_RESIZE = (1024, 512, 16, DEFAULT_MAX_PIXELS)
+SIDECAR = "tiny_bagel_info.json"  # a generated checkpoint's own sizes (model/network/config.py reads it)
+
+
+def checkpoint_input_resize(folder: str | Path) -> tuple[int, int, int, int]:
+    """The VAE input rule of a checkpoint folder, read without torch: a generated (tiny)
+    checkpoint's sidecar may name its own (`vae_transform`), a BAGEL checkpoint has BAGEL's. The
+    API stores uploads, and records an edit's size, by it (STROKES_UPLOAD_RESIZE)."""
+    sidecar = Path(folder) / SIDECAR
+    if not sidecar.is_file():
+        return BAGEL_INPUT_RESIZE
+    rule = json.loads(sidecar.read_text()).get("vae_transform")
+    if not rule:
+        return BAGEL_INPUT_RESIZE
+    max_size, min_size, stride, *rest = rule
+    return (int(max_size), int(min_size), int(stride), int(rest[0]) if rest else DEFAULT_MAX_PIXELS)
 
 
 def resize_size(

@@ -148,6 +148,12 @@ async def every(interval_s: float, chore: Callable[[], Awaitable[Any]], what: st
         await asyncio.sleep(interval_s)
 
 
+async def end_expired_pauses(steering: Steering, blobs: bloblib.BlobStore) -> None:
+    """The API's pause sweep: pauses left unanswered end, and their jobs' inputs with them."""
+    for job_id in await steering.expire_pauses():
+        await blobs.job_ended(job_id)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API app. `settings` (tests, `strokes api` flags) overrides the environment's."""
     settings = settings or get_settings()
@@ -179,7 +185,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
             ),
             asyncio.create_task(
-                every(settings.pause_sweep_interval_s, app.state.steering.expire_pauses, "pause sweep")
+                every(
+                    settings.pause_sweep_interval_s,
+                    lambda: end_expired_pauses(app.state.steering, app.state.blobs),
+                    "pause sweep",
+                )
             ),
         ]
         try:

@@ -1,13 +1,12 @@
 """Optional bearer API keys. With none configured the service is open and every job has owner "".
 
 A job belongs to the key that created it: its owner is a digest of that key (the key itself is
-never stored or logged), and every read, stream and cancel checks it. Another key's job answers
+never stored or logged: service/shared/owners.py), and every read, stream and cancel checks it. Another key's job answers
 404, exactly like an unknown id, so ids cannot be probed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from typing import Annotated
 
@@ -17,13 +16,10 @@ from pydantic import SecretStr
 
 from strokes.service.api.deps import SettingsDep
 from strokes.service.api.errors import Unauthorized
+from strokes.service.shared.owners import owner_of
 from strokes.service.shared.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="API key, when the service is configured with keys")
-
-
-def owner_of(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 def authenticate(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> str:

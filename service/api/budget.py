@@ -6,6 +6,10 @@ A request over `max_job_cost` or `max_positions`, or whose events could pass
 a 422 `budget_exceeded`). Besides its stages' events a job emits job.queued, job.started, its
 terminal event and a hand-back's job.queued, and each pause (steering) job.paused, job.resumed and
 the next attempt's job.started.
+
+A fork, a follow-up at any depth and a continue with replaced text replay a recorded trajectory:
+they are priced from its real context (the positions its stages hold) plus what they may still
+add (model/spec/budget.py `resumption`), never from the parent's request alone.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from strokes.model.spec import budget
-from strokes.model.spec.budget import Estimate, Geometry
+from strokes.model.spec.budget import Estimate, Geometry, Resumption
 from strokes.model.spec.params import GenerationParams
 from strokes.service.shared.messages import JobMessage
 
@@ -22,13 +26,19 @@ PAUSE_EVENTS = 3  # job.paused, job.resumed, the next attempt's job.started
 
 
 def estimate(
-    message: JobMessage, params: GenerationParams, geometry: Geometry = budget.BAGEL_7B_MOT
+    message: JobMessage,
+    params: GenerationParams,
+    geometry: Geometry = budget.BAGEL_7B_MOT,
+    resumed: Resumption | None = None,
 ) -> Estimate:
-    """The worst case of a job (its message, and the parameters made of it), its own events included."""
-    iterations = params.max_iterations
-    if message.fork is not None and message.fork.instruction is not None:
-        iterations *= 2  # a follow-up replays the parent's iterations, then runs up to as many new ones
-    est = budget.estimate(params, geometry, input_image=message.input_image, iterations=iterations)
+    """The worst case of a job (its message, and the parameters made of it), its own events
+    included. `resumed`: the job replays a recorded trajectory first (a fork, a follow-up at any
+    depth, a continue with replaced text) and is priced from its real context."""
+    if resumed is not None:
+        est, iterations = budget.estimate_resumed(params, resumed, geometry), resumed.iterations
+    else:
+        iterations = params.max_iterations
+        est = budget.estimate(params, geometry, input_image=message.input_image, iterations=iterations)
     events = est.events + PAUSE_EVENTS * iterations * len(message.pause_after) + JOB_EVENTS
     return replace(est, events=events)
 
@@ -42,10 +52,16 @@ class OverBudget(ValueError):
 
 
 def check(
-    message: JobMessage, params: GenerationParams, *, max_cost: int, max_positions: int, max_events: int
+    message: JobMessage,
+    params: GenerationParams,
+    *,
+    max_cost: int,
+    max_positions: int,
+    max_events: int,
+    resumed: Resumption | None = None,
 ) -> Estimate:
     """The estimate, or OverBudget naming the first limit the request exceeds."""
-    est = estimate(message, params)
+    est = estimate(message, params, resumed=resumed)
     if est.cost > max_cost:
         raise OverBudget(
             f"the request's compute cost is {est.cost:,} token-steps, over the limit of {max_cost:,} "

@@ -1,6 +1,7 @@
 """Service exceptions and the ONE place that maps errors to HTTP responses.
 
-Every error body is `{"error": {"type": ..., "message": ...}}` (plus `param` for a bad field).
+Every error body is `{"error": {"type": ..., "message": ...}}` (plus `param` for a bad field, and
+`errors`, [{param, message}], when a request has several: a form can mark each field at once).
 Handlers raise the exceptions below; `install(app)` registers how each becomes a response,
 including FastAPI's validation errors, Starlette's 404/405, and Redis being unreachable.
 """
@@ -20,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from strokes.model.spec.params import InvalidParams
-from strokes.service.blobs.store import BlobUnavailable
+from strokes.service.blobs.health import BlobError, BlobRefused
 
 log = logging.getLogger("strokes.api")
 
@@ -125,17 +126,27 @@ def redis_unavailable(exc: Exception) -> bool:
     return any(text.startswith(code) or f": {code} " in text for code in UNAVAILABLE_REPLIES)
 
 
-def error_body(type_: str, message: str, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    type_: str, message: str, param: str | None = None, errors: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
     error: dict[str, Any] = {"type": type_, "message": message}
     if param:
         error["param"] = param
+    if errors:
+        error["errors"] = errors
     return {"error": error}
 
 
 def error_response(
-    status: int, type_: str, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    type_: str,
+    message: str,
+    *,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    errors: list[dict[str, str]] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(type_, message, param), status_code=status, headers=headers)
+    return JSONResponse(error_body(type_, message, param, errors), status_code=status, headers=headers)
 
 
 _HTTP_TYPES = {
@@ -152,19 +163,31 @@ _HTTP_TYPES = {
 }
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+def _field_errors(exc: RequestValidationError) -> list[dict[str, str]]:
+    """Every bad field of a request, {param, message}, in the order pydantic found them (one per
+    field: a union's alternatives report the same field more than once)."""
+    out: dict[str, str] = {}
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+        param = ".".join(loc) or "body"
+        out.setdefault(param, error.get("msg", "invalid value"))
+    return [{"param": param, "message": f"{param}: {message}"} for param, message in out.items()]
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None, list[dict[str, str]]]:
+    """(message, param of the first bad field, every bad field)."""
     errors = exc.errors()
     if not errors:
-        return "invalid request", None
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
-    param = ".".join(loc) or None
-    message = first.get("msg", "invalid value")
-    if first.get("type") == "json_invalid":
-        return "the body is not valid JSON", None
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return (f"{param}: {message}" if param else message), param
+        return "invalid request", None, []
+    if errors[0].get("type") == "json_invalid":
+        return "the body is not valid JSON", None, []
+    fields = _field_errors(exc)
+    first = fields[0]
+    param = None if first["param"] == "body" else first["param"]
+    message = first["message"] if param else first["message"].removeprefix("body: ")
+    if len(fields) > 1:
+        message += f" (and {len(fields) - 1} more problem{'s' if len(fields) > 2 else ''}: see errors)"
+    return message, param, fields if len(fields) > 1 else []
 
 
 _FORM_MEDIA = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -210,11 +233,12 @@ def _respond(
     *,
     param: str | None = None,
     headers: dict[str, str] | None = None,
+    errors: list[dict[str, str]] | None = None,
 ) -> JSONResponse:
     if request.url.path.startswith(OPENAI_PATH_PREFIX):
         status, body = openai_error(status, type_, message, param)
         return JSONResponse(body, status_code=status, headers=headers)
-    return error_response(status, type_, message, param=param, headers=headers)
+    return error_response(status, type_, message, param=param, headers=headers, errors=errors)
 
 
 def install(app: FastAPI) -> None:
@@ -233,8 +257,8 @@ def install(app: FastAPI) -> None:
         wrong_media = _wrong_media_type(request, exc)
         if wrong_media is not None:
             return _respond(request, 415, UnsupportedMediaType.type, wrong_media)
-        message, param = _describe_validation(exc)
-        return _respond(request, 422, "invalid_request", message, param=param)
+        message, param, fields = _describe_validation(exc)
+        return _respond(request, 422, "invalid_request", message, param=param, errors=fields)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -255,6 +279,11 @@ def install(app: FastAPI) -> None:
         )
 
     async def _blobs_down(request: Request, exc: Exception):
+        # The cause (a bucket's name, a path) is the operator's: logged, not told to callers.
+        if isinstance(exc, BlobRefused):
+            log.error("the blob store refuses requests: %s", exc)
+            message = "the blob store (images, trajectories) refuses requests; an operator has been told"
+            return error_response(503, Unavailable.type, message, headers={"Retry-After": "30"})
         log.warning("blob store unreachable: %s", exc)
         return error_response(
             503,
@@ -263,7 +292,7 @@ def install(app: FastAPI) -> None:
             headers={"Retry-After": "1"},
         )
 
-    app.add_exception_handler(BlobUnavailable, _blobs_down)
+    app.add_exception_handler(BlobError, _blobs_down)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
     app.add_exception_handler(TimeoutError, _redis_down)  # the per-request Redis deadline

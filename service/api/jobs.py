@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from strokes.service.api import budget, forks
+from strokes.service.api import budget, defaults, forks
 from strokes.service.api.errors import (
     IdempotencyKeyReused,
     InvalidImage,
@@ -29,6 +29,7 @@ from strokes.service.api.errors import (
     QuotaExceeded,
 )
 from strokes.service.api.schemas import GenerationRequest, Job
+from strokes.service.blobs.health import BlobError
 from strokes.service.blobs.links import presign_refs
 from strokes.service.blobs.store import BlobStore
 from strokes.service.queue import keys
@@ -179,6 +180,8 @@ async def submit(
         raise InvalidRequest(
             "Idempotency-Key must be 1-255 printable ASCII characters", param="Idempotency-Key"
         )
+    fingerprint = request.fingerprint()
+    request = defaults.apply(request, settings.request_defaults)  # what it leaves out: this server's
     message, fork = request.job_message(), None
     if request.fork is not None:  # the parent's message and context (service/api/forks.py)
         fork = await asyncio.wait_for(_fork(store, owner, request, blobs), deadline_s)
@@ -187,19 +190,6 @@ async def submit(
         )
     elif request.prompt is None:
         raise InvalidRequest("prompt: required (or fork an earlier generation)", param="prompt")
-    params = message.to_params(None, settings.max_side)  # GenerationParams.validate() has the last word
-    try:
-        estimate = budget.check(
-            message,
-            params,
-            max_cost=settings.max_job_cost,
-            max_positions=settings.max_positions,
-            max_events=settings.events_maxlen // settings.max_attempts,
-        )
-    except budget.OverBudget as exc:
-        raise OverBudget(str(exc), param=exc.limit) from exc
-    if request.webhook_url is not None:
-        await _check_webhook(settings, request.webhook_url)
     upload = fork.upload if fork is not None else None
     if request.input_image is not None:
         try:
@@ -210,6 +200,21 @@ async def submit(
             raise PayloadTooLarge(str(exc), param="input_image") from exc
         except imagelib.InvalidUpload as exc:
             raise InvalidImage(str(exc), param="input_image") from exc
+        message = _edit_size(message, upload, settings)
+    params = message.to_params(None, settings.max_side)  # GenerationParams.validate() has the last word
+    try:
+        estimate = budget.check(
+            message,
+            params,
+            max_cost=settings.max_job_cost,
+            max_positions=settings.max_positions,
+            max_events=settings.events_maxlen // settings.max_attempts,
+            resumed=fork.resumption(params) if fork is not None else None,  # its real context
+        )
+    except budget.OverBudget as exc:
+        raise OverBudget(str(exc), param=exc.limit) from exc
+    if request.webhook_url is not None:
+        await _check_webhook(settings, owner, request.webhook_url)
     job_id = new_job_id()
     fields: dict[str, Any] = {}
     stored_input = None
@@ -220,8 +225,8 @@ async def submit(
         ref = image_ref(job_id, imagelib.INPUT_IMAGE_ID, width, height, stage="input")
         fields[IMAGE_FIELD_PREFIX + imagelib.INPUT_IMAGE_ID] = {**ref, "attempt": 0}
     if request.webhook_url is not None:
-        fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events))
-    submission = Submission(job_id, owner, message, request.fingerprint(), idempotency_key, fields, estimate)
+        fields.update(webhooks.hash_fields(request.webhook_url, request.webhook_events, signer=owner))
+    submission = Submission(job_id, owner, message, fingerprint, idempotency_key, fields, estimate)
     try:
         job, replayed = await asyncio.wait_for(
             _enqueue(store, steering, settings, submission, blobs, fork), deadline_s
@@ -234,6 +239,15 @@ async def submit(
     if job.id != job_id:  # an idempotent replay: the first job has its own input
         await _drop(blobs, stored_input)
     return job, replayed
+
+
+def _edit_size(message: JobMessage, upload: tuple[bytes, int, int], settings: Settings) -> JobMessage:
+    """An edit's message records the size it draws at: its input's, as the model resizes it (the
+    rule the upload was stored by, settings.upload_resize). A width and height sent with an edit
+    never had a say (the model follows the starting image): the job records the truth instead."""
+    _png, width, height = upload
+    width, height = imagelib.model_size(width, height, settings.upload_resize)
+    return message.model_copy(update={"width": width, "height": height})
 
 
 @dataclass(frozen=True)
@@ -251,16 +265,20 @@ class Submission:
 
 async def _drop(blobs: BlobStore, key: str | None) -> None:
     if key is not None:
-        with contextlib.suppress(OSError):  # the sweep removes it later
+        with contextlib.suppress(BlobError):  # the sweep removes it later
             await blobs.delete(key)
 
 
-async def _check_webhook(settings: Settings, url: str) -> None:
-    """422 unless webhooks are enabled and the URL's host resolves to allowed addresses only."""
-    if settings.webhook_secret is None:
-        raise InvalidRequest(
-            "webhooks are not enabled on this server (no STROKES_WEBHOOK_SECRET)", param="webhook_url"
+async def _check_webhook(settings: Settings, owner: str, url: str) -> None:
+    """422 unless the caller's key has signing secrets (its own: STROKES_WEBHOOK_SECRETS; without
+    API keys the server's) and the URL's host resolves to allowed addresses only."""
+    if owner not in webhooks.signers(settings):
+        why = (
+            "this API key has no webhook signing secret (STROKES_WEBHOOK_SECRETS)"
+            if settings.api_keys
+            else "webhooks are not enabled on this server (no STROKES_WEBHOOK_SECRET)"
         )
+        raise InvalidRequest(why, param="webhook_url")
     try:
         await webhooks.resolve(url, settings.webhook_allow_networks, settings.webhook_resolve_timeout_s)
     except webhooks.UnsafeURL as exc:
@@ -299,8 +317,9 @@ async def _enqueue(
         body_hash=job.body_hash,
         idempotency_key=job.idempotency_key,
         fields=fields,
-        # every attempt's events fit: a job within budget never loses events to trimming
-        events_maxlen=job.estimate.events * settings.max_attempts,
+        # every attempt's events fit (and each deferral's job.queued and job.started): a job
+        # within budget never loses events to trimming
+        events_maxlen=job.estimate.events * settings.max_attempts + 2 * settings.storage_max_deferrals,
     )
     if result.outcome != Admission.ok and fork is not None:
         await forks.drop_fork(steering, job.job_id, blobs)

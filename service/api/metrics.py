@@ -10,6 +10,10 @@ API (served at /metrics):
     strokes_queue_lag                                    queue entries not yet delivered to a worker
     strokes_queue_pending                                entries delivered and not acknowledged
     strokes_workers_alive                                workers with a live heartbeat
+    strokes_blob_store_up, strokes_blob_store_state{state}, strokes_blob_store_errors_total{kind}
+                                                         the blob store as this replica sees it
+    strokes_webhook_outbox_messages                      webhook messages waiting for delivery
+    strokes_webhook_outbox_dropped_total                 events not queued: the outbox was full
 
 Several API processes (uvicorn --workers N): set PROMETHEUS_MULTIPROC_DIR and every process
 writes its values to files there; /metrics then aggregates them (prometheus_client multiprocess
@@ -27,7 +31,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -77,9 +83,32 @@ class ApiMetrics:
             multiprocess_mode="mostrecent",
         )
 
-    def exposition(self) -> bytes:
+    def exposition(self, *collectors: Collector) -> bytes:
+        """The metrics, with `collectors` of this request's (the blob store's state, read now)."""
         if self.registry is not None:
-            return generate_latest(self.registry)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-        return generate_latest(registry)
+            own = generate_latest(self.registry)
+        else:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            own = generate_latest(registry)
+        extra = CollectorRegistry()
+        for collector in collectors:
+            extra.register(collector)
+        return own + generate_latest(extra)
+
+
+class OutboxCollector:
+    """The webhook outbox's figures, read from Redis at this scrape (the API runs whether or not a
+    dispatcher does, which is when the outbox fills)."""
+
+    def __init__(self, length: int, dropped: int):
+        self.length, self.dropped = length, dropped
+
+    def collect(self):
+        length = GaugeMetricFamily("strokes_webhook_outbox_messages", "webhook messages waiting for delivery")
+        length.add_metric([], float(self.length))
+        dropped = CounterMetricFamily(
+            "strokes_webhook_outbox_dropped", "events not queued for delivery: the outbox was full"
+        )
+        dropped.add_metric([], float(self.dropped))
+        return [length, dropped]

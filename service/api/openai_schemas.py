@@ -192,7 +192,3 @@ def usage(jobs_usage: list[dict[str, int]]) -> ImageUsage:
 
 def _size(native: GenerationRequest) -> str:
     return f"{native.width}x{native.height}"
-
-
-def size_of(native: GenerationRequest) -> str:
-    return f"{native.width}x{native.height}"

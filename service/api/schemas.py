@@ -63,14 +63,27 @@ class GenerationRequest(GenerationFields):
 # ---- responses ----------------------------------------------------------------------------------
 
 
+class FieldError(BaseModel):
+    param: str
+    message: str
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str
     param: str | None = None
 
 
+class RequestErrorDetail(ErrorDetail):
+    """An error answer's body; a request with several bad fields names each in `errors`."""
+
+    errors: list[FieldError] | None = Field(
+        None, description="a request with several bad fields: each, with its own message (param: the first)"
+    )
+
+
 class ErrorResponse(BaseModel):
-    error: ErrorDetail
+    error: RequestErrorDetail
 
 
 class ImageRef(BaseModel):
@@ -160,8 +173,17 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class BlobStoreState(BaseModel):
+    """The blob store as this API replica sees it (service/blobs/health.py)."""
+
+    state: Literal["ok", "unavailable", "refused"]
+    cause: str | None = Field(None, description="why it is not ok, in words")
+    since: float = Field(description="when it entered this state (Unix seconds)")
+
+
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     redis: bool
     workers: int
+    blob_store: BlobStoreState | None = None
     reason: str | None = None

@@ -5,7 +5,9 @@ The SSE `id:` of every event is its Redis stream entry id, so a client that reco
 an id is exclusive. The stream opens with a comment (headers and first bytes reach the client and
 any proxy at once), sse-starlette adds a comment every 15 s, and the stream ends right after the
 terminal event. If Redis fails mid-stream the client gets an `error` event and the stream ends;
-it resumes later from its last id.
+it resumes later from its last id. If the job itself vanishes (its hash expired, or a Redis
+without persistence restarted) the stream ends with an `error` event of type `job_gone`, never in
+silence.
 
 `EventHub` (one per API process) keeps one `Feed` per job that has clients: a task that reads the
 job's events from Redis once, encodes them once, and hands the same bytes to every subscriber.
@@ -38,6 +40,7 @@ log = logging.getLogger("strokes.sse")
 CURSOR = re.compile(r"^(0|\d{1,20}-\d{1,20})$")
 MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit numbers
 GAP = "gap"
+JOB_GONE = "job_gone"  # an `error` event's type: the job vanished; reconnecting would answer 404
 
 
 def _key(event_id: str) -> tuple[int, int]:
@@ -116,6 +119,11 @@ class _Failed:
     """Redis failed under the feed."""
 
 
+class _Gone:
+    """The job vanished under the feed: its hash is gone without a terminal event in its log
+    (expired while the client waited, or a Redis without persistence restarted)."""
+
+
 class Feed:
     HISTORY_EVENTS = 20000  # chunks kept for clients that join late (a job's whole log, usually)
 
@@ -156,11 +164,11 @@ class Feed:
                     status = await store.r.hget(keys.job(self.job_id), "status")
                     if status is not None and status.decode() in ("queued", "running", "paused"):
                         continue
-                    # Finished (or expired): read once more, since the terminal event may have
+                    # Finished (or gone): read once more, since the terminal event may have
                     # landed between the blocking read and the status check.
                     batch = await store.read_events(self.job_id, self.cursor, count=200)
                     if not batch:
-                        return self._close(_End())
+                        return self._close(_End() if status is not None else _Gone())
                 for start in range(0, len(batch), 200):
                     part = batch[start : start + 200]
                     chunk = Chunk(part, encode(part, self.hub.links))
@@ -219,6 +227,16 @@ def _error_event() -> bytes:
     return ServerSentEvent(data=json.dumps(body), event="error").encode()
 
 
+def _gone_event(job_id: str) -> bytes:
+    """The stream's explicit end when its job vanished: never a silent close."""
+    body = error_body(
+        JOB_GONE,
+        f"the job {job_id} is no longer in the store (it expired, or the store lost it in a restart) "
+        "and its log has no terminal event; GET /v1/generations/{id} answers 404",
+    )
+    return ServerSentEvent(data=json.dumps(body), event="error").encode()
+
+
 async def events(
     hub: EventHub, job_id: str, resume: Resume, settings: Settings, metrics: ApiMetrics
 ) -> AsyncIterator[ServerSentEvent | bytes]:
@@ -256,6 +274,10 @@ async def events(
                     break
                 if isinstance(item, _Failed):
                     out.append(_error_event())
+                    ended = True
+                    break
+                if isinstance(item, _Gone):
+                    out.append(_gone_event(job_id))
                     ended = True
                     break
                 events = item.events

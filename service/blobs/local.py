@@ -1,4 +1,8 @@
-"""The local-directory backend of the blob store (service/blobs/store.py has the contract)."""
+"""The local-directory backend of the blob store (service/blobs/store.py has the contract).
+
+A file system error becomes a BlobError (health.classify_os_error): a full, read-only or
+forbidden directory is refused (permanent), anything else unavailable (transient, retried).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,15 @@ import contextlib
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+from strokes.service.blobs.health import BlobRefused, classify_os_error
 from strokes.service.blobs.store import BlobStoreBase, check_key, max_age
 from strokes.service.shared.settings import Settings
+
+T = TypeVar("T")
 
 
 class LocalBlobs(BlobStoreBase):
@@ -20,7 +29,10 @@ class LocalBlobs(BlobStoreBase):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self.root = Path(settings.blob_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # the store reports it on its first call (and /readyz shows it)
+            self.health.failed(classify_os_error(exc, "local blob directory"))
 
     def _path(self, key: str) -> Path:
         check_key(key)
@@ -55,17 +67,36 @@ class LocalBlobs(BlobStoreBase):
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
 
+    async def _io(self, what: str, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` on a thread, its OSError as a BlobError."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except OSError as exc:
+            raise classify_os_error(exc, f"local {what}") from exc
+
     async def put(self, key: str, data: bytes) -> None:
-        await self._bounded(asyncio.to_thread(self._put, key, data))
+        await self._call("put", lambda: self._io("put", self._put, key, data))
 
     async def get(self, key: str) -> bytes | None:
-        return await self._bounded(asyncio.to_thread(self._get, key))
+        return await self._call("get", lambda: self._io("get", self._get, key))
 
     async def delete(self, key: str) -> None:
-        await self._bounded(asyncio.to_thread(self._delete, key))
+        await self._call("delete", lambda: self._io("delete", self._delete, key))
+
+    async def check(self) -> None:
+        await self._call("check", lambda: self._io("check", self._check))
+
+    def _check(self) -> None:
+        """The directory exists (made if need be), may be written, and has room."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise BlobRefused(f"local check: permission denied ({self.root})")
+        stat = os.statvfs(self.root)
+        if stat.f_bavail == 0 or (stat.f_favail == 0 and stat.f_files > 0):
+            raise BlobRefused(f"local check: the disk is full ({self.root})")
 
     async def sweep(self, now: float | None = None) -> int:
-        return await asyncio.to_thread(self._sweep, time.time() if now is None else now)
+        return await self._io("sweep", self._sweep, time.time() if now is None else now)
 
     def _sweep(self, now: float) -> int:
         removed = 0

@@ -24,8 +24,16 @@ Contract (both backends, one behaviour suite in tests/service/blobs/test_store.p
 - `url(key)` -> a URL a client can GET without the API (S3 with `s3_presign`: a presigned URL
   valid `s3_presign_ttl_s`), or None (the API's own image route is the link).
 - Backends: `LocalBlobs` (local.py) and `S3Blobs` (s3.py, imported only when used).
-- The store is unreachable or too slow (`blob_timeout_s`): `BlobUnavailable`, an OSError, so
-  the worker's Redis-outage retry covers it too; the API answers 503.
+- Failures are `BlobError`s, never OSErrors (an OSError is not Redis being away, and no
+  Redis-outage handler may take one), in two kinds:
+  `BlobUnavailable` (transient): unreachable, too slow (`blob_timeout_s` per call), overloaded,
+  a server error. The store retries it itself, `blob_retries` times with a doubling backoff from
+  `blob_retry_base_s`, and raises it once they are spent.
+  `BlobRefused` (permanent): the store answers and refuses: a missing bucket, access denied, a
+  full or read-only disk. Never retried: nothing changes until an operator acts. Its message says
+  the cause in words. A worker fails the job at once (`storage_unavailable`) and lives on.
+  The API answers 503 to either. Each store keeps its state (`health`: ok, unavailable or refused,
+  from its last call; health.py) for /readyz and the metrics, and `check()` probes it.
 """
 
 from __future__ import annotations
@@ -35,9 +43,10 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+from strokes.service.blobs.health import BlobError, BlobHealth, BlobRefused, BlobUnavailable
 from strokes.service.queue import keys
 from strokes.service.shared.images import INPUT_IMAGE_ID, storage_key
 from strokes.service.shared.settings import Settings
@@ -45,16 +54,15 @@ from strokes.service.shared.wire import BLOB_NAMES
 
 log = logging.getLogger("strokes.blobs")
 T = TypeVar("T")
+__all__ = ["BlobError", "BlobRefused", "BlobStore", "BlobUnavailable", "open_store", "sweep_once"]
 KEY = re.compile(
     r"^(?P<job>[A-Za-z0-9_-]{1,64})/(?P<attempt>\d{1,6})/(?P<image>[A-Za-z0-9][A-Za-z0-9_.-]{0,127})$"
 )
 
 
-class BlobUnavailable(OSError):
-    """The blob store did not answer (in time)."""
-
-
 class BlobStore(Protocol):
+    health: BlobHealth
+
     async def put(self, key: str, data: bytes) -> None: ...
 
     async def get(self, key: str) -> bytes | None: ...
@@ -66,6 +74,8 @@ class BlobStore(Protocol):
     def url(self, key: str) -> str | None: ...
 
     async def job_ended(self, job_id: str) -> None: ...
+
+    async def check(self) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -91,25 +101,42 @@ def max_age(settings: Settings, key: str) -> float:
 
 
 class BlobStoreBase:
-    """What both backends share: the per-call timeout (BlobUnavailable), job_ended, no direct links."""
+    """What both backends share: each call bounded by `blob_timeout_s`, transient failures retried
+    with a bounded backoff, the store's health kept, job_ended, no direct links."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.health = BlobHealth()
 
-    async def _bounded(self, work: Awaitable[T]) -> T:
-        try:
-            return await asyncio.wait_for(work, self.settings.blob_timeout_s)
-        except asyncio.TimeoutError as exc:
-            raise BlobUnavailable(
-                f"the blob store did not answer in {self.settings.blob_timeout_s} s"
-            ) from exc
+    async def _call(self, what: str, work: Callable[[], Awaitable[T]]) -> T:
+        """`work()` (a fresh awaitable per try) within the timeout; BlobUnavailable retried
+        `blob_retries` times (waiting blob_retry_base_s, then twice as long, ...), BlobRefused never."""
+        s = self.settings
+        delay = s.blob_retry_base_s
+        for tries_left in range(s.blob_retries, -1, -1):
+            try:
+                result = await asyncio.wait_for(work(), s.blob_timeout_s)
+            except asyncio.TimeoutError:
+                error: BlobError = BlobUnavailable(f"{what}: no answer within {s.blob_timeout_s:g} s")
+            except BlobError as exc:
+                error = exc
+            else:
+                self.health.succeeded()
+                return result
+            self.health.failed(error)
+            if isinstance(error, BlobRefused) or not tries_left:
+                raise error
+            log.warning("blob store unavailable, retrying in %.2f s: %s", delay, error.cause)
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
 
     async def job_ended(self, job_id: str) -> None:
         if self.settings.blob_keep_inputs:
             return
         try:
             await self.delete(storage_key(job_id, 0, INPUT_IMAGE_ID))
-        except (OSError, ValueError) as exc:  # the sweep removes it later
+        except (BlobError, ValueError) as exc:  # the sweep removes it later
             log.warning("could not delete the input image of %s: %s", job_id, exc)
 
     def url(self, key: str) -> str | None:

@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from strokes.model.spec.sizing import checkpoint_input_resize
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -194,7 +196,8 @@ def run_serve(args) -> int:
             cmd += ["--pipeline", args.pipeline]
         worker = WorkerSupervisor(cmd, env, stopping)
         threading.Thread(target=worker.watch, daemon=True).start()
-        if Settings().webhook_secret is not None:  # webhooks (issue 11): the dispatcher beside them
+        hooks = Settings()
+        if hooks.webhook_secret is not None or hooks.webhook_secrets:  # webhooks: the dispatcher beside them
             webhook_cmd = [
                 sys.executable,
                 "-m",
@@ -210,7 +213,17 @@ def run_serve(args) -> int:
 
         import uvicorn
 
-        settings = Settings(redis_url=redis_url, blob_dir=env.get("STROKES_BLOB_DIR") or Settings().blob_dir)
+        # A CPU worker: requests that leave sizes and steps out get CPU-sized ones (and /v1/info says
+        # so), unless STROKES_REQUEST_DEFAULTS says otherwise.
+        profile = os.environ.get("STROKES_REQUEST_DEFAULTS") or ("cpu" if args.device == "cpu" else "model")
+        # Uploads are stored, and an edit's size recorded, by the checkpoint's own input rule.
+        resize = Settings().upload_resize if "STROKES_UPLOAD_RESIZE" in os.environ else None
+        settings = Settings(
+            redis_url=redis_url,
+            blob_dir=env.get("STROKES_BLOB_DIR") or Settings().blob_dir,
+            request_defaults=profile,
+            upload_resize=resize or checkpoint_input_resize(args.checkpoint),
+        )
         logs.setup(settings.log_level, "api")
         print(
             f"strokes serve: API on http://{args.host}:{args.port}  redis {redis_url}  "

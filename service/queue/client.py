@@ -12,9 +12,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-# Redis is away (refused, reset, timed out, or an OS error under the socket): retry, reconnect, or
-# answer 503; never a job's failure. The one definition every process uses.
-TRANSIENT = (RedisError, OSError, TimeoutError)
+# Redis is away (refused, reset, timed out): retry, reconnect, or answer 503; never a job's
+# failure. The one definition every process uses. Not any OSError: redis-py turns its socket's
+# errors into ConnectionError/TimeoutError, and an OSError from elsewhere (a damaged image, a full
+# disk) is no Redis outage (the blob store's errors are not OSErrors at all: blobs/health.py).
+TRANSIENT = (RedisError, ConnectionError, TimeoutError)
 
 # ---- the client ---------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ stage, with the generator's state at each) live in the blob store (service/blobs
 | strokes:owner:{owner}:jobs  | zset   | the owner's job ids by creation time (ms), for GET /v1/generations |
 | strokes:webhooks            | stream | webhook outbox: events to deliver, consumer group WEBHOOK_GROUP |
 | strokes:webhooks:dead       | stream | webhook deliveries given up after `webhook_retry_for_s`      |
+| strokes:webhooks:dropped    | string | events not queued for delivery because the outbox was full   |
 | strokes:steer:{id}          | string | a fork's or paused job's context (service/api/forks.py): blob keys, fork point |
 | strokes:paused              | zset   | paused job id -> when its pause expires (ms)                 |
 """
@@ -46,6 +47,7 @@ HEARTBEAT_PREFIX = PREFIX + "hb:"
 WEBHOOK_OUTBOX = PREFIX + "webhooks"
 WEBHOOK_GROUP = "dispatchers"
 WEBHOOK_DEAD = PREFIX + "webhooks:dead"
+WEBHOOK_DROPPED = PREFIX + "webhooks:dropped"  # a counter: the outbox was full (webhook_outbox_max)
 BLOB_SWEEP_LOCK = PREFIX + "blobs:sweep"  # images and trajectories live in the blob store, never here
 PAUSED = PREFIX + "paused"
 
@@ -76,7 +78,7 @@ def heartbeat(worker: str) -> str:
 
 
 def owner_jobs(owner: str) -> str:
-    # The owner is "" (no API keys) or a hex digest of the key (auth.owner_of): safe in a key.
+    # The owner is "" (no API keys) or a hex digest of the key (shared/owners.py): safe in a key.
     return f"{PREFIX}owner:{owner}:jobs"
 
 

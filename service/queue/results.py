@@ -52,9 +52,8 @@ class Requeued(str, Enum):
 
 @dataclass(frozen=True)
 class Emitted:
-    ok: bool
-    event_id: str = ""
-    cancel: bool = False
+    ok: bool  # False: fenced (the attempt no longer holds the job)
+    cancel: bool = False  # a cancel was requested
 
 
 @dataclass(frozen=True)

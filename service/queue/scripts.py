@@ -26,15 +26,20 @@ SCRIPT_NAMES = (
 )
 
 
-def load_script(name: str) -> str:
-    """service/queue/lua/{name}.lua with the shared prelude in front (the webhook outbox's key filled in)."""
-    prelude = (LUA_DIR / "prelude.lua").read_text().replace("{{WEBHOOK_OUTBOX}}", keys.WEBHOOK_OUTBOX)
+def load_script(name: str, outbox_max: int) -> str:
+    """service/queue/lua/{name}.lua with the shared prelude in front (the webhook outbox's keys and
+    its bound, `webhook_outbox_max`, filled in)."""
+    prelude = (
+        (LUA_DIR / "prelude.lua")
+        .read_text()
+        .replace("{{WEBHOOK_OUTBOX}}", keys.WEBHOOK_OUTBOX)
+        .replace("{{WEBHOOK_DEAD}}", keys.WEBHOOK_DEAD)
+        .replace("{{WEBHOOK_DROPPED}}", keys.WEBHOOK_DROPPED)
+        .replace("{{WEBHOOK_OUTBOX_MAX}}", str(int(outbox_max)))
+    )
     return prelude + "\n" + (LUA_DIR / f"{name}.lua").read_text()
 
 
-def load_scripts() -> dict[str, str]:
-    """Every script of the store, read once."""
-    return {name: load_script(name) for name in SCRIPT_NAMES}
-
-
-SCRIPTS = load_scripts()
+def load_scripts(outbox_max: int) -> dict[str, str]:
+    """Every script of the store, read once per store."""
+    return {name: load_script(name, outbox_max) for name in SCRIPT_NAMES}

@@ -8,7 +8,9 @@ from its worker, with the pause (service/worker/steering.py). The next attempt f
 
     pause     running -> paused (fenced on the attempt), the steer record written, the queue entry
               acknowledged (no worker, no GPU holds it), job.paused, an entry in the expiry zset
-    continue  paused -> queued with a new queue entry and job.resumed
+    continue  paused -> queued with a new queue entry and job.resumed, through admission (the
+              queue cap, the key's quota) in the same script; the caller's edited steer record
+              is written by that script, so of two continues at once the one that wins decides
     end       paused -> canceled at once (a cancel, or a pause left unanswered past its time:
               error type pause_expired), one terminal event
     route     a resume's or fork's queue entry goes to the live, idle worker holding the job's warm
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -32,6 +36,22 @@ from strokes.service.queue.scripts import load_script
 from strokes.service.shared.settings import Settings
 
 STEERING_SCRIPTS = ("pause", "continue", "end_paused", "route")  # service/queue/lua/{name}.lua
+
+
+class Resume(str, Enum):
+    """What the continue script did."""
+
+    queued = "queued"  # continued: back in the queue
+    not_paused = "not_paused"  # the job is not paused (detail: its status)
+    stale = "stale"  # it paused again since the caller read it (detail: its attempt now)
+    full = "full"  # the queue cap is reached (detail: the depth)
+    quota = "quota"  # the key's quota of queued + running jobs is reached (detail: its count)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    outcome: Resume
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,7 +70,10 @@ class Steering:
     def __init__(self, client: aioredis.Redis, settings: Settings):
         self.r = client
         self.settings = settings
-        self.scripts = {name: client.register_script(load_script(name)) for name in STEERING_SCRIPTS}
+        self.scripts = {
+            name: client.register_script(load_script(name, settings.webhook_outbox_max))
+            for name in STEERING_SCRIPTS
+        }
 
     @property
     def steer_ttl_s(self) -> int:
@@ -81,7 +104,13 @@ class Steering:
             "text": pause.text,
             "expires_at": round(expires_at, 3),
         }
-        data = {"job_id": job_id, "attempt": attempt, **info, "waiting_for": "continue or cancel"}
+        data = {
+            "job_id": job_id,
+            "attempt": attempt,
+            **info,
+            "waiting_for": "continue or cancel",
+            "ts": round(time.time(), 6),
+        }
         result = await self.scripts["pause"](
             keys=[
                 keys.job(job_id),
@@ -105,27 +134,50 @@ class Steering:
         )
         return decode(result[0])
 
-    async def resume(self, job_id: str, data: dict[str, Any]) -> tuple[bool, str]:
-        """paused -> queued with job.resumed carrying `data`: (done, the status it found)."""
+    async def resume(
+        self, job_id: str, attempt: int, data: dict[str, Any], steer: dict[str, Any] | None = None
+    ) -> Resumed:
+        """paused -> queued with job.resumed carrying `data`, if the job is still in the pause of
+        `attempt` and admission lets it in (queue cap, the key's quota); `steer` (the record with
+        the caller's text) is written by the winning call only."""
+        s = self.settings
         result = await self.scripts["continue"](
-            keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.PAUSED],
-            args=[job_id, self.settings.events_maxlen, json.dumps(data)],
+            keys=[
+                keys.job(job_id),
+                keys.events(job_id),
+                keys.JOBS,
+                keys.QUEUED,
+                keys.PAUSED,
+                keys.steer(job_id),
+            ],
+            args=[
+                job_id,
+                s.events_maxlen,
+                json.dumps(data),
+                s.queue_cap,
+                s.key_max_jobs if s.api_keys else 0,  # as at enqueue: no keys, no quota
+                compact_json(steer) if steer is not None else "",
+                self.steer_ttl_s,
+                attempt,
+                uuid.uuid4().hex,  # this call's token: a retry of it is recognised
+            ],
         )
-        status = decode(result[1]) if len(result) > 1 else "paused"
-        return decode(result[0]) == "queued", status
+        outcome = Resume(decode(result[0]))
+        return Resumed(outcome, decode(result[1]) if len(result) > 1 else "")
 
     async def cancel_paused(self, job_id: str) -> bool:
         """Cancel a paused job at once; False when it is not paused (store.cancel handles it)."""
         data = {"job_id": job_id, "reason": "canceled while paused"}
         return await self._end(job_id, data, None, "") == "canceled"
 
-    async def expire_pauses(self, limit: int = 20) -> int:
+    async def expire_pauses(self, limit: int = 20) -> list[str]:
         """End pauses left unanswered past their time (workers call this on their reclaim beat, the
         API every pause_sweep_interval_s: a pool scaled to zero still ends them). Any number of
-        callers at once: end_paused ends a pause once."""
+        callers at once: end_paused ends a pause once. Returns the jobs this call ended (their
+        inputs are the caller's to delete: the queue knows no blob store)."""
         now_ms = int(time.time() * 1000)
         due = await self.r.zrangebyscore(keys.PAUSED, "-inf", now_ms, start=0, num=limit)
-        ended = 0
+        ended = []
         for raw in due:
             job_id = decode(raw)
             error = {
@@ -133,13 +185,14 @@ class Steering:
                 "message": f"the pause was not answered within {self.settings.pause_timeout_s} s",
             }
             data = {"job_id": job_id, "reason": "pause_expired", "error": error}
-            ended += await self._end(job_id, data, error, str(now_ms)) == "canceled"
+            if await self._end(job_id, data, error, str(now_ms)) == "canceled":
+                ended.append(job_id)
         return ended
 
     async def _end(self, job_id: str, data: dict, error: dict | None, before_ms: str) -> str:
         s = self.settings
         attempt = await self.r.hget(keys.job(job_id), "attempt")
-        data = {**data, "attempt": int(attempt or 0)}
+        data = {**data, "attempt": int(attempt or 0), "ts": round(time.time(), 6)}
         result = await self.scripts["end_paused"](
             keys=[keys.job(job_id), keys.events(job_id), keys.PAUSED],
             args=[
@@ -150,6 +203,7 @@ class Steering:
                 json.dumps(data),
                 json.dumps(error) if error else "",
                 before_ms,
+                uuid.uuid4().hex,  # this call's token: a retry of it is recognised
             ],
         )
         return decode(result[0])

@@ -17,7 +17,8 @@ Life of a job (keys.py has the key layout):
               A job that was `running` is a takeover (its worker died): that counts as a failure
     emit      append an event (and update the job hash) if the attempt still holds the job
     finish    terminal state + terminal event + XACK (+ dead letter when failed), fenced
-    requeue   hand the job back (SIGTERM) or retry it after an error: the entry moves to the
+    requeue   hand the job back (SIGTERM), retry it after an error (a failure) or defer it (the blob
+              store was away while it was prepared: no failure): the entry moves to the
               never-alive HANDBACK consumer, so the next reclaim of any worker picks it up first
     cancel    queued: canceled at once; running: a flag the worker sees at its next event
     reclaim   move one pending entry whose owner has no heartbeat key to an idle caller. The lease
@@ -51,7 +52,7 @@ from strokes.service.queue.results import (
     Start,
     Started,
 )
-from strokes.service.queue.scripts import SCRIPTS
+from strokes.service.queue.scripts import load_scripts
 from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.settings import Settings
 
@@ -64,7 +65,8 @@ class Store:
         self.r = client
         self.blocking = blocking or client
         self.settings = settings
-        self.scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
+        sources = load_scripts(settings.webhook_outbox_max)
+        self.scripts = {name: client.register_script(src) for name, src in sources.items()}
         self._waitaof: bool | None = None
 
     async def close(self) -> None:
@@ -217,6 +219,14 @@ class Store:
             pass
         return QueueStats(depth, lag, pending, await self.count_live_workers())
 
+    async def outbox_stats(self) -> tuple[int, int]:
+        """(webhook messages waiting for delivery, events dropped because the outbox was full)."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.xlen(keys.WEBHOOK_OUTBOX)
+            pipe.get(keys.WEBHOOK_DROPPED)
+            length, dropped = await pipe.execute()
+        return int(length or 0), int(dropped or 0)
+
     async def retry_after(self) -> int:
         """Whole seconds until a full queue likely has room again: one job's mean run time spread
         over the live workers (the queue frees one place each time a worker starts a job)."""
@@ -328,7 +338,7 @@ class Store:
             if decode(reply[0]) != "ok":
                 out.append(Emitted(False))
             else:
-                out.append(Emitted(True, decode(reply[1]), decode(reply[2]) == "1"))
+                out.append(Emitted(True, decode(reply[1]) == "1"))
         return out
 
     async def finish(
@@ -370,8 +380,9 @@ class Store:
     async def requeue(
         self, job_id: str, attempt: int, reason: str, error: dict[str, str] | None = None
     ) -> Requeued:
-        """Hand the job back ('handback') or retry it after an error ('retry'). Returns
-        queued | dead (attempts exhausted: failed + dead letter) | canceled | fenced."""
+        """Hand the job back ('handback'), retry it after an error ('retry', a failure) or defer it
+        ('defer': it could not be prepared; no failure, storage_max_deferrals at most). Returns
+        queued | dead (attempts or deferrals exhausted: failed + dead letter) | canceled | fenced."""
         s = self.settings
         result = await self.scripts["requeue"](
             keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.DEAD_LETTERS],
@@ -385,6 +396,7 @@ class Store:
                 s.events_maxlen,
                 s.events_ttl_s,
                 s.result_ttl_s,
+                s.storage_max_deferrals,
             ],
         )
         return Requeued(decode(result[0]))

@@ -38,6 +38,18 @@ class UploadTooLarge(ValueError):
     """The upload decodes to more pixels than allowed."""
 
 
+class DamagedImage(ValueError):
+    """A stored image cannot be decoded (damaged in the store): the job's input, not the worker,
+    is at fault (a worker fails the job `invalid_input`)."""
+
+
+def model_size(width: int, height: int, resize: tuple[int, int, int, int]) -> tuple[int, int]:
+    """The (width, height) the model draws an edit of a (width, height) input at: BAGEL's input
+    resize (model/spec/sizing.py), which enlarges small images too."""
+    max_size, min_size, stride, max_pixels = resize
+    return resize_size(width, height, max_size, min_size, stride, max_pixels)
+
+
 def storage_key(job_id: str, attempt: int, image_id: str) -> str:
     return f"{job_id}/{attempt}/{image_id}"
 
@@ -52,8 +64,13 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    """Stored PNG bytes -> uint8 (H, W, 3); DamagedImage when they do not decode (PIL raises
+    OSError for a truncated or corrupt file, which must not pass for an I/O failure)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DamagedImage(f"the stored image does not decode ({type(exc).__name__}: {exc})") from exc
 
 
 def transcode(png: bytes, fmt: str) -> bytes:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -121,6 +121,23 @@ class Settings(BaseSettings):
     webhook_concurrency: int = 16  # deliveries in flight per dispatcher
     webhook_resolve_timeout_s: float = 2.0
 
+    # Blob store errors (service/blobs/health.py): a transient one is retried this many times inside
+    # the call, waiting base, 2 x base, ...; a permanent one never. A job being prepared when the
+    # store is away is deferred (requeued without a failure mark) at most storage_max_deferrals times.
+    blob_retries: int = Field(2, ge=0, le=10)
+    blob_retry_base_s: float = Field(0.25, ge=0, le=10)
+    storage_max_deferrals: int = Field(10, ge=0)
+
+    # Webhooks per API key (docs/webhooks.md): each key's own signing secrets, as JSON
+    # {"<api key>": "whsec_new whsec_old", ...} (rotation as for webhook_secret: new first). With
+    # API keys, a key without an entry cannot subscribe; webhook_secret then signs nothing.
+    webhook_secrets: Annotated[dict[str, SecretStr], NoDecode] = {}
+    webhook_outbox_max: int = Field(100_000, ge=1)  # messages waiting for delivery; beyond: dropped, counted
+
+    # What a request gets for the fields it leaves out, and what GET /v1/info says (service/api/
+    # defaults.py): "model" (1024 x 1024, 3 iterations, 50 steps) or "cpu" (sized for CPU workers)
+    request_defaults: Literal["model", "cpu"] = "model"
+
     # Logs
     log_level: str = "INFO"
     log_prompts: bool = False  # prompt text in INFO logs
@@ -135,6 +152,12 @@ class Settings(BaseSettings):
             ipaddress.ip_network(spec, strict=False)  # a malformed CIDR fails at start, not per request
         return value
 
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _empty_webhook_secret_is_none(cls, value):
+        # STROKES_WEBHOOK_SECRET="" (compose's ${VAR:-}, an empty Secret key): no secret
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("webhook_secret")
     @classmethod
     def _check_webhook_secret(cls, value):
@@ -145,6 +168,40 @@ class Settings(BaseSettings):
 
             secret_keys(value.get_secret_value())
         return value
+
+    @field_validator("webhook_secrets", mode="before")
+    @classmethod
+    def _parse_webhook_secrets(cls, value):
+        # STROKES_WEBHOOK_SECRETS='{"key1": "whsec_...", "key2": "whsec_new whsec_old"}'; every
+        # secret well-formed at start, named by its position only (neither keys nor secrets echoed)
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError:
+                raise ValueError("STROKES_WEBHOOK_SECRETS must be a JSON object {api key: secrets}") from None
+        if not isinstance(value, dict):
+            raise ValueError("STROKES_WEBHOOK_SECRETS must be a JSON object {api key: secrets}")
+        from strokes.service.shared.webhooks import secret_keys
+
+        for n, secrets in enumerate(value.values(), 1):
+            text = secrets.get_secret_value() if isinstance(secrets, SecretStr) else str(secrets)
+            try:
+                secret_keys(text)
+            except ValueError as exc:
+                raise ValueError(f"STROKES_WEBHOOK_SECRETS entry {n}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_secrets_name_api_keys(self):
+        keys = {k.get_secret_value() for k in self.api_keys}
+        for n, key in enumerate(self.webhook_secrets, 1):
+            if key not in keys:
+                raise ValueError(
+                    f"STROKES_WEBHOOK_SECRETS entry {n} names a key that is not in STROKES_API_KEYS"
+                )
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -14,10 +14,20 @@ delivery and connects to the address it checked (DNS rebinding cannot swap it in
 Signing (https://www.standardwebhooks.com/): `webhook-id` (the same on every retry of a message),
 `webhook-timestamp` (Unix seconds of this attempt), `webhook-signature` =
 "v1," + base64(HMAC-SHA256(secret, f"{id}.{timestamp}.{body}")), the secret given as
-"whsec_" + base64(key bytes). Rotation: STROKES_WEBHOOK_SECRET may hold several secrets separated
-by spaces (new first); every message then carries one signature per secret, space-separated as
-the specification allows, so a receiver still on the old secret and one already on the new one
-both verify it. Drop the old secret once every receiver has switched.
+"whsec_" + base64(key bytes). Each API key has its own secrets (STROKES_WEBHOOK_SECRETS), so a
+tenant who can verify its deliveries holds nothing that verifies, or forges, another tenant's; the
+job hash names whose secrets sign it (`webhook_signer`: the owner id, never a secret) and the
+outbox entry carries it to the dispatcher (`signers` maps it to the keys). Without API keys the
+one owner "" signs with STROKES_WEBHOOK_SECRET. Rotation: a key's entry (or the server-wide
+secret) may hold several secrets separated by spaces (new first); every message then carries one
+signature per secret, space-separated as the specification allows, so a receiver still on the old
+secret and one already on the new one both verify it. Drop the old one once every receiver has
+switched.
+
+Message ids (`webhook-id`) are stable across retries and dispatchers. A terminal event's id is the
+job's and its terminal kind's (`msg_<job>_job.completed`), not its event's: should a finish be
+replayed (a Redis failover that lost it, so the job ran again), the second job.completed reaches
+the receiver under the same id as the first, and de-duplication by id catches it.
 """
 
 from __future__ import annotations
@@ -34,14 +44,19 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
+from strokes.service.shared.owners import owner_of
+from strokes.service.shared.settings import Settings
 from strokes.service.shared.wire import (
     ITERATION_COMPLETED,
     JOB_CANCELED,
     JOB_COMPLETED,
     JOB_FAILED,
+    JOB_PAUSED,
+    JOB_RESUMED,
     JOB_STARTED,
     STAGE_COMPLETED,
     STAGE_STARTED,
+    TERMINAL_EVENTS,
 )
 
 # text.delta and image.progress are per token / per step: far too many for HTTP callbacks (SSE
@@ -51,6 +66,8 @@ EVENTS = (
     STAGE_STARTED,
     STAGE_COMPLETED,
     ITERATION_COMPLETED,
+    JOB_PAUSED,
+    JOB_RESUMED,
     JOB_COMPLETED,
     JOB_FAILED,
     JOB_CANCELED,
@@ -68,10 +85,21 @@ class Unresolvable(UnsafeURL):
     """The host does not resolve (now): refused at submit, retried at delivery."""
 
 
-def hash_fields(url: str, events: list[str] | None) -> dict[str, str]:
-    """The job-hash fields of a job's subscription."""
+def hash_fields(url: str, events: list[str] | None, signer: str = "") -> dict[str, str]:
+    """The job-hash fields of a job's subscription; `signer` is the owner id whose secrets sign it."""
     chosen = list(dict.fromkeys(events or DEFAULT_EVENTS))
-    return {"webhook_url": url, "webhook_events": "," + ",".join(chosen) + ","}
+    return {"webhook_url": url, "webhook_events": "," + ",".join(chosen) + ",", "webhook_signer": signer}
+
+
+def signers(settings: Settings) -> dict[str, list[bytes]]:
+    """Signer id (an owner id) -> its signing keys, new first: each API key's own secrets, and the
+    server-wide secret for the owner "" of a service without API keys. Nothing else signs."""
+    out: dict[str, list[bytes]] = {}
+    for key, secrets in settings.webhook_secrets.items():
+        out[owner_of(key)] = secret_keys(secrets.get_secret_value())
+    if settings.webhook_secret is not None and not settings.api_keys:
+        out[""] = secret_keys(settings.webhook_secret.get_secret_value())
+    return out
 
 
 # ---- the address check --------------------------------------------------------------------------
@@ -195,8 +223,11 @@ def sign(keys: list[bytes], message_id: str, timestamp: int, body: bytes) -> str
     )
 
 
-def message_id(job_id: str, event_id: str) -> str:
-    """Stable across retries and dispatchers: the job and its event's id in the event log."""
+def message_id(job_id: str, event: str, event_id: str) -> str:
+    """Stable across retries and dispatchers: the job and its event's id in the event log; for a
+    terminal event the job and its terminal kind, so a replayed end is never delivered as new."""
+    if event in TERMINAL_EVENTS:
+        return f"msg_{job_id}_{event}"
     return f"msg_{job_id}_{event_id}"
 
 

@@ -19,7 +19,8 @@ pending list, so a dispatcher can die at any moment and another (or its restart)
 
 Before each attempt the host is resolved again and checked (webhooks.resolve), and the request goes
 to the address that was checked, with the URL's host in Host and TLS SNI, without following
-redirects. Messages are signed per Standard Webhooks (webhooks.sign).
+redirects. Messages are signed per Standard Webhooks (webhooks.sign) with the secrets of the API key
+that made the job (the entry's `signer`; webhooks.signers), never another key's.
 
 `strokes webhooks` (service/cli/webhooks.py) runs one; so does `strokes serve`.
 """
@@ -58,11 +59,12 @@ class Message:
     event_id: str
     url: str
     data: str
+    signer: str | None = None  # whose secrets sign it (an owner id); None: queued before signers existed
 
     @classmethod
     def from_entry(cls, entry_id: bytes | str, fields: dict) -> Message:
         f = {_s(k): _s(v) for k, v in fields.items()}
-        return cls(_s(entry_id), f["job_id"], f["event"], f["event_id"], f["url"], f["data"])
+        return cls(_s(entry_id), f["job_id"], f["event"], f["event_id"], f["url"], f["data"], f.get("signer"))
 
     @property
     def created_s(self) -> float:
@@ -78,10 +80,20 @@ class Dispatcher:
         redis: aioredis.Redis,
         http: httpx.AsyncClient,
     ):
-        if settings.webhook_secret is None:
-            raise SystemExit("strokes webhooks: STROKES_WEBHOOK_SECRET is not set (whsec_<base64>)")
-        # well-formed (Settings checks it); several while rotating: one signature per key
-        self.keys = webhooks.secret_keys(settings.webhook_secret.get_secret_value())
+        # Each signer's keys (well-formed: Settings checks them; several while rotating: one
+        # signature per key). A message names its signer; one queued before signers existed is
+        # signed with the server-wide secret, as it would have been then.
+        self.signers = webhooks.signers(settings)
+        self.legacy = (
+            webhooks.secret_keys(settings.webhook_secret.get_secret_value())
+            if settings.webhook_secret
+            else None
+        )
+        if not self.signers and self.legacy is None:  # the API accepts no webhook_url: idle
+            log.warning(
+                "no webhook signing secret (STROKES_WEBHOOK_SECRETS per API key, or STROKES_WEBHOOK_SECRET "
+                "without API keys): webhooks are off, and this dispatcher will sign nothing"
+            )
         self.settings, self.name, self.metrics = settings, name, metrics
         self.r, self.http = redis, http
         self.slots = asyncio.Semaphore(max(1, settings.webhook_concurrency))
@@ -195,7 +207,10 @@ class Dispatcher:
             return str(exc)
         except webhooks.UnsafeURL as exc:
             return f"refused: {exc}"
-        msg_id = webhooks.message_id(message.job_id, message.event_id)
+        keys_ = self.legacy if message.signer is None else self.signers.get(message.signer)
+        if not keys_:  # the key's secrets were removed: retried, in case they come back
+            return "no signing secret for the job's API key (STROKES_WEBHOOK_SECRETS)"
+        msg_id = webhooks.message_id(message.job_id, message.event, message.event_id)
         stamp = int(time.time())
         body = webhooks.body(message.event, message.event_id, message.data)
         headers = {
@@ -203,7 +218,7 @@ class Dispatcher:
             "Content-Type": "application/json",
             "webhook-id": msg_id,
             "webhook-timestamp": str(stamp),
-            "webhook-signature": webhooks.sign(self.keys, msg_id, stamp, body),
+            "webhook-signature": webhooks.sign(keys_, msg_id, stamp, body),
         }
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         begin = time.perf_counter()

@@ -34,7 +34,7 @@ from typing import Any
 from strokes.service.blobs.store import BlobStore
 from strokes.service.queue.client import TRANSIENT
 from strokes.service.queue.keys import JobStatus
-from strokes.service.queue.results import Start
+from strokes.service.queue.results import Requeued, Start
 from strokes.service.queue.steering import Steering
 from strokes.service.queue.store import Store
 from strokes.service.shared import logs
@@ -106,6 +106,8 @@ class Worker:
         try:
             state = await asyncio.wait_for(self.store.requeue(job.job_id, job.attempt, "handback"), 2.0)
             log.info("handed back mid-step: %s; exiting", state)
+            if state in (Requeued.dead, Requeued.canceled):  # it ended here: its input goes
+                await asyncio.wait_for(self.blobs.job_ended(job.job_id), 2.0)
             await asyncio.wait_for(self.store.drop_heartbeat(self.name), 1.0)
         except (*TRANSIENT, asyncio.TimeoutError) as exc:
             log.warning("could not hand the job back (it is reclaimed after the lease): %s", exc)
@@ -182,7 +184,8 @@ class Worker:
         if now - self._last_reclaim < self.settings.reclaim_interval_s:
             return
         self._last_reclaim = now
-        await self.steering.expire_pauses()  # pauses left unanswered end here
+        for job_id in await self.steering.expire_pauses():  # pauses left unanswered end here,
+            await self.blobs.job_ended(job_id)  # and their inputs go with them
         claimed = await self.store.reclaim(self.name)
         if claimed:
             log.info("claimed a pending job", extra={"entry_id": claimed[0], "from_worker": claimed[1]})
@@ -209,7 +212,7 @@ class Worker:
             if started.outcome in (Start.dead, Start.canceled):
                 await self.blobs.job_ended(job_id)
             return None
-        message = await self._message(job_id)
+        message, deferrals = await self._message(job_id)
         self.metrics.attempts.inc()
         if started.takeover:
             self.metrics.takeovers.inc()
@@ -222,19 +225,22 @@ class Worker:
                     **logs.prompt_for_log(message.prompt if message else "", self.settings.log_prompts),
                 },
             )
+        translator = Translator(job_id, started.attempt)
         return ActiveJob(
-            job_id, entry_id, started.attempt, started.takeover, message, Translator(job_id, started.attempt)
+            job_id, entry_id, started.attempt, started.takeover, message, translator, deferrals=deferrals
         )
 
-    async def _message(self, job_id: str) -> JobMessage | None:
+    async def _message(self, job_id: str) -> tuple[JobMessage | None, int]:
         """The job's message from the queue, or None when it cannot be read (a newer version, a
-        damaged hash): the runner then fails the job, and the worker goes on."""
+        damaged hash): the runner then fails the job, and the worker goes on. And how many times
+        the job was deferred so far."""
         raw = await self.store.get_job(job_id)
+        deferrals = int((raw or {}).get("deferrals") or 0)
         try:
-            return JobMessage.from_json(raw["request"]) if raw else None
+            return (JobMessage.from_json(raw["request"]) if raw else None), deferrals
         except (ValueError, UnknownVersion) as exc:  # pydantic's ValidationError is a ValueError
             log.error("cannot read the job's message: %s", exc)
-            return None
+            return None, deferrals
 
     # -- liveness ---------------------------------------------------------------------------------------
 
@@ -295,10 +301,12 @@ class Worker:
                 "message": f"the job made no progress for {stalled:.0f} s (limit {s.progress_timeout_s:g} s)",
             }
             log.critical("%s; failing it and exiting", error["message"])
-            data = {"job_id": job.job_id, "attempt": job.attempt, "error": error}
+            data = {"job_id": job.job_id, "attempt": job.attempt, "error": error, "ts": round(time.time(), 6)}
             await self.store.finish(
                 job.job_id, job.attempt, JobStatus.failed, JOB_FAILED, data, fields={"error": error}
             )
+            with contextlib.suppress(asyncio.TimeoutError):  # the job ended: its input goes (bounded)
+                await asyncio.wait_for(self.blobs.job_ended(job.job_id), 5.0)
             await self.store.drop_heartbeat(self.name)
             logging.shutdown()
             os._exit(EXIT_FATAL)

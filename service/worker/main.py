@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from strokes.service.blobs import store as bloblib
+from strokes.service.blobs.health import BlobStoreCollector
 from strokes.service.blobs.store import BlobStore
 from strokes.service.queue.client import connect
 from strokes.service.queue.steering import Steering
@@ -174,6 +175,7 @@ def build_worker(
 ) -> Worker:
     """The loop and everything it uses, on one Redis client: the store and steering's scripts, the
     runner on the torch thread `executor` (the one the model was loaded on)."""
+    metrics.registry.register(BlobStoreCollector(blobs.health))  # the store's state, scraped
     store = Store(client, settings)
     steering = Steering(client, settings)
     runner = JobRunner(store, steering, pipeline, settings, name, metrics, blobs, executor)

@@ -1,7 +1,7 @@
 """Prometheus metrics of a worker process, served on its own port (`strokes worker --metrics-port`).
 
 Worker (its own port, `strokes worker --metrics-port`):
-    strokes_worker_jobs_total{outcome}                   succeeded|failed|canceled|retried|handed_back|lost
+    strokes_worker_jobs_total{outcome}                   succeeded|failed|canceled|retried|handed_back|deferred|lost
     strokes_worker_attempts_total                        attempts started here
     strokes_worker_takeovers_total                       attempts that took a job over from a dead worker
     strokes_worker_busy                                  1 while a job runs
@@ -17,6 +17,9 @@ Worker (its own port, `strokes worker --metrics-port`):
     strokes_worker_gpu_memory_bytes                      torch.cuda.memory_allocated, all devices (0 on CPU)
     strokes_worker_gpu_memory_peak_bytes                 torch.cuda.max_memory_allocated, all devices (0 on CPU)
     strokes_worker_gpu_device_memory_bytes{device,kind}  per device: allocated|peak
+    strokes_blob_store_up, strokes_blob_store_state{state}, strokes_blob_store_errors_total{kind}
+                                                         the blob store as this worker sees it
+                                                         (service/blobs/health.py)
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ step records (service/worker/runner.py).
     Paused       it stopped at a pause point (steering)         -> job.paused, no worker holds it
     Retry        the pipeline raised: another attempt may do better -> job.queued (or failed for good)
     HandedBack   SIGTERM stopped it: any worker takes it over   -> job.queued
+    Deferred     it could not be prepared now (the blob store is away): requeued without a
+                 failure mark, at most storage_max_deferrals times -> job.queued
     Lost         this attempt no longer holds the job (taken over, fenced): nothing to record
 
 A job's error on the wire is {type, message} (JobError); its types are ErrorType's values.
@@ -30,6 +32,8 @@ class ErrorType(str, Enum):
     no_image = "no_image"  # the model ended the generation without drawing
     deadline_exceeded = "deadline_exceeded"  # ran longer than job_deadline_s
     no_progress = "no_progress"  # no event for progress_timeout_s (a hung kernel)
+    storage_unavailable = "storage_unavailable"  # the blob store refused (or stayed away): its cause
+    invalid_input = "invalid_input"  # its input image (or a fork's image) is damaged in the store
 
 
 @dataclass(frozen=True)
@@ -77,11 +81,16 @@ class HandedBack:
 
 
 @dataclass(frozen=True)
+class Deferred:
+    error: JobError
+
+
+@dataclass(frozen=True)
 class Lost:
     pass
 
 
-Outcome = Succeeded | Failed | Canceled | Paused | Retry | HandedBack | Lost
+Outcome = Succeeded | Failed | Canceled | Paused | Retry | HandedBack | Deferred | Lost
 
 
 class Ended(str, Enum):
@@ -93,6 +102,7 @@ class Ended(str, Enum):
     paused = "paused"
     retried = "retried"
     handed_back = "handed_back"
+    deferred = "deferred"
     lost = "lost"
 
     @property

@@ -57,6 +57,7 @@ class ActiveJob:
     takeover: bool
     message: JobMessage | None  # None: the queue's message could not be read (the job cannot run)
     translator: Translator
+    deferrals: int = 0  # times the job was deferred so far (the blob store away while preparing it)
     began: float = field(default_factory=time.time)
     stop: threading.Event = field(default_factory=threading.Event)
     reason: str | None = None  # why stop was set: cancel | lease_lost | shutdown | error | deadline
@@ -82,8 +83,8 @@ class AttemptBlobs:
         held, _cancel = await through_outage(lambda: self.store.lease(job.job_id, job.attempt))
         if not held:
             return False
-        for key, body in items:
-            await through_outage(lambda k=key, b=body: self.blobs.put(k, b))
+        for key, body in items:  # the store retries a transient error itself; BlobError goes up
+            await self.blobs.put(key, body)
         return True
 
 

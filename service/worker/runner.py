@@ -12,6 +12,12 @@ the attempt's own key, just before the script that names it.
 A job never kills the worker: an exception of its own ends it with job.failed and the real cause;
 only Redis being away (the loop retries) and a fatal device error (FatalError: the job is handed
 back with its cause written, and the worker exits) leave run_and_finish.
+
+The blob store's errors are the job's, never the worker's (blobs/health.py): refused (a missing
+bucket, a full disk) fails the job at once with `storage_unavailable` and its cause; unavailable
+(the store's own retries spent) retries the job, or, while the job is being prepared (its input,
+a fork's context), defers it without a failure mark after a growing wait. A damaged input image
+fails it `invalid_input`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from strokes.model.spec.events import NO_IMAGE_MESSAGE, Done, StageCompleted, St
 from strokes.model.spec.events import Event as PipelineEvent
 from strokes.model.spec.events import Paused as PausedEvent
 from strokes.model.spec.params import GenerationParams, InvalidParams, RunOptions
+from strokes.service.blobs.health import BlobError, BlobRefused, BlobUnavailable
 from strokes.service.blobs.store import BlobStore
 from strokes.service.queue import keys
 from strokes.service.queue.client import TRANSIENT
@@ -53,6 +60,7 @@ from strokes.service.worker import steering as worker_steering
 from strokes.service.worker.metrics import WorkerMetrics
 from strokes.service.worker.outcomes import (
     Canceled,
+    Deferred,
     Ended,
     ErrorType,
     Failed,
@@ -97,8 +105,25 @@ class CannotRun(Exception):
     """The job cannot run on any attempt (bad parameters, its input image or context expired)."""
 
 
+DEFER_WAIT_MAX_S = 30.0  # the longest a worker waits before deferring a job it could not prepare
+
+
+def storage_outcome(exc: BlobError, what: str) -> Failed | Retry:
+    """A blob store failure while `what`: refused fails the job at once, unavailable retries it."""
+    if isinstance(exc, BlobRefused):
+        return Failed(JobError(ErrorType.storage_unavailable, f"the blob store refused {what}: {exc.cause}"))
+    return Retry(
+        JobError(ErrorType.storage_unavailable, f"the blob store was unavailable {what}: {exc.cause}")
+    )
+
+
 # Errors after which the CUDA context (or the process) cannot be trusted with another job.
 _FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "NCCL error")
+
+
+def _now() -> float:
+    """An event's `ts`: when the worker produced it (every event carries one)."""
+    return round(time.time(), 6)
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -148,6 +173,9 @@ class JobRunner:
             self.metrics.jobs.labels(Ended.lost.value).inc()
         except TRANSIENT:
             raise
+        except BlobError as exc:  # writing the end's trajectory: the job's failure, not the worker's
+            log.warning("the blob store failed at the job's end: %s", exc.cause)
+            await self.finish(job, storage_outcome(exc, "the job's trajectory"))
         except Exception as exc:
             log.exception("the job failed outside the pipeline")
             cause = JobError.of(exc)
@@ -169,6 +197,13 @@ class JobRunner:
             )
         except (CannotRun, worker_steering.ContextExpired, InvalidParams) as exc:
             return Failed(JobError(ErrorType.invalid_job, str(exc)))
+        except imagelib.DamagedImage as exc:
+            return Failed(JobError(ErrorType.invalid_input, f"the job's input cannot be read: {exc}"))
+        except BlobRefused as exc:
+            return storage_outcome(exc, "the job's input")
+        except BlobUnavailable as exc:  # not the job's fault, nor the worker's: later, no failure
+            message = f"the blob store was unavailable while the job was prepared: {exc.cause}"
+            return Deferred(JobError(ErrorType.storage_unavailable, message))
         loop = asyncio.get_running_loop()
         publisher = Publisher(self.store, self.attempt_blobs, self.metrics, job, loop)
 
@@ -215,6 +250,8 @@ class JobRunner:
         except Exception as exc:
             end, error = None, exc
         await publisher.close()  # every queued event is written (or refused) before the outcome
+        if isinstance(publisher.error, BlobError):
+            return storage_outcome(publisher.error, "the job's images")
         if publisher.error is not None:
             return Retry(JobError.of(publisher.error))
         if publisher.lost or isinstance(error, LeaseLost):
@@ -298,10 +335,10 @@ class JobRunner:
         image = None
         if job.message.input_image:
             key = imagelib.storage_key(job.job_id, 0, imagelib.INPUT_IMAGE_ID)
-            png = await self.blobs.get(key)
+            png = await self.blobs.get(key)  # BlobError: the caller's to judge
             if png is None:
                 raise CannotRun("the input image has expired")
-            image = await asyncio.to_thread(imagelib.decode_png, png)
+            image = await asyncio.to_thread(imagelib.decode_png, png)  # DamagedImage: invalid_input
         try:
             return job.message.to_params(image, self.settings.max_side)
         except (InvalidParams, ValueError) as exc:
@@ -316,7 +353,7 @@ class JobRunner:
             case Succeeded(done):
                 ended = await self._succeed(job, done)
             case Failed(error):
-                data = {"job_id": job.job_id, "attempt": job.attempt, "error": error.to_json()}
+                data = {"job_id": job.job_id, "attempt": job.attempt, "error": error.to_json(), "ts": _now()}
                 fields = {"error": error.to_json()}
                 ended = await self._end(job, JobStatus.failed, JOB_FAILED, data, fields)
             case Canceled():
@@ -327,6 +364,8 @@ class JobRunner:
                 ended = await self._requeue(job, "retry", error)
             case HandedBack():
                 ended = await self._requeue(job, "handback", None)
+            case Deferred(error):
+                ended = await self._defer(job, error)
             case Lost():
                 ended = Ended.lost
         if ended.terminal:
@@ -343,7 +382,7 @@ class JobRunner:
         return await self._end(job, JobStatus.succeeded, JOB_COMPLETED, data, fields)
 
     async def _cancel(self, job: ActiveJob) -> Ended:
-        data = {"job_id": job.job_id, "attempt": job.attempt}
+        data = {"job_id": job.job_id, "attempt": job.attempt, "ts": _now()}
         return await self._end(job, JobStatus.canceled, JOB_CANCELED, data, None)
 
     async def _end(
@@ -372,8 +411,20 @@ class JobRunner:
         cause = error.to_json() if error is not None else None
         state = await through_outage(lambda: self.store.requeue(job.job_id, job.attempt, reason, cause))
         if state == Requeued.queued:
-            return Ended.handed_back if reason == "handback" else Ended.retried
+            return {"handback": Ended.handed_back, "defer": Ended.deferred}.get(reason, Ended.retried)
         return {Requeued.dead: Ended.failed, Requeued.canceled: Ended.canceled}.get(state, Ended.lost)
+
+    async def _defer(self, job: ActiveJob, error: JobError) -> Ended:
+        """Wait (1 s, doubling with each deferral of the job, at most DEFER_WAIT_MAX_S; SIGTERM or a
+        cancel cuts it short), then requeue it without a failure mark: the store may be back by
+        the time any worker takes it again."""
+        log.warning("deferring the job: %s", error.message)
+        wait_until = time.monotonic() + min(DEFER_WAIT_MAX_S, 2.0**job.deferrals)
+        while time.monotonic() < wait_until and not job.stop.is_set():
+            await asyncio.sleep(min(0.1, wait_until - time.monotonic()))
+        if job.reason == "shutdown":
+            return await self._requeue(job, "handback", None)
+        return await self._requeue(job, "defer", error)
 
     async def _put_trajectory(self, job: ActiveJob, trajectory: dict) -> bool:
         """The attempt's whole trajectory, before the finish or pause that names it."""

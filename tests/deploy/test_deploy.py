@@ -37,7 +37,7 @@ HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
 BIN = Path(sys.executable).parent  # the venv's scripts: check-jsonschema, hadolint
 
 K8S_VERSIONS = ["1.30.0", "1.37.0"]  # oldest we support, newest kubernetes-validate ships
-API_PORT, WORKER_METRICS_PORT = 8000, 9100
+API_PORT, WORKER_METRICS_PORT, WEBHOOKS_METRICS_PORT = 8000, 9100, 9200
 CHECKPOINT_MOUNT = "/models/BAGEL-7B-MoT"
 JOBS_STREAM, WORKER_GROUP = "strokes:jobs", "workers"
 
@@ -45,7 +45,13 @@ JOBS_STREAM, WORKER_GROUP = "strokes:jobs", "workers"
 REQUIRED_VARS = {"REDIS_PASSWORD", "BAGEL_MODEL_DIR"}
 # Secrets that may default, and why: compose interpolates services of inactive profiles too, so
 # a `:?` on Grafana's password would force it on everyone who never enables `monitoring`.
-OPTIONAL_SECRETS = {"GRAFANA_ADMIN_PASSWORD", "STROKES_API_KEYS"}
+# Webhook secrets default to empty: webhooks are off until an operator sets them.
+OPTIONAL_SECRETS = {
+    "GRAFANA_ADMIN_PASSWORD",
+    "STROKES_API_KEYS",
+    "STROKES_WEBHOOK_SECRETS",
+    "STROKES_WEBHOOK_SECRET",
+}
 
 
 # ---- loading --------------------------------------------------------------------------------
@@ -240,8 +246,8 @@ def test_compose_depends_on_waits_for_healthy_services():
         for dep, spec in depends.items():
             assert dep in services, f"{name} depends on unknown service {dep}"
             assert spec == {"condition": "service_healthy"}, f"{name} -> {dep}: {spec}"
-    assert set(services["api"]["depends_on"]) == {"redis"}
-    assert set(services["worker"]["depends_on"]) == {"redis"}
+    for name in ("api", "worker", "webhooks"):
+        assert set(services[name]["depends_on"]) == {"redis"}, name
 
 
 def test_compose_required_secrets_stop_a_start_with_a_message():
@@ -355,6 +361,7 @@ def test_compose_and_kubernetes_run_the_same_commands():
     services = load_compose()["services"]
     assert services["api"]["command"] == container("strokes-api")["args"]
     assert services["worker"]["command"] == container("strokes-worker")["args"]
+    assert services["webhooks"]["command"] == container("strokes-webhooks")["args"]
     assert flag(services["api"]["command"], "--port") == str(API_PORT)
     assert flag(services["worker"]["command"], "--metrics-port") == str(WORKER_METRICS_PORT)
 
@@ -364,7 +371,7 @@ def test_commands_are_ones_the_strokes_cli_accepts():
     parser = cli.build_parser()
     (subcommands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     services = load_compose()["services"]
-    for command in (services["api"]["command"], services["worker"]["command"]):
+    for command in (services[name]["command"] for name in ("api", "worker", "webhooks")):
         if command[0] not in subcommands.choices:
             pytest.skip(f"`strokes {command[0]}` is not registered in service/cli/main.py yet")
         parser.parse_args(command)  # exits (fails the test) on an unknown flag
@@ -373,7 +380,7 @@ def test_commands_are_ones_the_strokes_cli_accepts():
 def strokes_env_names() -> set[str]:
     compose = load_compose()
     names = set(compose["x-strokes"]["environment"])
-    for deployment in ("strokes-api", "strokes-worker"):
+    for deployment in ("strokes-api", "strokes-worker", "strokes-webhooks"):
         names |= {e["name"] for e in container(deployment)["env"]}
     return {n for n in names if n.startswith("STROKES_")}
 
@@ -391,7 +398,7 @@ def test_images_are_the_same_everywhere():
     repo = image_repo(re.fullmatch(r"\$\{STROKES_IMAGE:-(.+)\}", compose_image)[1])
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert [i["name"] for i in kustomization["images"]] == [repo]
-    for deployment in ("strokes-api", "strokes-worker"):
+    for deployment in ("strokes-api", "strokes-worker", "strokes-webhooks"):
         assert image_repo(container(deployment)["image"]) == repo
     redis = k8s_object("StatefulSet", "strokes-redis")["spec"]["template"]["spec"]["containers"][0]
     assert redis["image"] == compose["services"]["redis"]["image"]
@@ -449,7 +456,7 @@ def test_kubernetes_worker_gets_one_gpu_and_the_model_read_only():
 
 def test_kubernetes_pods_run_as_the_image_user():
     user = re.search(r"^USER (\d+):(\d+)$", DOCKERFILE.read_text(), re.M)
-    for deployment in ("strokes-api", "strokes-worker"):
+    for deployment in ("strokes-api", "strokes-worker", "strokes-webhooks"):
         pod = k8s_object("Deployment", deployment)["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] == int(user[1])
@@ -551,18 +558,28 @@ def test_prometheus_scrapes_the_api_and_every_worker():
     with_second = load_compose(compose_with_second_worker())["services"]
     for name in ("worker", "worker-gpu1"):
         assert sd["names"] == with_second[name]["networks"]["default"]["aliases"], name
+    (hooks_target,) = jobs["strokes-webhooks"]["static_configs"][0]["targets"]
+    host, port = hooks_target.split(":")
+    assert host == "webhooks" and port == flag(services[host]["command"], "--metrics-port")
     mounts = services["prometheus"]["volumes"]
     assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
 
 
 def exported_series() -> dict[str, set[str]]:
     """Metric family -> the series names it exposes, read from the service's own registries."""
-    from strokes.service.api.metrics import ApiMetrics
+    from prometheus_client import CollectorRegistry
+
+    from strokes.service.api.metrics import ApiMetrics, OutboxCollector
+    from strokes.service.blobs.health import BlobHealth, BlobStoreCollector
+    from strokes.service.webhooks.metrics import WebhookMetrics
     from strokes.service.worker.metrics import WorkerMetrics
 
+    scraped = CollectorRegistry()  # what the API and workers add at each scrape
+    scraped.register(BlobStoreCollector(BlobHealth()))
+    scraped.register(OutboxCollector(0, 0))
     families = [
         family
-        for registry in (ApiMetrics().registry, WorkerMetrics().registry)
+        for registry in (ApiMetrics().registry, WorkerMetrics().registry, WebhookMetrics().registry, scraped)
         for family in registry.collect()
     ]
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
@@ -700,3 +717,37 @@ def test_kubernetes_pods_take_the_s3_store_from_the_secret():
                 "key": key,
                 **({"optional": True} if name != "STROKES_S3_BUCKET" else {}),
             }
+
+
+# ---- the webhook dispatcher runs wherever the API does -----------------------------------------
+
+
+def test_the_webhook_dispatcher_runs_in_compose_and_kubernetes_with_the_apis_secrets():
+    services = load_compose()["services"]
+    hooks = services["webhooks"]
+    assert hooks["command"][0] == "webhooks"
+    assert flag(hooks["command"], "--metrics-port") == str(WEBHOOKS_METRICS_PORT)
+    url = f"http://127.0.0.1:{WEBHOOKS_METRICS_PORT}/metrics"
+    assert hooks["healthcheck"]["test"] == ["CMD", "strokes-healthcheck", url]
+    env = load_compose()["x-strokes"]["environment"]  # the API's and the dispatcher's alike
+    assert {"STROKES_WEBHOOK_SECRETS", "STROKES_WEBHOOK_SECRET"} <= set(env)
+    k8s = container("strokes-webhooks")
+    assert k8s["ports"] == [{"name": "metrics", "containerPort": WEBHOOKS_METRICS_PORT}]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert k8s[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    annotations = k8s_object("Deployment", "strokes-webhooks")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(WEBHOOKS_METRICS_PORT)
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in k8s["env"] if "valueFrom" in e}
+    api_refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"] for e in container("strokes-api")["env"] if "valueFrom" in e
+    }
+    for name in (
+        "STROKES_REDIS_URL",
+        "STROKES_API_KEYS",
+        "STROKES_WEBHOOK_SECRETS",
+        "STROKES_WEBHOOK_SECRET",
+    ):
+        assert refs[name] == api_refs[name], name  # what signs is what the API checked at submit
+    from strokes.service.shared.settings import Settings
+
+    assert Settings(webhook_secret="", webhook_secrets="").webhook_secret is None  # empty means off

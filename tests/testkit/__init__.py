@@ -13,6 +13,7 @@ so a module here costs no more than its own dependencies.
     pipelines       scripted pipelines for in-process workers and `--pipeline` worker processes
     workers         in-process workers built by the worker's own factory
     s3              the S3 blob store's settings against the session's S3 server
+    receiver        a webhook receiver on loopback that records (and may refuse) deliveries
     redis_contents  what Redis may hold: references, never images or trajectories
     studio          the studio's browser tests: a Playwright page, the form's values
 """

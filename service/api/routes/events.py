@@ -44,7 +44,7 @@ after the terminal event (exactly one per job: job.completed, job.failed or job.
 | job.canceled | (a pause that expired: reason pause_expired, error) |
 | job.paused | iteration, stage, text, expires_at: the job waits (status paused) for continue or cancel |
 | job.resumed | iteration, stage, edited: continued, queued again |
-| error | error {type, message}: the event store failed; reconnect with Last-Event-ID |
+| error | error {type, message}: `service_unavailable`, the event store failed (reconnect with Last-Event-ID); `job_gone`, the job vanished from the store without a terminal event (expired, or a restart of a Redis without persistence; GET answers 404) |
 | gap | after, next, message: events after your cursor were trimmed; the stream goes on from `next` (no `id:`) |
 
 A cursor (`Last-Event-ID` or `?after=`) is `0` or `<ms>-<seq>` with each part at most 2^64-1;
@@ -74,11 +74,15 @@ async def generation_events(
     owner: OwnerDep,
     metrics: MetricsDep,
     request: Request,
+    # The form is documented (json_schema_extra) and checked by sse.parse_cursor, whose 422 says
+    # it in words naming the field as it was sent (a pattern= here would answer with the regex).
     last_event_id: Annotated[
-        OptionalStr, Header(pattern=sse.CURSOR.pattern, description="resume after this event id")
+        OptionalStr,
+        Header(description="resume after this event id", json_schema_extra={"pattern": sse.CURSOR.pattern}),
     ] = None,
     after: Annotated[
-        OptionalStr, Query(pattern=sse.CURSOR.pattern, description="resume after this event id")
+        OptionalStr,
+        Query(description="resume after this event id", json_schema_extra={"pattern": sse.CURSOR.pattern}),
     ] = None,
 ):
     if last_event_id is not None:

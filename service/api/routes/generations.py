@@ -57,8 +57,8 @@ async def create_generation(
     idempotency_key: Annotated[
         OptionalStr,
         Header(
-            pattern=jobs.IDEMPOTENCY_KEY.pattern,
             description="retrying with the same key and body returns the same job",
+            json_schema_extra={"pattern": jobs.IDEMPOTENCY_KEY.pattern},  # checked in words by jobs.submit
         ),
     ] = None,
     prefer: Annotated[

@@ -52,7 +52,6 @@ from strokes.service.api.openai_schemas import (
     OpenAIErrorResponse,
     check_stream,
     native_request,
-    size_of,
     usage,
     validation_param,
 )
@@ -106,13 +105,19 @@ async def submit_all(
     except errors.ServiceError as exc:
         # all n or none: a partial batch would only burn GPU time
         await _cancel(store, ids, request.app.state.blobs)
-        if exc.param == "input_image":
-            exc.param = "image"  # OpenAI's name of the field
-        raise
+        raise _in_openai_terms(exc) from None
     except BaseException:
         await _cancel(store, ids, request.app.state.blobs)
         raise
     return ids
+
+
+def _in_openai_terms(exc: errors.ServiceError) -> errors.ServiceError:
+    """An error of the native submit, naming the field as this request sent it: `image`, not
+    `input_image`."""
+    if exc.param == "input_image":
+        exc.param, exc.message = "image", exc.message.replace("input_image", "image")
+    return exc
 
 
 async def _cancel(store: Store, job_ids: list[str], blobs: BlobStore) -> None:
@@ -165,9 +170,7 @@ async def _image_b64(blobs: BlobStore, store: Store, job_id: str, ref: dict[str,
     return base64.b64encode(data).decode()
 
 
-async def respond(
-    request: Request, settings: Settings, opts: ImageOptions, native: GenerationRequest, ids: list[str]
-) -> ImagesResponse:
+async def respond(request: Request, settings: Settings, opts: ImageOptions, ids: list[str]) -> ImagesResponse:
     """Wait (bounded) for the jobs, then the images as OpenAI answers them."""
     store: Store = request.app.state.store
     try:
@@ -182,7 +185,7 @@ async def respond(
             headers={"X-Strokes-Jobs": ",".join(ids)},
         ) from exc
     fmt = opts.output_format or "png"
-    data, used = [], []
+    data, used, sizes = [], [], []
     for job_id, end in zip(ids, ends, strict=True):
         job = await store.get_job(job_id) or {}
         if end != JOB_COMPLETED:
@@ -193,6 +196,7 @@ async def respond(
                 headers={"X-Strokes-Jobs": ",".join(ids)},
             )
         final = json.loads(job["final_image"])
+        sizes.append(_size(final))
         used.append(json.loads(job.get("usage") or "{}"))
         plans = [s.get("text") for s in json.loads(job.get("stages") or "[]") if s.get("stage") == "plan"]
         revised = plans[0] if plans and plans[0] else None
@@ -208,19 +212,18 @@ async def respond(
         data=data,
         output_format=fmt,
         quality=opts.quality or "auto",
-        size=size_of(native),
+        size=sizes[0],
         usage=usage(used),
     )
 
 
 async def stream_events(
-    request: Request, opts: ImageOptions, native: GenerationRequest, job_id: str, kind: str
+    request: Request, opts: ImageOptions, job_id: str, kind: str
 ) -> AsyncIterator[ServerSentEvent]:
     """The job's events as OpenAI's streaming image events; `kind` is image_generation or image_edit."""
     store: Store = request.app.state.store
     fmt, budget = opts.output_format or "png", opts.partial_images or 0
     common = {"background": "opaque", "output_format": fmt, "quality": opts.quality or "auto"}
-    common["size"] = size_of(native)
     sent = 0
     held: dict[str, Any] | None = None  # the latest image; partial once a later one supersedes it
     ended = False
@@ -231,7 +234,7 @@ async def stream_events(
             "type": f"{kind}.partial_image",
             "b64_json": await _image_b64(request.app.state.blobs, store, job_id, ref, fmt),
         }
-        body.update(common, created_at=int(time.time()), partial_image_index=sent)
+        body.update(common, size=_size(ref), created_at=int(time.time()), partial_image_index=sent)
         sent += 1
         return ServerSentEvent(data=json.dumps(body), event=body["type"])
 
@@ -253,7 +256,7 @@ async def stream_events(
                     "type": f"{kind}.completed",
                     "b64_json": await _image_b64(request.app.state.blobs, store, job_id, final, fmt),
                 }
-                body.update(common, created_at=int(time.time()))
+                body.update(common, size=_size(final), created_at=int(time.time()))
                 body["usage"] = usage([data.get("usage") or {}]).model_dump()
                 ended = True
                 yield ServerSentEvent(data=json.dumps(body), event=body["type"])
@@ -273,7 +276,8 @@ async def stream_events(
 IdempotencyKey = Annotated[
     str,
     Header(
-        pattern=jobs.IDEMPOTENCY_KEY.pattern, description="retrying with the same key returns the same jobs"
+        description="retrying with the same key returns the same jobs",
+        json_schema_extra={"pattern": jobs.IDEMPOTENCY_KEY.pattern},  # checked in words by jobs.submit
     ),
 ]
 RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -302,10 +306,15 @@ async def _answer(
     headers = {"X-Strokes-Jobs": ",".join(ids)}
     if opts.stream:
         return EventSourceResponse(
-            stream_events(request, opts, native, ids[0], kind), ping=settings.sse_ping_s, headers=headers
+            stream_events(request, opts, ids[0], kind), ping=settings.sse_ping_s, headers=headers
         )
     response.headers.update(headers)
-    return await respond(request, settings, opts, native, ids)
+    return await respond(request, settings, opts, ids)
+
+
+def _size(ref: dict[str, Any]) -> str:
+    """An image's size as OpenAI writes it: what was drawn (an edit's follows its input)."""
+    return f"{ref['width']}x{ref['height']}"
 
 
 @router.post(

@@ -1,7 +1,13 @@
-"""The service's probes: liveness (/healthz), readiness (/readyz) and Prometheus metrics (/metrics)."""
+"""The service's probes: liveness (/healthz), readiness (/readyz) and Prometheus metrics (/metrics).
+
+/readyz probes Redis and the blob store (blobs.check(): S3's bucket, the local directory's room and
+permissions) and reports the store's state; the replica is not ready while the store is refused
+or unavailable (the reason says which, and why), or without a live worker when that is required.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from fastapi import APIRouter, Response
@@ -9,12 +15,15 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from strokes.service.api.deps import (
+    BlobsDep,
     MetricsDep,
     SettingsDep,
     StoreDep,
     bounded,
 )
-from strokes.service.api.schemas import Health, Readiness
+from strokes.service.api.metrics import OutboxCollector
+from strokes.service.api.schemas import BlobStoreState, Health, Readiness
+from strokes.service.blobs.health import BlobError, BlobState, BlobStoreCollector
 from strokes.service.queue.client import TRANSIENT
 from strokes.service.queue.store import Store
 
@@ -32,21 +41,30 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Readiness,
     responses={503: {"model": Readiness}},
-    summary="Readiness: Redis reachable and (by default) a live worker",
+    summary="Readiness: Redis reachable, the blob store answering, and (by default) a live worker",
 )
-async def readyz(store: StoreDep, settings: SettingsDep):
+async def readyz(store: StoreDep, settings: SettingsDep, blobs: BlobsDep):
     try:
         workers = await bounded(settings, _ready_probe(store))
         redis_ok = True
     except TRANSIENT:
         workers, redis_ok = 0, False
+    with contextlib.suppress(BlobError):  # the store's health records it
+        await blobs.check()
+    health = blobs.health
     reason = None
     if not redis_ok:
         reason = "redis unreachable"
+    elif health.state != BlobState.ok:
+        reason = f"blob store {health.state.value}: {health.cause}"
     elif settings.ready_requires_worker and workers == 0:
         reason = "no live worker"
     body = Readiness(
-        status="ready" if reason is None else "not_ready", redis=redis_ok, workers=workers, reason=reason
+        status="ready" if reason is None else "not_ready",
+        redis=redis_ok,
+        workers=workers,
+        blob_store=BlobStoreState(**health.describe()),
+        reason=reason,
     )
     return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
 
@@ -62,7 +80,9 @@ async def _ready_probe(store: Store) -> int:
     summary="Prometheus metrics",
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-async def metrics_endpoint(store: StoreDep, settings: SettingsDep, metrics: MetricsDep) -> Response:
+async def metrics_endpoint(
+    store: StoreDep, settings: SettingsDep, metrics: MetricsDep, blobs: BlobsDep
+) -> Response:
     try:
         stats = await bounded(settings, store.queue_stats())
         metrics.queue_depth.set(stats.depth)
@@ -72,4 +92,9 @@ async def metrics_endpoint(store: StoreDep, settings: SettingsDep, metrics: Metr
             metrics.queue_lag.set(stats.lag)
     except TRANSIENT as exc:
         log.warning("queue metrics unavailable: %s", exc)
-    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    collectors: list = [BlobStoreCollector(blobs.health)]
+    try:
+        collectors.append(OutboxCollector(*await bounded(settings, store.outbox_stats())))
+    except TRANSIENT as exc:
+        log.warning("webhook outbox metrics unavailable: %s", exc)
+    return Response(metrics.exposition(*collectors), media_type=CONTENT_TYPE_LATEST)

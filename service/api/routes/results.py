@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
 from starlette.concurrency import run_in_threadpool
@@ -75,7 +75,7 @@ async def generation_image(
     settings: SettingsDep,
     owner: OwnerDep,
     blobs: BlobsDep,
-    format: Annotated[OptionalStr, Query(pattern="^(png|jpeg|webp)$")] = None,
+    format: Annotated[Literal["png", "jpeg", "webp"] | None, Query(description="the image's format")] = None,
     accept: Annotated[OptionalStr, Header()] = None,
 ) -> Response:
     fmt = _choose_format(format, accept)

@@ -28,7 +28,7 @@ router = APIRouter()
     "/v1/generations/{job_id}/continue",
     status_code=202,
     response_model=Job,
-    responses=error_responses(*COMMON, 400, 409, 413),
+    responses=error_responses(*COMMON, 400, 409, 413, 429),
     summary="Continue a paused generation, unchanged or with the paused stage's text replaced",
 )
 async def continue_generation(
@@ -43,11 +43,13 @@ async def continue_generation(
 ) -> Job:
     """The job goes back to the queue as an ordinary attempt (any worker runs it): it rebuilds the
     context from the stages so far (the stage's text replaced by `text`, when given) and runs on.
-    409 when the job is not paused."""
+    It is admitted like a new job: 429 when the queue is full or the key has its quota of queued
+    and running jobs; 422 budget_exceeded when the new text makes the context too long. 409 when
+    the job is not paused (of two continues at once, one wins and its text is used)."""
 
     async def work() -> Job:
         job = await jobs.find(store, job_id, owner)
-        await forks.continue_job(steering, job, body.text if body else None, blobs)
+        await forks.continue_job(store, steering, settings, job, body.text if body else None, blobs)
         response.headers["Location"] = jobs.links(job_id)["self"]
         return await jobs.current_view(store, job_id)
 

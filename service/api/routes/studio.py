@@ -5,9 +5,10 @@
 - `/studio/` the page's static files (service/api/studio/: index.html, *.js ES modules, studio.css; no
   build step, nothing loaded from the network, a Content-Security-Policy that says so);
 - `/` a redirect to `/studio/` (the query string kept, so `/?job=gen_...` opens that job);
-- `GET /v1/info` what the page needs before its first request: defaults for a new generation
-  (CPU-sized when every live worker runs on CPU), the limits of each field, whether an API key is
-  required, the live workers' devices, and which optional routes this server has.
+- `GET /v1/info` what the page needs before its first request: this server's defaults for a new
+  generation (exactly what a request that leaves those fields out gets: service/api/defaults.py,
+  STROKES_REQUEST_DEFAULTS), the limits of each field, whether an API key is required, the live
+  workers' devices, and which optional routes this server has.
 
 Workers say which device they run on once the model is loaded (Store.publish_worker: one field
 of the hash keys.WORKER_INFO, worker name -> JSON {device, at}). /v1/info reports those whose
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import RedirectResponse
@@ -27,9 +28,10 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from strokes.model.spec.params import MIN_SIDE, SIZE_MULTIPLE
+from strokes.service.api.defaults import Defaults, defaults
 from strokes.service.api.deps import SettingsDep, StoreDep, bounded
 from strokes.service.api.schemas import GenerationRequest
-from strokes.service.shared.messages import MAX_PROMPT_CHARS, DraftSettings, PlanSettings, ReflectSettings
+from strokes.service.shared.messages import MAX_PROMPT_CHARS, DraftSettings
 from strokes.service.shared.settings import Settings
 
 log = logging.getLogger("strokes.studio")
@@ -42,19 +44,6 @@ CSP = (
     "script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
 STALE_WORKER_S = 300.0  # an info entry without a heartbeat for this long is deleted
-
-
-class Defaults(BaseModel):
-    """Values the page fills in for a new generation."""
-
-    protocol: Literal["guided", "interleaved"]
-    width: int
-    height: int
-    max_iterations: int
-    steps: int  # draft.steps and refine.steps
-    preview_every: int
-    plan_max_tokens: int
-    reflect_max_tokens: int
 
 
 class Limits(BaseModel):
@@ -87,18 +76,6 @@ class Info(BaseModel):
     features: Features
 
 
-# CPU workers: a size and step count that finish in minutes rather than hours on a real checkpoint.
-CPU_DEFAULTS = {
-    "width": 256,
-    "height": 256,
-    "max_iterations": 2,
-    "steps": 12,
-    "preview_every": 2,
-    "plan_max_tokens": 64,
-    "reflect_max_tokens": 64,
-}
-
-
 def _bound(model: type[BaseModel], name: str, which: str) -> int:
     """A numeric bound (`ge`, `le`) declared on a request field: one source for the limits."""
     for meta in model.model_fields[name].metadata:
@@ -106,23 +83,6 @@ def _bound(model: type[BaseModel], name: str, which: str) -> int:
         if value is not None:
             return int(value)
     raise LookupError(f"{model.__name__}.{name} declares no {which}")
-
-
-def defaults_for(device: str) -> Defaults:
-    fields = GenerationRequest.model_fields
-    values: dict[str, Any] = {
-        "protocol": fields["protocol"].default,
-        "width": fields["width"].default,
-        "height": fields["height"].default,
-        "max_iterations": fields["max_iterations"].default,
-        "steps": DraftSettings.model_fields["steps"].default,
-        "preview_every": 5,  # the page shows the draft emerging; the API's own default is none
-        "plan_max_tokens": PlanSettings.model_fields["max_tokens"].default,
-        "reflect_max_tokens": ReflectSettings.model_fields["max_tokens"].default,
-    }
-    if device == "cpu":
-        values.update(CPU_DEFAULTS)
-    return Defaults(**values)
 
 
 def limits_for(settings: Settings) -> Limits:
@@ -164,7 +124,7 @@ async def info(request: Request, settings: SettingsDep, store: StoreDep) -> Info
     workers = [WorkerInfo(name=name, device=device) for name, device in sorted(devices.items())]
     device = device_kind(workers)
     return Info(
-        defaults=defaults_for("cpu" if device == "cpu" else "cuda"),
+        defaults=defaults(settings.request_defaults),  # what a request that leaves them out gets
         limits=limits_for(settings),
         auth_required=bool(settings.api_keys),
         device=device,

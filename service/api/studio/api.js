@@ -13,15 +13,18 @@ export class ApiError extends Error {
     this.status = status;
     this.type = error.type || "http_error";
     this.param = error.param || null;
+    // Several bad fields at once: [{param, message}] (the first is `param`).
+    this.fields = Array.isArray(error.errors) && error.errors.length ? error.errors : this.param ? [{ param: this.param, message: this.message }] : [];
     const retry = headers ? Number.parseInt(headers.get("Retry-After") || "", 10) : NaN;
     this.retryAfter = Number.isFinite(retry) ? retry : null;
   }
 }
 
-// The message without its "field: " prefix, for showing next to that field.
-export function fieldMessage(err) {
-  const prefix = `${err.param}: `;
-  return err.message.startsWith(prefix) ? err.message.slice(prefix.length) : err.message;
+// A field error's ({param, message}: ApiError.fields) message without its "field: " prefix, for
+// showing next to that field.
+export function fieldMessage(field) {
+  const prefix = `${field.param}: `;
+  return field.message.startsWith(prefix) ? field.message.slice(prefix.length) : field.message;
 }
 
 export function describe(err) {

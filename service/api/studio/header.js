@@ -1,5 +1,6 @@
 // The header of one generation: its prompt, status, facts (size, seed, branch of), queue position,
-// note, error, timings and which actions apply; drawn from the view's state (state.js).
+// note, error, timings (live while the job runs) and which actions apply; drawn from the view's
+// state (state.js).
 
 import { seconds } from "./dom.js";
 import { STATUS_LABEL, TERMINAL } from "./state.js";
@@ -26,10 +27,12 @@ export function drawHeader(view) {
   if (s.error) view.error.textContent = `The generation failed: ${s.error.message}`;
   view.cancelButton.hidden = TERMINAL.has(s.status);
   view.trajectoryButton.hidden = s.status !== "succeeded";
-  const t = s.timings || {};
+  const live = liveTimings(s);
+  const t = { ...(s.timings || {}), ...live };
+  const clock = (name) => (name in live ? `${t[name]} s` : seconds(t[name])); // live: whole seconds
   const parts = [
-    t.queued_s != null && `queued ${seconds(t.queued_s)}`,
-    t.run_s != null && `ran ${seconds(t.run_s)}`,
+    t.queued_s != null && `queued ${clock("queued_s")}`,
+    t.run_s != null && `${TERMINAL.has(s.status) ? "ran" : "running for"} ${clock("run_s")}`,
     t.total_s != null && `total ${seconds(t.total_s)}`,
     s.usage?.generated_tokens != null && `${s.usage.generated_tokens} tokens generated`,
   ].filter(Boolean);
@@ -41,4 +44,15 @@ export function drawHeader(view) {
   if (view.hooks.steering && s.status === "succeeded" && !view.steerSlot.childElementCount) {
     addSteering(view, view.steerSlot, null);
   }
+}
+
+// While the job is not over, its clocks are the page's: the view's figures were right only when
+// it was read (the view redraws the header every second: job.js tick()).
+function liveTimings(s) {
+  const now = Date.now() / 1000;
+  if (s.status === "running" && s.startedAt != null) return { run_s: Math.max(0, Math.floor(now - s.startedAt)) };
+  if (s.status === "queued" && s.startedAt == null && s.createdAt != null) {
+    return { queued_s: Math.max(0, Math.floor(now - s.createdAt)) };
+  }
+  return {};
 }

@@ -237,6 +237,7 @@ export class JobView {
   tick() {
     if (TERMINAL.has(this.state.status)) return clearInterval(this.ticker);
     if (this.state.status === "queued" && (this.ticks = (this.ticks || 0) + 1) % 2 === 0) this.pollQueue();
+    this.renderHeader(); // the running (or waiting) clock moves on
     // Only the running clocks of cards already drawn: a card is created by flush() alone, in the
     // pipeline's order. (A stage whose events arrived in the same burst as an earlier stage's,
     // e.g. after a reconnect, would otherwise get its card from here first, before the earlier

@@ -24,6 +24,7 @@ export function newState(id) {
     position: null,
     request: null,
     createdAt: null,
+    startedAt: null, // when its first attempt started (server clock, Unix seconds): the live "ran" clock
     parent: null,
     inputImage: null, // the starting image's link, when the request had one
     iterations: {}, // n -> {n, verdict, stages: {plan: Stage, ...}}
@@ -78,6 +79,7 @@ export function reduce(state, name, d) {
       }
       state.resumed = false;
       state.status = "running";
+      state.startedAt ??= d.ts ?? null;
       state.attempt = d.attempt;
       state.position = null;
       break;
@@ -173,6 +175,7 @@ export function reduce(state, name, d) {
 export function absorbView(state, job, stages = true) {
   state.request = job.request;
   state.createdAt = job.created_at;
+  state.startedAt = job.started_at ?? state.startedAt;
   state.parent = job.parent ?? null;
   if (job.status === "paused" && job.paused) state.paused = { ...job.paused, text: job.paused.text ?? "" };
   else if (job.status !== "paused" && state.status === "paused") state.paused = null;

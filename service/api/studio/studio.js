@@ -73,14 +73,28 @@ function clearErrors() {
   $("form-error").textContent = "";
 }
 
+const fieldOf = (param) => Object.keys(FIELDS).find((key) => FIELDS[key].params.some((p) => param === p || param.startsWith(`${p}.`)));
+
+// Every field the server names is marked at the field, with its own message (a request with
+// several bad fields is answered with all of them: errors.py); what no field shows goes below.
 function showError(err) {
-  if (err instanceof ApiError && err.param) {
-    const id = Object.keys(FIELDS).find((key) => FIELDS[key].params.some((p) => err.param === p || err.param.startsWith(`${p}.`)));
-    if (id) {
-      $(id).setAttribute("aria-invalid", "true");
-      $(`${id}-error`).textContent = fieldMessage(err);
-      $(id).focus();
-      $("form-error").textContent = "Please correct the field marked above.";
+  if (err instanceof ApiError && err.fields.length) {
+    const marked = new Set();
+    const rest = [];
+    for (const field of err.fields) {
+      const id = fieldOf(field.param);
+      if (!id) {
+        rest.push(field.message);
+      } else if (!marked.has(id)) {  // draft.steps and refine.steps are one field here
+        $(`${id}-error`).textContent = fieldMessage(field);
+        $(id).setAttribute("aria-invalid", "true");
+        marked.add(id);
+      }
+    }
+    if (marked.size) {
+      $([...marked][0]).focus();
+      const which = marked.size > 1 ? `the ${marked.size} fields marked above` : "the field marked above";
+      $("form-error").textContent = [`Please correct ${which}.`, ...rest].join(" ");
       return;
     }
   }

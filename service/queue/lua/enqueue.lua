@@ -44,7 +44,7 @@ redis.call('ZADD', KEYS[7], math.floor(tonumber(now) * 1000), ARGV[1])
 redis.call('ZREMRANGEBYRANK', KEYS[7], 0, -(tonumber(ARGV[11]) + 1))
 redis.call('EXPIRE', KEYS[7], ARGV[10])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'event', 'job.queued', 'attempt', '0',
-           'data', cjson.encode({job_id = ARGV[1], attempt = 0, position = depth + 1}))
+           'data', cjson.encode({job_id = ARGV[1], attempt = 0, position = depth + 1, ts = tonumber(now)}))
 if ARGV[6] == '1' then
   redis.call('HSET', KEYS[5], 'job_id', ARGV[1], 'body_hash', ARGV[5])
   redis.call('EXPIRE', KEYS[5], ARGV[7])

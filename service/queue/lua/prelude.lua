@@ -15,14 +15,23 @@ local function leave_sets(job, queued, also_active)
   end
 end
 
--- Webhooks (service/webhooks.py): an event the job subscribed to is copied into the outbox, in
--- the same script as the event itself. The job hash has webhook_url and webhook_events
--- (",name,name,"); called right after every XADD of an event a webhook may want.
+-- Webhooks (docs/webhooks.md): an event the job subscribed to is copied into the outbox, in the
+-- same script as the event itself, with the signer (the API key whose secrets sign it: the owner's
+-- id, never a secret). The job hash has webhook_url, webhook_events (",name,name,") and
+-- webhook_signer; called right after every XADD of an event a webhook may want. The outbox holds
+-- at most {{WEBHOOK_OUTBOX_MAX}} messages: past that, a new one is not queued but counted and
+-- recorded in the webhooks' dead letters (error "outbox full"); the event stays in the job's log.
 local function webhook(job, event, data, event_id)
-  local w = redis.call('HMGET', job, 'webhook_url', 'webhook_events', 'id')
+  local w = redis.call('HMGET', job, 'webhook_url', 'webhook_events', 'id', 'webhook_signer')
   if w[1] and w[2] and string.find(w[2], ',' .. event .. ',', 1, true) then
+    if redis.call('XLEN', '{{WEBHOOK_OUTBOX}}') >= {{WEBHOOK_OUTBOX_MAX}} then
+      redis.call('INCR', '{{WEBHOOK_DROPPED}}')
+      redis.call('XADD', '{{WEBHOOK_DEAD}}', 'MAXLEN', '~', 100000, '*', 'job_id', w[3], 'event', event,
+                 'event_id', event_id, 'url', w[1], 'attempts', '0', 'error', 'outbox full')
+      return
+    end
     redis.call('XADD', '{{WEBHOOK_OUTBOX}}', '*', 'job_id', w[3], 'event', event, 'event_id', event_id,
-               'url', w[1], 'data', data)
+               'url', w[1], 'data', data, 'signer', w[4] or '')
   end
 end
 

@@ -35,7 +35,8 @@ local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'start_token', ARGV[8], 'takeover', takeover and '1' or '0')
 local now = clock()
 if j[3] == '1' then
-  finalize(C, 'canceled', 'job.canceled', cjson.encode({job_id = j[5], attempt = attempt}), attempt, now)
+  finalize(C, 'canceled', 'job.canceled', cjson.encode({job_id = j[5], attempt = attempt, ts = tonumber(now)}),
+           attempt, now)
   return {'canceled', tostring(attempt)}
 end
 if failures >= tonumber(ARGV[4]) then
@@ -43,14 +44,15 @@ if failures >= tonumber(ARGV[4]) then
   local err = {type = 'worker_lost', message = 'the job lost its worker on ' .. failures .. ' attempts'}
   if j[9] then err = cjson.decode(j[9]) end
   redis.call('HSET', KEYS[1], 'error', cjson.encode(err))
-  finalize(C, 'failed', 'job.failed', cjson.encode({job_id = j[5], attempt = attempt, error = err}),
-           attempt, now)
+  finalize(C, 'failed', 'job.failed',
+           cjson.encode({job_id = j[5], attempt = attempt, error = err, ts = tonumber(now)}), attempt, now)
   return {'dead', tostring(attempt)}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3], 'attempt_started_at', now,
            'seq', '0', 'progress_at', now)
 redis.call('HSETNX', KEYS[1], 'started_at', now)
-local started = cjson.encode({job_id = j[5], attempt = attempt, worker = ARGV[3], takeover = takeover})
+local started = cjson.encode({job_id = j[5], attempt = attempt, worker = ARGV[3], takeover = takeover,
+                              ts = tonumber(now)})
 local started_id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', 'event', 'job.started',
                               'attempt', tostring(attempt), 'data', started)
 webhook(KEYS[1], 'job.started', started, started_id)

@@ -58,6 +58,8 @@ def test_generate_without_an_image_exits_1_and_names_no_image_path(own_tiny, tmp
             "128",
             "--height",
             "128",
+            "--max-text-tokens",
+            "128",  # the context's worst case within the tiny model's 4096 positions
             "--out",
             str(tmp_path / "out"),
         ],

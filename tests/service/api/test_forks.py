@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from pydantic import SecretStr
 from testkit.asgi import SMALL, AppClient, black_png, error_of
 
 from strokes.model.generation.loading import load_engine
@@ -195,3 +196,85 @@ async def test_the_api_ends_an_unanswered_pause_without_any_worker(settings: Set
 
         view = await asyncio.wait_for(ended(), timeout=30)
         assert view["status"] == "canceled" and view["error"]["type"] == "pause_expired"
+
+
+# ---- steering inside admission and the budget ---------------------------------------------------
+
+
+async def _pause(store: Store, settings: Settings, job_id: str, trajectory: dict) -> None:
+    """What a worker does when `job_id` pauses after its first plan: its trajectory so far in the
+    blob store, then the fenced pause (its entry acknowledged)."""
+    await store.heartbeat("w-pause")
+    entry_id, polled = await store.poll("w-pause", 100)
+    assert polled == job_id
+    started = await store.start(job_id, entry_id, "w-pause")
+    so_far = {**trajectory, "stages": trajectory["stages"][:1]}
+    await blobs.open_store(settings).put(trajectory_key(job_id, started.attempt), encode_trajectory(so_far))
+    steering = Steering(store.r, settings)
+    paused = Paused(1, Stage.plan, so_far["stages"][0]["text"], so_far)
+    assert (
+        await steering.pause(
+            job_id, started.attempt, await pause_of(steering, job_id, started.attempt, paused)
+        )
+        == "paused"
+    )
+
+
+async def test_a_follow_up_is_priced_from_its_parents_recorded_context(
+    settings: Settings, store: Store, finished_run
+):
+    trajectory, images = finished_run
+    real = trajectory["stages"][-1]["positions"]  # what the worker recorded
+    settings = settings.model_copy(update={"max_positions": 4000})
+    async with AppClient(settings) as client:
+        parent = (await client.post("/v1/generations", json=SMALL)).json()
+        await _finish(store, parent["id"], trajectory, images)
+        follow_up = {"fork": {"job_id": parent["id"], "instruction": "now make it green"}}
+        assert (await client.post("/v1/generations", json=follow_up)).status_code == 202
+        # The same parent, had its context been near the limit: the follow-up no longer fits.
+        long = {
+            **trajectory,
+            "stages": [{**s, "positions": s["positions"] + 3500 - real} for s in trajectory["stages"]],
+        }
+        deep = (await client.post("/v1/generations", json=SMALL)).json()
+        await _finish(store, deep["id"], long, images)
+        reply = await client.post(
+            "/v1/generations", json={"fork": {**follow_up["fork"], "job_id": deep["id"]}}
+        )
+        assert reply.status_code == 422 and error_of(reply)["type"] == "budget_exceeded"
+        assert error_of(reply)["param"] == "max_positions" and "4,000" in error_of(reply)["message"]
+
+
+async def test_continue_is_admitted_like_a_job_and_an_edit_is_priced(
+    settings: Settings, store: Store, finished_run
+):
+    trajectory, _ = finished_run
+    settings = settings.model_copy(
+        update={"api_keys": [SecretStr("k")], "key_max_jobs": 1, "max_positions": 3000}
+    )
+    auth = {"Authorization": "Bearer k"}
+    async with AppClient(settings) as client:
+        job = (await client.post("/v1/generations", json=SMALL, headers=auth)).json()
+        await _pause(store, settings, job["id"], trajectory)
+        other = await client.post(
+            "/v1/generations", json=SMALL, headers=auth
+        )  # the paused job holds no place
+        assert other.status_code == 202
+        path = f"/v1/generations/{job['id']}/continue"
+        reply = await client.post(path, json={}, headers=auth)
+        assert reply.status_code == 429 and error_of(reply)["type"] == "quota_exceeded"
+        assert "retry-after" in reply.headers
+        await client.delete(f"/v1/generations/{other.json()['id']}", headers=auth)
+        # A replacement text that makes the context too long is refused, the job stays paused.
+        reply = await client.post(path, json={"text": "a much longer plan " * 200}, headers=auth)
+        assert reply.status_code == 422 and error_of(reply)["param"] == "max_positions"
+        assert (await client.get(f"/v1/generations/{job['id']}", headers=auth)).json()["status"] == "paused"
+        reply = await client.post(path, json={"text": "<ins>a green cube</ins>"}, headers=auth)
+        assert reply.status_code == 202 and reply.json()["status"] == "queued"
+        steer = json.loads(await store.r.get(keys.steer(job["id"])))
+        assert steer["point"]["text"] == "<ins>a green cube</ins>"
+        reply = await client.post(path, json={}, headers=auth)
+        assert reply.status_code == 409
+        assert (
+            error_of(reply)["message"] == "the job has been queued again; only a paused job can be continued"
+        )

@@ -291,6 +291,29 @@ async def test_readyz_needs_redis_and_a_live_worker(client: httpx.AsyncClient, s
     assert reply.status_code == 200 and reply.json()["workers"] == 1
 
 
+async def test_readyz_and_metrics_show_a_blob_store_that_refuses(settings: Settings, store: Store, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("where the blob directory's parent should be")
+    await store.heartbeat("w1")
+    async with AppClient(settings.model_copy(update={"blob_dir": blocker / "blobs"})) as client:
+        reply = await client.get("/readyz")
+        assert reply.status_code == 503
+        body = reply.json()
+        assert body["redis"] is True and body["blob_store"]["state"] == "refused"
+        assert body["reason"].startswith("blob store refused: ") and "not a directory" in body["reason"]
+        text = (await client.get("/metrics")).text
+        assert (
+            "strokes_blob_store_up 0.0" in text and 'strokes_blob_store_errors_total{kind="refused"}' in text
+        )
+        upload = {**SMALL, "input_image": base64.b64encode(black_png(64, 64)).decode()}
+        reply = await client.post("/v1/generations", json=upload)  # the input cannot be stored
+        assert reply.status_code == 503 and error_of(reply)["type"] == "service_unavailable"
+        assert str(blocker) not in error_of(reply)["message"]  # the operator's details stay in the logs
+    async with AppClient(settings) as client:
+        reply = await client.get("/readyz")
+        assert reply.status_code == 200 and reply.json()["blob_store"]["state"] == "ok"
+
+
 async def test_redis_unreachable_answers_503_within_two_seconds(settings: Settings):
     down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     async with AppClient(down) as client:
@@ -344,3 +367,69 @@ def test_every_redis_key_has_the_prefix():
     ]
     assert all(n.startswith(keys.PREFIX) for n in names)
     assert json.dumps(names)  # plain strings
+
+
+@pytest.mark.parametrize("profile", ["model", "cpu"])
+async def test_what_info_says_a_new_generation_gets_is_what_a_bare_request_gets(
+    settings: Settings, profile: str
+):
+    async with AppClient(settings.model_copy(update={"request_defaults": profile})) as client:
+        defaults = (await client.get("/v1/info")).json()["defaults"]
+        bare = (await client.post("/v1/generations", json={"prompt": "a red cube"})).json()["request"]
+        got = {
+            "protocol": bare["protocol"],
+            "width": bare["width"],
+            "height": bare["height"],
+            "max_iterations": bare["max_iterations"],
+            "steps": bare["draft"]["steps"],
+            "preview_every": bare["preview_every"],
+            "plan_max_tokens": bare["plan"]["max_tokens"],
+            "reflect_max_tokens": bare["reflect"]["max_tokens"],
+        }
+        assert got == defaults and bare["refine"]["steps"] == defaults["steps"]
+        # What a caller sends is never changed, nested fields included.
+        sent = {"prompt": "x", "width": 128, "draft": {"cfg_text_scale": 5.0}, "plan": {"max_tokens": 9}}
+        job = (await client.post("/v1/generations", json=sent)).json()["request"]
+        assert (job["width"], job["draft"]["cfg_text_scale"], job["plan"]["max_tokens"]) == (128, 5.0, 9)
+        assert job["draft"]["steps"] == defaults["steps"] and job["height"] == defaults["height"]
+
+
+async def test_an_edit_records_and_reports_the_size_it_draws_at(settings: Settings, store: Store):
+    upload = base64.b64encode(black_png(128, 128)).decode()
+    async with AppClient(settings) as client:
+        job = (await client.post("/v1/generations", json={**SMALL, "input_image": upload})).json()
+        # 128 x 128 comes in; the model takes it at its input size (short side 512): that is the job's
+        assert (job["request"]["width"], job["request"]["height"]) == (512, 512)
+        bare = {"prompt": "x", "input_image": upload}
+        assert (await client.post("/v1/generations", json=bare)).json()["request"]["width"] == 512
+        # A width sent with an edit never had a say (the model follows its starting image): the
+        # job records what it will draw, not what was asked.
+        asked = (await client.post("/v1/generations", json={**bare, "width": 1024})).json()["request"]
+        assert (asked["width"], asked["height"]) == (512, 512)
+
+
+@pytest.mark.parametrize(("header", "query"), [("not-an-id", None), (None, "12-ab"), ("1-2-3", None)])
+async def test_a_malformed_cursor_is_answered_in_words_naming_the_field_sent(
+    client: httpx.AsyncClient, header: str | None, query: str | None
+):
+    path = "/v1/generations/gen_" + "x" * 22 + "/events"
+    reply = await client.get(
+        path, headers={"Last-Event-ID": header} if header else {}, params={"after": query} if query else {}
+    )
+    assert reply.status_code == 422
+    error = error_of(reply)
+    assert error["param"] == ("Last-Event-ID" if header else "after")
+    assert error["message"].startswith(f"{error['param']} must be 0 or an event id <ms>-<seq>")
+    assert "^" not in error["message"] and "pattern" not in error["message"]  # no regex
+
+
+async def test_every_bad_field_is_named_with_its_own_message(client: httpx.AsyncClient):
+    bad = {"prompt": "x", "width": 100, "max_iterations": 99, "draft": {"steps": 1}}
+    reply = await client.post("/v1/generations", json=bad)
+    error = error_of(reply)
+    assert reply.status_code == 422 and error["param"] == "width"
+    assert [e["param"] for e in error["errors"]] == ["width", "max_iterations", "draft.steps"]
+    assert all(e["message"].startswith(f"{e['param']}: ") for e in error["errors"])
+    assert "(and 2 more problems: see errors)" in error["message"]
+    one = error_of(await client.post("/v1/generations", json={"prompt": "x", "width": 100}))
+    assert "errors" not in one and one["param"] == "width"

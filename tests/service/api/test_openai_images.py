@@ -101,6 +101,8 @@ async def test_edit_errors_name_the_field(settings: Settings):
         with pytest.raises(openai.BadRequestError) as caught:
             await client.images.edit(image=("a.png", b"not an image"), prompt="x", size="64x64")
         assert caught.value.body["param"] == "image" and caught.value.body["code"] == "invalid_image"
+        message = caught.value.body["message"]  # in the words of this request: its field is `image`
+        assert message.startswith("image ") and "input_image" not in message
         reply = await http.post("/v1/images/edits", json={"prompt": "x"})
         assert reply.status_code == 400 and "multipart" in reply.json()["error"]["message"]
 

@@ -28,8 +28,7 @@ from PIL import Image
 from testkit.processes import Proc, env_with, start_api, start_worker, wait_for
 from testkit.studio import ARTIFACTS, FAST, Page, job_view
 
-from strokes.service.api.routes.studio import WorkerInfo, defaults_for, device_kind
-from strokes.service.api.schemas import GenerationRequest
+from strokes.service.api.routes.studio import WorkerInfo, device_kind
 from strokes.service.cli.serve import free_port
 from strokes.service.queue import keys
 
@@ -68,11 +67,11 @@ def service(redis_server, tiny_checkpoint, tmp_path_factory) -> Iterator[dict[st
     logdir = tmp_path_factory.mktemp("studio-logs")
     procs = []
     try:
-        api, base = start_api(url, logdir)
+        api, base = start_api(url, logdir, request_defaults="cpu")  # a CPU deployment's defaults
         procs.append(api)
-        keyed, keyed_base = start_api(url, logdir, api_keys=KEY)
+        keyed, keyed_base = start_api(url, logdir, api_keys=KEY, request_defaults="cpu")
         procs.append(keyed)
-        capped, capped_base = start_api(url, logdir, queue_cap=1, mean_job_seconds=7)
+        capped, capped_base = start_api(url, logdir, queue_cap=1, mean_job_seconds=7, request_defaults="cpu")
         procs.append(capped)
         procs.append(start_worker(url, tiny_checkpoint, logdir, "studio-w"))
         yield {"base": base, "keyed": keyed_base, "capped": capped_base, "redis": url}
@@ -112,7 +111,7 @@ def test_info_root_and_assets(service):
     info = httpx.get(base + "/v1/info", timeout=5).json()
     assert info["device"] == "cpu"
     assert info["workers"] == [{"name": "studio-w", "device": "cpu"}]
-    assert info["defaults"]["width"] == 256 and info["defaults"]["max_iterations"] == 2  # CPU-sized
+    assert info["defaults"]["width"] == 256 and info["defaults"]["max_iterations"] == 2  # the cpu profile
     assert info["auth_required"] is False
     assert httpx.get(service["keyed"] + "/v1/info", timeout=5).json()["auth_required"] is True
     paths = httpx.get(base + "/openapi.json", timeout=5).json()["paths"]
@@ -140,19 +139,9 @@ def test_info_root_and_assets(service):
         assert httpx.get(f"{base}/studio/{asset}", timeout=5).status_code == 200, asset
 
 
-def test_defaults_follow_the_live_workers_devices():
+def test_the_live_workers_devices_are_summed_up():
     cpu, gpu = WorkerInfo(name="a", device="cpu"), WorkerInfo(name="b", device="cuda:0")
     assert [device_kind(w) for w in ([], [cpu], [gpu], [cpu, gpu])] == ["none", "cpu", "cuda", "mixed"]
-    full = defaults_for("cuda")
-    request = GenerationRequest(prompt="x")
-    assert (full.width, full.height, full.max_iterations) == (
-        request.width,
-        request.height,
-        request.max_iterations,
-    )
-    assert (full.steps, full.plan_max_tokens) == (request.draft.steps, request.plan.max_tokens)
-    small = defaults_for("cpu")
-    assert small.width * small.height * small.steps < full.width * full.height * full.steps / 50
 
 
 # ---- in the browser -------------------------------------------------------------------------------
@@ -240,6 +229,14 @@ def test_queue_position_full_queue_then_cancel_a_running_job(service, browser):
 
     p.page.wait_for_selector("li.stage[data-stage=draft][data-status=running]", timeout=120000)
     assert p.page.is_hidden(".job .queue")
+    # The header's clock runs while the job does (it was frozen at the view's figure).
+    p.page.wait_for_selector(".job .timings:has-text('running for')")
+    first = int(re.search(r"running for (\d+) s", p.page.inner_text(".job .timings"))[1])
+    p.page.wait_for_function(
+        "n => (/running for (\\d+) s/.exec(document.querySelector('.job .timings').textContent) || [0, -1])[1] > n",
+        arg=first,
+        timeout=10000,
+    )
     p.page.click(".job button.cancel")
     p.wait_status("canceled", 60)
     assert p.page.inner_text(".job .status") == "Canceled"
@@ -317,6 +314,24 @@ def test_invalid_field_is_shown_next_to_it(service, browser):
     assert p.page.get_attribute("#width", "aria-invalid") is None
     assert "greater than or equal to 2" in p.page.inner_text("#steps-error")
     p.check_clean(allowed=("status of 422",))  # the browser logs the failed POST itself
+    context.close()
+
+
+def test_every_invalid_field_is_shown_at_its_field_at_once(service, browser):
+    context = browser.new_context()
+    p = Page(context, service["base"])
+    p.open()
+    p.fill("a red cube", {**FAST, "width": 100, "steps": 1, "iterations": 99})
+    p.page.click("#submit")
+    p.page.wait_for_selector("#iterations[aria-invalid=true]")
+    for field in ("width", "steps", "iterations"):  # all three, each with its own message
+        assert p.page.get_attribute(f"#{field}", "aria-invalid") == "true", field
+    assert "multiple of 16" in p.page.inner_text("#width-error")
+    assert "greater than or equal to 2" in p.page.inner_text("#steps-error")
+    assert "less than or equal to 8" in p.page.inner_text("#iterations-error")
+    assert p.page.evaluate("document.activeElement.id") == "width"  # the first, focused
+    assert "the 3 fields marked above" in p.page.inner_text("#form-error")
+    p.check_clean(allowed=("status of 422",))
     context.close()
 
 

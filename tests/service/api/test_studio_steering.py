@@ -5,7 +5,7 @@ The gallery lists the caller's jobs newest first, a page at a time, and opens on
 on its card forks a new branch that opens beside its parent; a job paused after its plan is edited
 in place and continued to its end; a bad edit (a chat control token) is answered next to the
 editor. No console errors, nothing loaded from outside the app. A screenshot of the fork beside
-its parent is saved to artifacts/studio-fork.png.
+its parent (at 1280 px, where both must fit side by side) is saved to artifacts/studio-fork.png.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def base(redis_server, tiny_checkpoint, tmp_path_factory) -> Iterator[str]:
     logdir = tmp_path_factory.mktemp("studio-steering-logs")
     procs = []
     try:
-        api, base = start_api(url, logdir)
+        api, base = start_api(url, logdir, request_defaults="cpu")
         procs.append(api)
         procs.append(start_worker(url, tiny_checkpoint, logdir, "studio-steer-w"))
         yield base
@@ -102,8 +102,21 @@ def test_gallery_lists_the_callers_jobs_newest_first(base, browser):
     context.close()
 
 
+# How the branches on screen lie: each job's box, the widest a stage card gets, and whether the
+# branches' area has to scroll sideways to show them.
+LAYOUT = """() => ({
+  jobs: [...document.querySelectorAll('.job')].map((e) => {
+    const r = e.getBoundingClientRect();
+    const cards = [...e.querySelectorAll('li.stage')].map((c) => c.getBoundingClientRect().width);
+    return {left: r.left, right: r.right, top: r.top, width: r.width, narrowest_card: Math.min(...cards)};
+  }),
+  overflow: document.getElementById('branches').scrollWidth - document.getElementById('branches').clientWidth,
+  viewport: window.innerWidth,
+})"""
+
+
 def test_fork_from_an_edited_plan_opens_beside_its_parent(base, browser):
-    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    context = browser.new_context(viewport={"width": 1280, "height": 900})  # a common laptop
     p = Page(context, base)
     p.open()
     p.fill("a red cube to fork", ONE)
@@ -152,6 +165,15 @@ def test_fork_from_an_edited_plan_opens_beside_its_parent(base, browser):
         20,
         what="the branch's images",
     )
+    # At 1280 px both branches are on screen side by side, whole and readable: nothing clipped,
+    # nothing to scroll sideways, every stage card wide enough for its text.
+    layout = p.page.evaluate(LAYOUT)
+    parent_box, child_box = layout["jobs"]
+    assert layout["overflow"] <= 0, layout
+    assert abs(parent_box["top"] - child_box["top"]) < 1 and parent_box["right"] <= child_box["left"], layout
+    for box in (parent_box, child_box):
+        assert box["left"] >= 0 and box["right"] <= layout["viewport"], layout
+        assert box["width"] >= 360 and box["narrowest_card"] >= 150, layout
     ARTIFACTS.mkdir(exist_ok=True)
     p.page.screenshot(path=str(ARTIFACTS / "studio-fork.png"), full_page=True)
 

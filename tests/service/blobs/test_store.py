@@ -1,12 +1,15 @@
 """The blob store's contract (service/blobs/store.py), ONE suite run against both backends: a local
 directory, and S3 through a real S3-compatible HTTP server on loopback (moto's server mode).
 No client call is patched. Plus the backend-specific parts: a write that died half-way (local),
-presigned URLs and an unreachable endpoint (S3), the sweep lock, and the upload reduction."""
+presigned URLs and an unreachable endpoint (S3), the sweep lock, and the upload reduction; and the
+store's errors of its own: refused (a missing bucket, a directory that cannot be written) at once,
+unavailable retried inside the call, with the store's health and metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import io
 import os
 import secrets
@@ -18,11 +21,13 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from PIL import Image
+from prometheus_client import CollectorRegistry, generate_latest
 from testkit.s3 import s3_settings
 
 from strokes.model.spec.sizing import DEFAULT_MAX_PIXELS, resize_size
 from strokes.service.api.app import every
 from strokes.service.blobs import store as bloblib
+from strokes.service.blobs.health import BlobState, BlobStoreCollector, classify_os_error
 from strokes.service.blobs.local import LocalBlobs
 from strokes.service.cli.serve import free_port
 from strokes.service.queue import keys
@@ -216,11 +221,101 @@ async def test_s3_unreachable_is_blob_unavailable_within_the_timeout(settings: S
         began = time.monotonic()
         with pytest.raises(bloblib.BlobUnavailable):
             await store.get("gen_i/1/it1-refine")
-        assert time.monotonic() - began < 5
-        with pytest.raises(OSError):  # what the worker's outage retry catches
+        assert time.monotonic() - began < 5  # three tries, 0.25 + 0.5 s apart
+        assert store.health.errors[BlobState.unavailable] == 3 and store.health.state == "unavailable"
+        with pytest.raises(bloblib.BlobError) as raised:
             await store.put("gen_i/1/it1-refine", PNG)
+        assert not isinstance(raised.value, OSError)  # never taken for Redis being away
     finally:
         await store.close()
+
+
+# ---- errors of their own: refused (permanent) vs unavailable (transient, retried) ----------------
+
+
+async def test_s3_missing_bucket_is_refused_at_once_with_its_cause_in_words(
+    settings: Settings, s3_server: str
+):
+    missing = s3_settings(settings, s3_server, "m/", s3_bucket="no-such-bucket", blob_retries=5)
+    store = bloblib.open_store(missing)
+    try:
+        began = time.monotonic()
+        with pytest.raises(bloblib.BlobRefused, match="the bucket no-such-bucket does not exist"):
+            await store.put("gen_m/1/it1-draft", PNG)
+        assert time.monotonic() - began < 2  # not retried: nothing changes until an operator acts
+        assert store.health.errors == {BlobState.unavailable: 0, BlobState.refused: 1}
+        with pytest.raises(bloblib.BlobRefused, match="does not exist"):
+            await store.check()  # what /readyz probes
+        assert store.health.describe()["state"] == "refused"
+    finally:
+        await store.close()
+    good = bloblib.open_store(s3_settings(settings, s3_server, "m/"))
+    try:
+        await good.check()
+        assert good.health.state == BlobState.ok
+    finally:
+        await good.close()
+
+
+async def test_local_directory_that_cannot_be_written_is_refused(settings: Settings, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the blob directory's parent should be")
+    store = LocalBlobs(settings.model_copy(update={"blob_dir": blocker / "blobs"}))
+    assert store.health.state == BlobState.refused  # seen at start already
+    with pytest.raises(bloblib.BlobRefused, match="not a directory"):
+        await store.put("gen_n/1/it1-draft", PNG)
+    with pytest.raises(bloblib.BlobRefused):
+        await store.check()
+    if os.geteuid() != 0:  # root writes through permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        store = LocalBlobs(settings.model_copy(update={"blob_dir": locked}))
+        with pytest.raises(bloblib.BlobRefused, match="permission denied"):
+            await store.put("gen_n/1/it1-draft", PNG)
+
+
+def test_file_system_errors_are_classified_by_what_retrying_can_mend():
+    full = classify_os_error(OSError(errno.ENOSPC, "No space left on device", "/blobs/x"), "local put")
+    assert isinstance(full, bloblib.BlobRefused) and full.cause == "local put: the disk is full (/blobs/x)"
+    for code in (errno.EACCES, errno.EROFS, errno.EDQUOT):
+        assert isinstance(classify_os_error(OSError(code, "x"), "local put"), bloblib.BlobRefused)
+    flaky = classify_os_error(OSError(errno.EIO, "Input/output error"), "local get")
+    assert isinstance(flaky, bloblib.BlobUnavailable) and not isinstance(flaky, OSError)
+
+
+class FlakyDisk(LocalBlobs):
+    """The local store on a disk whose reads fail with EIO `failures` times, then work."""
+
+    def __init__(self, settings: Settings, failures: int):
+        super().__init__(settings)
+        self.failures = failures
+
+    def _get(self, key: str) -> bytes | None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return super()._get(key)
+
+
+async def test_a_transient_error_is_retried_inside_the_call_with_a_bounded_backoff(settings: Settings):
+    store = FlakyDisk(settings.model_copy(update={"blob_retries": 2, "blob_retry_base_s": 0.01}), 2)
+    await store.put("gen_o/1/it1-draft", PNG)
+    assert await store.get("gen_o/1/it1-draft") == PNG  # two failures, then the third try
+    assert store.health.state == BlobState.ok and store.health.errors[BlobState.unavailable] == 2
+    store.failures = 3  # more than the retries: the call fails, transient
+    with pytest.raises(bloblib.BlobUnavailable, match="Input/output error"):
+        await store.get("gen_o/1/it1-draft")
+    assert store.health.state == BlobState.unavailable
+    exposition = generate_latest(_registry(store)).decode()
+    assert "strokes_blob_store_up 0.0" in exposition
+    assert 'strokes_blob_store_state{state="unavailable"} 1.0' in exposition
+    assert 'strokes_blob_store_errors_total{kind="unavailable"} 5.0' in exposition
+
+
+def _registry(store) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(BlobStoreCollector(store.health))
+    return registry
 
 
 def test_s3_needs_a_bucket(settings: Settings):
@@ -363,3 +458,51 @@ async def _until(probe, timeout: float = 10.0):
             return value
         await asyncio.sleep(0.02)
     raise AssertionError("timed out")
+
+
+async def test_input_goes_when_a_pause_expires_whoever_ends_it(blob_settings: Settings):
+    """The API's sweep and a worker's reclaim beat both end expired pauses: the inputs go too."""
+    from testkit.pipelines import ScriptedPipeline
+    from testkit.workers import in_process_worker
+
+    from strokes.model.spec.events import Paused, Stage
+    from strokes.service.api.app import end_expired_pauses
+    from strokes.service.queue.client import connect
+    from strokes.service.queue.steering import Steering
+    from strokes.service.queue.store import Store
+    from strokes.service.shared.messages import JobMessage
+    from strokes.service.worker.steering import pause_of
+
+    s = blob_settings.model_copy(update={"reclaim_interval_s": 0.0})
+    store = Store(connect(s.redis_url, timeout_s=5, connect_timeout_s=1), s)
+    await store.ensure_group()
+    steering = Steering(store.r, s)
+    blobs = bloblib.open_store(s)
+    try:
+        for job_id in ("gen_api_sweep", "gen_worker_beat"):
+            await blobs.put(f"{job_id}/0/input", PNG)
+            message = JobMessage(prompt="a cube", width=32, height=32, max_iterations=1, input_image=True)
+            enqueued = await store.enqueue(
+                job_id, owner="", message=message, body_hash="h", idempotency_key=None
+            )
+            assert enqueued.outcome == "ok"
+            await store.heartbeat("w-pauses")
+            entry_id, polled = await store.poll("w-pauses", 100)
+            started = await store.start(polled, entry_id, "w-pauses")
+            paused = Paused(
+                1, Stage.plan, "a plan", {"seed": 1, "stages": [{"iteration": 1, "stage": "plan"}]}
+            )
+            pause = await pause_of(steering, job_id, started.attempt, paused)
+            assert await steering.pause(job_id, started.attempt, pause) == "paused"
+            await store.r.zadd(keys.PAUSED, {job_id: 1})  # its pause is long past due
+            if job_id == "gen_api_sweep":
+                await end_expired_pauses(steering, blobs)
+            else:
+                worker = in_process_worker(store.r, s, "w-beat", ScriptedPipeline(), blobs=blobs)
+                await worker.reclaim()
+                worker.runner.close()
+            assert (await store.get_job(job_id))["status"] == "canceled"
+            assert await blobs.get(f"{job_id}/0/input") is None
+    finally:
+        await blobs.close()
+        await store.close()

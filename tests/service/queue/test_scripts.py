@@ -1,6 +1,8 @@
 """Every Lua script of the store is idempotent under retry: redis-py re-sends a command whose reply
 was lost, so each script runs here twice with the same arguments, and the whole database after
-the second run must equal the database after the first (entries, counters, events, attempts).
+the second run must equal the database after the first (entries, counters, events, attempts), and
+the second reply must equal the first (a retried call must not be told "409", "fenced" or "not
+routed" about its own success).
 
 `Twice` wraps the store's scripts (and steering's): every call made runs the script, snapshots
 Redis, runs it again with the very same keys and arguments, and compares. The scenarios walk each
@@ -8,6 +10,7 @@ script through its outcomes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -17,7 +20,7 @@ from pydantic import SecretStr
 from strokes.model.spec.events import Paused, Stage
 from strokes.service.queue import keys
 from strokes.service.queue.keys import JobStatus
-from strokes.service.queue.steering import Steering
+from strokes.service.queue.steering import Resume, Steering
 from strokes.service.queue.store import Store
 from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.wire import TRAJECTORY_FIELD, trajectory_key
@@ -52,6 +55,12 @@ async def snapshot(r) -> dict[str, Any]:
     return state
 
 
+# Scripts whose reply is only logged, so a retry may answer differently: reclaim (which entry it
+# took, for a log line; the worker then reads its own pending entries) and trim (how many entries
+# it trimmed).
+REPLY_MAY_DIFFER = {"reclaim", "trim"}
+
+
 class Twice:
     """Runs each script of `store` (and of the other script tables given) twice per call;
     records the replies and checks the state."""
@@ -72,6 +81,8 @@ class Twice:
             second = await script(keys=keys, args=args)
             after_second = await snapshot(self.store.r)
             assert after_second == after_first, f"{name} changed the state when run again"
+            if name not in REPLY_MAY_DIFFER:
+                assert second == first, f"{name} answered a retry {second!r}, not {first!r}"
             self.calls.append((name, first, second))
             return first
 
@@ -207,7 +218,8 @@ async def test_pause_continue_and_end_paused_run_twice_change_nothing_more(store
     assert record["point"] == {"iteration": 1, "stage": "plan"} and "trajectory" not in record
     assert (await store.get_job("p1"))[TRAJECTORY_FIELD] == "p1/1/trajectory.json"
     assert await steer.pause("p1", 2, await pause_of(steer, "p1", 2, paused)) == "fenced"  # not the holder
-    assert await steer.resume("p1", {"job_id": "p1", "attempt": 1}) == (True, "paused")  # continue.lua
+    resumed = await steer.resume("p1", 1, {"job_id": "p1", "attempt": 1})  # continue.lua
+    assert resumed.outcome == Resume.queued
     assert (await _take(store, "w1"))[0] == "p1"
     assert await steer.pause("p1", 2, await pause_of(steer, "p1", 2, paused)) == "paused"
     assert json.loads(await store.r.get(keys.steer("p1")))["trajectory_key"] == "p1/2/trajectory.json"
@@ -218,8 +230,66 @@ async def test_pause_continue_and_end_paused_run_twice_change_nothing_more(store
     assert names[-1] == "job.canceled"
 
 
+async def _paused(store: Store, steer: Steering, job_id: str, owner: str) -> int:
+    """A job of `owner` queued, started and paused after its plan: its attempt."""
+    assert (await _enqueue(store, job_id, owner=owner)).outcome == "ok"
+    took, started = await _take(store, f"w-{job_id}")
+    assert took == job_id
+    paused = Paused(1, Stage.plan, "a plan", {"seed": 1, "stages": [{"iteration": 1, "stage": "plan"}]})
+    pause = await pause_of(steer, job_id, started.attempt, paused)
+    assert await steer.pause(job_id, started.attempt, pause) == "paused"
+    await store.ack((await store.get_job(job_id))["entry_id"])
+    return started.attempt
+
+
+async def test_continue_passes_the_keys_quota_and_the_queue_cap_in_its_own_script(store: Store):
+    store.settings.api_keys = [SecretStr("a"), SecretStr("b")]
+    store.settings.key_max_jobs = 1
+    store.settings.queue_cap = 2
+    steer = Steering(store.r, store.settings)
+    Twice(store, steer.scripts)
+    for n in range(4):  # one at a time: each paused job holds no place in the quota
+        await _paused(store, steer, f"a{n}", "a")
+    await _paused(store, steer, "b0", "b")
+    data = {"job_id": "", "attempt": 1}
+    outcomes = [(await steer.resume(f"a{n}", 1, data)).outcome for n in range(3)]
+    assert outcomes == [Resume.queued, Resume.quota, Resume.quota]
+    assert await store.r.scard(keys.owner_active("a")) == 1  # never more than the quota
+    assert [(await store.get_job(f"a{n}"))["status"] for n in range(3)] == ["queued", "paused", "paused"]
+    # The queue cap holds for continues too: with a0 and b1 queued the queue is full.
+    assert (await _enqueue(store, "b1", owner="b")).outcome == "ok"
+    assert await store.queue_depth() == 2
+    assert (await steer.resume("b0", 1, data)).outcome == Resume.full
+    assert (await store.get_job("b0"))["status"] == "paused"
+
+
+async def test_of_two_continues_at_once_exactly_one_wins_and_its_text_is_the_one_used(store: Store):
+    steer = Steering(store.r, store.settings)
+    attempt = await _paused(store, steer, "p1", "")
+    record = await steer.get_steer("p1")
+    edits = [{**record, "point": {**record["point"], "text": text}} for text in ("mine", "theirs")]
+    data = {"job_id": "p1", "attempt": attempt}
+    results = await asyncio.gather(*[steer.resume("p1", attempt, data, edit) for edit in edits])
+    outcomes = sorted(r.outcome.value for r in results)
+    assert outcomes == ["not_paused", "queued"]
+    winner = edits[[r.outcome for r in results].index(Resume.queued)]
+    assert (await steer.get_steer("p1"))["point"]["text"] == winner["point"]["text"]
+    names = [e.name for e in await store.read_events("p1")]
+    assert names.count("job.resumed") == 1
+    # A continue of a pause that is over (the job ran on and paused again) is stale.
+    _, started = await _take(store, "w2")
+    paused = Paused(1, Stage.reflect, "fine", {"seed": 1, "stages": []})
+    assert (
+        await steer.pause("p1", started.attempt, await pause_of(steer, "p1", started.attempt, paused))
+        == "paused"
+    )
+    assert (await steer.resume("p1", attempt, data, edits[0])).outcome == Resume.stale
+    assert (await steer.get_steer("p1"))["point"]["stage"] == "reflect"  # the stale edit wrote nothing
+
+
 async def test_a_fork_is_routed_to_an_idle_holder_even_before_its_heartbeat_catches_up(store: Store):
     steer = Steering(store.r, store.settings)
+    Twice(store, steer.scripts)  # route's retry answers 1 again: the entry is the holder's now
     await _enqueue(store, "parent")
     assert (await _take(store, "holder"))[0] == "parent"
     await store.heartbeat("holder", "parent")  # the holder's beat names the job it runs

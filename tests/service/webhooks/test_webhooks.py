@@ -8,9 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import signal
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -18,6 +16,7 @@ import redis
 from standardwebhooks.webhooks import Webhook
 from testkit.jobs import QUICK, submit
 from testkit.processes import Proc, env_with, start_api, start_worker, wait_for
+from testkit.receiver import Receiver
 
 from strokes.service.cli.serve import free_port
 from strokes.service.queue import keys
@@ -26,6 +25,7 @@ from strokes.service.queue.keys import JobStatus
 from strokes.service.queue.store import Store
 from strokes.service.shared import webhooks
 from strokes.service.shared.messages import JobMessage
+from strokes.service.shared.owners import owner_of
 from strokes.service.shared.settings import Settings
 from strokes.service.webhooks.dispatcher import Dispatcher, Message
 from strokes.service.webhooks.metrics import WebhookMetrics
@@ -179,6 +179,7 @@ async def test_emit_path_copies_subscribed_events_into_the_outbox(store: Store):
         "event_id": stage.id,
         "url": "https://hooks.example/x",
         "data": stage.data,
+        "signer": "",  # the owner whose secrets sign it ("": the server's, without API keys)
     }
 
 
@@ -197,6 +198,151 @@ async def test_terminal_events_by_default_and_none_without_a_url(store: Store):
     assert len(await _outbox(store)) == 1
 
 
+# ---- per-key secrets, the outbox's bound, pause events, ids of terminal events -------------------
+
+SECRET_A = "whsec_" + base64.b64encode(b"key-A-secret-0123456789abcdef").decode()
+SECRET_B = "whsec_" + base64.b64encode(b"key-B-secret-0123456789abcdef").decode()
+SECRET_B_OLD = "whsec_" + base64.b64encode(b"key-B-old-secret-0123456789").decode()
+
+
+def _per_key(redis_url: str, **changes) -> Settings:
+    return Settings(
+        redis_url=redis_url,
+        api_keys=["key-a", "key-b"],
+        webhook_secrets={"key-a": SECRET_A, "key-b": f"{SECRET_B} {SECRET_B_OLD}"},
+        webhook_allow_networks=[LOOPBACK],
+        **changes,
+    )
+
+
+async def test_each_key_signs_with_its_own_secrets_so_no_tenant_can_verify_or_forge_anothers(redis_url: str):
+    settings = _per_key(redis_url)
+    sent: list[httpx.Request] = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(204)
+
+    redis_client = connect(settings.redis_url, timeout_s=5, connect_timeout_s=1)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(receive))
+    dispatcher = Dispatcher(settings, "d-keys", WebhookMetrics(), redis_client, http)
+    try:
+        for n, key in enumerate(("key-a", "key-b")):
+            data = json.dumps({"job_id": f"gen_{n}", "ts": 1.0})
+            message = Message(
+                "1-0", f"gen_{n}", "job.completed", f"1-{n}", "http://127.0.0.1:9/h", data, owner_of(key)
+            )
+            assert await dispatcher._post(message, 1) is None
+        orphan = Message(
+            "1-0", "gen_x", "job.completed", "1-9", "http://127.0.0.1:9/h", "{}", owner_of("gone")
+        )
+        assert "no signing secret" in await dispatcher._post(orphan, 1)  # nobody else's secret signs it
+    finally:
+        await http.aclose()
+        await redis_client.aclose()
+    to_a, to_b = ((dict(r.headers), r.content) for r in sent)
+    assert Webhook(SECRET_A).verify(to_a[1], to_a[0])["data"]["job_id"] == "gen_0"
+    assert Webhook(SECRET_B).verify(to_b[1], to_b[0])["data"]["job_id"] == "gen_1"
+    assert Webhook(SECRET_B_OLD).verify(to_b[1], to_b[0])  # key B is rotating: both of its secrets sign
+    with pytest.raises(Exception, match="signature"):
+        Webhook(SECRET_A).verify(to_b[1], to_b[0])  # A's receiver cannot verify B's deliveries ...
+    with pytest.raises(Exception, match="signature"):
+        Webhook(SECRET_B).verify(to_a[1], to_a[0])  # ... nor B's A's: what A holds forges nothing of B's
+    assert len(to_b[0]["webhook-signature"].split()) == 2 and len(to_a[0]["webhook-signature"].split()) == 1
+
+
+def test_per_key_secrets_are_checked_at_start_without_echoing_them(redis_url: str):
+    with pytest.raises(ValueError, match="entry 1 names a key that is not in STROKES_API_KEYS"):
+        Settings(redis_url=redis_url, api_keys=["key-a"], webhook_secrets={"key-z": SECRET_A})
+    with pytest.raises(ValueError, match="entry 2: secret 1 of 1") as caught:
+        Settings(
+            redis_url=redis_url,
+            api_keys=["key-a", "key-b"],
+            webhook_secrets={"key-a": SECRET_A, "key-b": "whsec_!!"},
+        )
+    assert "key-b" not in str(caught.value) and SECRET_A not in str(caught.value)
+
+
+async def test_a_key_subscribes_only_with_its_own_secret_and_the_job_names_its_signer(
+    redis_url: str, store: Store
+):
+    settings = Settings(
+        redis_url=redis_url,
+        api_keys=["key-a", "key-c"],
+        webhook_secrets={"key-a": SECRET_A},
+        webhook_secret=SECRET,  # the server-wide secret signs nothing once there are API keys
+        webhook_allow_networks=[LOOPBACK],
+    )
+    body = {**QUICK, "webhook_url": "http://127.0.0.1:9/h", "webhook_events": ["job.paused", "job.resumed"]}
+    reply = await _post(settings, body, key="key-c")
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == "webhook_url"
+    assert "no webhook signing secret" in reply.json()["error"]["message"]
+    reply = await _post(settings, body, key="key-a")  # pause events may be subscribed to
+    assert reply.status_code == 202, reply.text
+    job = await store.get_job(reply.json()["id"])
+    assert job["webhook_signer"] == owner_of("key-a") == job["owner"]
+    assert not any(SECRET_A[6:] in value for value in job.values())  # the secret is never stored
+
+
+async def test_pause_events_reach_the_outbox_and_every_event_carries_ts(store: Store):
+    from strokes.model.spec.events import Paused, Stage
+    from strokes.service.queue.steering import Steering
+    from strokes.service.worker.steering import pause_of
+
+    await store.r.delete(keys.WEBHOOK_OUTBOX)
+    job_id = "gen_" + "p" * 22
+    attempt = await _enqueue_running(
+        store, job_id, "https://hooks.example/x", ["job.paused", "job.resumed", "job.canceled"]
+    )
+    steering = Steering(store.r, store.settings)
+    paused = Paused(1, Stage.plan, "a plan", {"seed": 1, "stages": [{"iteration": 1, "stage": "plan"}]})
+    assert (
+        await steering.pause(job_id, attempt, await pause_of(steering, job_id, attempt, paused)) == "paused"
+    )
+    await steering.resume(job_id, attempt, {"job_id": job_id, "attempt": attempt, "ts": 1.0})
+    assert (await store.cancel(job_id))[0] == "canceled"
+    assert [e["event"] for e in await _outbox(store)] == ["job.paused", "job.resumed", "job.canceled"]
+    for event in await store.read_events(job_id):
+        assert isinstance(json.loads(event.data).get("ts"), float), (event.name, event.data)
+
+
+async def test_the_outbox_is_bounded_and_what_it_refuses_is_counted_and_kept(redis_url: str, store: Store):
+    bounded = store.settings.model_copy(update={"webhook_outbox_max": 2})
+    small = Store(store.r, bounded)
+    await store.r.delete(keys.WEBHOOK_OUTBOX, keys.WEBHOOK_DEAD, keys.WEBHOOK_DROPPED)
+    job_id = "gen_" + "o" * 22
+    attempt = await _enqueue_running(
+        small, job_id, "https://hooks.example/x", ["job.started", "stage.completed"]
+    )
+    for seq in (1, 2, 3):
+        await small.emit(job_id, attempt, seq, "stage.completed", {"job_id": job_id, "seq": seq})
+    assert await small.outbox_stats() == (2, 2)  # job.started and the first stage; two refused
+    dead = [
+        {k.decode(): v.decode() for k, v in f.items()} for _, f in await store.r.xrange(keys.WEBHOOK_DEAD)
+    ]
+    assert [d["error"] for d in dead] == ["outbox full", "outbox full"] and dead[0]["job_id"] == job_id
+    assert (
+        len([e for e in await store.read_events(job_id) if e.name == "stage.completed"]) == 3
+    )  # the log keeps all
+    from testkit.asgi import AppClient
+
+    async with AppClient(bounded) as client:
+        text = (await client.get("/metrics")).text
+    assert (
+        "strokes_webhook_outbox_messages 2.0" in text and "strokes_webhook_outbox_dropped_total 2.0" in text
+    )
+
+
+def test_a_terminal_events_webhook_id_is_the_jobs_and_its_kind_so_a_replayed_end_is_not_new():
+    first = webhooks.message_id("gen_x", "job.completed", "1700000000000-3")
+    replayed = webhooks.message_id("gen_x", "job.completed", "1700000009999-0")  # the job ran again
+    assert first == replayed == "msg_gen_x_job.completed"
+    assert webhooks.message_id("gen_x", "job.failed", "1-0") != first  # another end is another message
+    assert webhooks.message_id("gen_x", "stage.completed", "1-0") != webhooks.message_id(
+        "gen_x", "stage.completed", "2-0"
+    )
+
+
 # ---- submit-time checks (in-process API) ---------------------------------------------------------
 
 
@@ -205,14 +351,15 @@ def hook_settings(redis_url: str) -> Settings:
     return Settings(redis_url=redis_url, webhook_secret=SECRET)
 
 
-async def _post(settings: Settings, body: dict) -> httpx.Response:
+async def _post(settings: Settings, body: dict, key: str | None = None) -> httpx.Response:
     from strokes.service.api.app import create_app
 
     app = create_app(settings)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-            return await client.post("/v1/generations", json=body)
+            return await client.post("/v1/generations", json=body, headers=headers)
 
 
 @pytest.mark.parametrize(
@@ -253,52 +400,6 @@ async def test_submit_accepts_an_allowed_network_and_refuses_without_a_secret(
 
 
 # ---- the dispatcher, end to end -----------------------------------------------------------------
-
-
-class Receiver:
-    """A real HTTP server on loopback that records every delivery and answers `fail_first` of them
-    (per webhook-id) with 500, or every one while `failing` is set."""
-
-    def __init__(self, fail_first: int = 0):
-        self.fail_first = fail_first
-        self.failing = threading.Event()
-        self.deliveries: list[tuple[dict[str, str], bytes, int]] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                with receiver.lock:
-                    seen = sum(
-                        1 for h, _, _ in receiver.deliveries if h["webhook-id"] == headers["webhook-id"]
-                    )
-                    status = 500 if receiver.failing.is_set() or seen < receiver.fail_first else 204
-                    receiver.deliveries.append((headers, body, status))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook?src=strokes"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def ok(self) -> list[tuple[dict[str, str], bytes, int]]:
-        with self.lock:
-            return [d for d in self.deliveries if d[2] == 204]
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.deliveries)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
