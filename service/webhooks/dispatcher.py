@@ -269,7 +269,7 @@ class Dispatcher:
 async def serve(settings: Settings, name: str, metrics: WebhookMetrics) -> None:
     """Build the dispatcher and its clients, run it until SIGTERM."""
     redis = connect(
-        settings.redis_url,
+        settings.redis_address,
         timeout_s=settings.redis_timeout_s + settings.webhook_poll_ms / 1000,
         connect_timeout_s=settings.redis_connect_timeout_s,
     )
