@@ -70,6 +70,16 @@ def sentinel_redis(request, tmp_path: Path) -> Iterator[SentinelRedis]:
         topology.stop()
 
 
+@pytest.fixture
+def replicated_redis(tmp_path: Path) -> Iterator[SentinelRedis]:
+    """A master and one replica, linked, without Sentinels (testkit.redis_ha), this test's alone."""
+    topology = SentinelRedis(tmp_path / "replicated", sentinels=0)
+    try:
+        yield topology.start()
+    finally:
+        topology.stop()
+
+
 @pytest.fixture(scope="session")
 def cluster_redis(tmp_path_factory) -> Iterator[ClusterRedis]:
     """A three-node Redis Cluster on loopback (testkit.redis_ha), shared by the session's tests."""

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 
 from strokes.service.queue import keys
 from strokes.service.queue.client import compact_json, decode
+from strokes.service.queue.durability import DurableScript, replica_waits
 from strokes.service.queue.scripts import load_script
 from strokes.service.shared.settings import Settings
 
@@ -50,7 +51,13 @@ class Steering:
     def __init__(self, client: aioredis.Redis, settings: Settings):
         self.r = client
         self.settings = settings
-        self.scripts = {name: client.register_script(load_script(name)) for name in STEERING_SCRIPTS}
+        # each run waits for the replicas (durability.py): a pause, a continue, an end survive a failover
+        self.scripts = {
+            name: DurableScript(
+                client, client.register_script(load_script(name)), replica_waits(settings), name
+            )
+            for name in STEERING_SCRIPTS
+        }
 
     @property
     def steer_ttl_s(self) -> int:

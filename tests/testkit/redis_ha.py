@@ -50,6 +50,7 @@ class Server:
             "appendfsync": "everysec",
             "dir": str(folder),
             "maxmemory-policy": "noeviction",
+            "repl-diskless-sync-delay": "0",  # a replica syncs at once (the default waits 5 s for others)
             **(options or {}),
         }
         self.proc: subprocess.Popen | None = None
@@ -88,6 +89,15 @@ class Server:
     def cluster_ok(self) -> bool:
         with self.client() as client:
             return client.cluster("info")["cluster_state"] == "ok"
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its connections and answers nothing (a replica that lags)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """kill -9: no shutdown, no last fsync."""
@@ -179,7 +189,8 @@ class Sentinel:
 class SentinelRedis:
     """A master, `replicas` replicas and `sentinels` Sentinels on loopback, started and ready: the
     replicas' links up, every Sentinel knowing the replicas and the other Sentinels (so that a
-    failover can be voted). `options` go to every server (a replica may become the master)."""
+    failover can be voted). `options` go to every server (a replica may become the master).
+    With sentinels=0 it is a master and its replicas alone."""
 
     def __init__(
         self,
@@ -231,9 +242,19 @@ class SentinelRedis:
         replicas = [s for s in self.servers if s is not master and s.proc is not None]
 
         def settled() -> bool:
-            if master.info("replication")["role"] != "master":
+            info = master.info("replication")
+            if info["role"] != "master" or info["connected_slaves"] < len(replicas):
                 return False
+            if any(info[f"slave{i}"]["state"] != "online" for i in range(info["connected_slaves"])):
+                return False
+            with master.client() as client:  # and they acknowledge at once (no sync still settling)
+                if replicas and client.execute_command("WAIT", len(replicas), 100) < len(replicas):
+                    return False
             for replica in replicas:
+                # a replica rewrites its AOF after a sync, and may stall its acknowledgements then
+                persistence = replica.info("persistence")
+                if persistence["aof_rewrite_in_progress"] or persistence["aof_rewrite_scheduled"]:
+                    return False
                 info = replica.info("replication")
                 if info.get("master_port") != master.port or info.get("master_link_status") != "up":
                     return False
@@ -254,6 +275,17 @@ class SentinelRedis:
             return True
 
         wait_until(settled, timeout, f"the Sentinels to settle on {master.address}", interval=0.1)
+
+    def wait_caught_up(self, master: Server | None = None, timeout: float = 10) -> None:
+        """Until every running replica has applied everything `master` (the first one) has written."""
+        master = master or self.master
+        replicas = [s for s in self.servers if s is not master and s.proc is not None]
+
+        def caught_up() -> bool:
+            offset = master.info("replication")["master_repl_offset"]
+            return all(r.info("replication")["slave_repl_offset"] >= offset for r in replicas)
+
+        wait_until(caught_up, timeout, "the replicas to catch up")
 
     def wait_new_master(self, old: Server, timeout: float = 30) -> Server:
         """Until every Sentinel names a master other than `old`: that server."""

@@ -1,12 +1,16 @@
 -- Hand the job back (SIGTERM) or retry it after an error: the entry moves to the never-alive
 -- HANDBACK consumer, so the next reclaim of any worker picks it up first. The error (if any) is
 -- kept as the job's last cause. Idempotent: a second run finds the job no longer held by the
--- attempt (queued, or terminal) and changes nothing.
+-- attempt (queued, or terminal) and changes nothing, answering as the first did.
 -- KEYS: job, events, jobs, queued, dead
 -- ARGV: attempt, reason (handback|retry), group, handback consumer, max_attempts, error json or '',
 --       maxlen, events_ttl, result_ttl
 local j = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'entry_id', 'cancel', 'id')
-if j[1] == 'queued' and j[2] == ARGV[1] then return {'queued'} end  -- a retry whose reply was lost
+if j[2] == ARGV[1] then  -- a retry whose reply (or its replicas' acknowledgement) was lost
+  if j[1] == 'queued' then return {'queued'} end
+  if j[1] == 'failed' then return {'dead'} end
+  if j[1] == 'canceled' then return {'canceled'} end
+end
 if j[1] ~= 'running' or j[2] ~= ARGV[1] then return {'fenced'} end
 local maxlen = job_maxlen(KEYS[1], ARGV[7])
 local C = {job = KEYS[1], events = KEYS[2], jobs = KEYS[3], queued = KEYS[4], dead = KEYS[5],

@@ -177,6 +177,8 @@ async def test_finish_requeue_cancel_reclaim_trim_run_twice_change_nothing_more(
     await store.trim_queue()
     names = {n for n, _, _ in twice.calls}
     assert {"enqueue", "start", "finish", "requeue", "cancel", "reclaim", "trim", "reconcile"} <= names
+    # a requeue run again answers as the first did (a worker retries it until the replicas have it)
+    assert [first for first, _ in twice.ran("requeue")] == [second for _, second in twice.ran("requeue")]
     for job_id, terminal in (("done", "job.completed"), ("back", "job.failed"), ("queued", "job.canceled")):
         assert [e.name for e in await store.read_events(job_id)].count(terminal) == 1
     assert len(await store.dead_letters()) == 1
