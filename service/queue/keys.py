@@ -24,6 +24,7 @@ stage, with the generator's state at each) live in the blob store (service/blobs
 | strokes:webhooks:dead       | stream | webhook deliveries given up after `webhook_retry_for_s`      |
 | strokes:steer:{id}          | string | a fork's or paused job's context (service/api/forks.py): blob keys, fork point |
 | strokes:paused              | zset   | paused job id -> when its pause expires (ms)                 |
+| strokes:liveness            | hash   | replid, seen_at, since: the master's identity and the workers' last write, for reclaim's grace |
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ WEBHOOK_GROUP = "dispatchers"
 WEBHOOK_DEAD = PREFIX + "webhooks:dead"
 BLOB_SWEEP_LOCK = PREFIX + "blobs:sweep"  # images and trajectories live in the blob store, never here
 PAUSED = PREFIX + "paused"
+LIVENESS = PREFIX + "liveness"  # the grace after a failover, restart or outage (lua/prelude.lua)
 
 # A consumer name no worker ever uses and that never heartbeats: entries handed back (SIGTERM,
 # retry after a failure) are moved to it, so every worker's reclaim step sees them at once and

@@ -12,7 +12,9 @@ or restart makes the cap drift.
 
 Life of a job (keys.py has the key layout):
     enqueue   admission (queue cap, the key's quota) + job hash + queue entry + job.queued, one
-              script; then WAITAOF on the same connection where the server has it (Redis >= 7.2)
+              script; then its waits on the same connection (durability.py: WAITAOF where the
+              server has it, WAIT for `redis_min_replicas` replicas; start, emit, finish, requeue
+              and cancel wait likewise)
     start     a worker got the entry: queued/running -> running, attempt += 1, job.started.
               A job that was `running` is a takeover (its worker died): that counts as a failure
     emit      append an event (and update the job hash) if the attempt still holds the job
@@ -22,8 +24,9 @@ Life of a job (keys.py has the key layout):
     cancel    queued: canceled at once; running: a flag the worker sees at its next event
     reclaim   move one pending entry whose owner has no heartbeat key to an idle caller. The lease
               is the heartbeat key's TTL, not the entry's idle time: a slow live worker is never
-              robbed; nothing is reclaimed until Redis has been up for a lease (after a restart,
-              live workers write their heartbeats again first)
+              robbed; nothing a worker held is reclaimed within a grace after a restart, a failover
+              or an outage of the workers' writes (live workers write their heartbeats again first)
+    heartbeat the lease key, the workers zset, and the liveness record the grace is keyed on
 Payloads are JSON; nothing is pickled.
 """
 
@@ -268,13 +271,11 @@ class Store:
 
     async def heartbeat(self, worker: str, job_id: str = "") -> None:
         """Renew the lease; workers silent for 3 leases (dead ones) leave the workers set."""
-        ttl_ms = int(self.settings.lease_ttl_s * 1000)
-        now_ms = time.time() * 1000
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.set(keys.heartbeat(worker), job_id, px=ttl_ms)
-            pipe.zadd(keys.WORKERS, {worker: now_ms})
-            pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms - 3 * ttl_ms)
-            await pipe.execute()
+        s = self.settings
+        await self.scripts["heartbeat"](
+            keys=[keys.heartbeat(worker), keys.WORKERS, keys.LIVENESS],
+            args=[worker, job_id, int(s.lease_ttl_s * 1000), int(time.time() * 1000), self._gap_ms],
+        )
 
     async def drop_heartbeat(self, worker: str) -> None:
         async with self.r.pipeline(transaction=False) as pipe:
@@ -282,13 +283,27 @@ class Store:
             pipe.zrem(keys.WORKERS, worker)
             await pipe.execute()
 
+    @property
+    def _gap_ms(self) -> int:
+        # No worker writing for two heartbeats: an outage of the workers' writes (lua/prelude.lua)
+        return int(2 * self.settings.heartbeat_interval_s * 1000)
+
     async def reclaim(self, worker: str) -> tuple[str, str] | None:
-        """Take one pending entry whose owner's lease expired; returns (entry_id, old_owner)."""
+        """Take one pending entry whose owner's lease expired (or one handed back); returns
+        (entry_id, old_owner). Nothing a live-looking worker held is taken within the grace after
+        a Redis restart, a failover or an outage of the workers' writes (reclaim.lua)."""
         s = self.settings
         grace = s.restart_grace_s if s.restart_grace_s is not None else s.lease_ttl_s + s.heartbeat_interval_s
-        min_uptime = math.ceil(grace)
         result = await self.scripts["reclaim"](
-            keys=[keys.JOBS], args=[keys.GROUP, worker, keys.HEARTBEAT_PREFIX, min_uptime]
+            keys=[keys.JOBS, keys.LIVENESS],
+            args=[
+                keys.GROUP,
+                worker,
+                keys.HEARTBEAT_PREFIX,
+                int(grace * 1000),
+                self._gap_ms,
+                keys.HANDBACK_CONSUMER,
+            ],
         )
         return (decode(result[0]), decode(result[1])) if result else None
 

@@ -53,8 +53,9 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 2.0
     lease_ttl_s: float = 10.0  # a worker whose heartbeat is older than this has lost its jobs
     reclaim_interval_s: float = 1.0
-    # Nothing is reclaimed until Redis has been up this long (default: a lease + a heartbeat), so
-    # live workers re-establish their heartbeats after a Redis restart before anyone reclaims.
+    # Nothing a worker held is reclaimed within this long (default: a lease + a heartbeat) of Redis
+    # starting, a new master (failover) or two heartbeats with no worker writing (an outage), so
+    # live workers re-establish their heartbeats before anyone reclaims.
     restart_grace_s: float | None = Field(None, ge=0)
     poll_block_ms: int = 1000
     cancel_poll_s: float = 0.05  # the pipeline thread reads the cancel flag at most this often

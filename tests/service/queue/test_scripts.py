@@ -25,7 +25,7 @@ from strokes.service.worker.steering import pause_of
 
 
 async def snapshot(r) -> dict[str, Any]:
-    """Everything in the database but TTLs and idle times (time moves on by itself)."""
+    """Everything in the database but TTLs, idle times and the liveness clock (time moves on by itself)."""
     state: dict[str, Any] = {}
     for key in sorted(await r.keys("*")):
         kind = (await r.type(key)).decode()
@@ -33,6 +33,8 @@ async def snapshot(r) -> dict[str, Any]:
             value: Any = await r.get(key)
         elif kind == "hash":
             value = await r.hgetall(key)
+            if key.decode() == keys.LIVENESS:
+                value.pop(b"seen_at")  # a clock: when a worker last wrote (the record's other fields stay)
         elif kind == "set":
             value = sorted(await r.smembers(key))
         elif kind == "zset":
