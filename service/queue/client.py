@@ -28,10 +28,12 @@ from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 
 # Redis is away (refused, reset, timed out, or an OS error under the socket): retry, reconnect, or
 # answer 503; never a job's failure. The one definition every process uses.
@@ -156,6 +158,36 @@ def parse_redis_url(url: str, url_name: str = "STROKES_REDIS_URL") -> RedisTarge
 # ---- the client ---------------------------------------------------------------------------------
 
 
+class MasterConnection(SentinelManagedConnection):
+    """A connection of the Sentinel master's pool that never stays on a replica. Right after a
+    failover a Sentinel may still name the old master, back as a replica: a connection that only
+    reads (SSE's XREAD) would stay there, and WAIT is refused on a replica. So a new connection
+    asks the server's ROLE, and a WAIT refused for that reason drops the connection as a refused
+    write does (redis-py's READONLY handling): the next one asks the Sentinels again."""
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        await super().on_connect_check_health(check_health)
+        if self.connection_pool.is_master:
+            await self.send_command("ROLE", check_health=False)
+            role = (await self.read_response())[0]
+            role = role.decode() if isinstance(role, bytes) else str(role)
+            if role != "master":
+                raise RedisConnectionError(f"{self.host}:{self.port} is a {role}, not the master")
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if self.connection_pool.is_master and "cannot be used with replica instances" in str(exc):
+                await self.disconnect()
+                raise RedisConnectionError("the previous master is now a replica") from exc
+            raise
+
+
+class MasterSSLConnection(MasterConnection, SSLConnection):
+    pass
+
+
 class SentinelMaster(aioredis.Redis):
     """The client of the master a Sentinel names (`Sentinel.master_for`): closing it also closes
     the clients of the Sentinels it asks."""
@@ -208,10 +240,10 @@ def connect(
     return sentinel.master_for(
         target.master_name,
         redis_class=SentinelMaster,
+        connection_class=MasterSSLConnection if target.tls else MasterConnection,
         db=target.db,
         username=target.username,
         password=target.password,
-        ssl=target.tls,
         **common,
     )
 

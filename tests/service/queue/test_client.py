@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from redis.asyncio.sentinel import SentinelConnectionPool
 from testkit.redis_ha import SentinelRedis, wait_until
 
 from strokes.service.queue.client import (
     TRANSIENT,
+    MasterConnection,
     RedisMode,
+    SentinelMaster,
     connect,
     connect_sync,
     master_address,
@@ -89,6 +92,7 @@ async def test_a_client_follows_a_sentinel_failover_by_itself(sentinel_redis: Se
     client = connect(sentinel_redis.url, timeout_s=2, connect_timeout_s=0.5)
     blocking = connect_sync(sentinel_redis.url, timeout_s=2, connect_timeout_s=0.5)
     try:
+        assert client.connection_pool.connection_class is MasterConnection  # never stays on a replica (below)
         await client.set("{strokes}:probe", "before")
         assert await master_address(client) == old.address
         assert (await server_info(client, "replication"))["role"] == "master"
@@ -117,3 +121,26 @@ async def test_a_client_follows_a_sentinel_failover_by_itself(sentinel_redis: Se
     finally:
         blocking.close()
         await client.aclose()  # closes the Sentinel's clients as well (no unclosed-socket warning)
+
+
+async def test_a_sentinel_client_never_stays_on_a_replica_a_stale_sentinel_names(
+    replicated_redis: SentinelRedis,
+):
+    """Right after a failover a Sentinel may still name the old master, back as a replica: a
+    connection that only reads would stay there (and WAIT is refused on a replica)."""
+    replica = replicated_redis.servers[1]
+
+    class StaleSentinels:  # names the replica, as one that has not heard of the failover yet would
+        async def discover_master(self, name: str) -> tuple[str, int]:
+            return "127.0.0.1", replica.port
+
+        async def aclose(self) -> None:
+            pass
+
+    pool = SentinelConnectionPool("strokes", StaleSentinels(), connection_class=MasterConnection)
+    client = SentinelMaster.from_pool(pool)
+    try:
+        with pytest.raises(TRANSIENT, match=f"127.0.0.1:{replica.port} is a slave, not the master"):
+            await client.xread({"{strokes}:events:x": "0"})
+    finally:
+        await client.aclose()
