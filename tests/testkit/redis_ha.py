@@ -306,6 +306,23 @@ class SentinelRedis:
             server.stop()
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    import socket
+
+    for _ in range(1000):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class ClusterRedis:
     """A Redis Cluster of `nodes` masters (no replicas) on loopback, its slots assigned by
     `redis-cli --cluster create`."""
@@ -320,6 +337,7 @@ class ClusterRedis:
                     "cluster-node-timeout": "2000",
                     "appendonly": "no",  # the cluster test is about key routing, not durability
                 },
+                port=cluster_port(),
             )
             for i in range(nodes)
         ]
