@@ -57,6 +57,8 @@ NONE = Waits(False, 0, 0, 0)
 async def add_waits(pipe: Any, client: Client, waits: Waits) -> None:
     """Queue the waits at the end of `pipe` (on the connection of what came before: in a cluster,
     the node of the service's slot)."""
+    if not waits.count:
+        return
     target = {"target_nodes": await slot_node(client)} if isinstance(client, RedisCluster) else {}
     if waits.aof:
         pipe.execute_command("WAITAOF", 1, 0, waits.aof_timeout_ms, **target)
