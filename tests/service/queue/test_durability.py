@@ -21,8 +21,9 @@ from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.settings import Settings
 
 
-def _settings(url: str, tmp_path) -> Settings:
+def _settings(url: str, tmp_path, **extra: object) -> Settings:
     return Settings(
+        **extra,
         redis_url=url,
         redis_min_replicas=1,
         redis_replica_timeout_ms=200,
@@ -120,3 +121,44 @@ async def test_a_202_means_a_replica_holds_the_job_and_a_retry_with_the_same_key
         assert _replica_has(replicated_redis, keys.job(job_id), "status") == "queued"
         third = await client.post("/v1/generations", json=SMALL, headers=headers)
         assert third.json()["id"] == job_id  # one job, whatever the first answer was
+
+
+async def test_the_webhook_dispatcher_delivers_only_what_a_replica_holds(
+    replicated_redis: SentinelRedis, tmp_path
+):
+    import httpx
+
+    from strokes.service.webhooks.dispatcher import Dispatcher
+    from strokes.service.webhooks.metrics import WebhookMetrics
+
+    secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a 24-byte key, base64
+    settings = _settings(replicated_redis.master.url, tmp_path, webhook_secret=secret)
+    redis = connect(settings.redis_url, timeout_s=5, connect_timeout_s=1)
+    http = httpx.AsyncClient()
+    dispatcher = Dispatcher(settings, "d1", WebhookMetrics(), redis, http)
+    spawned: list[str] = []
+    dispatcher._spawn = lambda message, attempt: spawned.append(message.entry_id)  # no HTTP here
+    replica = replicated_redis.servers[1]
+    try:
+        await dispatcher.ensure_group()
+        fields = {
+            "job_id": "j1",
+            "event": "job.completed",
+            "event_id": "1-0",
+            "url": "https://h.example/",
+            "data": "{}",
+        }
+        replica.pause()
+        try:
+            first = (await redis.xadd(keys.WEBHOOK_OUTBOX, fields)).decode()
+            await dispatcher.read_new()
+        finally:
+            replica.resume()
+        assert spawned == []  # read, not delivered: pending, for a later retry
+        replicated_redis.wait_caught_up()
+        second = (await redis.xadd(keys.WEBHOOK_OUTBOX, fields)).decode()
+        await dispatcher.read_new()
+        assert spawned == [second] and first != second
+    finally:
+        await http.aclose()
+        await redis.aclose()
