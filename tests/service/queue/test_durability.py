@@ -1,7 +1,8 @@
 """Acknowledged means replicated (service/queue/durability.py): with `redis_min_replicas`, a job is
 accepted, started, its events written and its end recorded only once a replica holds them, and a
-reader passes on only events a replica holds. A real master and replica on loopback; the replica is
-stopped (SIGSTOP) to play a lagging one, so every wait here is the service's own short timeout."""
+reader (SSE, the webhook dispatcher) passes on only what a replica holds. A real master and replica
+on loopback; the replica is stopped (SIGSTOP) to play a lagging one, so every wait here is the
+service's own short timeout."""
 
 from __future__ import annotations
 
