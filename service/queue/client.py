@@ -204,8 +204,9 @@ def connect(
 
     It reconnects by itself: each command takes a connection from the pool and opens a new one
     after a failure, so nothing has to be restarted when Redis comes back. Through Sentinel, a new
-    connection goes to the master the Sentinels name at that moment (a connection to a master that
-    became a replica is dropped at its first refused write), so a failover needs nothing either.
+    connection goes to the master the Sentinels name at that moment and checks that it is one (a
+    connection to a master that became a replica is dropped at its first refused write or WAIT),
+    so a failover needs nothing either. A cluster's client follows the slot's node.
     """
     target = parse_redis_url(url)
     retry = Retry(ExponentialBackoff(cap=0.2, base=0.05), retries)
