@@ -235,7 +235,8 @@ def main() -> int:
         procs.append(worker)
         http = httpx.Client(base_url=base, timeout=60)
         wait_until(lambda: _ok(http, "/healthz"), 60, "the API")
-        wait_until(lambda: client.exists("strokes:hb:w1"), 120, "the worker")
+        # the worker's heartbeat key, in the layout of --repo's version (the hash tag came in issue 22)
+        wait_until(lambda: client.exists("{strokes}:hb:w1", "strokes:hb:w1"), 120, "the worker")
         baseline = memory(client)
         log(f"[{args.label}] baseline {baseline}")
 

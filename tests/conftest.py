@@ -1,6 +1,7 @@
 """Fixtures of the whole suite: a private redis-server per session and a clean database per test,
-the service's settings and job store on it, a tiny checkpoint, processes a test starts (stopped at
-teardown), an S3 server on loopback; and the `gpu` marker's skip.
+the service's settings and job store on it, Sentinel and Cluster topologies on loopback, a tiny
+checkpoint, processes a test starts (stopped at teardown), an S3 server on loopback; and the `gpu`
+marker's skip.
 
 Helpers that are not fixtures live in the importable package tests/testkit (pytest's `pythonpath`).
 No test reads /work/shared: golden data lives in tests/fixtures.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from testkit.processes import Proc
+from testkit.redis_ha import ClusterRedis, SentinelRedis
 from testkit.s3 import S3_BUCKET
 
 from strokes.service.cli.serve import PrivateRedis
@@ -54,6 +56,38 @@ def private_redis(redis_server: PrivateRedis, tmp_path: Path) -> Iterator[Privat
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def sentinel_redis(request, tmp_path: Path) -> Iterator[SentinelRedis]:
+    """A master, a replica and Sentinels on loopback (testkit.redis_ha), this test's alone. Three
+    Sentinels unless the test says otherwise: `@pytest.mark.parametrize("sentinel_redis", [1],
+    indirect=True)`."""
+    topology = SentinelRedis(tmp_path / "ha", sentinels=getattr(request, "param", 3))
+    try:
+        yield topology.start()
+    finally:
+        topology.stop()
+
+
+@pytest.fixture
+def replicated_redis(tmp_path: Path) -> Iterator[SentinelRedis]:
+    """A master and one replica, linked, without Sentinels (testkit.redis_ha), this test's alone."""
+    topology = SentinelRedis(tmp_path / "replicated", sentinels=0)
+    try:
+        yield topology.start()
+    finally:
+        topology.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_redis(tmp_path_factory) -> Iterator[ClusterRedis]:
+    """A three-node Redis Cluster on loopback (testkit.redis_ha), shared by the session's tests."""
+    cluster = ClusterRedis(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

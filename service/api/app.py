@@ -162,12 +162,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client = connect(
-            settings.redis_url,
+            settings.redis_address,
             timeout_s=settings.redis_timeout_s,
             connect_timeout_s=settings.redis_connect_timeout_s,
         )
         blocking = connect(
-            settings.redis_url,
+            settings.redis_address,
             timeout_s=settings.sse_block_ms / 1000 + 5,
             connect_timeout_s=settings.redis_connect_timeout_s,
             max_connections=settings.sse_max_streams + 64,

@@ -187,3 +187,6 @@ class Readiness(BaseModel):
     workers: int
     blob_store: BlobStoreState | None = None
     reason: str | None = None
+    # host:port of the Redis master this replica writes to (through Sentinel: the one it was last
+    # given; in a cluster: the node serving the service's slot); null when Redis is unreachable
+    redis_master: str | None = None

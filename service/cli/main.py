@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "strokes.service.cli.serve",
     "strokes.service.cli.demo",
     "strokes.service.cli.webhooks",
+    "strokes.service.cli.migrate",  # migrate-keys
 ]
 
 

@@ -20,6 +20,7 @@ SCRIPT_NAMES = (
     "requeue",
     "cancel",
     "reclaim",
+    "heartbeat",
     "trim",
     "position",
     "reconcile",

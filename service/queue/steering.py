@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 
 from strokes.service.queue import keys
 from strokes.service.queue.client import compact_json, decode
+from strokes.service.queue.durability import DurableScript, replica_waits
 from strokes.service.queue.scripts import load_script
 from strokes.service.shared.settings import Settings
 
@@ -70,8 +71,14 @@ class Steering:
     def __init__(self, client: aioredis.Redis, settings: Settings):
         self.r = client
         self.settings = settings
+        # each run waits for the replicas (durability.py): a pause, a continue, an end survive a failover
         self.scripts = {
-            name: client.register_script(load_script(name, settings.webhook_outbox_max))
+            name: DurableScript(
+                client,
+                client.register_script(load_script(name, settings.webhook_outbox_max)),
+                replica_waits(settings),
+                name,
+            )
             for name in STEERING_SCRIPTS
         }
 

@@ -12,7 +12,9 @@ or restart makes the cap drift.
 
 Life of a job (keys.py has the key layout):
     enqueue   admission (queue cap, the key's quota) + job hash + queue entry + job.queued, one
-              script; then WAITAOF on the same connection where the server has it (Redis >= 7.2)
+              script; then its waits on the same connection (durability.py: WAITAOF where the
+              server has it, WAIT for `redis_min_replicas` replicas; start, emit, finish, requeue
+              and cancel wait likewise)
     start     a worker got the entry: queued/running -> running, attempt += 1, job.started.
               A job that was `running` is a takeover (its worker died): that counts as a failure
     emit      append an event (and update the job hash) if the attempt still holds the job
@@ -23,8 +25,9 @@ Life of a job (keys.py has the key layout):
     cancel    queued: canceled at once; running: a flag the worker sees at its next event
     reclaim   move one pending entry whose owner has no heartbeat key to an idle caller. The lease
               is the heartbeat key's TTL, not the entry's idle time: a slow live worker is never
-              robbed; nothing is reclaimed until Redis has been up for a lease (after a restart,
-              live workers write their heartbeats again first)
+              robbed; nothing a worker held is reclaimed within a grace after a restart, a failover
+              or an outage of the workers' writes (live workers write their heartbeats again first)
+    heartbeat the lease key, the workers zset, and the liveness record the grace is keyed on
 Payloads are JSON; nothing is pickled.
 """
 
@@ -34,13 +37,14 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from strokes.service.queue import keys
-from strokes.service.queue.client import decode, field_args
+from strokes.service.queue.client import Client, decode, field_args, server_info
+from strokes.service.queue.durability import Waits, add_waits, check_waits, pipelined, run_script
 from strokes.service.queue.keys import JobStatus
 from strokes.service.queue.results import (
     Admission,
@@ -61,7 +65,7 @@ class Store:
     """All Redis work of the API and the workers. `client` serves short commands; `blocking`
     (optional) serves XREAD/XREADGROUP BLOCK with a socket timeout longer than the block."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings, blocking: aioredis.Redis | None = None):
+    def __init__(self, client: Client, settings: Settings, blocking: Client | None = None):
         self.r = client
         self.blocking = blocking or client
         self.settings = settings
@@ -86,11 +90,32 @@ class Store:
     async def supports_waitaof(self) -> bool:
         """WAITAOF exists from Redis/Valkey 7.2 and needs appendonly on; detected once."""
         if self._waitaof is None:
-            server = await self.r.info("server")
-            persistence = await self.r.info("persistence")
+            server = await server_info(self.r, "server")
+            persistence = await server_info(self.r, "persistence")
             version = tuple(int(p) for p in str(server.get("redis_version", "0")).split(".")[:2])
             self._waitaof = version >= (7, 2) and int(persistence.get("aof_enabled", 0)) == 1
         return self._waitaof
+
+    async def waits(self, *, local: bool) -> Waits:
+        """The waits after an acknowledged write (durability.py): WAITAOF where `local` and the
+        server has it, WAIT for `redis_min_replicas` replicas."""
+        s = self.settings
+        aof = local and await self.supports_waitaof()
+        return Waits(aof, s.redis_min_replicas, s.waitaof_timeout_ms, s.redis_replica_timeout_ms)
+
+    async def _durably(
+        self,
+        name: str,
+        script_keys: list[str],
+        args: list,
+        *,
+        local: bool,
+        what: str,
+        wrote: Callable[[Any], bool] | None = None,
+    ) -> Any:
+        """Run script `name` followed by its waits (durability.run_script)."""
+        waits = await self.waits(local=local)
+        return await run_script(self.r, self.scripts[name], script_keys, args, waits, what, wrote)
 
     # -- API side -------------------------------------------------------------------------------
 
@@ -132,17 +157,17 @@ class Store:
             keys.owner_active(owner),
             keys.owner_jobs(owner),
         ]
-        if await self.supports_waitaof():
-            # Same connection, no MULTI (WAITAOF does not block inside one): the 202 is only sent
-            # once the job is fsynced to the AOF.
-            async with self.r.pipeline(transaction=False) as pipe:
-                await self.scripts["enqueue"](keys=script_keys, args=args, client=pipe)
-                pipe.execute_command("WAITAOF", 1, 0, s.waitaof_timeout_ms)
-                result, synced = await pipe.execute()
-            if result[0] == b"ok" and int(synced[0]) < 1:
-                raise TimeoutError("the job was not fsynced to the AOF in time")
-        else:
-            result = await self.scripts["enqueue"](keys=script_keys, args=args)
+        # The waits go on the same connection, outside any MULTI (WAITAOF does not block inside
+        # one): the 202 is only sent once the job is on disk and on the replicas. A duplicate's
+        # answer waits too: its job may be the one whose first answer was a 503.
+        result = await self._durably(
+            "enqueue",
+            script_keys,
+            args,
+            local=True,
+            what=f"the job {job_id}",
+            wrote=lambda reply: decode(reply[0]) in (Admission.ok.value, Admission.duplicate.value),
+        )
         outcome = Admission(decode(result[0]))
         if outcome == Admission.ok:
             return Enqueued(outcome, job_id, position=int(result[2]))
@@ -161,18 +186,35 @@ class Store:
 
     async def cancel(self, job_id: str) -> tuple[str, str | None]:
         s = self.settings
-        result = await self.scripts["cancel"](
-            keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.DEAD_LETTERS],
-            args=[keys.GROUP, s.events_maxlen, s.events_ttl_s, s.result_ttl_s],
+        result = await self._durably(
+            "cancel",
+            [keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.DEAD_LETTERS],
+            [keys.GROUP, s.events_maxlen, s.events_ttl_s, s.result_ttl_s],
+            local=True,
+            what=f"the cancel of {job_id}",
         )
         return decode(result[0]), (decode(result[1]) if len(result) > 1 else None)
 
     async def read_events(
         self, job_id: str, after: str = "0", *, count: int = 500, block_ms: int | None = None
     ) -> list[Event]:
-        """Events with ids greater than `after`, oldest first; waits up to block_ms for the first."""
+        """Events with ids greater than `after`, oldest first; waits up to block_ms for the first.
+        With `redis_min_replicas`, only events that many replicas hold (NotDurable otherwise)."""
         client = self.blocking if block_ms else self.r
-        reply = await client.xread({keys.events(job_id): after}, count=count, block=block_ms)
+        stream = {keys.events(job_id): after}
+        waits = await self.waits(local=False)
+        if not waits.count:
+            reply = await client.xread(stream, count=count, block=block_ms)
+        else:
+
+            async def build(pipe) -> None:
+                pipe.xread(stream, count=count, block=block_ms)
+                await add_waits(pipe, client, waits)
+
+            replies = await pipelined(client, build)
+            reply = replies[0]
+            if reply:
+                check_waits(replies, waits, f"the events of {job_id}")
         out: list[Event] = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
@@ -239,13 +281,11 @@ class Store:
 
     async def heartbeat(self, worker: str, job_id: str = "") -> None:
         """Renew the lease; workers silent for 3 leases (dead ones) leave the workers set."""
-        ttl_ms = int(self.settings.lease_ttl_s * 1000)
-        now_ms = time.time() * 1000
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.set(keys.heartbeat(worker), job_id, px=ttl_ms)
-            pipe.zadd(keys.WORKERS, {worker: now_ms})
-            pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms - 3 * ttl_ms)
-            await pipe.execute()
+        s = self.settings
+        await self.scripts["heartbeat"](
+            keys=[keys.heartbeat(worker), keys.WORKERS, keys.LIVENESS],
+            args=[worker, job_id, int(s.lease_ttl_s * 1000), int(time.time() * 1000), self._gap_ms],
+        )
 
     async def drop_heartbeat(self, worker: str) -> None:
         async with self.r.pipeline(transaction=False) as pipe:
@@ -253,13 +293,27 @@ class Store:
             pipe.zrem(keys.WORKERS, worker)
             await pipe.execute()
 
+    @property
+    def _gap_ms(self) -> int:
+        # No worker writing for two heartbeats: an outage of the workers' writes (lua/prelude.lua)
+        return int(2 * self.settings.heartbeat_interval_s * 1000)
+
     async def reclaim(self, worker: str) -> tuple[str, str] | None:
-        """Take one pending entry whose owner's lease expired; returns (entry_id, old_owner)."""
+        """Take one pending entry whose owner's lease expired (or one handed back); returns
+        (entry_id, old_owner). Nothing a live-looking worker held is taken within the grace after
+        a Redis restart, a failover or an outage of the workers' writes (reclaim.lua)."""
         s = self.settings
         grace = s.restart_grace_s if s.restart_grace_s is not None else s.lease_ttl_s + s.heartbeat_interval_s
-        min_uptime = math.ceil(grace)
         result = await self.scripts["reclaim"](
-            keys=[keys.JOBS], args=[keys.GROUP, worker, keys.HEARTBEAT_PREFIX, min_uptime]
+            keys=[keys.JOBS, keys.LIVENESS],
+            args=[
+                keys.GROUP,
+                worker,
+                keys.HEARTBEAT_PREFIX,
+                int(grace * 1000),
+                self._gap_ms,
+                keys.HANDBACK_CONSUMER,
+            ],
         )
         return (decode(result[0]), decode(result[1])) if result else None
 
@@ -286,11 +340,14 @@ class Store:
     async def ack(self, entry_id: str) -> None:
         await self.r.xack(keys.JOBS, keys.GROUP, entry_id)
 
-    async def start(self, job_id: str, entry_id: str, worker: str) -> Started:
+    async def start(self, job_id: str, entry_id: str, worker: str, token: str | None = None) -> Started:
+        """A new attempt of the job. `token` names this start: the same token again (a retry,
+        after its reply or its replicas' acknowledgement was lost) answers as the first did."""
         s = self.settings
-        result = await self.scripts["start"](
-            keys=[keys.job(job_id), keys.JOBS, keys.QUEUED, keys.events(job_id), keys.DEAD_LETTERS],
-            args=[
+        result = await self._durably(
+            "start",
+            [keys.job(job_id), keys.JOBS, keys.QUEUED, keys.events(job_id), keys.DEAD_LETTERS],
+            [
                 entry_id,
                 keys.GROUP,
                 worker,
@@ -298,8 +355,10 @@ class Store:
                 s.events_maxlen,
                 s.events_ttl_s,
                 s.result_ttl_s,
-                uuid.uuid4().hex,  # this call's token: a retry of it is recognised
+                token or uuid.uuid4().hex,
             ],
+            local=False,
+            what=f"the start of {job_id}",
         )
         outcome = Start(decode(result[0]))
         attempt = int(result[1]) if len(result) > 1 and outcome != Start.skip else 0
@@ -326,15 +385,22 @@ class Store:
         (seq, event name or '', data, job-hash fields)."""
         keys_ = [keys.job(job_id), keys.events(job_id)]
         maxlen = self.settings.events_maxlen
-        async with self.r.pipeline(transaction=False) as pipe:
+        waits = await self.waits(local=False)
+
+        async def build(pipe) -> None:
             for seq, event, data, fields in items:
                 payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
                 await self.scripts["emit"](
                     keys=keys_, args=[attempt, seq, event, payload, maxlen, *field_args(fields)], client=pipe
                 )
-            replies = await pipe.execute()
+            await add_waits(pipe, self.r, waits)
+
+        replies = await pipelined(self.r, build, [self.scripts["emit"]])
+        # Short of the replicas: the caller sends the batch again (each emit's seq makes what
+        # was applied a no-op, and re-applies, on a new master, what the failover lost).
+        check_waits(replies, waits, f"the events of {job_id}")
         out = []
-        for reply in replies:
+        for reply in replies[: len(items)]:
             if decode(reply[0]) != "ok":
                 out.append(Emitted(False))
             else:
@@ -354,16 +420,10 @@ class Store:
         """The attempt's end, fenced. `fields` go on the job hash with it (a succeeded job's name
         the trajectory blob the worker wrote just before: wire.TRAJECTORY_FIELD)."""
         s = self.settings
-        result = await self.scripts["finish"](
-            keys=[
-                keys.job(job_id),
-                keys.events(job_id),
-                keys.JOBS,
-                keys.DEAD_LETTERS,
-                keys.STATS,
-                keys.QUEUED,
-            ],
-            args=[
+        result = await self._durably(
+            "finish",
+            [keys.job(job_id), keys.events(job_id), keys.JOBS, keys.DEAD_LETTERS, keys.STATS, keys.QUEUED],
+            [
                 attempt,
                 status.value,
                 event,
@@ -374,6 +434,8 @@ class Store:
                 s.result_ttl_s,
                 *field_args(fields),
             ],
+            local=True,
+            what=f"the end of {job_id}",
         )
         return decode(result[0]) == "ok"
 
@@ -384,9 +446,10 @@ class Store:
         ('defer': it could not be prepared; no failure, storage_max_deferrals at most). Returns
         queued | dead (attempts or deferrals exhausted: failed + dead letter) | canceled | fenced."""
         s = self.settings
-        result = await self.scripts["requeue"](
-            keys=[keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.DEAD_LETTERS],
-            args=[
+        result = await self._durably(
+            "requeue",
+            [keys.job(job_id), keys.events(job_id), keys.JOBS, keys.QUEUED, keys.DEAD_LETTERS],
+            [
                 attempt,
                 reason,
                 keys.GROUP,
@@ -398,6 +461,8 @@ class Store:
                 s.result_ttl_s,
                 s.storage_max_deferrals,
             ],
+            local=True,
+            what=f"the {reason} of {job_id}",
         )
         return Requeued(decode(result[0]))
 

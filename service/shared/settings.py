@@ -27,6 +27,17 @@ class Settings(BaseSettings):
     redis_deadline_s: float = 1.9  # hard ceiling on one API request's Redis work
     waitaof_timeout_ms: int = 500  # the accept path waits this long for the AOF fsync (Redis >= 7.2)
 
+    # Redis high availability (service/README.md, "Failover and durability"). Sentinel is named by
+    # the URL (redis+sentinel://...) or by redis_sentinels + redis_master_name, the master's password
+    # and database then coming from redis_url (whose host is not used). redis_min_replicas > 0:
+    # every write the service acknowledges waits for that many replicas (WAIT), and what readers pass
+    # on (SSE, webhooks) is only what that many replicas hold; a failover then loses none of it.
+    redis_sentinels: Annotated[list[str], NoDecode] = []  # "host:port,host:port,..."
+    redis_master_name: str = "strokes"
+    redis_sentinel_password: SecretStr | None = None  # the Sentinels' own password, if they have one
+    redis_min_replicas: int = Field(0, ge=0)
+    redis_replica_timeout_ms: int = Field(500, ge=1)  # beyond it: 503 (API), retried (workers)
+
     # Admission and limits
     queue_cap: int = Field(200, ge=1)  # accepted-but-not-started jobs; beyond it POST answers 429
     mean_job_seconds: float = 30.0  # prior for Retry-After until finished jobs have measured one
@@ -42,8 +53,9 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 2.0
     lease_ttl_s: float = 10.0  # a worker whose heartbeat is older than this has lost its jobs
     reclaim_interval_s: float = 1.0
-    # Nothing is reclaimed until Redis has been up this long (default: a lease + a heartbeat), so
-    # live workers re-establish their heartbeats after a Redis restart before anyone reclaims.
+    # Nothing a worker held is reclaimed within this long (default: a lease + a heartbeat) of Redis
+    # starting, a new master (failover) or two heartbeats with no worker writing (an outage), so
+    # live workers re-establish their heartbeats before anyone reclaims.
     restart_grace_s: float | None = Field(None, ge=0)
     poll_block_ms: int = 1000
     cancel_poll_s: float = 0.05  # the pipeline thread reads the cancel flag at most this often
@@ -141,6 +153,52 @@ class Settings(BaseSettings):
     # Logs
     log_level: str = "INFO"
     log_prompts: bool = False  # prompt text in INFO logs
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value):
+        # a malformed address fails every process at start, with the variable's name
+        from strokes.service.queue.client import parse_redis_url
+
+        parse_redis_url(value)
+        return value
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _split_sentinels(cls, value):
+        # STROKES_REDIS_SENTINELS="10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379"
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_sentinels(self):
+        _ = self.redis_address  # sentinels with a redis_url they cannot take credentials from: fail now
+        return self
+
+    @property
+    def redis_address(self) -> str:
+        """The Redis URL every process connects to: redis_url, or (with redis_sentinels) the
+        redis+sentinel:// URL made of the Sentinels, the master name and redis_url's credentials
+        and database."""
+        if not self.redis_sentinels:
+            return self.redis_url
+        from urllib.parse import quote, urlsplit
+
+        from strokes.service.queue.client import RedisMode, parse_redis_url
+
+        parts = urlsplit(self.redis_url)
+        if parse_redis_url(self.redis_url).mode != RedisMode.direct or parts.scheme == "unix":
+            raise ValueError("STROKES_REDIS_SENTINELS: STROKES_REDIS_URL must then be redis:// or rediss://")
+        userinfo = parts.netloc.rpartition("@")[0]
+        db = parts.path.strip("/") or "0"
+        scheme = "rediss+sentinel" if parts.scheme == "rediss" else "redis+sentinel"
+        url = f"{scheme}://{userinfo + '@' if userinfo else ''}{','.join(self.redis_sentinels)}"
+        url += f"/{quote(self.redis_master_name, safe='')}/{db}"
+        if self.redis_sentinel_password is not None:
+            url += "?sentinel_password=" + quote(self.redis_sentinel_password.get_secret_value(), safe="")
+        parse_redis_url(url, "STROKES_REDIS_SENTINELS")
+        return url
 
     @field_validator("webhook_allow_networks", mode="before")
     @classmethod

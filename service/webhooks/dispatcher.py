@@ -39,6 +39,7 @@ from redis.exceptions import ResponseError
 
 from strokes.service.queue import keys
 from strokes.service.queue.client import TRANSIENT, connect
+from strokes.service.queue.durability import NotDurable, add_waits, check_waits, pipelined, replica_waits
 from strokes.service.shared import logs, webhooks
 from strokes.service.shared.settings import Settings
 from strokes.service.webhooks.metrics import WebhookMetrics
@@ -145,13 +146,23 @@ class Dispatcher:
         if free <= 0:  # all slots busy: take nothing more (a claimed entry's idle clock runs)
             await asyncio.wait(self.inflight, timeout=self.settings.webhook_poll_ms / 1000)
             return
-        reply = await self.r.xreadgroup(
-            keys.WEBHOOK_GROUP,
-            self.name,
-            {keys.WEBHOOK_OUTBOX: ">"},
-            count=free,
-            block=self.settings.webhook_poll_ms,
-        )
+        s = self.settings
+        waits = replica_waits(s)
+
+        async def read(pipe) -> None:
+            pipe.xreadgroup(
+                keys.WEBHOOK_GROUP, self.name, {keys.WEBHOOK_OUTBOX: ">"}, count=free, block=s.webhook_poll_ms
+            )
+            await add_waits(pipe, self.r, waits)
+
+        replies = await pipelined(self.r, read)
+        reply = replies[0]
+        if reply:
+            try:  # deliver only what the replicas hold: a failover could take the event back
+                check_waits(replies, waits, "the webhook outbox's new entries")
+            except NotDurable as exc:
+                log.warning("%s; they are delivered by a later retry", exc)
+                return  # pending with us: retry_due takes them
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 self._spawn(Message.from_entry(entry_id, fields), 1)
@@ -284,7 +295,7 @@ class Dispatcher:
 async def serve(settings: Settings, name: str, metrics: WebhookMetrics) -> None:
     """Build the dispatcher and its clients, run it until SIGTERM."""
     redis = connect(
-        settings.redis_url,
+        settings.redis_address,
         timeout_s=settings.redis_timeout_s + settings.webhook_poll_ms / 1000,
         connect_timeout_s=settings.redis_connect_timeout_s,
     )

@@ -28,6 +28,7 @@ import gc
 import logging
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -82,6 +83,7 @@ class Worker:
         self._last_reclaim = 0.0
         self.exit_code = 0
         self._handback: asyncio.Task | None = None
+        self._start_token = ("", "")  # (entry id, the token of its unanswered start)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -203,7 +205,13 @@ class Worker:
         return entry_id, job_id
 
     async def start(self, entry_id: str, job_id: str) -> ActiveJob | None:
-        started = await self.store.start(job_id, entry_id, self.name)
+        # A start that failed (its reply, or its replicas' acknowledgement, was lost) is tried
+        # again with its token when the entry comes back to us: answered as it was, not taken
+        # for a takeover. Once answered, the entry's next delivery is a new start.
+        if self._start_token[0] != entry_id:
+            self._start_token = (entry_id, uuid.uuid4().hex)
+        started = await self.store.start(job_id, entry_id, self.name, token=self._start_token[1])
+        self._start_token = ("", "")
         if started.outcome != Start.run:
             with logs.job_context(job_id, started.attempt or None):
                 log.info("entry not run: %s", started.outcome.value, extra={"entry_id": entry_id})

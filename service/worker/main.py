@@ -145,7 +145,7 @@ async def serve(
 ) -> int:
     """Build the loop's objects, run it until SIGTERM; the process's exit status."""
     client = connect(
-        settings.redis_url,
+        settings.redis_address,
         timeout_s=max(5.0, settings.poll_block_ms / 1000 + 3),
         connect_timeout_s=2.0,
         max_connections=32,

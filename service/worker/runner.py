@@ -28,11 +28,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable, Generator, Iterator
-from typing import Protocol
-
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry as SyncRetry
+from typing import Any, Protocol
 
 from strokes.model.spec.events import NO_IMAGE_MESSAGE, Done, StageCompleted, StageStarted, TextDelta
 from strokes.model.spec.events import Event as PipelineEvent
@@ -41,7 +37,7 @@ from strokes.model.spec.params import GenerationParams, InvalidParams, RunOption
 from strokes.service.blobs.health import BlobError, BlobRefused, BlobUnavailable
 from strokes.service.blobs.store import BlobStore
 from strokes.service.queue import keys
-from strokes.service.queue.client import TRANSIENT
+from strokes.service.queue.client import TRANSIENT, connect_sync
 from strokes.service.queue.keys import JobStatus
 from strokes.service.queue.results import Requeued
 from strokes.service.queue.steering import Steering
@@ -154,7 +150,8 @@ class JobRunner:
         self.blobs = blobs
         self.attempt_blobs = AttemptBlobs(store, blobs)
         self.executor = executor  # the one thread that runs torch (loop.torch_thread)
-        self._probe: redis.Redis | None = None  # sync client of the pipeline thread (cancel checks)
+        # the pipeline thread's blocking client (queue.client.connect_sync), for its cancel checks
+        self._probe: Any = None
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -305,12 +302,7 @@ class JobRunner:
         job.next_probe = now + self.settings.cancel_poll_s
         try:
             if self._probe is None:
-                self._probe = redis.Redis.from_url(
-                    self.settings.redis_url,
-                    socket_timeout=0.5,
-                    socket_connect_timeout=0.5,
-                    retry=SyncRetry(NoBackoff(), 0),
-                )
+                self._probe = connect_sync(self.settings.redis_address, timeout_s=0.5, connect_timeout_s=0.5)
             status, attempt, cancel = self._probe.hmget(keys.job(job.job_id), "status", "attempt", "cancel")
         except TRANSIENT:
             job.next_probe = now + 1.0  # Redis is away: the event loop's retries deal with it

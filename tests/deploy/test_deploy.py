@@ -39,7 +39,7 @@ BIN = Path(sys.executable).parent  # the venv's scripts: check-jsonschema, hadol
 K8S_VERSIONS = ["1.30.0", "1.37.0"]  # oldest we support, newest kubernetes-validate ships
 API_PORT, WORKER_METRICS_PORT, WEBHOOKS_METRICS_PORT = 8000, 9100, 9200
 CHECKPOINT_MOUNT = "/models/BAGEL-7B-MoT"
-JOBS_STREAM, WORKER_GROUP = "strokes:jobs", "workers"
+JOBS_STREAM, WORKER_GROUP = "{strokes}:jobs", "workers"
 
 # Variables that must stop `docker compose up` when missing (`${VAR:?message}`).
 REQUIRED_VARS = {"REDIS_PASSWORD", "BAGEL_MODEL_DIR"}

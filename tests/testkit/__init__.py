@@ -15,5 +15,6 @@ so a module here costs no more than its own dependencies.
     s3              the S3 blob store's settings against the session's S3 server
     receiver        a webhook receiver on loopback that records (and may refuse) deliveries
     redis_contents  what Redis may hold: references, never images or trajectories
+    redis_ha        Redis topologies on loopback: a master with replicas and Sentinels, a Cluster
     studio          the studio's browser tests: a Playwright page, the form's values
 """

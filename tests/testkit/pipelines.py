@@ -126,6 +126,17 @@ class DeviceErrorPipeline(ScriptedPipeline):
         yield from super().run(params, should_cancel, options)
 
 
+class PacedPipeline(ScriptedPipeline):
+    """ScriptedPipeline whose images take the request's own draft steps (`step_s` each): each job
+    says how long it runs (the failover drill runs long jobs and quick probes side by side)."""
+
+    def run(
+        self, params: GenerationParams, should_cancel: Callable[[], bool], options: RunOptions = RunOptions()
+    ) -> Iterator:
+        self.steps = params.draft.steps
+        yield from super().run(params, should_cancel, options)
+
+
 # ---- factories for `strokes worker --pipeline testkit.pipelines:NAME` ------------------------------
 
 
@@ -141,3 +152,8 @@ def two_refined_iterations(model: ModelSpec) -> ScriptedPipeline:
     """plan, draft, reflect (wrong), refine, twice: four images, the last one final (the tiny
     model's reflections are noise, so a test that needs a known course uses this)."""
     return ScriptedPipeline(steps=2, iterations=2)
+
+
+def paced_pipeline(model: ModelSpec) -> PacedPipeline:
+    """A job of draft steps N runs two images of N steps of 0.05 s (plus its texts)."""
+    return PacedPipeline(step_s=0.05)

@@ -20,6 +20,7 @@ import redis
 
 from strokes.service.cli.serve import free_port
 from strokes.service.queue import keys
+from strokes.service.queue.client import connect_sync
 from testkit.paths import ROOT, TESTS
 
 
@@ -108,26 +109,34 @@ def launch_worker(
     name: str,
     *,
     metrics_port: int | None = None,
+    pipeline: str | None = None,
     **settings: object,
 ) -> Proc:
-    """A `strokes worker` process on the CPU (not waited for: see wait_workers)."""
+    """A `strokes worker` process on the CPU (not waited for: see wait_workers); `pipeline`: a
+    testkit.pipelines factory (module:callable) instead of the model."""
     args = ["worker", "--checkpoint", str(checkpoint), "--device", "cpu", "--name", name]
     if metrics_port:
         args += ["--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"]
+    if pipeline:
+        args += ["--pipeline", pipeline]
     return Proc(args, env_with(redis_url, **settings), logdir / f"worker-{name}.log")
 
 
 def wait_workers(redis_url: str, workers: dict[str, Proc], timeout: float = 60) -> None:
-    """Until every worker heartbeats (the model is loaded and the loop runs)."""
-    client = redis.Redis.from_url(redis_url)
+    """Until every worker heartbeats (the model is loaded and the loop runs). `redis_url` may be
+    any address the service takes (a Sentinel's, a cluster's)."""
+    client = connect_sync(redis_url, timeout_s=2, connect_timeout_s=1, retries=1)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             for name, proc in workers.items():
                 if not proc.alive():
                     raise RuntimeError(f"worker {name} exited:\n" + proc.output())
-            if all(client.exists(keys.heartbeat(name)) for name in workers):
-                return
+            try:
+                if all(client.exists(keys.heartbeat(name)) for name in workers):
+                    return
+            except redis.RedisError:
+                pass  # Redis starting, or a master being chosen: look again
             time.sleep(0.1)
     finally:
         client.close()

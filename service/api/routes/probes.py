@@ -24,7 +24,7 @@ from strokes.service.api.deps import (
 from strokes.service.api.metrics import OutboxCollector
 from strokes.service.api.schemas import BlobStoreState, Health, Readiness
 from strokes.service.blobs.health import BlobError, BlobState, BlobStoreCollector
-from strokes.service.queue.client import TRANSIENT
+from strokes.service.queue.client import TRANSIENT, master_address, server_info
 from strokes.service.queue.store import Store
 
 log = logging.getLogger("strokes.api")
@@ -45,16 +45,18 @@ async def healthz() -> Health:
 )
 async def readyz(store: StoreDep, settings: SettingsDep, blobs: BlobsDep):
     try:
-        workers = await bounded(settings, _ready_probe(store))
+        workers, master, role = await bounded(settings, _ready_probe(store))
         redis_ok = True
     except TRANSIENT:
-        workers, redis_ok = 0, False
+        workers, master, role, redis_ok = 0, None, None, False
     with contextlib.suppress(BlobError):  # the store's health records it
         await blobs.check()
     health = blobs.health
     reason = None
     if not redis_ok:
         reason = "redis unreachable"
+    elif role != "master":
+        reason = f"redis at {master} is a {role}: writes are refused"
     elif health.state != BlobState.ok:
         reason = f"blob store {health.state.value}: {health.cause}"
     elif settings.ready_requires_worker and workers == 0:
@@ -65,13 +67,15 @@ async def readyz(store: StoreDep, settings: SettingsDep, blobs: BlobsDep):
         workers=workers,
         blob_store=BlobStoreState(**health.describe()),
         reason=reason,
+        redis_master=master,
     )
     return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
 
 
-async def _ready_probe(store: Store) -> int:
-    await store.r.ping()
-    return await store.count_live_workers()
+async def _ready_probe(store: Store) -> tuple[int, str, str]:
+    """(live workers, the master's address, the role that server says it has)."""
+    role = str((await server_info(store.r, "replication")).get("role", "unknown"))
+    return await store.count_live_workers(), await master_address(store.r), role
 
 
 @router.get(

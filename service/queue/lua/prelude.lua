@@ -67,3 +67,20 @@ local function reconcile(set, wanted)
   end
   return redis.call('SCARD', set)
 end
+
+-- The workers' liveness as this server sees it (the hash keys.LIVENESS): the server's replication
+-- id (a new one after a failover or a restart) and when a worker last wrote through it (ms, this
+-- server's clock). A new id, or no worker for `gap_ms`, starts a grace (`since`): heartbeat keys
+-- may have expired meanwhile without their workers being dead, so reclaim.lua takes no live-looking
+-- worker's job until the grace is over and the workers have written their heartbeats again.
+-- Returns now, since.
+local function liveness(key, gap_ms)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+  local seen = redis.call('HMGET', key, 'replid', 'seen_at', 'since')
+  local since = tonumber(seen[3] or '0')
+  if seen[1] ~= replid or not seen[2] or now - tonumber(seen[2]) > gap_ms then since = now end
+  redis.call('HSET', key, 'replid', replid, 'seen_at', now, 'since', since)
+  return now, since
+end

@@ -289,6 +289,8 @@ async def test_readyz_needs_redis_and_a_live_worker(client: httpx.AsyncClient, s
     await store.heartbeat("w1")
     reply = await client.get("/readyz")
     assert reply.status_code == 200 and reply.json()["workers"] == 1
+    host_port = store.settings.redis_url.removeprefix("redis://").removesuffix("/0")
+    assert reply.json()["redis_master"] == host_port  # the one server it writes to
 
 
 async def test_readyz_and_metrics_show_a_blob_store_that_refuses(settings: Settings, store: Store, tmp_path):
@@ -350,23 +352,33 @@ def test_image_upload_decoder_checks_pixels_before_decoding():
     assert (w, h) == (10, 6) and Image.open(io.BytesIO(png)).format == "PNG"
 
 
-def test_every_redis_key_has_the_prefix():
+def test_every_redis_key_has_the_prefix_and_so_one_cluster_slot():
+    from redis.crc import key_slot
+
     names = [
         keys.JOBS,
         keys.QUEUED,
         keys.DEAD_LETTERS,
         keys.WORKERS,
+        keys.WORKER_INFO,
         keys.STATS,
+        keys.PAUSED,
+        keys.LIVENESS,
+        keys.WEBHOOK_OUTBOX,
+        keys.WEBHOOK_DEAD,
         keys.job("a"),
         keys.events("a"),
         keys.steer("a"),
         keys.BLOB_SWEEP_LOCK,
         keys.heartbeat("w"),
         keys.idempotency("o", "k"),
-        keys.HANDBACK_CONSUMER,
+        keys.owner_active("o"),
+        keys.owner_jobs("o"),
     ]
     assert all(n.startswith(keys.PREFIX) for n in names)
     assert json.dumps(names)  # plain strings
+    # the hash tag: every script's keys on one Redis Cluster node (deploy/README.md, "Redis Cluster")
+    assert {key_slot(n.encode()) for n in names} == {key_slot(b"strokes")}
 
 
 @pytest.mark.parametrize("profile", ["model", "cpu"])

@@ -248,3 +248,45 @@ async def test_only_an_idle_worker_reclaims_and_a_restarted_redis_waits_for_the_
     store.settings.restart_grace_s = 0
     job = await store.get_job("dead-job")
     assert await store.reclaim("idle") == (job["entry_id"], "dead")
+
+
+async def _liveness(store: Store) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (await store.r.hgetall(keys.LIVENESS)).items()}
+
+
+async def test_a_new_master_or_a_silence_of_the_workers_starts_a_grace_before_any_reclaim(store: Store):
+    """The grace is keyed on the master's identity and on the workers' writes, not only on uptime:
+    a failover promotes a replica that has been up all along, and heartbeat keys also expire while
+    writes are refused. Faked here by editing the liveness record; test_failover.py does it for real."""
+    store.settings.restart_grace_s = 3600
+    await _enqueue(store, "dead-job")
+    await _enqueue(store, "handed-back")
+    await _take(store, "dead")
+    await _take(store, "busy")
+    assert await store.requeue("handed-back", 1, "handback") == "queued"
+    await store.r.delete(keys.heartbeat("dead"))
+    # Within the grace the hand-back (no worker's) is taken at once; the dead worker's job is not.
+    assert (await store.reclaim("idle"))[1] == keys.HANDBACK_CONSUMER
+    await store.heartbeat("idle")  # alive, holding it now
+    assert (await store.reclaim("idle-2")) is None
+
+    store.settings.restart_grace_s = 1.0
+    while (await store.r.info("server"))["uptime_in_seconds"] < 1:  # the session's Redis, just started
+        await asyncio.sleep(0.05)
+    settled = int((await _liveness(store))["seen_at"]) - 10_000  # as if the workers had beaten for 10 s
+    await store.r.hset(keys.LIVENESS, mapping={"since": settled})
+    assert (await store.reclaim("idle-2"))[1] == "dead"  # Redis up, same master, workers writing
+    await store.heartbeat("idle-2")  # alive, holding that job now
+
+    for i, change in enumerate(({"replid": "f" * 40}, {"seen_at": settled})):  # a failover; 10 s silent
+        await _enqueue(store, f"job-{i}")
+        await _take(store, f"dead-{i}")
+        await store.r.delete(keys.heartbeat(f"dead-{i}"))
+        await store.heartbeat(f"idle-{i}")
+        await store.r.hset(keys.LIVENESS, mapping={"since": settled, **change})
+        assert await store.reclaim(f"idle-{i}") is None, change
+        record = await _liveness(store)
+        assert int(record["since"]) == int(record["seen_at"]), change  # the grace starts now
+        assert record["replid"] == (await store.r.info("replication"))["master_replid"]
+        await store.r.hset(keys.LIVENESS, mapping={"since": settled})  # ... and once it is over
+        assert (await store.reclaim(f"idle-{i}"))[1] == f"dead-{i}"

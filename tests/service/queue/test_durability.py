@@ -1,0 +1,165 @@
+"""Acknowledged means replicated (service/queue/durability.py): with `redis_min_replicas`, a job is
+accepted, started, its events written and its end recorded only once a replica holds them, and a
+reader (SSE, the webhook dispatcher) passes on only what a replica holds. A real master and replica
+on loopback; the replica is stopped (SIGSTOP) to play a lagging one, so every wait here is the
+service's own short timeout."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from testkit.asgi import SMALL, AppClient, error_of
+from testkit.redis_ha import SentinelRedis
+
+from strokes.service.queue import keys
+from strokes.service.queue.client import connect
+from strokes.service.queue.durability import NotDurable
+from strokes.service.queue.keys import JobStatus
+from strokes.service.queue.results import Start
+from strokes.service.queue.store import Store
+from strokes.service.shared.messages import JobMessage
+from strokes.service.shared.settings import Settings
+
+
+def _settings(url: str, tmp_path, **extra: object) -> Settings:
+    return Settings(
+        **extra,
+        redis_url=url,
+        redis_min_replicas=1,
+        redis_replica_timeout_ms=200,
+        restart_grace_s=0,
+        ready_requires_worker=False,
+        blob_dir=tmp_path / "blobs",
+    )
+
+
+@pytest.fixture
+async def store(replicated_redis: SentinelRedis, tmp_path) -> AsyncIterator[Store]:
+    settings = _settings(replicated_redis.master.url, tmp_path)
+    store = Store(connect(settings.redis_url, timeout_s=5, connect_timeout_s=1), settings)
+    await store.ensure_group()
+    yield store
+    await store.close()
+
+
+def _replica_has(topology: SentinelRedis, key: str, field: str) -> str | None:
+    with topology.servers[1].client() as replica:
+        value = replica.hget(key, field)
+    return value.decode() if value is not None else None
+
+
+async def _enqueue(store: Store, job_id: str):
+    return await store.enqueue(
+        job_id, owner="", message=JobMessage(prompt="x"), body_hash="h", idempotency_key=None
+    )
+
+
+async def test_a_job_is_accepted_started_and_ended_only_once_a_replica_holds_it(
+    store: Store, replicated_redis: SentinelRedis
+):
+    replica = replicated_redis.servers[1]
+    assert (await _enqueue(store, "j1")).outcome == "ok"
+    assert _replica_has(replicated_redis, keys.job("j1"), "status") == "queued"  # before the answer
+
+    replica.pause()
+    try:
+        with pytest.raises(NotDurable, match="the job j2 reached 0 of 1 replicas"):
+            await _enqueue(store, "j2")
+        entry_id, job_id = await store.poll("w1", 100)
+        with pytest.raises(NotDurable, match="the start of j1"):
+            await store.start(job_id, entry_id, "w1", token="t1")
+    finally:
+        replica.resume()
+    replicated_redis.wait_caught_up()
+    started = await store.start(job_id, entry_id, "w1", token="t1")  # the same start, retried
+    assert (started.outcome, started.attempt, started.takeover) == (Start.run, 1, False)
+    assert _replica_has(replicated_redis, keys.job("j1"), "status") == "running"
+
+    replica.pause()
+    try:
+        with pytest.raises(NotDurable, match="the events of j1"):
+            await store.emit_many("j1", 1, [(1, "stage.started", {"stage": "plan"}, None)])
+        with pytest.raises(NotDurable, match="the events of j1"):  # a reader does not pass it on
+            await store.read_events("j1", "0")
+    finally:
+        replica.resume()
+    replicated_redis.wait_caught_up()
+    # the publisher sends the batch again: applied once
+    assert [
+        e.ok for e in await store.emit_many("j1", 1, [(1, "stage.started", {"stage": "plan"}, None)])
+    ] == [True]
+    replica.pause()
+    try:
+        with pytest.raises(NotDurable, match="the end of j1"):
+            await store.finish("j1", 1, JobStatus.succeeded, "job.completed", {"job_id": "j1"})
+    finally:
+        replica.resume()
+    replicated_redis.wait_caught_up()
+    assert await store.finish("j1", 1, JobStatus.succeeded, "job.completed", {"job_id": "j1"})
+    events = [e.name for e in await store.read_events("j1", "0")]
+    assert events == ["job.queued", "job.started", "stage.started", "job.completed"]  # each once
+    assert _replica_has(replicated_redis, keys.job("j1"), "status") == "succeeded"
+
+
+async def test_a_202_means_a_replica_holds_the_job_and_a_retry_with_the_same_key_finds_it(
+    replicated_redis: SentinelRedis, tmp_path
+):
+    replica = replicated_redis.servers[1]
+    headers = {"Idempotency-Key": "order-17"}
+    async with AppClient(_settings(replicated_redis.master.url, tmp_path)) as client:
+        replica.pause()
+        try:
+            reply = await client.post("/v1/generations", json=SMALL, headers=headers)
+        finally:
+            replica.resume()
+        replicated_redis.wait_caught_up()
+        assert reply.status_code == 503 and error_of(reply)["type"] == "service_unavailable"
+        assert reply.headers["retry-after"] == "1"
+        again = await client.post("/v1/generations", json=SMALL, headers=headers)
+        assert again.status_code == 202, again.text
+        job_id = again.json()["id"]
+        assert _replica_has(replicated_redis, keys.job(job_id), "status") == "queued"
+        third = await client.post("/v1/generations", json=SMALL, headers=headers)
+        assert third.json()["id"] == job_id  # one job, whatever the first answer was
+
+
+async def test_the_webhook_dispatcher_delivers_only_what_a_replica_holds(
+    replicated_redis: SentinelRedis, tmp_path
+):
+    import httpx
+
+    from strokes.service.webhooks.dispatcher import Dispatcher
+    from strokes.service.webhooks.metrics import WebhookMetrics
+
+    secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a 24-byte key, base64
+    settings = _settings(replicated_redis.master.url, tmp_path, webhook_secret=secret)
+    redis = connect(settings.redis_url, timeout_s=5, connect_timeout_s=1)
+    http = httpx.AsyncClient()
+    dispatcher = Dispatcher(settings, "d1", WebhookMetrics(), redis, http)
+    spawned: list[str] = []
+    dispatcher._spawn = lambda message, attempt: spawned.append(message.entry_id)  # no HTTP here
+    replica = replicated_redis.servers[1]
+    try:
+        await dispatcher.ensure_group()
+        fields = {
+            "job_id": "j1",
+            "event": "job.completed",
+            "event_id": "1-0",
+            "url": "https://h.example/",
+            "data": "{}",
+        }
+        replica.pause()
+        try:
+            first = (await redis.xadd(keys.WEBHOOK_OUTBOX, fields)).decode()
+            await dispatcher.read_new()
+        finally:
+            replica.resume()
+        assert spawned == []  # read, not delivered: pending, for a later retry
+        replicated_redis.wait_caught_up()
+        second = (await redis.xadd(keys.WEBHOOK_OUTBOX, fields)).decode()
+        await dispatcher.read_new()
+        assert spawned == [second] and first != second
+    finally:
+        await http.aclose()
+        await redis.aclose()
