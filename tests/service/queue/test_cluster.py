@@ -16,7 +16,7 @@ from strokes.service.queue import keys
 from strokes.service.queue.client import connect, master_address, server_info
 from strokes.service.queue.keys import JobStatus
 from strokes.service.queue.results import Requeued, Start
-from strokes.service.queue.steering import Steering
+from strokes.service.queue.steering import Resume, Steering
 from strokes.service.queue.store import Store
 from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.settings import Settings
@@ -75,7 +75,8 @@ async def test_every_script_runs_on_a_cluster_and_every_key_lands_in_one_slot(
     assert await _take(store, steering, "w1") == ("paused", Start.run, 1)
     paused = Paused(1, Stage.plan, "a plan", {"seed": 1, "stages": [{"iteration": 1, "stage": "plan"}]})
     assert await steering.pause("paused", 1, await pause_of(steering, "paused", 1, paused)) == "paused"
-    assert await steering.resume("paused", {"job_id": "paused"}) == (True, "paused")
+    resumed = await steering.resume("paused", 1, {"job_id": "paused"})
+    assert resumed.outcome == Resume.queued
 
     error = {"type": "generation_failed", "message": "boom"}
     assert await _take(store, steering, "w3") == ("dead", Start.run, 1)
@@ -88,7 +89,7 @@ async def test_every_script_runs_on_a_cluster_and_every_key_lands_in_one_slot(
     assert await _take(store, steering, "w1") == ("paused", Start.run, 2)  # continued
     assert await steering.pause("paused", 2, await pause_of(steering, "paused", 2, paused)) == "paused"
     assert await steering.cancel_paused("paused")
-    assert await steering.expire_pauses() == 0
+    assert await steering.expire_pauses() == []
 
     await store.trim_queue()
     await store.publish_worker("w1", "cpu")
