@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from testkit.jobs import QUICK, payload, stream_events, submit
-from testkit.processes import start_api, start_worker, wait_workers
+from testkit.processes import start_api, start_worker, wait_for, wait_workers
 from testkit.redis_contents import redis_holds_references_only
 from testkit.s3 import s3_env
 
@@ -108,9 +108,14 @@ def test_upload_previews_and_images_round_trip_and_redis_keeps_no_pixels(
         else:
             assert ref["url"] == f"/v1/generations/{job['id']}/images/{ref['id']}"
 
-    # The upload went with the job's end; the outputs stay.
-    after = httpx.get(f"{base}/v1/generations/{job['id']}/images/input", headers=OWNER, timeout=5)
-    assert after.status_code == 404
+    # The upload goes with the job's end (the worker deletes it right after the terminal write, so
+    # a client reading job.completed may still fetch it for a moment); the outputs stay.
+    input_url = f"{base}/v1/generations/{job['id']}/images/input"
+    wait_for(
+        lambda: httpx.get(input_url, headers=OWNER, timeout=5).status_code == 404,
+        timeout=30,
+        what="the ended job's input to be deleted",
+    )
     settings = Settings(redis_url=server.url, **blob_env)
 
     async def in_store() -> tuple[bytes | None, ...]:
