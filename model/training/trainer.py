@@ -35,7 +35,7 @@ from strokes.model.training import checkpoint as ckpt
 from strokes.model.training.base import Base, load_base
 from strokes.model.training.config import TrainConfig
 from strokes.model.training.data import DataPosition, TrainData, pack_config_of
-from strokes.model.training.distributed import Dist, all_sum, setup, shard, teardown
+from strokes.model.training.distributed import Dist, all_sum, barrier, setup, shard, teardown
 from strokes.model.training.export import export_adapter, export_checkpoint, gather_weights, merged_weights
 from strokes.model.training.forward import ForwardOptions
 from strokes.model.training.lora import LoRAConfig, apply_lora
@@ -144,7 +144,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     device, _ = devices.resolve(cfg.device)
     d = setup(device)
     try:
-        return _train(cfg, d)
+        result = _train(cfg, d)
+        # Every rank past its last collective (and the main rank past its export) before any rank
+        # tears the group down: a gloo rank that leaves while a peer's transfer is still in flight
+        # can abort the peer (seen once in CI: SIGABRT after the export). Not on an error: a
+        # failed rank must exit at once, and torchrun then stops the others.
+        barrier(d)
+        return result
     finally:
         teardown(d)
 
