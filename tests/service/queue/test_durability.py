@@ -1,8 +1,10 @@
 """Acknowledged means replicated (service/queue/durability.py): with `redis_min_replicas`, a job is
 accepted, started, its events written and its end recorded only once a replica holds them, and a
 reader (SSE, the webhook dispatcher) passes on only what a replica holds. A real master and replica
-on loopback; the replica is stopped (SIGSTOP) to play a lagging one, so every wait here is the
-service's own short timeout."""
+on loopback; the replica is stopped (SIGSTOP) to play a lagging one. Each test holds two clients of
+the same Redis: a hasty one (a 200 ms replica timeout) for the calls a stopped replica must refuse,
+and a patient one (10 s) for the calls that must succeed, so that a loaded machine, where a running
+replica can take longer than 200 ms to answer, fails nothing."""
 
 from __future__ import annotations
 
@@ -21,24 +23,39 @@ from strokes.service.queue.store import Store
 from strokes.service.shared.messages import JobMessage
 from strokes.service.shared.settings import Settings
 
+HASTY_MS = 200  # a stopped replica: the call is refused after this
+PATIENT_MS = 10_000  # a running replica on a loaded machine answers well within this
 
-def _settings(url: str, tmp_path, **extra: object) -> Settings:
+
+def _settings(url: str, tmp_path, replica_timeout_ms: int, **extra: object) -> Settings:
     return Settings(
         **extra,
         redis_url=url,
         redis_min_replicas=1,
-        redis_replica_timeout_ms=200,
+        redis_replica_timeout_ms=replica_timeout_ms,
         restart_grace_s=0,
         ready_requires_worker=False,
         blob_dir=tmp_path / "blobs",
     )
 
 
+async def _store(topology: SentinelRedis, tmp_path, replica_timeout_ms: int) -> Store:
+    settings = _settings(topology.master.url, tmp_path, replica_timeout_ms)
+    store = Store(connect(settings.redis_url, timeout_s=15, connect_timeout_s=1), settings)
+    await store.ensure_group()
+    return store
+
+
 @pytest.fixture
 async def store(replicated_redis: SentinelRedis, tmp_path) -> AsyncIterator[Store]:
-    settings = _settings(replicated_redis.master.url, tmp_path)
-    store = Store(connect(settings.redis_url, timeout_s=5, connect_timeout_s=1), settings)
-    await store.ensure_group()
+    store = await _store(replicated_redis, tmp_path, PATIENT_MS)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def hasty(replicated_redis: SentinelRedis, tmp_path) -> AsyncIterator[Store]:
+    store = await _store(replicated_redis, tmp_path, HASTY_MS)
     yield store
     await store.close()
 
@@ -56,7 +73,7 @@ async def _enqueue(store: Store, job_id: str):
 
 
 async def test_a_job_is_accepted_started_and_ended_only_once_a_replica_holds_it(
-    store: Store, replicated_redis: SentinelRedis
+    store: Store, hasty: Store, replicated_redis: SentinelRedis
 ):
     replica = replicated_redis.servers[1]
     assert (await _enqueue(store, "j1")).outcome == "ok"
@@ -65,10 +82,10 @@ async def test_a_job_is_accepted_started_and_ended_only_once_a_replica_holds_it(
     replica.pause()
     try:
         with pytest.raises(NotDurable, match="the job j2 reached 0 of 1 replicas"):
-            await _enqueue(store, "j2")
+            await _enqueue(hasty, "j2")
         entry_id, job_id = await store.poll("w1", 100)
         with pytest.raises(NotDurable, match="the start of j1"):
-            await store.start(job_id, entry_id, "w1", token="t1")
+            await hasty.start(job_id, entry_id, "w1", token="t1")
     finally:
         replica.resume()
     replicated_redis.wait_caught_up()
@@ -79,9 +96,9 @@ async def test_a_job_is_accepted_started_and_ended_only_once_a_replica_holds_it(
     replica.pause()
     try:
         with pytest.raises(NotDurable, match="the events of j1"):
-            await store.emit_many("j1", 1, [(1, "stage.started", {"stage": "plan"}, None)])
+            await hasty.emit_many("j1", 1, [(1, "stage.started", {"stage": "plan"}, None)])
         with pytest.raises(NotDurable, match="the events of j1"):  # a reader does not pass it on
-            await store.read_events("j1", "0")
+            await hasty.read_events("j1", "0")
     finally:
         replica.resume()
     replicated_redis.wait_caught_up()
@@ -92,7 +109,7 @@ async def test_a_job_is_accepted_started_and_ended_only_once_a_replica_holds_it(
     replica.pause()
     try:
         with pytest.raises(NotDurable, match="the end of j1"):
-            await store.finish("j1", 1, JobStatus.succeeded, "job.completed", {"job_id": "j1"})
+            await hasty.finish("j1", 1, JobStatus.succeeded, "job.completed", {"job_id": "j1"})
     finally:
         replica.resume()
     replicated_redis.wait_caught_up()
@@ -107,10 +124,14 @@ async def test_a_202_means_a_replica_holds_the_job_and_a_retry_with_the_same_key
 ):
     replica = replicated_redis.servers[1]
     headers = {"Idempotency-Key": "order-17"}
-    async with AppClient(_settings(replicated_redis.master.url, tmp_path)) as client:
+    url = replicated_redis.master.url
+    async with (
+        AppClient(_settings(url, tmp_path, HASTY_MS)) as hasty,
+        AppClient(_settings(url, tmp_path, PATIENT_MS)) as client,
+    ):
         replica.pause()
         try:
-            reply = await client.post("/v1/generations", json=SMALL, headers=headers)
+            reply = await hasty.post("/v1/generations", json=SMALL, headers=headers)
         finally:
             replica.resume()
         replicated_redis.wait_caught_up()
@@ -133,15 +154,22 @@ async def test_the_webhook_dispatcher_delivers_only_what_a_replica_holds(
     from strokes.service.webhooks.metrics import WebhookMetrics
 
     secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a 24-byte key, base64
-    settings = _settings(replicated_redis.master.url, tmp_path, webhook_secret=secret)
-    redis = connect(settings.redis_url, timeout_s=5, connect_timeout_s=1)
+    url = replicated_redis.master.url
+    redis = connect(url, timeout_s=15, connect_timeout_s=1)
     http = httpx.AsyncClient()
-    dispatcher = Dispatcher(settings, "d1", WebhookMetrics(), redis, http)
     spawned: list[str] = []
-    dispatcher._spawn = lambda message, attempt: spawned.append(message.entry_id)  # no HTTP here
+
+    def dispatcher(name: str, replica_timeout_ms: int) -> Dispatcher:
+        """A dispatcher of the one group, consumer `name`; it records what it would deliver."""
+        settings = _settings(url, tmp_path, replica_timeout_ms, webhook_secret=secret)
+        made = Dispatcher(settings, name, WebhookMetrics(), redis, http)
+        made._spawn = lambda message, attempt: spawned.append(message.entry_id)  # no HTTP here
+        return made
+
+    hasty, patient = dispatcher("d1", HASTY_MS), dispatcher("d2", PATIENT_MS)
     replica = replicated_redis.servers[1]
     try:
-        await dispatcher.ensure_group()
+        await hasty.ensure_group()
         fields = {
             "job_id": "j1",
             "event": "job.completed",
@@ -152,13 +180,15 @@ async def test_the_webhook_dispatcher_delivers_only_what_a_replica_holds(
         replica.pause()
         try:
             first = (await redis.xadd(keys.WEBHOOK_OUTBOX, fields)).decode()
-            await dispatcher.read_new()
+            await hasty.read_new()
         finally:
             replica.resume()
-        assert spawned == []  # read, not delivered: pending, for a later retry
+        assert spawned == []  # read, not delivered: pending with d1, for a later retry
+        pending = await redis.xpending_range(keys.WEBHOOK_OUTBOX, keys.WEBHOOK_GROUP, "-", "+", 10)
+        assert [(p["message_id"].decode(), p["consumer"].decode()) for p in pending] == [(first, "d1")]
         replicated_redis.wait_caught_up()
         second = (await redis.xadd(keys.WEBHOOK_OUTBOX, fields)).decode()
-        await dispatcher.read_new()
+        await patient.read_new()
         assert spawned == [second] and first != second
     finally:
         await http.aclose()
