@@ -209,13 +209,12 @@ def test_cancel_of_a_queued_and_of_a_running_job(service: Service):
     reply = httpx.delete(f"{service.base}/v1/generations/{queued['id']}", timeout=5)
     assert reply.status_code == 200 and reply.json()["status"] == "canceled"
 
-    began = time.monotonic()
     reply = httpx.delete(f"{service.base}/v1/generations/{running['id']}", timeout=5)
     requested = time.time()  # the cancel flag is set before DELETE answers
     assert reply.status_code == 202 and reply.json()["cancel_requested"] is True
     after = stream_events(service.base, running["id"], last_event_id=before[-1].id)
-    elapsed = time.monotonic() - began
-    assert after[-1].name == "job.canceled" and elapsed < 2.0
+    assert after[-1].name == "job.canceled"
+    # How soon is counted in steps, not seconds (a loaded machine is slow, not wrong):
     # ts: when the worker's pipeline produced the event (events may be written a little later)
     late = [e for e in after if e.name == "image.progress" and payload(e)["ts"] > requested]
     assert len(late) <= 1, "denoising went on for more than one step after the cancel"
@@ -341,15 +340,16 @@ def test_event_stream_opens_with_a_comment_at_once_and_heartbeats_while_quiet(re
     api, base = start_api(redis_url, logdir, sse_ping_s=0.4)
     procs.append(api)
     job = submit(base, QUICK)  # no worker: the job stays queued and its stream stays quiet
-    lines: list[tuple[float, str]] = []
-    began = time.monotonic()
+    lines: list[str] = []
     with httpx.stream("GET", f"{base}/v1/generations/{job['id']}/events", timeout=10) as reply:
         for line in reply.iter_lines():
-            lines.append((time.monotonic() - began, line))
-            if sum(text.startswith(": ping") for _, text in lines) >= 2:
+            lines.append(line)
+            if sum(text.startswith(": ping") for text in lines) >= 2:
                 break
-    assert lines[0][1] == ": stream open" and lines[0][0] < 1.0
-    assert [text for _, text in lines if text.startswith("event:")] == ["event: job.queued"]
+    # "At once" without a clock: the comment comes before job.queued, which is in the log already,
+    # so the stream writes it before it reads anything.
+    assert lines[0] == ": stream open"
+    assert [text for text in lines if text.startswith("event:")] == ["event: job.queued"]
 
 
 # ---- failures of processes: each test has its own Redis, API and workers ---------------------
@@ -420,13 +420,13 @@ def test_sigterm_hands_the_running_job_back_at_once_and_the_worker_exits_0(
     proc = workers[victim][0]
     sent = time.time()
     proc.signal(signal.SIGTERM)
-    assert proc.wait(10) == 0
-    exited_after = time.time() - sent
+    assert proc.wait(10) == 0  # a deadline for the exit; how soon is counted in steps below
     follower.join(90)
     events = follower.events
     handback = next(e for e in events if e.name == "job.queued" and payload(e).get("reason") == "handback")
-    assert _ms(handback.id)[0] / 1000 - sent < 1.5, "not handed back at once"
-    assert exited_after < 5
+    dead = events[: events.index(handback)]
+    late = [e for e in dead if e.name == "image.progress" and payload(e)["ts"] > sent]
+    assert len(late) <= 1, "denoising went on for more than one step after SIGTERM: not at once"
     assert events[-1].name == "job.completed" and sum(e.name in TERMINAL for e in events) == 1
     starts = [payload(e) for e in events if e.name == "job.started"]
     assert [s["worker"] for s in starts] == [victim, next(n for n in workers if n != victim)]
